@@ -1,0 +1,56 @@
+"""DoRA kernels: each op has a PyTorch reference, torch and Triton implementations, launch configs and a config space.
+
+Public ops (the contract later layers build on):
+
+- :func:`factored_norm` — row norm of ``W + s·B·A`` (float32 ``[d_out]``), never building ``B·A``.
+- :func:`compose` — ``(g−1)·base + g·(s·lora)`` without autograd.
+- :func:`compose_train` — the same with autograd (fused forward/backward in Triton).
+- :func:`dora_scale` — ``g = m / n`` with the zero-norm policy (``g = 1`` where ``n = 0``).
+
+Triton kernels are imported only when a Triton implementation runs; this package never reads the environment,
+opens a database or picks configs by itself (``impl="auto"`` asks :mod:`dora_tune.dispatch`).
+"""
+
+from dora_tune.kernels.compose import (
+    DEFAULT_COMPOSE_CONFIG,
+    ComposeConfig,
+    compose,
+    compose_config_space,
+    compose_reference,
+    dora_scale,
+)
+from dora_tune.kernels.compose_train import (
+    DEFAULT_COMPOSE_TRAIN_CONFIG,
+    ComposeBwdConfig,
+    ComposeTrainConfig,
+    compose_bwd_config_space,
+    compose_train,
+    compose_train_config_space,
+)
+from dora_tune.kernels.norm import (
+    DEFAULT_NORM_CONFIG,
+    NormConfig,
+    factored_norm,
+    norm_config_space,
+    norm_reference,
+)
+
+__all__ = [
+    "DEFAULT_COMPOSE_CONFIG",
+    "DEFAULT_COMPOSE_TRAIN_CONFIG",
+    "DEFAULT_NORM_CONFIG",
+    "ComposeBwdConfig",
+    "ComposeConfig",
+    "ComposeTrainConfig",
+    "NormConfig",
+    "compose",
+    "compose_bwd_config_space",
+    "compose_config_space",
+    "compose_reference",
+    "compose_train",
+    "compose_train_config_space",
+    "dora_scale",
+    "factored_norm",
+    "norm_config_space",
+    "norm_reference",
+]

@@ -1,0 +1,301 @@
+"""Triton kernels of the factored DoRA row norm (imported lazily: only when impl="triton" runs).
+
+Math (DESIGN.md §1): ``n² = ‖W‖²_row + Σ_j B_ij·(2s·U_ij + s²·(B·G)_ij)`` with ``U = W·Aᵀ`` and ``G = A·Aᵀ``.
+
+Three launches:
+1. ``_gram_kernel``: ``G = A·Aᵀ`` in fp32, split-K into a partial buffer ``[S, r, r]``.
+2. ``_gram_finish_kernel``: sums the S partials in a fixed order; for bf16 operands it stores G as two bf16 terms
+   ``G_hi = bf16(G)`` and ``G_lo = bf16(G − G_hi)`` (≈16 significant bits, relative error ≤ 2⁻¹⁸), so that ``B·G``
+   runs on the tensor cores in bf16 with fp32 accumulation; otherwise G stays fp32.
+3. ``_norm_main_kernel``: one pass over W. A program owns ``BLOCK_M`` rows of W and ``BLOCK_N`` columns of U; its
+   K loop accumulates ``U`` on the tensor cores (fp32 accumulator) and, in the programs of the first r-tile only,
+   ``‖W_i‖²``; its epilogue forms ``Σ_j B_ij U_ij`` and, with a second short K loop over r, ``Σ_j B_ij (B·G)_ij``.
+   With a single r-tile the program writes the final norm; otherwise the per-tile partials go to ``[T, d_out]`` and
+   ``_norm_finish_kernel`` adds them in a fixed order (deterministic; no atomics).
+
+Neither ``B·A`` nor ``U`` is materialised: extra memory is ``4·(T+1)·d_out + 4·S·r² + 4·r²`` bytes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+import triton.language as tl
+
+if TYPE_CHECKING:
+    from dora_tune.kernels.norm import NormConfig
+
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+@triton.jit
+def _gram_kernel(
+    a_ptr,
+    part_ptr,
+    r,
+    d_in,
+    k_per_split,
+    stride_ar,
+    stride_ak,
+    BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_i = pid_i * BLOCK + tl.arange(0, BLOCK)
+    offs_j = pid_j * BLOCK + tl.arange(0, BLOCK)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_lo = pid_s * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, d_in)
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for k in range(k_lo, k_hi, BLOCK_K):
+        kk = k + offs_k
+        km = kk < k_hi
+        ai = tl.load(
+            a_ptr + offs_i[:, None] * stride_ar + kk[None, :] * stride_ak,
+            mask=(offs_i[:, None] < r) & km[None, :],
+            other=0.0,
+        ).to(DOT_DTYPE)
+        aj = tl.load(
+            a_ptr + offs_j[None, :] * stride_ar + kk[:, None] * stride_ak,
+            mask=(offs_j[None, :] < r) & km[:, None],
+            other=0.0,
+        ).to(DOT_DTYPE)
+        acc = tl.dot(ai, aj, acc, input_precision=PREC)
+    out = part_ptr + pid_s * r * r + offs_i[:, None] * r + offs_j[None, :]
+    tl.store(out, acc, mask=(offs_i[:, None] < r) & (offs_j[None, :] < r))
+
+
+@triton.jit
+def _gram_finish_kernel(part_ptr, ghi_ptr, glo_ptr, n, S, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, S):
+        g += tl.load(part_ptr + s * n + offs, mask=mask, other=0.0)
+    if SPLIT:
+        hi = g.to(tl.bfloat16)
+        lo = (g - hi.to(tl.float32)).to(tl.bfloat16)
+        tl.store(ghi_ptr + offs, hi, mask=mask)
+        tl.store(glo_ptr + offs, lo, mask=mask)
+    else:
+        tl.store(ghi_ptr + offs, g, mask=mask)
+
+
+@triton.jit
+def _norm_mainloop(
+    w_ptr,
+    a_ptr,
+    offs_m,
+    offs_n,
+    d_out,
+    d_in,
+    r,
+    stride_wm,
+    stride_wk,
+    stride_ar,
+    stride_ak,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    WITH_WSQ: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + offs_m[:, None].to(tl.int64) * stride_wm + offs_k[None, :] * stride_wk
+    a_ptrs = a_ptr + offs_n[None, :].to(tl.int64) * stride_ar + offs_k[:, None] * stride_ak
+    m_mask = offs_m[:, None] < d_out
+    n_mask = offs_n[None, :] < r
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    wsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k in range(0, d_in, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs, mask=m_mask, other=0.0)
+            a = tl.load(a_ptrs, mask=n_mask, other=0.0)
+        else:
+            w = tl.load(w_ptrs, mask=m_mask & (offs_k[None, :] + k < d_in), other=0.0)
+            a = tl.load(a_ptrs, mask=n_mask & (offs_k[:, None] + k < d_in), other=0.0)
+        if WITH_WSQ:
+            wf = w.to(tl.float32)
+            wsq += tl.sum(wf * wf, axis=1)
+        acc = tl.dot(w.to(DOT_DTYPE), a.to(DOT_DTYPE), acc, input_precision=PREC)
+        w_ptrs += BLOCK_K * stride_wk
+        a_ptrs += BLOCK_K * stride_ak
+    return acc, wsq
+
+
+@triton.jit
+def _norm_main_kernel(
+    w_ptr,
+    a_ptr,
+    b_ptr,
+    ghi_ptr,
+    glo_ptr,
+    wsq_ptr,
+    part_ptr,
+    out_ptr,
+    d_out,
+    d_in,
+    r,
+    stride_wm,
+    stride_wk,
+    stride_ar,
+    stride_ak,
+    stride_bm,
+    stride_br,
+    scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_KR: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
+    SPLIT_G: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PREC: tl.constexpr,
+    G_PREC: tl.constexpr,
+):
+    # r-tiles vary fastest, so the programs that share a block of W rows run together and re-read it from L2.
+    pid = tl.program_id(0)
+    n_rtiles = tl.cdiv(r, BLOCK_N)
+    pid_m = pid // n_rtiles
+    pid_n = pid % n_rtiles
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < d_out
+    n_ok = offs_n < r
+
+    if pid_n == 0:
+        acc, wsq = _norm_mainloop(
+            w_ptr, a_ptr, offs_m, offs_n, d_out, d_in, r, stride_wm, stride_wk, stride_ar, stride_ak,
+            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, True, DOT_DTYPE, PREC,
+        )  # fmt: skip
+    else:
+        acc, wsq = _norm_mainloop(
+            w_ptr, a_ptr, offs_m, offs_n, d_out, d_in, r, stride_wm, stride_wk, stride_ar, stride_ak,
+            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, False, DOT_DTYPE, PREC,
+        )  # fmt: skip
+
+    # Epilogue 1: cross term Σ_j B_ij U_ij over this r-tile.
+    b_off = offs_m[:, None].to(tl.int64) * stride_bm
+    b = tl.load(b_ptr + b_off + offs_n[None, :] * stride_br, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+    bf = b.to(tl.float32)
+    cross = tl.sum(bf * acc, axis=1)
+
+    # Epilogue 2: (B·G)_ij for this r-tile by a short K loop over r, then Σ_j B_ij (B·G)_ij.
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    offs_kr = tl.arange(0, BLOCK_KR)
+    for k in range(0, r, BLOCK_KR):
+        kr = k + offs_kr
+        kr_ok = kr < r
+        bk = tl.load(b_ptr + b_off + kr[None, :] * stride_br, mask=m_ok[:, None] & kr_ok[None, :], other=0.0)
+        g_off = kr[:, None] * r + offs_n[None, :]
+        g_mask = kr_ok[:, None] & n_ok[None, :]
+        ghi = tl.load(ghi_ptr + g_off, mask=g_mask, other=0.0)
+        if SPLIT_G:
+            acc = tl.dot(bk.to(DOT_DTYPE), ghi.to(DOT_DTYPE), acc, input_precision=PREC)
+            glo = tl.load(glo_ptr + g_off, mask=g_mask, other=0.0)
+            acc = tl.dot(bk.to(DOT_DTYPE), glo.to(DOT_DTYPE), acc, input_precision=PREC)
+        else:
+            acc = tl.dot(bk.to(tl.float32), ghi, acc, input_precision=G_PREC)
+    quad = tl.sum(bf * acc, axis=1)
+    partial = 2.0 * scale * cross + scale * scale * quad
+
+    if SINGLE_TILE:
+        n2 = tl.maximum(wsq + partial, 0.0)
+        tl.store(out_ptr + offs_m, tl.sqrt(n2), mask=m_ok)
+    else:
+        tl.store(part_ptr + pid_n * d_out + offs_m, partial, mask=m_ok)
+        if pid_n == 0:
+            tl.store(wsq_ptr + offs_m, wsq, mask=m_ok)
+
+
+@triton.jit
+def _norm_finish_kernel(wsq_ptr, part_ptr, out_ptr, d_out, T, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < d_out
+    n2 = tl.load(wsq_ptr + offs, mask=mask, other=0.0)
+    for t in range(0, T):
+        n2 += tl.load(part_ptr + t * d_out + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, tl.sqrt(tl.maximum(n2, 0.0)), mask=mask)
+
+
+def _gram_split(r: int, d_in: int, block: int, block_k: int, n_sm: int) -> int:
+    """Split-K factor for G: about two programs per SM, ≥4 K-blocks per split, ≤16 MB of partials."""
+    tiles = triton.cdiv(r, block) ** 2
+    s = max(1, (2 * n_sm) // tiles)
+    s = min(s, max(1, triton.cdiv(d_in, 4 * block_k)))
+    s = min(s, max(1, (16 << 20) // (4 * r * r)))
+    return s
+
+
+def factored_norm_triton(
+    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, config: NormConfig
+) -> torch.Tensor:
+    """Launch the fused norm with an explicit config. Inputs are validated by the caller (``factored_norm``)."""
+    d_out, d_in = weight.shape
+    r = lora_A.shape[0]
+    dev = weight.device
+    out = torch.empty(d_out, device=dev, dtype=torch.float32)
+    if d_out == 0:
+        return out
+    compute = torch.promote_types(torch.promote_types(weight.dtype, lora_A.dtype), lora_B.dtype)
+    interp = dev.type != "cuda"
+    # Under the CPU interpreter tl.dot on bf16 operands is wrong (triton 3.9): upcast there, and only there.
+    dot_dtype = torch.float32 if (interp and compute == torch.bfloat16) else compute
+    # fp32 dots: 3-pass tf32 on the GPU (≈fp32 accuracy on tensor cores), exact fp32 in the interpreter. For 16-bit
+    # operands the precision argument is ignored by Triton; pass its default.
+    f32_prec = "ieee" if interp else "tf32x3"
+    prec = f32_prec if dot_dtype == torch.float32 else "tf32"
+    split_g = compute == torch.bfloat16
+    n_sm = torch.cuda.get_device_properties(dev).multi_processor_count if not interp else 4
+
+    # 1-2. G = A·Aᵀ (fp32 accumulate), stored as bf16 hi/lo terms or fp32.
+    gblock = 64 if r > 32 else (32 if r > 16 else 16)
+    gbk = 64
+    S = _gram_split(r, d_in, gblock, gbk, n_sm)
+    k_per_split = triton.cdiv(triton.cdiv(d_in, S), gbk) * gbk
+    S = triton.cdiv(d_in, k_per_split) if d_in > 0 else 1
+    part = torch.empty((S, r, r), device=dev, dtype=torch.float32)
+    if d_in == 0:
+        part.zero_()
+    else:
+        grid = (triton.cdiv(r, gblock), triton.cdiv(r, gblock), S)
+        _gram_kernel[grid](
+            lora_A, part, r, d_in, k_per_split, lora_A.stride(0), lora_A.stride(1),
+            BLOCK=gblock, BLOCK_K=gbk, DOT_DTYPE=_TL_DTYPES[dot_dtype], PREC=prec, num_warps=4, num_stages=3,
+        )  # fmt: skip
+    g_dtype = torch.bfloat16 if split_g else torch.float32
+    ghi = torch.empty((r, r), device=dev, dtype=g_dtype)
+    glo = torch.empty((r, r), device=dev, dtype=g_dtype) if split_g else ghi
+    _gram_finish_kernel[(triton.cdiv(r * r, 1024),)](part, ghi, glo, r * r, S, SPLIT=split_g, BLOCK=1024)
+    del part
+
+    # 3. one pass over W.
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    T = triton.cdiv(r, bn)
+    single = T == 1
+    wsq = out if single else torch.empty(d_out, device=dev, dtype=torch.float32)
+    partials = out if single else torch.empty((T, d_out), device=dev, dtype=torch.float32)
+    bkr = min(64, max(16, triton.next_power_of_2(r)))
+    grid = (triton.cdiv(d_out, bm) * T,)
+    _norm_main_kernel[grid](
+        weight, lora_A, lora_B, ghi, glo, wsq, partials, out,
+        d_out, d_in, r,
+        weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
+        scale,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_KR=bkr, EVEN_K=(d_in % bk == 0), SINGLE_TILE=single,
+        SPLIT_G=split_g, DOT_DTYPE=_TL_DTYPES[dot_dtype],
+        PREC=prec, G_PREC=f32_prec,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    if not single:
+        _norm_finish_kernel[(triton.cdiv(d_out, 1024),)](wsq, partials, out, d_out, T, BLOCK=1024)
+    return out

@@ -1,0 +1,155 @@
+"""DoRA compose: ``delta = (g−1)·base + g·(s·lora)`` (forward only, no autograd).
+
+``base = x·Wᵀ`` comes from the (frozen) base layer and ``lora = (x·Aᵀ)·Bᵀ`` from the adapter; adding ``delta`` to
+``base`` gives the DoRA output ``g ⊙ (base + s·lora)``. The stable form above avoids the cancellation of
+``g·(s·lora + base) − base`` near ``g ≈ 1`` (DESIGN.md §1).
+
+Shapes: ``lora`` and ``base`` are ``[..., cols]`` (leading dims flatten into rows) with one dtype; ``g`` is
+``[cols]`` or ``[1, cols]`` in any supported float dtype. The result has ``base``'s shape and dtype.
+
+Zero-norm policy: ``g`` comes from :func:`dora_scale`, which maps rows of ``W + s·B·A`` whose norm is 0 to
+``g = 1`` (the layer's output for that row is 0 whatever ``g`` is; ``g = 1`` keeps every term finite), so a zero
+row never turns into NaN here or in the gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import NamedTuple
+
+import torch
+
+from dora_tune.kernels._common import (
+    KernelConfig,
+    as_rows,
+    check_same_device,
+    check_scale,
+    check_tensor,
+    config_field,
+    require_triton,
+)
+
+IMPLS: tuple[str, ...] = ("eager", "triton")
+
+
+@dataclasses.dataclass(frozen=True)
+class ComposeConfig(KernelConfig):
+    """Launch config of the compose forward kernel: a ``block_r × block_c`` tile per program."""
+
+    op = "compose"
+    block_r: int = config_field(lo=1, hi=256)
+    block_c: int = config_field(lo=16, hi=8192)
+    num_warps: int = config_field(lo=1, hi=16)
+
+
+DEFAULT_COMPOSE_CONFIG = ComposeConfig(block_r=8, block_c=512, num_warps=4)
+
+
+def compose_config_space() -> list[ComposeConfig]:
+    """Every forward config worth trying: tiles of 1–16 K elements, 8–64 elements a thread."""
+    out = []
+    for br, bc, w in itertools.product((1, 2, 4, 8, 16, 32), (128, 256, 512, 1024, 2048, 4096), (2, 4, 8, 16)):
+        elems = br * bc
+        if 1024 <= elems <= 16384 and 8 <= elems // (32 * w) <= 64:
+            out.append(ComposeConfig(block_r=br, block_c=bc, num_warps=w))
+    return out
+
+
+def compose_formula(lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, scale: float) -> torch.Tensor:
+    """The one torch expression of the compose, broadcasting ``g`` over rows (used by eager and the reference)."""
+    return (g - 1) * base + g * (scale * lora)
+
+
+def compose_reference(
+    lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, scale: float, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """:func:`compose_formula` evaluated in ``dtype`` (float64 for tests); result in ``dtype``."""
+    return compose_formula(lora.to(dtype), base.to(dtype), g.reshape(-1).to(dtype), scale)
+
+
+def dora_scale(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """``g = m / n`` in float32 with the zero-norm policy: where ``n == 0``, ``g = 1``.
+
+    Args:
+        magnitude: ``[d_out]`` DoRA magnitude vector m (any float dtype).
+        norm: ``[d_out]`` row norms n of ``W + s·B·A`` (e.g. from :func:`factored_norm`); treated as a constant.
+
+    Returns:
+        ``[d_out]`` float32 ``g``; differentiable with respect to ``magnitude`` only.
+    """
+    check_tensor("magnitude", magnitude, ndim=1)
+    check_tensor("norm", norm, ndim=1)
+    check_same_device(magnitude=magnitude, norm=norm)
+    if magnitude.shape != norm.shape:
+        raise ValueError(f"magnitude {tuple(magnitude.shape)} and norm {tuple(norm.shape)} must have one shape")
+    n = norm.detach().float()
+    ok = n > 0
+    return torch.where(ok, magnitude.float() / torch.where(ok, n, torch.ones_like(n)), torch.ones_like(n))
+
+
+class ComposeInputs(NamedTuple):
+    """Validated compose inputs: 2-D views with unit column stride and ``g`` as a contiguous ``[cols]`` vector."""
+
+    lora: torch.Tensor
+    base: torch.Tensor
+    g: torch.Tensor
+    scale: float
+
+
+def check_compose_inputs(lora: object, base: object, g: object, scale: object) -> ComposeInputs:
+    """Validate compose arguments (raising ``TypeError``/``ValueError`` naming the argument); flatten them."""
+    check_tensor("lora", lora)
+    check_tensor("base", base)
+    check_tensor("g", g)
+    check_same_device(base=base, lora=lora, g=g)
+    if lora.shape != base.shape:
+        raise ValueError(f"lora {tuple(lora.shape)} and base {tuple(base.shape)} must have one shape")
+    if lora.dtype != base.dtype:
+        raise TypeError(f"lora and base must share a dtype, got {lora.dtype} and {base.dtype}")
+    cols = base.shape[-1]
+    if not (g.dim() == 1 or (g.dim() == 2 and g.shape[0] == 1)) or g.shape[-1] != cols:
+        raise ValueError(f"g must be [cols] or [1, cols] with cols={cols}, got {tuple(g.shape)}")
+    s = check_scale(scale)
+    return ComposeInputs(as_rows("lora", lora), as_rows("base", base), g.reshape(-1).contiguous(), s)
+
+
+def compose(
+    lora: torch.Tensor,
+    base: torch.Tensor,
+    g: torch.Tensor,
+    scale: float,
+    *,
+    impl: str = "auto",
+    config: ComposeConfig | None = None,
+) -> torch.Tensor:
+    """``(g−1)·base + g·(scale·lora)`` without autograd.
+
+    Args:
+        lora: ``[..., cols]`` LoRA branch output ``(x·Aᵀ)·Bᵀ`` (unscaled).
+        base: ``[..., cols]`` base layer output ``x·Wᵀ``, same dtype as ``lora``.
+        g: ``[cols]`` or ``[1, cols]`` DoRA scale ``m / ‖W + s·B·A‖`` (see :func:`dora_scale`).
+        scale: the LoRA scale s, a Python number.
+        impl: ``"eager"``, ``"triton"`` or ``"auto"`` (chosen by :mod:`dora_tune.dispatch`).
+        config: launch config for ``impl="triton"`` (default :data:`DEFAULT_COMPOSE_CONFIG`).
+
+    Returns:
+        Tensor of ``base``'s shape and dtype. Eager computes in that dtype; Triton in float32, rounded once.
+    """
+    inp = check_compose_inputs(lora, base, g, scale)
+    if impl == "auto":
+        from dora_tune.dispatch import default_impl
+
+        impl = default_impl("compose", base.device)
+    with torch.no_grad():
+        if impl == "eager":
+            return compose_formula(inp.lora, inp.base, inp.g.to(base.dtype), inp.scale).reshape(base.shape)
+        if impl == "triton":
+            require_triton(base.device)
+            if config is not None and not isinstance(config, ComposeConfig):
+                raise TypeError(f"config must be a ComposeConfig, got {type(config).__name__}")
+            from dora_tune.kernels._compose_triton import compose_fwd_triton
+
+            out, _ = compose_fwd_triton(inp.lora, inp.base, inp.g, inp.scale, config or DEFAULT_COMPOSE_CONFIG)
+            return out.reshape(base.shape)
+    raise ValueError(f"impl must be one of {IMPLS} or 'auto', got {impl!r}")

@@ -1,0 +1,157 @@
+"""DoRA compose for training: ``(g−1)·base + g·(s·lora)`` with gradients to ``lora``, ``base`` and ``g``.
+
+Backward (DESIGN.md §1), with ``inner = s·lora + base``::
+
+    d_lora = g·s·d_out,   d_base = (g−1)·d_out,   d_g = Σ_rows inner ⊙ d_out.
+
+``"eager"`` is :func:`~dora_tune.kernels.compose.compose_formula` under autograd. ``"triton"`` is an
+``autograd.Function``: the fused forward also writes ``inner`` (in the input dtype) only when ``g`` requires grad;
+the fused backward reads ``d_out`` (and ``inner``) once, writes ``d_lora`` and ``d_base``, and reduces ``d_g`` in
+two deterministic stages (per-program column partials, then a fixed-order sum). Shapes and dtypes as in
+:func:`~dora_tune.kernels.compose.compose`; gradients come back in each input's dtype and shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any
+
+import torch
+
+from dora_tune.kernels._common import KernelConfig, as_rows, config_field, require_triton
+from dora_tune.kernels.compose import (
+    DEFAULT_COMPOSE_CONFIG,
+    ComposeConfig,
+    check_compose_inputs,
+    compose_config_space,
+    compose_formula,
+)
+
+IMPLS: tuple[str, ...] = ("eager", "triton")
+
+
+@dataclasses.dataclass(frozen=True)
+class ComposeBwdConfig(KernelConfig):
+    """Launch config of the compose backward: ``block_r × block_c`` tiles, ``row_iters`` of them down the rows per
+    program (more iterations → fewer ``d_g`` partials to reduce)."""
+
+    op = "compose_bwd"
+    block_r: int = config_field(lo=1, hi=256)
+    block_c: int = config_field(lo=16, hi=8192)
+    row_iters: int = config_field(lo=1, hi=64)
+    num_warps: int = config_field(lo=1, hi=16)
+
+
+@dataclasses.dataclass(frozen=True)
+class ComposeTrainConfig:
+    """Config of the Triton training path: the forward's and the backward's launch configs."""
+
+    fwd: ComposeConfig
+    bwd: ComposeBwdConfig
+    op = "compose_train"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.fwd, ComposeConfig) or not isinstance(self.bwd, ComposeBwdConfig):
+            raise TypeError("ComposeTrainConfig needs fwd: ComposeConfig and bwd: ComposeBwdConfig")
+
+    def as_dict(self) -> dict[str, dict[str, int]]:
+        """``{"fwd": {...}, "bwd": {...}}`` of plain ints."""
+        return {"fwd": self.fwd.as_dict(), "bwd": self.bwd.as_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ComposeTrainConfig:
+        """Build and validate from ``{"fwd": {...}, "bwd": {...}}``."""
+        if not isinstance(data, dict) or sorted(data) != ["bwd", "fwd"]:
+            raise ValueError(f"ComposeTrainConfig needs exactly the keys 'fwd' and 'bwd', got {data!r}")
+        return cls(ComposeConfig.from_dict(data["fwd"]), ComposeBwdConfig.from_dict(data["bwd"]))
+
+
+DEFAULT_COMPOSE_BWD_CONFIG = ComposeBwdConfig(block_r=8, block_c=512, row_iters=8, num_warps=4)
+DEFAULT_COMPOSE_TRAIN_CONFIG = ComposeTrainConfig(DEFAULT_COMPOSE_CONFIG, DEFAULT_COMPOSE_BWD_CONFIG)
+
+
+def compose_bwd_config_space() -> list[ComposeBwdConfig]:
+    """Every backward config worth trying: tiles of 1–16 K elements, 8–64 elements a thread, 1–16 row steps."""
+    out = []
+    for br, bc, it, w in itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048, 4096), (1, 4, 16), (4, 8)):
+        elems = br * bc
+        if 1024 <= elems <= 16384 and 8 <= elems // (32 * w) <= 64:
+            out.append(ComposeBwdConfig(block_r=br, block_c=bc, row_iters=it, num_warps=w))
+    return out
+
+
+def compose_train_config_space() -> list[ComposeTrainConfig]:
+    """The product of the forward and backward spaces (tune the two halves separately: they are independent)."""
+    return [ComposeTrainConfig(f, b) for f, b in itertools.product(compose_config_space(), compose_bwd_config_space())]
+
+
+class _ComposeTrainFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, scale: float, config: Any) -> Any:
+        from dora_tune.kernels._compose_triton import compose_fwd_triton
+
+        inp = check_compose_inputs(lora, base, g, scale)
+        need_dg = ctx.needs_input_grad[2]
+        out, inner = compose_fwd_triton(inp.lora, inp.base, inp.g, inp.scale, config.fwd, write_inner=need_dg)
+        ctx.save_for_backward(inner, inp.g)
+        ctx.scale, ctx.config = inp.scale, config
+        ctx.lora_meta = (lora.shape, lora.dtype)
+        ctx.base_shape, ctx.g_meta = base.shape, (g.shape, g.dtype)
+        return out.reshape(base.shape)
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor) -> Any:
+        from dora_tune.kernels._compose_triton import compose_bwd_triton
+
+        inner, gvec = ctx.saved_tensors
+        need_dlora, need_dbase, need_dg = ctx.needs_input_grad[:3]
+        d2 = as_rows("dout", dout.reshape(ctx.base_shape))
+        dlora, dbase, dg = compose_bwd_triton(
+            d2, inner, gvec, ctx.scale, ctx.config.bwd,
+            lora_dtype=ctx.lora_meta[1], need_dlora=need_dlora, need_dbase=need_dbase, need_dg=need_dg,
+        )  # fmt: skip
+        if dlora is not None:
+            dlora = dlora.reshape(ctx.lora_meta[0])
+        if dbase is not None:
+            dbase = dbase.reshape(ctx.base_shape)
+        if dg is not None:
+            dg = dg.to(ctx.g_meta[1]).reshape(ctx.g_meta[0])
+        return dlora, dbase, dg, None, None
+
+
+def compose_train(
+    lora: torch.Tensor,
+    base: torch.Tensor,
+    g: torch.Tensor,
+    scale: float,
+    *,
+    impl: str = "auto",
+    config: ComposeTrainConfig | None = None,
+) -> torch.Tensor:
+    """``(g−1)·base + g·(scale·lora)`` with autograd (see the module docstring for the backward).
+
+    Args:
+        lora: ``[..., cols]`` LoRA branch output (unscaled).
+        base: ``[..., cols]`` base layer output, same dtype as ``lora``.
+        g: ``[cols]`` or ``[1, cols]`` DoRA scale; ``d_g`` is produced only if it requires grad.
+        scale: the LoRA scale s, a Python number.
+        impl: ``"eager"``, ``"triton"`` or ``"auto"`` (chosen by :mod:`dora_tune.dispatch`).
+        config: launch configs for ``impl="triton"`` (default :data:`DEFAULT_COMPOSE_TRAIN_CONFIG`).
+
+    Returns:
+        Tensor of ``base``'s shape and dtype, differentiable with respect to ``lora``, ``base`` and ``g``.
+    """
+    inp = check_compose_inputs(lora, base, g, scale)
+    if impl == "auto":
+        from dora_tune.dispatch import default_impl
+
+        impl = default_impl("compose_train", base.device)
+    if impl == "eager":
+        return compose_formula(lora, base, g.reshape(-1).to(base.dtype), inp.scale)
+    if impl == "triton":
+        require_triton(base.device)
+        if config is not None and not isinstance(config, ComposeTrainConfig):
+            raise TypeError(f"config must be a ComposeTrainConfig, got {type(config).__name__}")
+        return _ComposeTrainFn.apply(lora, base, g, inp.scale, config or DEFAULT_COMPOSE_TRAIN_CONFIG)
+    raise ValueError(f"impl must be one of {IMPLS} or 'auto', got {impl!r}")

@@ -1,0 +1,168 @@
+"""Row norm of the DoRA weight ``W + s·B·A`` without building ``B·A``.
+
+``n_j = ‖W_j + s·(B·A)_j‖₂`` for each output row j, from the factored form (DESIGN.md §1)
+
+    n² = ‖W‖²_row + 2s·rowsum(B ⊙ U) + s²·rowsum((B·G) ⊙ B),   U = W·Aᵀ [d_out, r],  G = A·Aᵀ [r, r],
+
+accumulated in float32 and clamped at 0 before the square root, so the result is never NaN for finite inputs.
+The norm is a detached quantity in DoRA: these functions take no part in autograd (they run under ``no_grad``).
+
+Implementations:
+
+- ``"dense"``: the float32 reference; builds ``B·A`` in float32 (``4·d_out·d_in`` extra bytes).
+- ``"factored_torch"``: chunks over ``d_in`` with torch ops; working memory ``4·d_out·(r + chunk)`` bytes.
+- ``"triton"``: the fused kernel of :mod:`dora_tune.kernels._norm_triton`; one pass over W on the tensor cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import torch
+
+from dora_tune.kernels._common import (
+    KernelConfig,
+    check_same_device,
+    check_scale,
+    check_tensor,
+    config_field,
+    require_triton,
+)
+
+IMPLS: tuple[str, ...] = ("dense", "factored_torch", "triton")
+
+#: working-memory budget of one d_in chunk in ``factored_torch`` (bytes of the float32 chunk of W).
+_CHUNK_BYTES = 16 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class NormConfig(KernelConfig):
+    """Launch config of the fused norm kernel.
+
+    ``block_m`` rows of W and ``block_n`` columns of ``U`` per program, ``block_k`` columns of W per K step.
+    """
+
+    op = "norm"
+    block_m: int = config_field(lo=16, hi=256)
+    block_n: int = config_field(lo=16, hi=256)
+    block_k: int = config_field(lo=16, hi=256)
+    num_warps: int = config_field(lo=1, hi=16)
+    num_stages: int = config_field(lo=1, hi=8, pow2=False)
+
+
+DEFAULT_NORM_CONFIG = NormConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+
+
+def norm_config_space(rank: int | None = None) -> list[NormConfig]:
+    """Every config worth trying; with ``rank`` given, drop ``block_n`` wider than the rank needs.
+
+    Filters: the fp32 accumulator stays ≤ 128 registers a thread, and the pipelined tiles fit in 200 KB of
+    shared memory (bf16 operands).
+    """
+    out = []
+    for bm, bn, bk, w, st in itertools.product((64, 128), (32, 64, 128, 256), (32, 64, 128), (4, 8), (3, 4)):
+        if rank is not None and bn > max(32, 1 << max(0, rank - 1).bit_length()):
+            continue
+        if bm * bn // (w * 32) > 128:
+            continue
+        if st * (bm + bn) * bk * 2 > 200 * 1024:
+            continue
+        out.append(NormConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st))
+    return out
+
+
+def _check_norm_inputs(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: object) -> float:
+    check_tensor("weight", weight, ndim=2)
+    check_tensor("lora_A", lora_A, ndim=2)
+    check_tensor("lora_B", lora_B, ndim=2)
+    check_same_device(weight=weight, lora_A=lora_A, lora_B=lora_B)
+    d_out, d_in = weight.shape
+    r = lora_A.shape[0]
+    if lora_A.shape[1] != d_in:
+        raise ValueError(f"lora_A must be [r, d_in] = [r, {d_in}] to match weight {tuple(weight.shape)}, "
+                         f"got {tuple(lora_A.shape)}")  # fmt: skip
+    if tuple(lora_B.shape) != (d_out, r):
+        raise ValueError(f"lora_B must be [d_out, r] = [{d_out}, {r}], got {tuple(lora_B.shape)}")
+    if lora_A.dtype != lora_B.dtype:
+        raise TypeError(f"lora_A and lora_B must share a dtype, got {lora_A.dtype} and {lora_B.dtype}")
+    return check_scale(scale)
+
+
+def norm_reference(
+    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """``‖W + s·B·A‖_row`` computed densely in ``dtype`` (float64 for tests). Returns ``[d_out]`` in ``dtype``."""
+    w = weight.to(dtype)
+    return torch.linalg.vector_norm(w + scale * (lora_B.to(dtype) @ lora_A.to(dtype)), dim=1)
+
+
+def norm_factored_torch(
+    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, chunk: int | None = None
+) -> torch.Tensor:
+    """Factored norm with torch ops, chunked over ``d_in`` so the float32 working set stays bounded.
+
+    Returns ``[d_out]`` float32. ``chunk`` (columns of W per step) defaults to a 16 MB float32 slab.
+    """
+    d_out, d_in = weight.shape
+    r = lora_A.shape[0]
+    dev = weight.device
+    if chunk is None:
+        chunk = max(64, _CHUNK_BYTES // (4 * max(d_out, 1)))
+    wsq = torch.zeros(d_out, device=dev, dtype=torch.float32)
+    U = torch.zeros(d_out, r, device=dev, dtype=torch.float32)
+    G = torch.zeros(r, r, device=dev, dtype=torch.float32)
+    for start in range(0, d_in, chunk):
+        wc = weight[:, start : start + chunk].float()
+        ac = lora_A[:, start : start + chunk].float()
+        wsq += wc.square().sum(dim=1)
+        U.addmm_(wc, ac.t())
+        G.addmm_(ac, ac.t())
+        del wc, ac
+    Bf = lora_B.float()
+    n2 = wsq + 2.0 * scale * (Bf * U).sum(dim=1) + scale * scale * ((Bf @ G) * Bf).sum(dim=1)
+    return n2.clamp_min_(0.0).sqrt_()
+
+
+def factored_norm(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    *,
+    impl: str = "auto",
+    config: NormConfig | None = None,
+) -> torch.Tensor:
+    """Row norm of ``W + scale·B·A``, never building ``B·A`` (except ``impl="dense"``).
+
+    Args:
+        weight: ``[d_out, d_in]`` frozen base weight W (bfloat16, float16 or float32).
+        lora_A: ``[r, d_in]`` LoRA down-projection A.
+        lora_B: ``[d_out, r]`` LoRA up-projection B, same dtype as ``lora_A``.
+        scale: the LoRA scale s (e.g. ``lora_alpha / r``), a Python number.
+        impl: ``"dense"``, ``"factored_torch"``, ``"triton"`` or ``"auto"`` (chosen by :mod:`dora_tune.dispatch`).
+        config: launch config for ``impl="triton"`` (default :data:`DEFAULT_NORM_CONFIG`); ignored otherwise.
+
+    Returns:
+        ``[d_out]`` float32 tensor of row norms, ≥ 0 and never NaN for finite inputs. It carries no gradient.
+    """
+    s = _check_norm_inputs(weight, lora_A, lora_B, scale)
+    if impl == "auto":
+        from dora_tune.dispatch import default_impl
+
+        impl = default_impl("norm", weight.device)
+    with torch.no_grad():
+        if impl == "dense":
+            return norm_reference(weight, lora_A, lora_B, s, dtype=torch.float32)
+        if impl == "factored_torch":
+            return norm_factored_torch(weight, lora_A, lora_B, s)
+        if impl == "triton":
+            require_triton(weight.device)
+            if config is not None and not isinstance(config, NormConfig):
+                raise TypeError(f"config must be a NormConfig, got {type(config).__name__}")
+            if lora_A.shape[0] == 0 or weight.shape[1] == 0:  # nothing for the tensor cores to do
+                return norm_factored_torch(weight, lora_A, lora_B, s)
+            from dora_tune.kernels._norm_triton import factored_norm_triton
+
+            return factored_norm_triton(weight, lora_A, lora_B, s, config or DEFAULT_NORM_CONFIG)
+    raise ValueError(f"impl must be one of {IMPLS} or 'auto', got {impl!r}")

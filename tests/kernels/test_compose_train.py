@@ -1,0 +1,149 @@
+import pytest
+import torch
+
+from conftest import relerr
+from dora_tune.kernels import (
+    ComposeTrainConfig,
+    compose_bwd_config_space,
+    compose_config_space,
+    compose_reference,
+    compose_train,
+)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(1, 1), (1, 37), (5, 37), (3, 4, 300), (70, 130)]
+# Gradients: Triton computes in fp32 and rounds once (d_g accumulates in fp32 over inner rounded to the dtype).
+TOL = {
+    "triton": {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3},
+    "eager": {torch.float32: 1e-6, torch.bfloat16: 3e-2, torch.float16: 4e-3},
+}
+
+
+def make(shape, dtype, device="cpu", seed=0, g_dtype=None):
+    gen = torch.Generator().manual_seed(seed)
+    lora = torch.randn(*shape, generator=gen).to(dtype).to(device)
+    base = torch.randn(*shape, generator=gen).to(dtype).to(device)
+    g = (1 + 0.05 * torch.randn(shape[-1], generator=gen)).to(g_dtype or dtype).to(device)
+    dout = torch.randn(*shape, generator=gen).to(dtype).to(device)
+    return lora, base, g, dout
+
+
+def grads_vs_reference(impl, lora, base, g, dout, scale, config=None, needs=(True, True, True)):
+    """Run compose_train and the float64 reference with the same requires_grad pattern; return errors."""
+    ins = [t.clone().requires_grad_(n) for t, n in zip((lora, base, g), needs, strict=True)]
+    out = compose_train(*ins, scale, impl=impl, config=config)
+    wanted = [t for t in ins if t.requires_grad]
+    got = torch.autograd.grad(out, wanted, dout) if wanted else []
+    # Eager works in the input dtype, g included: its reference uses g rounded to that dtype.
+    g_ref = g.to(lora.dtype).to(g.dtype) if impl == "eager" else g
+    refs = [t.double().requires_grad_(n) for t, n in zip((lora, base, g_ref), needs, strict=True)]
+    ref_out = compose_reference(*refs, scale).reshape(base.shape)
+    ref_grads = torch.autograd.grad(ref_out, [t for t in refs if t.requires_grad], dout.double()) if wanted else []
+    for gr, t in zip(got, wanted, strict=True):
+        assert gr.shape == t.shape and gr.dtype == t.dtype
+    return [relerr(out, ref_out)] + [relerr(a, b) for a, b in zip(got, ref_grads, strict=True)]
+
+
+@pytest.fixture
+def dev_for(request):
+    return lambda impl: request.getfixturevalue("triton_device") if impl == "triton" else "cpu"
+
+
+@pytest.mark.parametrize("impl", ["eager", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_compose_train_grads(impl, dtype, shape, dev_for):
+    lora, base, g, dout = make(shape, dtype, dev_for(impl), seed=shape[-1] + len(shape))
+    errs = grads_vs_reference(impl, lora, base, g, dout, 0.6)
+    assert max(errs) <= TOL[impl][dtype], errs
+
+
+@pytest.mark.parametrize("needs", [(True, True, False), (True, False, False), (False, False, True), (False, True, True)])
+def test_compose_train_partial_grads(needs, triton_device):
+    lora, base, g, dout = make((9, 50), torch.float32, triton_device, seed=11, g_dtype=torch.float32)
+    errs = grads_vs_reference("triton", lora, base, g, dout, 0.6, needs=needs)
+    assert len(errs) == 1 + sum(needs) and max(errs) <= 1e-6
+
+
+def test_inner_saved_only_when_g_needs_grad(triton_device):
+    lora, base, g, _ = make((8, 32), torch.float32, triton_device)
+    lr = lora.clone().requires_grad_()
+    out = compose_train(lr, base, g, 0.5, impl="triton")
+    inner, _ = out.grad_fn.saved_tensors
+    assert inner is None
+    out = compose_train(lr, base, g.clone().requires_grad_(), 0.5, impl="triton")
+    inner, _ = out.grad_fn.saved_tensors
+    assert inner is not None and inner.shape == (8, 32)
+
+
+def test_fp32_g_with_bf16_activations(triton_device):
+    lora, base, g, dout = make((6, 40), torch.bfloat16, triton_device, seed=3, g_dtype=torch.float32)
+    errs = grads_vs_reference("triton", lora, base, g, dout, 0.5)
+    assert max(errs) <= TOL["triton"][torch.bfloat16]
+
+
+def test_every_fwd_and_bwd_config_is_correct(triton_device):
+    lora, base, g, dout = make((37, 300), torch.float32, triton_device, seed=5)
+    fwd, bwd = compose_config_space(), compose_bwd_config_space()
+    bad = []
+    for i in range(max(len(fwd), len(bwd))):
+        cfg = ComposeTrainConfig(fwd[i % len(fwd)], bwd[i % len(bwd)])
+        if max(grads_vs_reference("triton", lora, base, g, dout, 0.5, config=cfg)) > 1e-6:
+            bad.append(cfg)
+    assert bad == []
+
+
+def test_dg_is_deterministic(triton_device):
+    lora, base, g, dout = make((300, 64), torch.float32, triton_device, seed=8)
+    results = []
+    for _ in range(2):
+        gg = g.clone().requires_grad_()
+        compose_train(lora, base, gg, 0.5, impl="triton").backward(dout)
+        results.append(gg.grad)
+    assert torch.equal(results[0], results[1])
+
+
+def test_no_grad_anywhere_still_works(triton_device):
+    lora, base, g, _ = make((4, 16), torch.float32, triton_device)
+    out = compose_train(lora, base, g, 0.5, impl="triton")
+    assert not out.requires_grad
+    assert relerr(out, compose_reference(lora, base, g, 0.5)) <= 1e-6
+
+
+def test_compose_train_empty(triton_device):
+    lora, base, g, dout = make((0, 16), torch.float32, triton_device)
+    gg = g.clone().requires_grad_()
+    lr = lora.clone().requires_grad_()
+    out = compose_train(lr, base, gg, 0.5, impl="triton")
+    dl, dg = torch.autograd.grad(out, (lr, gg), dout)
+    assert dl.shape == (0, 16) and torch.equal(dg, torch.zeros_like(g))
+
+
+def test_compose_train_bad_input():
+    lora, base, g, _ = make((4, 8), torch.float32)
+    with pytest.raises(ValueError, match="must have one shape"):
+        compose_train(lora, base[:2], g, 1.0)
+    with pytest.raises(TypeError, match="ComposeTrainConfig"):
+        compose_train(lora, base, g, 1.0, impl="triton", config=object())
+    with pytest.raises(ValueError, match="impl must be one of"):
+        compose_train(lora, base, g, 1.0, impl="nope")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(4096, 4096), (2, 999, 4099), (1, 8192), (512, 4096)])
+def test_gpu_compose_train(dtype, shape):
+    lora, base, g, dout = make(shape, dtype, "cuda", seed=shape[-1])
+    for impl in ("triton", "eager"):
+        errs = grads_vs_reference(impl, lora, base, g, dout, 0.5)
+        assert max(errs) <= TOL[impl][dtype], (impl, errs)
+
+
+@pytest.mark.gpu
+def test_gpu_every_train_config():
+    lora, base, g, dout = make((1000, 3000), torch.bfloat16, "cuda", seed=7)
+    fwd, bwd = compose_config_space(), compose_bwd_config_space()
+    for i in range(max(len(fwd), len(bwd))):
+        cfg = ComposeTrainConfig(fwd[i % len(fwd)], bwd[i % len(bwd)])
+        errs = grads_vs_reference("triton", lora, base, g, dout, 0.5, config=cfg)
+        assert max(errs) <= TOL["triton"][torch.bfloat16], (cfg, errs)
