@@ -27,6 +27,8 @@ import triton.language as tl
 if TYPE_CHECKING:
     from dora_tune.kernels.norm import NormConfig
 
+#: K step of the short B·G loop over r (two pipeline stages).
+_BLOCK_KR = 32
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
@@ -93,6 +95,8 @@ def _norm_mainloop(
     a_ptr,
     offs_m,
     offs_n,
+    k_lo,
+    k_hi,
     d_out,
     d_in,
     r,
@@ -108,20 +112,20 @@ def _norm_mainloop(
     DOT_DTYPE: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = k_lo + tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + offs_m[:, None].to(tl.int64) * stride_wm + offs_k[None, :] * stride_wk
     a_ptrs = a_ptr + offs_n[None, :].to(tl.int64) * stride_ar + offs_k[:, None] * stride_ak
     m_mask = offs_m[:, None] < d_out
     n_mask = offs_n[None, :] < r
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     wsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k in range(0, d_in, BLOCK_K):
+    for k in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs, mask=m_mask, other=0.0)
             a = tl.load(a_ptrs, mask=n_mask, other=0.0)
         else:
-            w = tl.load(w_ptrs, mask=m_mask & (offs_k[None, :] + k < d_in), other=0.0)
-            a = tl.load(a_ptrs, mask=n_mask & (offs_k[:, None] + k < d_in), other=0.0)
+            w = tl.load(w_ptrs, mask=m_mask & (offs_k[None, :] + (k - k_lo) < k_hi), other=0.0)
+            a = tl.load(a_ptrs, mask=n_mask & (offs_k[:, None] + (k - k_lo) < k_hi), other=0.0)
         if WITH_WSQ:
             wf = w.to(tl.float32)
             wsq += tl.sum(wf * wf, axis=1)
@@ -138,12 +142,12 @@ def _norm_main_kernel(
     b_ptr,
     ghi_ptr,
     glo_ptr,
-    wsq_ptr,
     part_ptr,
     out_ptr,
     d_out,
     d_in,
     r,
+    k_per_split,
     stride_wm,
     stride_wk,
     stride_ar,
@@ -151,6 +155,7 @@ def _norm_main_kernel(
     stride_bm,
     stride_br,
     scale,
+    SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -162,66 +167,69 @@ def _norm_main_kernel(
     PREC: tl.constexpr,
     G_PREC: tl.constexpr,
 ):
-    # r-tiles vary fastest, so the programs that share a block of W rows run together and re-read it from L2.
+    # Program order: r-tile fastest, then K-split, then row block: the programs that read the same block of W
+    # rows (and K range) run together, so W comes from HBM once and the re-reads hit L2.
     pid = tl.program_id(0)
     n_rtiles = tl.cdiv(r, BLOCK_N)
-    pid_m = pid // n_rtiles
-    pid_n = pid % n_rtiles
+    pid_m = pid // (n_rtiles * SPLIT_K)
+    rem = pid % (n_rtiles * SPLIT_K)
+    pid_n = rem % n_rtiles
+    pid_s = rem // n_rtiles
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < d_out
     n_ok = offs_n < r
+    k_lo = pid_s * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, d_in)
 
+    # Main loop: U tile (tensor cores, fp32 accumulator); ‖W_i‖² over this K range in the first r-tile only.
     if pid_n == 0:
         acc, wsq = _norm_mainloop(
-            w_ptr, a_ptr, offs_m, offs_n, d_out, d_in, r, stride_wm, stride_wk, stride_ar, stride_ak,
+            w_ptr, a_ptr, offs_m, offs_n, k_lo, k_hi, d_out, d_in, r, stride_wm, stride_wk, stride_ar, stride_ak,
             BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, True, DOT_DTYPE, PREC,
         )  # fmt: skip
     else:
         acc, wsq = _norm_mainloop(
-            w_ptr, a_ptr, offs_m, offs_n, d_out, d_in, r, stride_wm, stride_wk, stride_ar, stride_ak,
+            w_ptr, a_ptr, offs_m, offs_n, k_lo, k_hi, d_out, d_in, r, stride_wm, stride_wk, stride_ar, stride_ak,
             BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, False, DOT_DTYPE, PREC,
         )  # fmt: skip
 
-    # Epilogue 1: cross term Σ_j B_ij U_ij over this r-tile.
+    # Epilogue 1: 2s·Σ_j B_ij U_ij over this r-tile (linear in U, so K-split partials simply add up).
     b_off = offs_m[:, None].to(tl.int64) * stride_bm
     b = tl.load(b_ptr + b_off + offs_n[None, :] * stride_br, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
     bf = b.to(tl.float32)
-    cross = tl.sum(bf * acc, axis=1)
+    partial = wsq + 2.0 * scale * tl.sum(bf * acc, axis=1)
 
-    # Epilogue 2: (B·G)_ij for this r-tile by a short K loop over r, then Σ_j B_ij (B·G)_ij.
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    offs_kr = tl.arange(0, BLOCK_KR)
-    for k in range(0, r, BLOCK_KR):
-        kr = k + offs_kr
-        kr_ok = kr < r
-        bk = tl.load(b_ptr + b_off + kr[None, :] * stride_br, mask=m_ok[:, None] & kr_ok[None, :], other=0.0)
-        g_off = kr[:, None] * r + offs_n[None, :]
-        g_mask = kr_ok[:, None] & n_ok[None, :]
-        ghi = tl.load(ghi_ptr + g_off, mask=g_mask, other=0.0)
-        if SPLIT_G:
-            acc = tl.dot(bk.to(DOT_DTYPE), ghi.to(DOT_DTYPE), acc, input_precision=PREC)
-            glo = tl.load(glo_ptr + g_off, mask=g_mask, other=0.0)
-            acc = tl.dot(bk.to(DOT_DTYPE), glo.to(DOT_DTYPE), acc, input_precision=PREC)
-        else:
-            acc = tl.dot(bk.to(tl.float32), ghi, acc, input_precision=G_PREC)
-    quad = tl.sum(bf * acc, axis=1)
-    partial = 2.0 * scale * cross + scale * scale * quad
+    # Epilogue 2 (first K-split only): s²·Σ_j B_ij (B·G)_ij, with B·G by a short K loop over r.
+    if pid_s == 0:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        offs_kr = tl.arange(0, BLOCK_KR)
+        for k in tl.range(0, r, BLOCK_KR, num_stages=2):
+            kr = k + offs_kr
+            kr_ok = kr < r
+            bk = tl.load(b_ptr + b_off + kr[None, :] * stride_br, mask=m_ok[:, None] & kr_ok[None, :], other=0.0)
+            g_off = kr[:, None] * r + offs_n[None, :]
+            g_mask = kr_ok[:, None] & n_ok[None, :]
+            ghi = tl.load(ghi_ptr + g_off, mask=g_mask, other=0.0)
+            if SPLIT_G:
+                acc = tl.dot(bk.to(DOT_DTYPE), ghi.to(DOT_DTYPE), acc, input_precision=PREC)
+                glo = tl.load(glo_ptr + g_off, mask=g_mask, other=0.0)
+                acc = tl.dot(bk.to(DOT_DTYPE), glo.to(DOT_DTYPE), acc, input_precision=PREC)
+            else:
+                acc = tl.dot(bk.to(tl.float32), ghi, acc, input_precision=G_PREC)
+        partial += scale * scale * tl.sum(bf * acc, axis=1)
 
     if SINGLE_TILE:
-        n2 = tl.maximum(wsq + partial, 0.0)
-        tl.store(out_ptr + offs_m, tl.sqrt(n2), mask=m_ok)
+        tl.store(out_ptr + offs_m, tl.sqrt(tl.maximum(partial, 0.0)), mask=m_ok)
     else:
-        tl.store(part_ptr + pid_n * d_out + offs_m, partial, mask=m_ok)
-        if pid_n == 0:
-            tl.store(wsq_ptr + offs_m, wsq, mask=m_ok)
+        tl.store(part_ptr + (pid_s * n_rtiles + pid_n) * d_out + offs_m, partial, mask=m_ok)
 
 
 @triton.jit
-def _norm_finish_kernel(wsq_ptr, part_ptr, out_ptr, d_out, T, BLOCK: tl.constexpr):
+def _norm_finish_kernel(part_ptr, out_ptr, d_out, T, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < d_out
-    n2 = tl.load(wsq_ptr + offs, mask=mask, other=0.0)
+    n2 = tl.zeros((BLOCK,), dtype=tl.float32)
     for t in range(0, T):
         n2 += tl.load(part_ptr + t * d_out + offs, mask=mask, other=0.0)
     tl.store(out_ptr + offs, tl.sqrt(tl.maximum(n2, 0.0)), mask=mask)
@@ -278,24 +286,23 @@ def factored_norm_triton(
     _gram_finish_kernel[(triton.cdiv(r * r, 1024),)](part, ghi, glo, r * r, S, SPLIT=split_g, BLOCK=1024)
     del part
 
-    # 3. one pass over W.
+    # 3. one pass over W (split over r-tiles and K ranges), then the fixed-order sum of the partials.
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     T = triton.cdiv(r, bn)
-    single = T == 1
-    wsq = out if single else torch.empty(d_out, device=dev, dtype=torch.float32)
-    partials = out if single else torch.empty((T, d_out), device=dev, dtype=torch.float32)
-    bkr = min(64, max(16, triton.next_power_of_2(r)))
-    grid = (triton.cdiv(d_out, bm) * T,)
+    k_per_split = triton.cdiv(triton.cdiv(d_in, config.split_k), bk) * bk
+    S = triton.cdiv(d_in, k_per_split)
+    single = T * S == 1
+    partials = out if single else torch.empty((T * S, d_out), device=dev, dtype=torch.float32)
+    grid = (triton.cdiv(d_out, bm) * T * S,)
     _norm_main_kernel[grid](
-        weight, lora_A, lora_B, ghi, glo, wsq, partials, out,
-        d_out, d_in, r,
+        weight, lora_A, lora_B, ghi, glo, partials, out,
+        d_out, d_in, r, k_per_split,
         weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
         scale,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_KR=bkr, EVEN_K=(d_in % bk == 0), SINGLE_TILE=single,
-        SPLIT_G=split_g, DOT_DTYPE=_TL_DTYPES[dot_dtype],
-        PREC=prec, G_PREC=f32_prec,
+        SPLIT_K=S, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_KR=_BLOCK_KR, EVEN_K=(d_in % bk == 0),
+        SINGLE_TILE=single, SPLIT_G=split_g, DOT_DTYPE=_TL_DTYPES[dot_dtype], PREC=prec, G_PREC=f32_prec,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if not single:
-        _norm_finish_kernel[(triton.cdiv(d_out, 1024),)](wsq, partials, out, d_out, T, BLOCK=1024)
+        _norm_finish_kernel[(triton.cdiv(d_out, 1024),)](partials, out, d_out, T * S, BLOCK=1024)
     return out

@@ -40,7 +40,8 @@ _CHUNK_BYTES = 16 << 20
 class NormConfig(KernelConfig):
     """Launch config of the fused norm kernel.
 
-    ``block_m`` rows of W and ``block_n`` columns of ``U`` per program, ``block_k`` columns of W per K step.
+    ``block_m`` rows of W and ``block_n`` columns of ``U`` per program, ``block_k`` columns of W per K step;
+    ``split_k`` K ranges per tile (more programs for a better last wave; the partial sums add up exactly).
     """
 
     op = "norm"
@@ -49,26 +50,32 @@ class NormConfig(KernelConfig):
     block_k: int = config_field(lo=16, hi=256)
     num_warps: int = config_field(lo=1, hi=16)
     num_stages: int = config_field(lo=1, hi=8, pow2=False)
+    split_k: int = config_field(lo=1, hi=16, pow2=False)
 
 
-DEFAULT_NORM_CONFIG = NormConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+DEFAULT_NORM_CONFIG = NormConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3, split_k=1)
+#: shared memory per SM on the GPUs we target (H100/H200: 227 KB usable by one block).
+_SMEM_LIMIT = 220 * 1024
 
 
 def norm_config_space(rank: int | None = None) -> list[NormConfig]:
     """Every config worth trying; with ``rank`` given, drop ``block_n`` wider than the rank needs.
 
-    Filters: the fp32 accumulator stays ≤ 128 registers a thread, and the pipelined tiles fit in 200 KB of
-    shared memory (bf16 operands).
+    Filters: the fp32 accumulator stays ≤ 128 registers a thread, and the pipelined tiles of either loop (the
+    main loop over d_in, the short B·G loop over r) fit in shared memory (16-bit operands).
     """
     out = []
-    for bm, bn, bk, w, st in itertools.product((64, 128), (32, 64, 128, 256), (32, 64, 128), (4, 8), (3, 4)):
+    grid = itertools.product((64, 128, 256), (32, 64, 128, 256), (64, 128), (4, 8), (3, 4), (1, 2, 3, 4))
+    for bm, bn, bk, w, st, sk in grid:
         if rank is not None and bn > max(32, 1 << max(0, rank - 1).bit_length()):
             continue
         if bm * bn // (w * 32) > 128:
             continue
-        if st * (bm + bn) * bk * 2 > 200 * 1024:
+        main_smem = st * (bm + bn) * bk * 2
+        g_smem = 2 * (bm + 2 * bn) * 32 * 2
+        if max(main_smem, g_smem) > _SMEM_LIMIT:
             continue
-        out.append(NormConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st))
+        out.append(NormConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st, split_k=sk))
     return out
 
 
