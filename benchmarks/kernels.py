@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import triton
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -51,6 +51,21 @@ COMPOSE_SHAPES = [(512, 4096), (2048, 4096), (4096, 4096), (2048, 6144), (8192, 
 def bench(fn, rep: int = 100, warmup: int = 25) -> float:
     """Median time in ms."""
     return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def graph_ms(fn) -> float | None:
+    """GPU-only time: median over CUDA-graph replays (no host launch cost). None if fn cannot be captured."""
+    try:
+        return do_bench_cudagraph(fn, rep=100, return_mode="median")
+    except Exception as e:
+        print(f"    (cuda graph capture failed: {type(e).__name__}: {str(e)[:100]})", flush=True)
+        return None
+
+
+def pruned_norm_space(rank: int) -> list:
+    """The norm sweep of this benchmark: the full space restricted to block_k = 64 and 8 warps, which won every
+    shape of the full sweeps of 2026-11-30 (see NOTES.md); this keeps compile time inside the device budget."""
+    return [c for c in norm_config_space(rank) if c.block_k == 64 and c.num_warps == 8]
 
 
 def peak_extra_mb(fn) -> float:
@@ -119,18 +134,18 @@ def peft_eye(W, A, B, s):  # PEFT's lora_B(lora_A(eye)) materialises an identity
     return torch.linalg.norm(W + s * (eye @ A.t() @ B.t()).t(), dim=1)
 
 
-def run_norm(ceil: dict, quick: bool) -> list[dict]:
+def run_norm(ceil: dict, quick: bool, full_sweep: bool) -> list[dict]:
     shapes = [(do, di, r) for (do, di) in NORM_SHAPES for r in NORM_RANKS]
     if quick:
         shapes = [(8192, 8192, 384), (8192, 28672, 384), (4096, 4096, 16)]
     rows = []
     for d_out, d_in, r in shapes:
-        rows.append(norm_shape(ceil, d_out, d_in, r, quick))
+        rows.append(norm_shape(ceil, d_out, d_in, r, quick, full_sweep))
         torch.cuda.empty_cache()
     return rows
 
 
-def norm_shape(ceil: dict, d_out: int, d_in: int, r: int, quick: bool) -> dict:
+def norm_shape(ceil: dict, d_out: int, d_in: int, r: int, quick: bool, full_sweep: bool) -> dict:
     g = torch.Generator(device=DEV).manual_seed(d_out + d_in + r)
     W = torch.randn(d_out, d_in, device=DEV, dtype=BF16, generator=g) * 0.02
     A = torch.randn(r, d_in, device=DEV, dtype=BF16, generator=g) / math.sqrt(d_in)
@@ -142,7 +157,7 @@ def norm_shape(ceil: dict, d_out: int, d_in: int, r: int, quick: bool) -> dict:
     floor_ms = max(nbytes / ceil["copy_Bps"], flops / ceil["mm_flops"]) * 1e3
     row = {"shape": [d_out, d_in, r], "floor_ms": floor_ms, "bytes": nbytes, "flops": flops, "impls": {}}
     t0 = time.time()
-    space = norm_config_space(r)
+    space = norm_config_space(r) if full_sweep else pruned_norm_space(r)
     best, _, failed = sweep(
         lambda c: factored_norm(W, A, B, s, impl="triton", config=c), space, rep=10 if quick else 20
     )
@@ -171,7 +186,7 @@ def norm_shape(ceil: dict, d_out: int, d_in: int, r: int, quick: bool) -> dict:
     tri = row["impls"]["triton"]
     print(
         f"norm {d_out}x{d_in} r{r}: floor {floor_ms:.3f} ms | triton {tri['ms']:.3f} ({tri['x_floor']:.2f}x, "
-        f"{tri['extra_MB']:.1f} MB, err {tri['relerr']:.1e})"
+        f"graph {_ms(tri.get('graph_ms'))}, {tri['extra_MB']:.1f} MB, err {tri['relerr']:.1e})"
         + "".join(f" | {k} {_ms(v.get('ms'))}" for k, v in row["impls"].items() if k != "triton")
         + f" | best {best.as_dict()} [{row['sweep']['seconds']:.0f}s]",
         flush=True,
@@ -219,12 +234,13 @@ def compose_shape(ceil: dict, rows: int, cols: int) -> dict:
             "frac_copy_bw": nbytes / (us * 1e-6) / ceil["copy_Bps"],
             "extra_MB": peak_extra_mb(fn),
             "relerr": relerr(fn(), ref),
+            "graph_us": (lambda v: None if v is None else v * 1e3)(graph_ms(fn)),
         }
     tri, eag = row["impls"]["triton"], row["impls"]["eager"]
     print(
         f"compose {rows}x{cols}: floor {floor_us:.1f} us | triton {tri['us']:.1f} ({tri['frac_copy_bw'] * 100:.0f}% "
-        f"of copy bw, err {tri['relerr']:.1e}) | default {row['impls']['triton_default']['us']:.1f} | eager "
-        f"{eag['us']:.1f} (err {eag['relerr']:.1e}) | best {best.as_dict()}",
+        f"of copy bw, graph {_ms(tri['graph_us'])}, err {tri['relerr']:.1e}) | default {row['impls']['triton_default']['us']:.1f} | eager "
+        f"{eag['us']:.1f} (graph {_ms(eag['graph_us'])}, err {eag['relerr']:.1e}) | best {best.as_dict()}",
         flush=True,
     )
     return row
@@ -296,6 +312,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a few shapes only")
     ap.add_argument("--ops", default="norm,compose,train")
+    ap.add_argument("--full-sweep", action="store_true", help="sweep the whole norm config space (slow to compile)")
     ap.add_argument("--out", default=None, help="JSON path (default: $OUT/h200-kernels.json or benchmarks/results)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -315,7 +332,7 @@ def main() -> None:
     )
     ops = args.ops.split(",")
     if "norm" in ops:
-        res["norm"] = run_norm(res, args.quick)
+        res["norm"] = run_norm(res, args.quick, args.full_sweep)
     if "compose" in ops:
         res["compose"] = run_compose(res, args.quick)
     if "train" in ops:

@@ -154,5 +154,8 @@ def compose_bwd_triton(
         )  # fmt: skip
     dg = None
     if need_dg:
-        dg = dg_part.sum(dim=0) if rows > 0 else torch.zeros(cols, device=dev, dtype=torch.float32)
+        if rows == 0:
+            dg = torch.zeros(cols, device=dev, dtype=torch.float32)
+        else:
+            dg = dg_part[0] if n_row_progs == 1 else dg_part.sum(dim=0)
     return dlora, dbase, dg

@@ -2,18 +2,20 @@
 
 Math (DESIGN.md §1): ``n² = ‖W‖²_row + Σ_j B_ij·(2s·U_ij + s²·(B·G)_ij)`` with ``U = W·Aᵀ`` and ``G = A·Aᵀ``.
 
-Three launches:
-1. ``_gram_kernel``: ``G = A·Aᵀ`` in fp32, split-K into a partial buffer ``[S, r, r]``.
-2. ``_gram_finish_kernel``: sums the S partials in a fixed order; for bf16 operands it stores G as two bf16 terms
-   ``G_hi = bf16(G)`` and ``G_lo = bf16(G − G_hi)`` (≈16 significant bits, relative error ≤ 2⁻¹⁸), so that ``B·G``
-   runs on the tensor cores in bf16 with fp32 accumulation; otherwise G stays fp32.
-3. ``_norm_main_kernel``: one pass over W. A program owns ``BLOCK_M`` rows of W and ``BLOCK_N`` columns of U; its
-   K loop accumulates ``U`` on the tensor cores (fp32 accumulator) and, in the programs of the first r-tile only,
-   ``‖W_i‖²``; its epilogue forms ``Σ_j B_ij U_ij`` and, with a second short K loop over r, ``Σ_j B_ij (B·G)_ij``.
-   With a single r-tile the program writes the final norm; otherwise the per-tile partials go to ``[T, d_out]`` and
-   ``_norm_finish_kernel`` adds them in a fixed order (deterministic; no atomics).
+Launches:
+1. ``G = A·Aᵀ`` in fp32: for 16-bit A on CUDA one cuBLAS call with an fp32 output (``torch.mm(out_dtype=...)``);
+   otherwise ``_gram_kernel`` (split-K Triton, tf32x3 for fp32 operands) and a fixed-order sum of its partials.
+2. ``_norm_main_kernel``: one pass over W. A program owns ``BLOCK_M`` rows of W, ``BLOCK_N`` columns of U and one of
+   ``SPLIT_K`` ranges of d_in. Its K loop accumulates ``U`` on the tensor cores (fp32 accumulator) and, in the
+   first r-tile only, ``‖W_i‖²``; its epilogue forms ``2s·Σ_j B_ij U_ij`` (linear in U, so K-split partials add up)
+   and, in the first K-split only, ``s²·Σ_j B_ij (B·G)_ij`` by a short K loop over r. For bf16, G is split in
+   registers into ``G_hi = bf16(G)`` and ``G_lo = bf16(G − G_hi)`` (≈16 significant bits, relative error ≤ 2⁻¹⁸)
+   so that ``B·G`` runs on the tensor cores; otherwise it is an fp32 (tf32x3) dot.
+3. With one tile along r and K the program writes the norm itself; otherwise ``_norm_finish_kernel`` adds the
+   ``T·S`` partials of each row in a fixed order (deterministic; no atomics) and takes the square root.
 
-Neither ``B·A`` nor ``U`` is materialised: extra memory is ``4·(T+1)·d_out + 4·S·r² + 4·r²`` bytes.
+Neither ``B·A`` nor ``U`` is materialised: extra memory is ``4·T·S·d_out + 4·r²`` bytes (plus the split-K partials
+of G, ≤ 16 MB, on the Triton G path).
 """
 
 from __future__ import annotations
@@ -74,22 +76,6 @@ def _gram_kernel(
 
 
 @triton.jit
-def _gram_finish_kernel(part_ptr, ghi_ptr, glo_ptr, n, S, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    g = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, S):
-        g += tl.load(part_ptr + s * n + offs, mask=mask, other=0.0)
-    if SPLIT:
-        hi = g.to(tl.bfloat16)
-        lo = (g - hi.to(tl.float32)).to(tl.bfloat16)
-        tl.store(ghi_ptr + offs, hi, mask=mask)
-        tl.store(glo_ptr + offs, lo, mask=mask)
-    else:
-        tl.store(ghi_ptr + offs, g, mask=mask)
-
-
-@triton.jit
 def _norm_mainloop(
     w_ptr,
     a_ptr,
@@ -140,8 +126,7 @@ def _norm_main_kernel(
     w_ptr,
     a_ptr,
     b_ptr,
-    ghi_ptr,
-    glo_ptr,
+    g_ptr,
     part_ptr,
     out_ptr,
     d_out,
@@ -208,15 +193,15 @@ def _norm_main_kernel(
             kr = k + offs_kr
             kr_ok = kr < r
             bk = tl.load(b_ptr + b_off + kr[None, :] * stride_br, mask=m_ok[:, None] & kr_ok[None, :], other=0.0)
-            g_off = kr[:, None] * r + offs_n[None, :]
-            g_mask = kr_ok[:, None] & n_ok[None, :]
-            ghi = tl.load(ghi_ptr + g_off, mask=g_mask, other=0.0)
+            g = tl.load(g_ptr + kr[:, None] * r + offs_n[None, :], mask=kr_ok[:, None] & n_ok[None, :], other=0.0)
             if SPLIT_G:
-                acc = tl.dot(bk.to(DOT_DTYPE), ghi.to(DOT_DTYPE), acc, input_precision=PREC)
-                glo = tl.load(glo_ptr + g_off, mask=g_mask, other=0.0)
-                acc = tl.dot(bk.to(DOT_DTYPE), glo.to(DOT_DTYPE), acc, input_precision=PREC)
+                # fp32 G as two bf16 terms: G_hi = bf16(G), G_lo = bf16(G − G_hi) (relative error ≤ 2⁻¹⁸).
+                g_hi = g.to(tl.bfloat16)
+                g_lo = (g - g_hi.to(tl.float32)).to(tl.bfloat16)
+                acc = tl.dot(bk.to(DOT_DTYPE), g_hi.to(DOT_DTYPE), acc, input_precision=PREC)
+                acc = tl.dot(bk.to(DOT_DTYPE), g_lo.to(DOT_DTYPE), acc, input_precision=PREC)
             else:
-                acc = tl.dot(bk.to(tl.float32), ghi, acc, input_precision=G_PREC)
+                acc = tl.dot(bk.to(tl.float32), g, acc, input_precision=G_PREC)
         partial += scale * scale * tl.sum(bf * acc, axis=1)
 
     if SINGLE_TILE:
@@ -244,6 +229,23 @@ def _gram_split(r: int, d_in: int, block: int, block_k: int, n_sm: int) -> int:
     return s
 
 
+def _gram_triton(lora_A: torch.Tensor, dot_dtype: torch.dtype, prec: str, n_sm: int) -> torch.Tensor:
+    """``A·Aᵀ`` in fp32 by the split-K Triton kernel and a fixed-order sum of the partials."""
+    r, d_in = lora_A.shape
+    block = 64 if r > 32 else (32 if r > 16 else 16)
+    block_k = 64
+    S = _gram_split(r, d_in, block, block_k, n_sm)
+    k_per_split = triton.cdiv(triton.cdiv(d_in, S), block_k) * block_k
+    S = triton.cdiv(d_in, k_per_split)
+    part = torch.empty((S, r, r), device=lora_A.device, dtype=torch.float32)
+    grid = (triton.cdiv(r, block), triton.cdiv(r, block), S)
+    _gram_kernel[grid](
+        lora_A, part, r, d_in, k_per_split, lora_A.stride(0), lora_A.stride(1),
+        BLOCK=block, BLOCK_K=block_k, DOT_DTYPE=_TL_DTYPES[dot_dtype], PREC=prec, num_warps=4, num_stages=3,
+    )  # fmt: skip
+    return part[0] if S == 1 else part.sum(dim=0)
+
+
 def factored_norm_triton(
     weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, config: NormConfig
 ) -> torch.Tensor:
@@ -265,26 +267,11 @@ def factored_norm_triton(
     split_g = compute == torch.bfloat16
     n_sm = torch.cuda.get_device_properties(dev).multi_processor_count if not interp else 4
 
-    # 1-2. G = A·Aᵀ (fp32 accumulate), stored as bf16 hi/lo terms or fp32.
-    gblock = 64 if r > 32 else (32 if r > 16 else 16)
-    gbk = 64
-    S = _gram_split(r, d_in, gblock, gbk, n_sm)
-    k_per_split = triton.cdiv(triton.cdiv(d_in, S), gbk) * gbk
-    S = triton.cdiv(d_in, k_per_split) if d_in > 0 else 1
-    part = torch.empty((S, r, r), device=dev, dtype=torch.float32)
-    if d_in == 0:
-        part.zero_()
+    # 1. G = A·Aᵀ in fp32: cuBLAS with an fp32 output for 16-bit A on CUDA, else the split-K Triton kernel.
+    if not interp and lora_A.dtype == compute and compute in (torch.bfloat16, torch.float16):
+        G = torch.mm(lora_A, lora_A.t(), out_dtype=torch.float32)
     else:
-        grid = (triton.cdiv(r, gblock), triton.cdiv(r, gblock), S)
-        _gram_kernel[grid](
-            lora_A, part, r, d_in, k_per_split, lora_A.stride(0), lora_A.stride(1),
-            BLOCK=gblock, BLOCK_K=gbk, DOT_DTYPE=_TL_DTYPES[dot_dtype], PREC=prec, num_warps=4, num_stages=3,
-        )  # fmt: skip
-    g_dtype = torch.bfloat16 if split_g else torch.float32
-    ghi = torch.empty((r, r), device=dev, dtype=g_dtype)
-    glo = torch.empty((r, r), device=dev, dtype=g_dtype) if split_g else ghi
-    _gram_finish_kernel[(triton.cdiv(r * r, 1024),)](part, ghi, glo, r * r, S, SPLIT=split_g, BLOCK=1024)
-    del part
+        G = _gram_triton(lora_A, dot_dtype, prec, n_sm)
 
     # 3. one pass over W (split over r-tiles and K ranges), then the fixed-order sum of the partials.
     bm, bn, bk = config.block_m, config.block_n, config.block_k
@@ -295,7 +282,7 @@ def factored_norm_triton(
     partials = out if single else torch.empty((T * S, d_out), device=dev, dtype=torch.float32)
     grid = (triton.cdiv(d_out, bm) * T * S,)
     _norm_main_kernel[grid](
-        weight, lora_A, lora_B, ghi, glo, partials, out,
+        weight, lora_A, lora_B, G, partials, out,
         d_out, d_in, r, k_per_split,
         weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
         scale,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import NamedTuple
 
 import torch
 
@@ -88,17 +87,11 @@ def dora_scale(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, magnitude.float() / torch.where(ok, n, torch.ones_like(n)), torch.ones_like(n))
 
 
-class ComposeInputs(NamedTuple):
-    """Validated compose inputs: 2-D views with unit column stride and ``g`` as a contiguous ``[cols]`` vector."""
+def check_compose_inputs(lora: object, base: object, g: object, scale: object) -> float:
+    """Validate compose arguments (``TypeError``/``ValueError`` naming the argument); return ``scale`` as float.
 
-    lora: torch.Tensor
-    base: torch.Tensor
-    g: torch.Tensor
-    scale: float
-
-
-def check_compose_inputs(lora: object, base: object, g: object, scale: object) -> ComposeInputs:
-    """Validate compose arguments (raising ``TypeError``/``ValueError`` naming the argument); flatten them."""
+    Checks only: no views are made here (views of tensors that require grad cost an autograd node each).
+    """
     check_tensor("lora", lora)
     check_tensor("base", base)
     check_tensor("g", g)
@@ -110,8 +103,12 @@ def check_compose_inputs(lora: object, base: object, g: object, scale: object) -
     cols = base.shape[-1]
     if not (g.dim() == 1 or (g.dim() == 2 and g.shape[0] == 1)) or g.shape[-1] != cols:
         raise ValueError(f"g must be [cols] or [1, cols] with cols={cols}, got {tuple(g.shape)}")
-    s = check_scale(scale)
-    return ComposeInputs(as_rows("lora", lora), as_rows("base", base), g.reshape(-1).contiguous(), s)
+    return check_scale(scale)
+
+
+def g_vector(g: torch.Tensor) -> torch.Tensor:
+    """``g`` as a contiguous ``[cols]`` vector (a view when it already is one)."""
+    return g if (g.dim() == 1 and g.is_contiguous()) else g.reshape(-1).contiguous()
 
 
 def compose(
@@ -136,20 +133,22 @@ def compose(
     Returns:
         Tensor of ``base``'s shape and dtype. Eager computes in that dtype; Triton in float32, rounded once.
     """
-    inp = check_compose_inputs(lora, base, g, scale)
+    s = check_compose_inputs(lora, base, g, scale)
     if impl == "auto":
         from dora_tune.dispatch import default_impl
 
         impl = default_impl("compose", base.device)
     with torch.no_grad():
         if impl == "eager":
-            return compose_formula(inp.lora, inp.base, inp.g.to(base.dtype), inp.scale).reshape(base.shape)
+            return compose_formula(lora, base, g_vector(g).to(base.dtype), s)
         if impl == "triton":
             require_triton(base.device)
             if config is not None and not isinstance(config, ComposeConfig):
                 raise TypeError(f"config must be a ComposeConfig, got {type(config).__name__}")
             from dora_tune.kernels._compose_triton import compose_fwd_triton
 
-            out, _ = compose_fwd_triton(inp.lora, inp.base, inp.g, inp.scale, config or DEFAULT_COMPOSE_CONFIG)
-            return out.reshape(base.shape)
+            out, _ = compose_fwd_triton(
+                as_rows("lora", lora), as_rows("base", base), g_vector(g), s, config or DEFAULT_COMPOSE_CONFIG
+            )
+            return out if base.dim() == 2 else out.view(base.shape)
     raise ValueError(f"impl must be one of {IMPLS} or 'auto', got {impl!r}")

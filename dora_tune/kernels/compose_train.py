@@ -26,6 +26,7 @@ from dora_tune.kernels.compose import (
     check_compose_inputs,
     compose_config_space,
     compose_formula,
+    g_vector,
 )
 
 IMPLS: tuple[str, ...] = ("eager", "triton")
@@ -87,18 +88,21 @@ def compose_train_config_space() -> list[ComposeTrainConfig]:
 
 
 class _ComposeTrainFn(torch.autograd.Function):
+    """Fused forward/backward. Inputs are validated by :func:`compose_train`; views are made here, where autograd
+    is off and they cost nothing."""
+
     @staticmethod
     def forward(ctx: Any, lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, scale: float, config: Any) -> Any:
         from dora_tune.kernels._compose_triton import compose_fwd_triton
 
-        inp = check_compose_inputs(lora, base, g, scale)
         need_dg = ctx.needs_input_grad[2]
-        out, inner = compose_fwd_triton(inp.lora, inp.base, inp.g, inp.scale, config.fwd, write_inner=need_dg)
-        ctx.save_for_backward(inner, inp.g)
-        ctx.scale, ctx.config = inp.scale, config
-        ctx.lora_meta = (lora.shape, lora.dtype)
-        ctx.base_shape, ctx.g_meta = base.shape, (g.shape, g.dtype)
-        return out.reshape(base.shape)
+        gvec = g_vector(g)
+        out, inner = compose_fwd_triton(
+            as_rows("lora", lora), as_rows("base", base), gvec, scale, config.fwd, write_inner=need_dg
+        )
+        ctx.save_for_backward(inner, gvec)
+        ctx.scale, ctx.config, ctx.lora_dtype, ctx.g_meta = scale, config, lora.dtype, (g.shape, g.dtype)
+        return out if base.dim() == 2 else out.view(base.shape)
 
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor) -> Any:
@@ -106,17 +110,17 @@ class _ComposeTrainFn(torch.autograd.Function):
 
         inner, gvec = ctx.saved_tensors
         need_dlora, need_dbase, need_dg = ctx.needs_input_grad[:3]
-        d2 = as_rows("dout", dout.reshape(ctx.base_shape))
         dlora, dbase, dg = compose_bwd_triton(
-            d2, inner, gvec, ctx.scale, ctx.config.bwd,
-            lora_dtype=ctx.lora_meta[1], need_dlora=need_dlora, need_dbase=need_dbase, need_dg=need_dg,
+            as_rows("dout", dout), inner, gvec, ctx.scale, ctx.config.bwd,
+            lora_dtype=ctx.lora_dtype, need_dlora=need_dlora, need_dbase=need_dbase, need_dg=need_dg,
         )  # fmt: skip
-        if dlora is not None:
-            dlora = dlora.reshape(ctx.lora_meta[0])
-        if dbase is not None:
-            dbase = dbase.reshape(ctx.base_shape)
+        if dout.dim() != 2:
+            dlora = None if dlora is None else dlora.view(dout.shape)
+            dbase = None if dbase is None else dbase.view(dout.shape)
         if dg is not None:
-            dg = dg.to(ctx.g_meta[1]).reshape(ctx.g_meta[0])
+            g_shape, g_dtype = ctx.g_meta
+            dg = dg.to(g_dtype) if dg.dtype != g_dtype else dg
+            dg = dg if len(g_shape) == 1 else dg.view(g_shape)
         return dlora, dbase, dg, None, None
 
 
@@ -142,16 +146,16 @@ def compose_train(
     Returns:
         Tensor of ``base``'s shape and dtype, differentiable with respect to ``lora``, ``base`` and ``g``.
     """
-    inp = check_compose_inputs(lora, base, g, scale)
+    s = check_compose_inputs(lora, base, g, scale)
     if impl == "auto":
         from dora_tune.dispatch import default_impl
 
         impl = default_impl("compose_train", base.device)
     if impl == "eager":
-        return compose_formula(lora, base, g.reshape(-1).to(base.dtype), inp.scale)
+        return compose_formula(lora, base, (g if g.dim() == 1 else g.reshape(-1)).to(base.dtype), s)
     if impl == "triton":
         require_triton(base.device)
         if config is not None and not isinstance(config, ComposeTrainConfig):
             raise TypeError(f"config must be a ComposeTrainConfig, got {type(config).__name__}")
-        return _ComposeTrainFn.apply(lora, base, g, inp.scale, config or DEFAULT_COMPOSE_TRAIN_CONFIG)
+        return _ComposeTrainFn.apply(lora, base, g, s, config or DEFAULT_COMPOSE_TRAIN_CONFIG)
     raise ValueError(f"impl must be one of {IMPLS} or 'auto', got {impl!r}")

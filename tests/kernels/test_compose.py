@@ -43,7 +43,9 @@ def test_compose_matches_float64(impl, dtype, shape, g_dtype, g_2d, dev_for):
 def test_every_compose_config_is_correct(triton_device):
     lora, base, g = make((37, 300), torch.float16, triton_device, seed=1)
     ref = compose_reference(lora, base, g, 0.5)
-    bad = [c for c in compose_config_space() if relerr(compose(lora, base, g, 0.5, impl="triton", config=c), ref) > 8e-4]
+    bad = [
+        c for c in compose_config_space() if relerr(compose(lora, base, g, 0.5, impl="triton", config=c), ref) > 8e-4
+    ]
     assert bad == []
 
 
@@ -137,7 +139,7 @@ def test_gpu_compose(dtype, shape):
 
 @pytest.mark.gpu
 def test_gpu_every_compose_config():
-    lora, base, g = make((1000, 3000), torch.bfloat16, "cuda", seed=7)
+    lora, base, g = make((1040, 3088), torch.bfloat16, "cuda", seed=7)
     ref = compose_reference(lora, base, g, 0.5)
     for c in compose_config_space():
         assert relerr(compose(lora, base, g, 0.5, impl="triton", config=c), ref) <= TOL["triton"][torch.bfloat16], c
