@@ -239,7 +239,8 @@ def compose_shape(ceil: dict, rows: int, cols: int) -> dict:
     tri, eag = row["impls"]["triton"], row["impls"]["eager"]
     print(
         f"compose {rows}x{cols}: floor {floor_us:.1f} us | triton {tri['us']:.1f} ({tri['frac_copy_bw'] * 100:.0f}% "
-        f"of copy bw, graph {_ms(tri['graph_us'])}, err {tri['relerr']:.1e}) | default {row['impls']['triton_default']['us']:.1f} | eager "
+        f"of copy bw, graph {_ms(tri['graph_us'])}, err {tri['relerr']:.1e})"
+        f" | default {row['impls']['triton_default']['us']:.1f} | eager "
         f"{eag['us']:.1f} (graph {_ms(eag['graph_us'])}, err {eag['relerr']:.1e}) | best {best.as_dict()}",
         flush=True,
     )

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from conftest import relerr
 from dora_tune.kernels import ComposeConfig, compose, compose_config_space, compose_reference, dora_scale
+
+from conftest import relerr
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # rows = 1, cols = 1, cols not a multiple of any block, 3-D activations.
@@ -70,7 +71,7 @@ def test_non_contiguous_inputs(triton_device):
     for impl in ("eager", "triton"):
         assert relerr(compose(lora_t, base_t, g2, 0.3, impl=impl), ref) <= 1e-6
     # Row-strided (a slice of a wider buffer) runs without a copy.
-    wide_l, wide_b, gw = make((40, 100), torch.float32, triton_device, seed=5)
+    wide_l, wide_b, _ = make((40, 100), torch.float32, triton_device, seed=5)
     sl, sb = wide_l[:, :64], wide_b[:, :64]
     assert relerr(compose(sl, sb, g, 0.3, impl="triton"), compose_reference(sl, sb, g, 0.3)) <= 1e-6
 

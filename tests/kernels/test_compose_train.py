@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from conftest import relerr
 from dora_tune.kernels import (
     ComposeTrainConfig,
     compose_bwd_config_space,
@@ -9,6 +8,8 @@ from dora_tune.kernels import (
     compose_reference,
     compose_train,
 )
+
+from conftest import relerr
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1), (1, 37), (5, 37), (3, 4, 300), (70, 130)]

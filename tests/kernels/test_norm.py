@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from conftest import relerr
 from dora_tune.kernels import NormConfig, factored_norm, norm_config_space, norm_reference
+
+from conftest import relerr
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (d_out, d_in, r): rows = 1, r = 1, sizes that are not multiples of any block, r > every block_n.
