@@ -268,9 +268,13 @@ def factored_norm_triton(
     n_sm = torch.cuda.get_device_properties(dev).multi_processor_count if not interp else 4
 
     # 1. G = A·Aᵀ in fp32: cuBLAS with an fp32 output for 16-bit A on CUDA, else the split-K Triton kernel.
+    G = None
     if not interp and lora_A.dtype == compute and compute in (torch.bfloat16, torch.float16):
-        G = torch.mm(lora_A, lora_A.t(), out_dtype=torch.float32)
-    else:
+        try:
+            G = torch.mm(lora_A, lora_A.t(), out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # a torch build without mm(out_dtype=...)
+            G = None
+    if G is None:
         G = _gram_triton(lora_A, dot_dtype, prec, n_sm)
 
     # 3. one pass over W (split over r-tiles and K ranges), then the fixed-order sum of the partials.

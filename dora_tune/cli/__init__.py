@@ -1,0 +1,22 @@
+"""``dora-tune`` command line: a click group; each command is a thin wrapper over the library."""
+
+from __future__ import annotations
+
+import click
+
+from dora_tune import __version__
+from dora_tune.cli.selfcheck import selfcheck
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dora-tune")
+def cli() -> None:
+    """Autotuned, dispatched DoRA kernels: check, profile and inspect them."""
+
+
+cli.add_command(selfcheck)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli()
