@@ -5,7 +5,7 @@ from dora_tune.kernels.compose_train import ComposeBwdConfig
 
 
 def test_config_round_trip():
-    cfg = NormConfig(block_m=64, block_n=32, block_k=64, num_warps=4, num_stages=3)
+    cfg = NormConfig(block_m=64, block_n=32, block_k=64, num_warps=4, num_stages=3, split_k=2)
     assert NormConfig.from_dict(cfg.as_dict()) == cfg
     tcfg = ComposeTrainConfig(ComposeConfig(4, 256, 4), ComposeBwdConfig(2, 512, 4, 8))
     assert ComposeTrainConfig.from_dict(tcfg.as_dict()) == tcfg

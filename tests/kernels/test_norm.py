@@ -176,5 +176,5 @@ def test_gpu_norm_large_magnitudes_bf16():
 @pytest.mark.gpu
 def test_gpu_norm_config_type_is_checked():
     W, A, B = make(64, 64, 8, torch.bfloat16, "cuda")
-    out = factored_norm(W, A, B, 1.0, impl="triton", config=NormConfig(64, 32, 32, 4, 2))
+    out = factored_norm(W, A, B, 1.0, impl="triton", config=NormConfig(64, 32, 32, 4, 2, 3))
     assert relerr(out, norm_reference(W, A, B, 1.0)) <= 1e-5
