@@ -81,6 +81,19 @@ def main() -> None:
     torch.autograd.set_multithreading_enabled(True)
     for k, v in res.items():
         print(f"{k:45s} {v:8.1f} us")
+    if "--profile" in sys.argv:  # where the host time of the Triton training step goes (single-thread autograd)
+        import cProfile
+        import pstats
+
+        torch.autograd.set_multithreading_enabled(False)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(300):
+            train("triton")
+        torch.cuda.synchronize()
+        prof.disable()
+        torch.autograd.set_multithreading_enabled(True)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
     path = Path(os.environ.get("OUT", "benchmarks/results")) / "overhead.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=1))
