@@ -137,7 +137,7 @@ def peak_extra_mb(fn) -> float:
 
 
 def _ms(v: float | None) -> str:
-    return "oom" if v is None else f"{v:.3f}"
+    return "-" if v is None else f"{v:.3f}"
 
 
 def relerr(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -235,6 +235,7 @@ def norm_shape(ceil: dict, d_out: int, d_in: int, r: int, quick: bool, full_swee
                 "extra_MB": peak_extra_mb(fn),
                 "relerr": relerr(fn(), ref),
                 "TFLOPs": flops / (ms * 1e-3) / 1e12,
+                "graph_ms": graph_ms(fn) if name in ("triton", "baseline_dense_bf16") else None,
             }
         except torch.cuda.OutOfMemoryError:
             row["impls"][name] = {"ms": None, "error": "oom"}
