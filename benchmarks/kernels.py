@@ -68,7 +68,7 @@ def graph_ms(fn) -> float | None:
 
 def pruned_norm_space(rank: int) -> list:
     """The norm sweep of this benchmark: the full space restricted to block_m ≤ 128, block_k = 64 and 8 warps,
-    where every winner of the full sweeps of 2026-11-30 lies (see NOTES.md); keeps compiling inside the budget."""
+    where every winner of the full sweep of 2026-11-30 lay (see NOTES.md); keeps compiling inside the budget."""
     return [c for c in norm_config_space(rank) if c.block_k == 64 and c.num_warps == 8 and c.block_m <= 128]
 
 
