@@ -37,6 +37,12 @@ def triton_device() -> str:
     pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
 
 
+@pytest.fixture
+def dev_for(request):
+    """``dev_for(impl)``: the device to test ``impl`` on (Triton's device for "triton", else the CPU)."""
+    return lambda impl: request.getfixturevalue("triton_device") if impl == "triton" else "cpu"
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

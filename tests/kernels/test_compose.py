@@ -23,11 +23,6 @@ def make(shape, dtype, device="cpu", seed=0, g_dtype=None, g_2d=False):
     return lora, base, (g[None, :] if g_2d else g)
 
 
-@pytest.fixture
-def dev_for(request):
-    return lambda impl: request.getfixturevalue("triton_device") if impl == "triton" else "cpu"
-
-
 @pytest.mark.parametrize("impl", ["eager", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)

@@ -45,11 +45,6 @@ def grads_vs_reference(impl, lora, base, g, dout, scale, config=None, needs=(Tru
     return [relerr(out, ref_out)] + [relerr(a, b) for a, b in zip(got, ref_grads, strict=True)]
 
 
-@pytest.fixture
-def dev_for(request):
-    return lambda impl: request.getfixturevalue("triton_device") if impl == "triton" else "cpu"
-
-
 @pytest.mark.parametrize("impl", ["eager", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)

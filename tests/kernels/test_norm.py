@@ -20,14 +20,6 @@ def make(d_out, d_in, r, dtype, device="cpu", seed=0):
     return W, A, B
 
 
-@pytest.fixture
-def dev_for(request):
-    def pick(impl):
-        return request.getfixturevalue("triton_device") if impl == "triton" else "cpu"
-
-    return pick
-
-
 @pytest.mark.parametrize("impl", ["dense", "factored_torch", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
