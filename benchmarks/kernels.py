@@ -42,6 +42,7 @@ from dora_tune.kernels import (
     factored_norm,
     norm_config_space,
     norm_reference,
+    norm_tuning_space,
 )
 from dora_tune.kernels._compose_triton import compose_bwd_triton, compose_fwd_triton
 
@@ -64,12 +65,6 @@ def graph_ms(fn) -> float | None:
     except Exception as e:
         print(f"    (cuda graph capture failed: {type(e).__name__}: {str(e)[:100]})", flush=True)
         return None
-
-
-def pruned_norm_space(rank: int) -> list:
-    """The norm sweep of this benchmark: the full space restricted to block_m ≤ 128, block_k = 64 and 8 warps,
-    where every winner of the full sweep of 2026-11-30 lay (see NOTES.md); keeps compiling inside the budget."""
-    return [c for c in norm_config_space(rank) if c.block_k == 64 and c.num_warps == 8 and c.block_m <= 128]
 
 
 def _warm_worker(job: tuple[str, list[dict]]) -> int:
@@ -112,7 +107,7 @@ def warm_compile(jobs: int, full_sweep: bool) -> float:
     import multiprocessing as mp
 
     t0 = time.time()
-    norm_cfgs = {c for r in (16, 384) for c in (norm_config_space(r) if full_sweep else pruned_norm_space(r))}
+    norm_cfgs = {c for r in (16, 384) for c in (norm_config_space(r) if full_sweep else norm_tuning_space(r))}
     # split_k does not change the compiled kernel beyond SINGLE_TILE: warm one split_k>1 and split_k=1 per tile.
     norm_cfgs = sorted({dataclasses.replace(c, split_k=min(c.split_k, 2)) for c in norm_cfgs}, key=str)
     work = [("norm", [c.as_dict()]) for c in norm_cfgs]
@@ -213,7 +208,7 @@ def norm_shape(ceil: dict, d_out: int, d_in: int, r: int, quick: bool, full_swee
     floor_ms = max(nbytes / ceil["copy_Bps"], flops / ceil["mm_flops"]) * 1e3
     row = {"shape": [d_out, d_in, r], "floor_ms": floor_ms, "bytes": nbytes, "flops": flops, "impls": {}}
     t0 = time.time()
-    space = norm_config_space(r) if full_sweep else pruned_norm_space(r)
+    space = norm_config_space(r) if full_sweep else norm_tuning_space(r)
     best, _, failed = sweep(
         lambda c: factored_norm(W, A, B, s, impl="triton", config=c), space, rep=10 if quick else 20
     )

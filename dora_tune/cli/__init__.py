@@ -5,7 +5,10 @@ from __future__ import annotations
 import click
 
 from dora_tune import __version__
+from dora_tune.cli.cache import cache
+from dora_tune.cli.profile import profile
 from dora_tune.cli.selfcheck import selfcheck
+from dora_tune.cli.show import gpus, show
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -14,7 +17,8 @@ def cli() -> None:
     """Autotuned, dispatched DoRA kernels: check, profile and inspect them."""
 
 
-cli.add_command(selfcheck)
+for _command in (profile, show, gpus, cache, selfcheck):
+    cli.add_command(_command)
 
 
 def main() -> None:

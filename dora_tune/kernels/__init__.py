@@ -33,6 +33,7 @@ from dora_tune.kernels.norm import (
     factored_norm,
     norm_config_space,
     norm_reference,
+    norm_tuning_space,
 )
 
 __all__ = [
@@ -53,4 +54,5 @@ __all__ = [
     "factored_norm",
     "norm_config_space",
     "norm_reference",
+    "norm_tuning_space",
 ]

@@ -1,0 +1,177 @@
+"""ORM tables of the tuning database (SQLAlchemy 2.0 typed declarative mapping) and the canonical JSON encoding.
+
+Four tables:
+
+* ``meta``: key/value pairs; ``schema_version`` says which layout the file holds (:data:`SCHEMA_VERSION`).
+* ``environments``: one row per measured machine set-up (GPU, driver, CUDA, torch, Triton and dora-tune versions).
+* ``implementations``: one row per (op, implementation name, implementation version).
+* ``trials``: one row per measurement: environment × implementation × shape × dtype × config.
+
+Shapes and configs are stored as canonical JSON text (:func:`canonical_json`) so that equal dicts always give
+equal strings and the unique key on ``trials`` works on any SQL backend. This module imports no torch and creates
+no engine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+SCHEMA_VERSION = 1
+"""Layout version written to ``meta.schema_version``; bump it (and add a migration) when the tables change."""
+
+
+def _check_jsonable(obj: Any, where: str) -> Any:
+    """Return ``obj`` with tuples turned into lists; raise TypeError/ValueError for what JSON cannot hold exactly."""
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise ValueError(f"{where}: non-finite float {obj!r} has no JSON form")
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return [_check_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{where}: dict key {k!r} is a {type(k).__name__}, JSON keys must be str")
+            out[k] = _check_jsonable(v, f"{where}[{k!r}]")
+        return out
+    raise TypeError(f"{where}: {type(obj).__name__} value {obj!r} is not JSON-serialisable")
+
+
+def canonical_json(obj: Any) -> str:
+    """Encode ``obj`` as canonical JSON: keys sorted, no spaces (``{"K":4096,"N":128}``).
+
+    Equal dicts give equal strings whatever their key order, so the text can serve as part of a unique key.
+    Accepts None, bool, int, float, str, lists/tuples and dicts with str keys (nested freely).
+
+    Raises:
+        TypeError: a value JSON cannot represent (a set, an object, a non-str dict key ...).
+        ValueError: a NaN or infinite float.
+    """
+    return json.dumps(_check_jsonable(obj, "value"), sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored as naive UTC (portable to every backend) and read back as an aware UTC datetime."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Convert an aware datetime to naive UTC; a naive one is taken to be UTC already."""
+        if value is None:
+            return None
+        if value.tzinfo is not None:
+            value = value.astimezone(timezone.utc).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Attach the UTC time zone to the stored naive value."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the tuning-database tables."""
+
+
+class Meta(Base):
+    """Key/value metadata of the database file (``schema_version``)."""
+
+    __tablename__ = "meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class Environment(Base):
+    """A measured machine set-up; trials from different set-ups are never mixed."""
+
+    __tablename__ = "environments"
+    __table_args__ = (
+        UniqueConstraint(
+            "kind",
+            "gpu_name",
+            "compute_capability",
+            "sm_count",
+            "memory_bytes",
+            "driver",
+            "cuda",
+            "torch",
+            "triton",
+            "dora_tune",
+            name="uq_environments_all",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    gpu_name: Mapped[str] = mapped_column(String(200))
+    compute_capability: Mapped[str] = mapped_column(String(16))
+    sm_count: Mapped[int] = mapped_column(Integer)
+    memory_bytes: Mapped[int] = mapped_column(BigInteger)
+    driver: Mapped[str] = mapped_column(String(64))
+    cuda: Mapped[str] = mapped_column(String(64))
+    torch: Mapped[str] = mapped_column(String(64))
+    triton: Mapped[str] = mapped_column(String(64))
+    dora_tune: Mapped[str] = mapped_column(String(64))
+
+
+class Implementation(Base):
+    """One implementation of an op at one version (a kernel change bumps the version, so old timings stay apart)."""
+
+    __tablename__ = "implementations"
+    __table_args__ = (UniqueConstraint("op", "name", "version", name="uq_implementations_op_name_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    op: Mapped[str] = mapped_column(String(100))
+    name: Mapped[str] = mapped_column(String(100))
+    version: Mapped[str] = mapped_column(String(64))
+
+
+class Trial(Base):
+    """One measurement: environment × implementation × shape × dtype × config, with its outcome."""
+
+    __tablename__ = "trials"
+    __table_args__ = (
+        UniqueConstraint("env_id", "impl_id", "shape", "dtype", "config", name="uq_trials_key"),
+        Index("ix_trials_env_dtype", "env_id", "dtype"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    env_id: Mapped[int] = mapped_column(ForeignKey("environments.id"))
+    impl_id: Mapped[int] = mapped_column(ForeignKey("implementations.id"))
+    shape: Mapped[str] = mapped_column(Text)
+    dtype: Mapped[str] = mapped_column(String(32))
+    config: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    median_us: Mapped[float | None] = mapped_column(Float, nullable=True)
+    p20_us: Mapped[float | None] = mapped_column(Float, nullable=True)
+    p80_us: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reps: Mapped[int] = mapped_column(Integer, default=0)
+    peak_mem_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -1,0 +1,933 @@
+"""The tuning database: record measured trials, query them, export one GPU's share and merge databases.
+
+A :class:`TuningDB` wraps one SQLAlchemy engine. Every write method runs in its own transaction and commits before it
+returns, so a killed profiler loses at most the trial it was measuring and never leaves a half-written row. SQLite
+files run in WAL mode with a 5 s busy timeout, and writes take the write lock up front (``BEGIN IMMEDIATE``), so
+several profiler processes can share one file.
+
+Nothing here runs at import time: no engine, no connection, no file; the default location is read from the
+environment when :func:`default_db_location` is called. This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import re
+import sqlite3
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote, unquote
+
+import platformdirs
+from sqlalchemy import Connection, Engine, create_engine, event, func, insert, inspect, select, update
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from dora_tune.autotune_db.models import (
+    SCHEMA_VERSION,
+    Base,
+    Environment,
+    Implementation,
+    Meta,
+    Trial,
+    canonical_json,
+)
+
+ENV_VAR = "DORA_TUNE_DB"
+"""Environment variable naming the default database (a file path or a SQLAlchemy URL)."""
+
+STATUSES = ("ok", "failed", "oom", "invalid")
+"""Allowed values of :attr:`TrialResult.status`."""
+
+_TABLES = frozenset({"meta", "environments", "implementations", "trials"})
+
+
+class DatabaseError(Exception):
+    """The tuning database cannot be opened, read or written (missing file, not SQLite, read-only, corrupt ...)."""
+
+
+class SchemaError(DatabaseError):
+    """The database holds a layout this dora-tune cannot use (newer, too old, or not a dora-tune database)."""
+
+
+class _Conflict(DatabaseError):
+    """A unique key was taken by a concurrent writer between our check and our insert (retried once)."""
+
+
+# --------------------------------------------------------------------------------------------------- locations
+
+
+def gpu_slug(name: str) -> str:
+    """A GPU name as a lowercase slug: runs of non-alphanumerics become ``-`` ("NVIDIA H200" → "nvidia-h200")."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def default_db_location() -> str:
+    """Where the tuning database lives unless told otherwise.
+
+    ``$DORA_TUNE_DB`` (a file path or a SQLAlchemy URL) when set and non-empty, else ``tuning.sqlite`` in the
+    user cache directory of dora-tune (``platformdirs.user_cache_dir("dora-tune")``). The variable is read at
+    each call.
+    """
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env:
+        return env
+    return os.path.join(platformdirs.user_cache_dir("dora-tune"), "tuning.sqlite")
+
+
+def to_url(path_or_url: str) -> str:
+    """A SQLAlchemy URL for ``path_or_url``: a string holding ``://`` is returned as is, else an absolute sqlite URL.
+
+    ``~`` is expanded and relative paths are made absolute (``"db.sqlite"`` → ``"sqlite:////cwd/db.sqlite"``).
+    """
+    if "://" in path_or_url:
+        return path_or_url
+    return "sqlite:///" + os.path.abspath(os.path.expanduser(path_or_url))
+
+
+@dataclass(frozen=True)
+class _Target:
+    """A resolved location: the engine URL, the SQLite file path (None for other backends and in-memory SQLite),
+    and the name to show in messages (passwords hidden)."""
+
+    url: URL
+    path: str | None
+    display: str
+
+
+def _resolve(location: str, readonly: bool) -> _Target:
+    """Turn a path or URL into the URL to open (read-only SQLite files via a ``mode=ro`` URI) and its file path."""
+    if "://" not in location:
+        path = os.path.abspath(os.path.expanduser(location))
+        url = URL.create("sqlite", database=path)
+    else:
+        try:
+            url = make_url(location)
+        except Exception as e:  # sqlalchemy raises ArgumentError for malformed URLs
+            raise DatabaseError(f"{location!r} is not a valid database URL: {e}") from e
+        path = None
+        if url.get_backend_name() == "sqlite":
+            db = url.database or ""
+            is_uri = str(url.query.get("uri", "")).lower() in ("true", "1")
+            if is_uri:
+                raw = unquote(db[len("file:") :] if db.startswith("file:") else db)
+                if raw and ":memory:" not in raw and url.query.get("mode") != "memory":
+                    path = os.path.abspath(raw)
+            elif db and db != ":memory:":
+                path = os.path.abspath(db)
+    display = path if path is not None else url.render_as_string(hide_password=True)
+    if readonly and path is not None:
+        query = {k: v for k, v in url.query.items() if k not in ("mode", "uri")}
+        query.update(mode="ro", uri="true")
+        url = URL.create(url.drivername, database="file:" + quote(path, safe="/"), query=query)
+    return _Target(url=url, path=path, display=display)
+
+
+# ----------------------------------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class EnvInfo:
+    """The machine set-up a trial was measured on. ``kind`` is "cuda" or "cpu"; versions are free-form strings."""
+
+    kind: str
+    gpu_name: str
+    compute_capability: str
+    sm_count: int
+    memory_bytes: int
+    driver: str
+    cuda: str
+    torch: str
+    triton: str
+    dora_tune: str
+
+    def __post_init__(self) -> None:
+        """Reject an unknown ``kind``."""
+        if self.kind not in ("cuda", "cpu"):
+            raise ValueError(f"EnvInfo.kind must be 'cuda' or 'cpu', got {self.kind!r}")
+
+    @property
+    def slug(self) -> str:
+        """:func:`gpu_slug` of the GPU name."""
+        return gpu_slug(self.gpu_name)
+
+
+_ENV_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(EnvInfo))
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """The outcome of one measurement.
+
+    ``status`` is one of "ok", "failed" (raised), "oom" (out of memory) or "invalid" (wrong results); an "ok"
+    result needs a finite positive ``median_us``. Times are microseconds; ``reps`` is how many timed repetitions.
+    """
+
+    status: str
+    median_us: float | None = None
+    p20_us: float | None = None
+    p80_us: float | None = None
+    reps: int = 0
+    peak_mem_bytes: int | None = None
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        """Validate the status and the timings (ValueError)."""
+        if self.status not in STATUSES:
+            raise ValueError(f"TrialResult.status must be one of {STATUSES}, got {self.status!r}")
+        for name in ("median_us", "p20_us", "p80_us"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise ValueError(f"TrialResult.{name} must be a finite number or None, got {v!r}")
+            object.__setattr__(self, name, float(v))  # numpy scalars become plain floats
+        if self.status == "ok" and (self.median_us is None or self.median_us <= 0):
+            raise ValueError(f"an 'ok' TrialResult needs a finite positive median_us, got {self.median_us!r}")
+        for name in ("reps", "peak_mem_bytes"):
+            v = getattr(self, name)
+            if v is None and name == "peak_mem_bytes":
+                continue
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+                raise ValueError(f"TrialResult.{name} must be a non-negative int, got {v!r}")
+            object.__setattr__(self, name, int(v))
+        if self.error is not None and not isinstance(self.error, str):
+            raise ValueError(f"TrialResult.error must be a str or None, got {type(self.error).__name__}")
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    """One stored trial as queries return it (shape and config decoded back to dicts, created_at in UTC)."""
+
+    env_id: int
+    gpu_name: str
+    op: str
+    impl: str
+    impl_version: str
+    shape: dict[str, Any]
+    dtype: str
+    config: dict[str, Any]
+    status: str
+    median_us: float | None
+    p20_us: float | None
+    p80_us: float | None
+    reps: int
+    peak_mem_bytes: int | None
+    error: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class EnvRow:
+    """One stored environment with the number of trials measured on it."""
+
+    id: int
+    kind: str
+    gpu_name: str
+    compute_capability: str
+    sm_count: int
+    memory_bytes: int
+    driver: str
+    cuda: str
+    torch: str
+    triton: str
+    dora_tune: str
+    trials: int
+
+    @property
+    def info(self) -> EnvInfo:
+        """The environment as an :class:`EnvInfo`."""
+        return EnvInfo(**{f: getattr(self, f) for f in _ENV_FIELDS})
+
+
+@dataclass(frozen=True)
+class MergeStats:
+    """What :meth:`TuningDB.merge` did: new environments, new trials, replaced (older) trials, skipped trials."""
+
+    envs_added: int
+    trials_added: int
+    trials_updated: int
+    trials_skipped: int
+
+
+# ------------------------------------------------------------------------------------------------- migrations
+
+_MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+"""``_MIGRATIONS[v]`` upgrades a schema-``v`` database to ``v + 1`` inside the open write transaction.
+Empty: schema 1 is the first layout."""
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def _json_dict(value: Any, what: str) -> str:
+    """Canonical JSON of a shape or config dict (TypeError when it is not a dict or not JSON-able)."""
+    if not isinstance(value, dict):
+        raise TypeError(f"{what} must be a dict, got {type(value).__name__}")
+    return canonical_json(_plain(value))
+
+
+def _plain(obj: Any) -> Any:
+    """Integral scalars (numpy ints ...) as plain ints, recursively through dicts, lists and tuples."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, numbers.Integral) and not isinstance(obj, (bool, int)):
+        return int(obj)
+    return obj
+
+
+def _nonempty(value: Any, what: str) -> str:
+    """``value`` when it is a non-empty str, else TypeError/ValueError."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, got {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{what} must not be empty")
+    return value
+
+
+def _row(t: Trial, gpu_name: str, impl: Implementation) -> TrialRow:
+    """A :class:`TrialRow` from the ORM objects of one query row."""
+    return TrialRow(
+        env_id=t.env_id,
+        gpu_name=gpu_name,
+        op=impl.op,
+        impl=impl.name,
+        impl_version=impl.version,
+        shape=json.loads(t.shape),
+        dtype=t.dtype,
+        config=json.loads(t.config),
+        status=t.status,
+        median_us=t.median_us,
+        p20_us=t.p20_us,
+        p80_us=t.p80_us,
+        reps=t.reps,
+        peak_mem_bytes=t.peak_mem_bytes,
+        error=t.error,
+        created_at=t.created_at,
+    )
+
+
+def _gpu_matches(query: str, name: str) -> bool:
+    """Whether ``query`` names GPU ``name``: case-insensitively its exact name, its slug, or a part of either."""
+    q = query.strip().lower()
+    if not q:
+        return True
+    n = name.lower()
+    if q == n or q in n:
+        return True
+    qs, ns = gpu_slug(query), gpu_slug(name)
+    return bool(qs) and qs in ns
+
+
+_TRIAL_VALUE_COLS = ("status", "median_us", "p20_us", "p80_us", "reps", "peak_mem_bytes", "error", "created_at")
+
+
+# ---------------------------------------------------------------------------------------------------- the store
+
+
+class TuningDB:
+    """A tuning database. Create it with :meth:`open`; close it with :meth:`close` or use it as a context manager.
+
+    Attributes:
+        location: the path or URL it was opened from.
+        url: the SQLAlchemy URL in use (for read-only SQLite, a ``file:...?mode=ro&uri=true`` URI).
+        readonly: whether writes are refused.
+    """
+
+    def __init__(self, engine: Engine, location: str, target: _Target, readonly: bool) -> None:
+        """Wrap an engine; use :meth:`open` rather than calling this."""
+        self._engine = engine
+        self._target = target
+        self._sqlite = engine.dialect.name == "sqlite"
+        self._closed = False
+        self.location = location
+        url = target.url.render_as_string(hide_password=False)
+        # SQLAlchemy escapes the ":" of a "file:" URI database; both spellings parse the same, show the plain one
+        self.url = re.sub(r"^([\w+]+:///)file%3A", r"\1file:", url)
+        self.readonly = readonly
+
+    # -------------------------------------------------------------------------------------------- opening
+
+    @classmethod
+    def open(cls, location: str | None = None, *, readonly: bool = False) -> TuningDB:
+        """Open (creating it when writable and empty) the tuning database at ``location``.
+
+        Args:
+            location: a file path or SQLAlchemy URL; None means :func:`default_db_location`.
+            readonly: open without write access; a SQLite file must then exist already.
+
+        Raises:
+            DatabaseError: the file is missing (read-only), is not SQLite, is corrupt, or cannot be created.
+            SchemaError: the database is newer than this dora-tune, too old to migrate, or not a dora-tune database.
+        """
+        location = default_db_location() if location is None else location
+        target = _resolve(location, readonly)
+        if target.path is not None:
+            if readonly:
+                if not os.path.isfile(target.path):
+                    raise DatabaseError(f"no tuning database at {target.path}")
+            else:
+                try:
+                    os.makedirs(os.path.dirname(target.path), exist_ok=True)
+                except OSError as e:
+                    raise DatabaseError(f"cannot create the folder of {target.path}: {e}") from e
+        try:
+            engine = create_engine(target.url)
+        except Exception as e:  # unknown dialect, missing driver, bad arguments
+            raise DatabaseError(f"cannot open {target.display}: {e}") from e
+        if engine.dialect.name == "sqlite":
+            _install_sqlite_pragmas(engine, readonly)
+        db = cls(engine, location, target, readonly)
+        try:
+            db._prepare()
+        except BaseException:
+            engine.dispose()
+            raise
+        return db
+
+    def _prepare(self) -> None:
+        """Check the schema version; create the tables in an empty writable database; run pending migrations."""
+        display = self._target.display
+        try:
+            with self._engine.connect() as conn:
+                version = self._read_version(conn)
+            if version is not None:
+                self._check_version(version)
+            if version == SCHEMA_VERSION:
+                return
+            if self.readonly:
+                raise SchemaError(f"{display} is empty: not a dora-tune database")
+            with self._engine.connect() as conn:
+                if self._sqlite:
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")
+                version = self._read_version(conn)  # another process may have created it meanwhile
+                if version is None:
+                    Base.metadata.create_all(conn)
+                    conn.execute(insert(Meta).values(key="schema_version", value=str(SCHEMA_VERSION)))
+                elif version < SCHEMA_VERSION:
+                    self._check_version(version)
+                    for v in range(version, SCHEMA_VERSION):
+                        _MIGRATIONS[v](conn)
+                    conn.execute(update(Meta).where(Meta.key == "schema_version").values(value=str(SCHEMA_VERSION)))
+                conn.commit()
+        except (SQLAlchemyError, sqlite3.Error) as e:
+            raise DatabaseError(f"{display} is not a usable SQLite/SQL database: {_reason(e)}") from e
+
+    def _read_version(self, conn: Connection) -> int | None:
+        """The stored schema version; None for a database with no tables; SchemaError for a foreign database."""
+        display = self._target.display
+        names = set(inspect(conn).get_table_names())
+        if not names:
+            return None
+        if "meta" not in names:
+            shown = ", ".join(sorted(names)[:5])
+            raise SchemaError(f"{display} is not a dora-tune database (tables {shown}; no meta table)")
+        raw = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar_one_or_none()
+        try:
+            version = int(raw) if raw is not None else None
+        except ValueError:
+            version = None
+        if version is None:
+            raise SchemaError(f"{display} is not a dora-tune database (no schema_version in its meta table)")
+        missing = _TABLES - names
+        if version == SCHEMA_VERSION and missing:
+            raise SchemaError(f"{display} is not a dora-tune database (missing tables {', '.join(sorted(missing))})")
+        return version
+
+    def _check_version(self, version: int) -> None:
+        """SchemaError unless ``version`` is current or can be migrated (only when writable)."""
+        display = self._target.display
+        if version > SCHEMA_VERSION:
+            raise SchemaError(
+                f"{display} was written by a newer dora-tune (schema {version} > {SCHEMA_VERSION}); "
+                "upgrade dora-tune to read it"
+            )
+        if version < SCHEMA_VERSION:
+            if not all(v in _MIGRATIONS for v in range(version, SCHEMA_VERSION)):
+                raise SchemaError(
+                    f"{display} has schema {version}, too old for this dora-tune (schema {SCHEMA_VERSION}) and it "
+                    "cannot be migrated; delete it (or point DORA_TUNE_DB elsewhere) and re-profile"
+                )
+            if self.readonly:
+                raise SchemaError(
+                    f"{display} has schema {version} < {SCHEMA_VERSION}; open it writable once to migrate it"
+                )
+
+    def close(self) -> None:
+        """Close every connection. Further calls on this object raise DatabaseError."""
+        if not self._closed:
+            self._closed = True
+            self._engine.dispose()
+
+    def __enter__(self) -> TuningDB:
+        """Return self."""
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Close the database."""
+        self.close()
+
+    def __repr__(self) -> str:
+        """``TuningDB('/path/tuning.sqlite', readonly=False)``."""
+        return f"TuningDB({self._target.display!r}, readonly={self.readonly})"
+
+    # ----------------------------------------------------------------------------------------- sessions
+
+    def _require_writable(self, what: str) -> None:
+        """DatabaseError when this database was opened read-only."""
+        if self.readonly:
+            raise DatabaseError(f"{self._target.display} is open read-only; cannot {what}")
+
+    @contextmanager
+    def _session(self, write: bool) -> Iterator[Session]:
+        """A session in one transaction, committed at the end when ``write``; SQL errors become DatabaseError."""
+        if self._closed:
+            raise DatabaseError(f"{self._target.display} is closed")
+        if write:
+            self._require_writable("write")
+        with Session(self._engine, expire_on_commit=False, autoflush=False) as s:
+            try:
+                if write and self._sqlite:
+                    s.connection().exec_driver_sql("BEGIN IMMEDIATE")
+                yield s
+                if write:
+                    s.commit()
+            except IntegrityError as e:
+                s.rollback()
+                raise _Conflict(f"{self._target.display}: {_reason(e)}") from e
+            except (SQLAlchemyError, sqlite3.Error) as e:
+                s.rollback()
+                raise DatabaseError(f"{self._target.display}: {_reason(e)}") from e
+
+    def _env_id(self, s: Session, env: dict[str, Any], *, create: bool) -> tuple[int | None, bool]:
+        """The id of the environment with these descriptive fields (created if asked), and whether it was new."""
+        cond = [getattr(Environment, f) == env[f] for f in _ENV_FIELDS]
+        eid = s.scalar(select(Environment.id).where(*cond))
+        if eid is not None or not create:
+            return eid, False
+        row = Environment(**{f: env[f] for f in _ENV_FIELDS})
+        s.add(row)
+        s.flush()
+        return row.id, True
+
+    def _impl_id(self, s: Session, op: str, name: str, version: str, *, create: bool) -> int | None:
+        """The id of implementation (op, name, version), created if asked."""
+        iid = s.scalar(
+            select(Implementation.id).where(
+                Implementation.op == op, Implementation.name == name, Implementation.version == version
+            )
+        )
+        if iid is not None or not create:
+            return iid
+        row = Implementation(op=op, name=name, version=version)
+        s.add(row)
+        s.flush()
+        return row.id
+
+    def _env_ids_for(self, s: Session, gpu: str | None) -> list[int] | None:
+        """Ids of the environments whose GPU matches ``gpu`` (see :meth:`trials`); None when ``gpu`` is None."""
+        if gpu is None:
+            return None
+        rows = s.execute(select(Environment.id, Environment.gpu_name)).all()
+        return [eid for eid, name in rows if _gpu_matches(gpu, name)]
+
+    # -------------------------------------------------------------------------------------------- writing
+
+    def record_trial(
+        self,
+        env: EnvInfo,
+        op: str,
+        impl: str,
+        impl_version: str,
+        shape: dict[str, Any],
+        dtype: str,
+        config: dict[str, Any],
+        result: TrialResult,
+        *,
+        overwrite: bool = True,
+    ) -> None:
+        """Store one measurement, in its own committed transaction.
+
+        The environment and implementation rows are created on first use. The trial's key is (environment,
+        implementation + version, shape, dtype, config); when that key is already stored, ``overwrite=True``
+        replaces its outcome (and timestamp) in place and ``overwrite=False`` leaves the stored row as it is.
+
+        Args:
+            env: the machine set-up.
+            op: the op measured (e.g. "row_norm").
+            impl: the implementation name; impl_version: its version (bump it when the kernel changes).
+            shape: problem sizes, a dict of str → int.
+            dtype: the dtype name (e.g. "bfloat16").
+            config: the kernel config, a dict of str → int (may nest one level); ``{}`` for config-less impls.
+            result: the outcome.
+            overwrite: replace an existing trial with the same key.
+
+        Raises:
+            DatabaseError: opened read-only, or the database cannot be written.
+            TypeError / ValueError: bad arguments (shape or config not a JSON-able dict, empty names ...).
+        """
+        self._require_writable("record a trial")
+        if not isinstance(env, EnvInfo):
+            raise TypeError(f"env must be an EnvInfo, got {type(env).__name__}")
+        if not isinstance(result, TrialResult):
+            raise TypeError(f"result must be a TrialResult, got {type(result).__name__}")
+        op, impl, impl_version, dtype = (
+            _nonempty(op, "op"),
+            _nonempty(impl, "impl"),
+            _nonempty(impl_version, "impl_version"),
+            _nonempty(dtype, "dtype"),
+        )
+        shape_j, config_j = _json_dict(shape, "shape"), _json_dict(config, "config")
+        values = {
+            "status": result.status,
+            "median_us": result.median_us,
+            "p20_us": result.p20_us,
+            "p80_us": result.p80_us,
+            "reps": result.reps,
+            "peak_mem_bytes": result.peak_mem_bytes,
+            "error": result.error,
+            "created_at": datetime.now(timezone.utc),
+        }
+        for attempt in range(2):  # a concurrent writer on a non-SQLite backend may win the insert: retry once
+            try:
+                with self._session(write=True) as s:
+                    env_id, _ = self._env_id(s, asdict(env), create=True)
+                    impl_id = self._impl_id(s, op, impl, impl_version, create=True)
+                    existing = s.scalar(
+                        select(Trial).where(
+                            Trial.env_id == env_id,
+                            Trial.impl_id == impl_id,
+                            Trial.shape == shape_j,
+                            Trial.dtype == dtype,
+                            Trial.config == config_j,
+                        )
+                    )
+                    if existing is None:
+                        s.add(
+                            Trial(env_id=env_id, impl_id=impl_id, shape=shape_j, dtype=dtype, config=config_j, **values)
+                        )
+                    elif overwrite:
+                        for k, v in values.items():
+                            setattr(existing, k, v)
+                return
+            except _Conflict:
+                if attempt:
+                    raise
+
+    # -------------------------------------------------------------------------------------------- reading
+
+    def measured_keys(self, env: EnvInfo, op: str, impl: str, impl_version: str, dtype: str) -> set[tuple[str, str]]:
+        """The (canonical shape JSON, canonical config JSON) pairs stored for this env/impl/dtype, any status.
+
+        A resuming profiler skips these; compare with ``canonical_json(shape)`` / ``canonical_json(config)``.
+        """
+        with self._session(write=False) as s:
+            env_id, _ = self._env_id(s, asdict(env), create=False)
+            impl_id = self._impl_id(s, op, impl, impl_version, create=False)
+            if env_id is None or impl_id is None:
+                return set()
+            rows = s.execute(
+                select(Trial.shape, Trial.config).where(
+                    Trial.env_id == env_id, Trial.impl_id == impl_id, Trial.dtype == dtype
+                )
+            ).all()
+            return {(sh, cf) for sh, cf in rows}
+
+    def trials(
+        self,
+        *,
+        gpu: str | None = None,
+        op: str | None = None,
+        impl: str | None = None,
+        dtype: str | None = None,
+        shape: dict[str, Any] | None = None,
+        status: str | None = None,
+    ) -> list[TrialRow]:
+        """Stored trials matching every given filter.
+
+        ``gpu`` matches case-insensitively the exact GPU name, its slug (:func:`gpu_slug`), or a part of the name
+        (or of its slug: "rtx-4090"). ``impl`` is the implementation name (any version). Ordered by GPU name, op,
+        shape JSON, dtype, then median time (missing times last).
+        """
+        with self._session(write=False) as s:
+            env_ids = self._env_ids_for(s, gpu)
+            if env_ids is not None and not env_ids:
+                return []
+            q = (
+                select(Trial, Environment.gpu_name, Implementation)
+                .join(Environment, Trial.env_id == Environment.id)
+                .join(Implementation, Trial.impl_id == Implementation.id)
+            )
+            if env_ids is not None:
+                q = q.where(Trial.env_id.in_(env_ids))
+            if op is not None:
+                q = q.where(Implementation.op == op)
+            if impl is not None:
+                q = q.where(Implementation.name == impl)
+            if dtype is not None:
+                q = q.where(Trial.dtype == dtype)
+            if shape is not None:
+                q = q.where(Trial.shape == _json_dict(shape, "shape"))
+            if status is not None:
+                q = q.where(Trial.status == status)
+            q = q.order_by(
+                Environment.gpu_name,
+                Implementation.op,
+                Trial.shape,
+                Trial.dtype,
+                Trial.median_us.is_(None),
+                Trial.median_us,
+                Trial.id,
+            )
+            return [_row(t, g, i) for t, g, i in s.execute(q).all()]
+
+    def best(
+        self,
+        *,
+        gpu: str | None = None,
+        op: str | None = None,
+        dtype: str | None = None,
+        shape: dict[str, Any] | None = None,
+    ) -> list[TrialRow]:
+        """For each (environment, op, shape, dtype) the fastest "ok" trial over all implementations and configs.
+
+        Ties go to the lowest trial id (the one recorded first). Filters as in :meth:`trials`; same ordering.
+        """
+        with self._session(write=False) as s:
+            env_ids = self._env_ids_for(s, gpu)
+            if env_ids is not None and not env_ids:
+                return []
+            rank = (
+                func.row_number()
+                .over(
+                    partition_by=(Trial.env_id, Implementation.op, Trial.shape, Trial.dtype),
+                    order_by=(Trial.median_us, Trial.id),
+                )
+                .label("rank")
+            )
+            inner = (
+                select(Trial.id.label("tid"), rank)
+                .join(Implementation, Trial.impl_id == Implementation.id)
+                .where(Trial.status == "ok", Trial.median_us.is_not(None))
+            )
+            if env_ids is not None:
+                inner = inner.where(Trial.env_id.in_(env_ids))
+            if op is not None:
+                inner = inner.where(Implementation.op == op)
+            if dtype is not None:
+                inner = inner.where(Trial.dtype == dtype)
+            if shape is not None:
+                inner = inner.where(Trial.shape == _json_dict(shape, "shape"))
+            ranked = inner.subquery()
+            q = (
+                select(Trial, Environment.gpu_name, Implementation)
+                .join(ranked, ranked.c.tid == Trial.id)
+                .join(Environment, Trial.env_id == Environment.id)
+                .join(Implementation, Trial.impl_id == Implementation.id)
+                .where(ranked.c.rank == 1)
+                .order_by(Environment.gpu_name, Implementation.op, Trial.shape, Trial.dtype, Trial.id)
+            )
+            return [_row(t, g, i) for t, g, i in s.execute(q).all()]
+
+    def environments(self, *, gpu: str | None = None) -> list[EnvRow]:
+        """Every stored environment (or those matching ``gpu``, as in :meth:`trials`) with its trial count."""
+        with self._session(write=False) as s:
+            env_ids = self._env_ids_for(s, gpu)
+            count = func.count(Trial.id)
+            q = (
+                select(Environment, count)
+                .outerjoin(Trial, Trial.env_id == Environment.id)
+                .group_by(Environment.id)
+                .order_by(Environment.gpu_name, Environment.id)
+            )
+            if env_ids is not None:
+                q = q.where(Environment.id.in_(env_ids))
+            return [EnvRow(id=e.id, **{f: getattr(e, f) for f in _ENV_FIELDS}, trials=n) for e, n in s.execute(q).all()]
+
+    # ---------------------------------------------------------------------------------- export and merge
+
+    def export(self, dest: str, *, gpu: str | None = None, overwrite: bool = False) -> int:
+        """Write a new SQLite file at ``dest`` holding the environments matching ``gpu`` (all when None), the
+        implementations their trials use, those trials (timestamps kept) and the meta row.
+
+        The file is built next to ``dest`` and moved into place when complete, in rollback-journal mode (one
+        self-contained file, fit to copy or ship). Returns the number of trials exported.
+
+        Raises:
+            DatabaseError: ``dest`` exists and not ``overwrite``; ``dest`` is this database; ``gpu`` matches no
+                environment; ``dest`` is not a file path (or sqlite URL); the file cannot be written.
+        """
+        target = _resolve(dest, False)
+        if target.path is None:
+            raise DatabaseError(f"export needs a file path or sqlite file URL, got {target.display}")
+        path = target.path
+        if self._target.path is not None and _same_file(path, self._target.path):
+            raise DatabaseError(f"cannot export {self._target.display} onto itself")
+        if os.path.exists(path) and not overwrite:
+            raise DatabaseError(f"{path} already exists; pass overwrite=True to replace it")
+        with self._session(write=False) as s:
+            env_ids = self._env_ids_for(s, gpu)
+        if env_ids is not None and not env_ids:
+            raise DatabaseError(f"no environment in {self._target.display} matches GPU {gpu!r}")
+        folder = os.path.dirname(path)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+            os.close(fd)
+        except OSError as e:
+            raise DatabaseError(f"cannot write {path}: {e}") from e
+        try:
+            with TuningDB.open(tmp) as out:
+                stats = out._copy_from(self, env_ids)
+            _to_rollback_journal(tmp)
+            for side in ("-wal", "-shm", "-journal"):  # stale side files of an old dest would corrupt the new one
+                if os.path.exists(path + side):
+                    os.remove(path + side)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise DatabaseError(f"cannot write {path}: {e}") from e
+        finally:
+            for p in (tmp, tmp + "-wal", tmp + "-shm", tmp + "-journal"):
+                if os.path.exists(p):
+                    os.remove(p)
+        return stats.trials_added
+
+    def merge(self, other: str) -> MergeStats:
+        """Copy every environment, implementation and trial of ``other`` (a path or URL, opened read-only) into
+        this database, in one transaction.
+
+        Rows are matched by their natural keys, never by ids: environments by all their descriptive fields,
+        implementations by (op, name, version), trials by (environment, implementation + version, shape, dtype,
+        config). Dedupe rule: an incoming trial whose key is not stored yet is added; one whose key is stored
+        replaces the stored row only if its ``created_at`` is strictly newer, and is skipped otherwise (so merging
+        in either order, or twice, ends with the newest measurement of each key). Timestamps are kept.
+
+        Raises:
+            DatabaseError: this database is read-only, ``other`` is this database, or ``other`` cannot be read.
+            SchemaError: ``other`` is not a dora-tune database of a readable schema.
+        """
+        self._require_writable("merge")
+        src_target = _resolve(other, False)
+        if self._is_same_db(src_target):
+            raise DatabaseError(f"cannot merge {self._target.display} into itself")
+        with TuningDB.open(other, readonly=True) as src:
+            return self._copy_from(src, None)
+
+    def _is_same_db(self, other: _Target) -> bool:
+        """Whether ``other`` (resolved for writing) names this database."""
+        if self._target.path is not None or other.path is not None:
+            return (
+                self._target.path is not None and other.path is not None and _same_file(self._target.path, other.path)
+            )
+        mine = _resolve(self.location, False).url.render_as_string(hide_password=False)
+        return mine == other.url.render_as_string(hide_password=False)
+
+    def _copy_from(self, src: TuningDB, env_ids: Sequence[int] | None) -> MergeStats:
+        """Copy ``src``'s environments (those in ``env_ids``, or all), implementations and trials into this
+        database in one transaction, by natural keys; see :meth:`merge` for the dedupe rule."""
+        envs_added = trials_added = trials_updated = trials_skipped = 0
+        with src._session(write=False) as rs, self._session(write=True) as ws:
+            q_env = select(Environment)
+            if env_ids is not None:
+                q_env = q_env.where(Environment.id.in_(env_ids))
+            env_map: dict[int, int] = {}
+            for e in rs.scalars(q_env).all():
+                new_id, created = self._env_id(ws, {f: getattr(e, f) for f in _ENV_FIELDS}, create=True)
+                assert new_id is not None
+                env_map[e.id] = new_id
+                envs_added += created
+            q_impl = select(Implementation)
+            if env_ids is not None:
+                used = select(Trial.impl_id).where(Trial.env_id.in_(list(env_map)))
+                q_impl = q_impl.where(Implementation.id.in_(used))
+            impl_map: dict[int, int] = {}
+            for i in rs.scalars(q_impl).all():
+                new_iid = self._impl_id(ws, i.op, i.name, i.version, create=True)
+                assert new_iid is not None
+                impl_map[i.id] = new_iid
+            if not env_map:
+                return MergeStats(envs_added, 0, 0, 0)
+            stored: dict[tuple[int, int, str, str, str], tuple[int, datetime]] = {
+                (r.env_id, r.impl_id, r.shape, r.dtype, r.config): (r.id, r.created_at)
+                for r in ws.execute(
+                    select(
+                        Trial.id, Trial.env_id, Trial.impl_id, Trial.shape, Trial.dtype, Trial.config, Trial.created_at
+                    ).where(Trial.env_id.in_(list(env_map.values())))
+                ).all()
+            }
+            inserts: list[dict[str, Any]] = []
+            updates: list[dict[str, Any]] = []
+            q_trials = select(Trial).where(Trial.env_id.in_(list(env_map))).order_by(Trial.id)
+            for t in rs.scalars(q_trials).all():
+                key = (env_map[t.env_id], impl_map[t.impl_id], t.shape, t.dtype, t.config)
+                values = {c: getattr(t, c) for c in _TRIAL_VALUE_COLS}
+                hit = stored.get(key)
+                if hit is None:
+                    inserts.append(
+                        dict(env_id=key[0], impl_id=key[1], shape=t.shape, dtype=t.dtype, config=t.config, **values)
+                    )
+                    trials_added += 1
+                elif t.created_at > hit[1]:
+                    updates.append({"id": hit[0], **values})
+                    trials_updated += 1
+                else:
+                    trials_skipped += 1
+            if inserts:
+                ws.execute(insert(Trial), inserts)
+            if updates:
+                ws.execute(update(Trial), updates)
+        return MergeStats(envs_added, trials_added, trials_updated, trials_skipped)
+
+
+# ------------------------------------------------------------------------------------------------ SQLite bits
+
+
+def _install_sqlite_pragmas(engine: Engine, readonly: bool) -> None:
+    """On every new SQLite connection: a 5 s busy timeout, foreign keys on, and WAL mode when writable."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
+        cur = dbapi_connection.cursor()
+        try:
+            cur.execute("PRAGMA busy_timeout=5000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            if not readonly:
+                cur.execute("PRAGMA journal_mode=WAL")
+        finally:
+            cur.close()
+
+
+def _to_rollback_journal(path: str) -> None:
+    """Switch a closed SQLite file out of WAL mode so that it is one self-contained file."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("PRAGMA journal_mode=DELETE")
+    finally:
+        conn.close()
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name the same file (by inode when both exist, else by resolved path)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _reason(e: BaseException) -> str:
+    """The driver's message of a SQLAlchemy error (without SQLAlchemy's SQL echo and link), else str(e)."""
+    orig = getattr(e, "orig", None)
+    return str(orig) if orig is not None else str(e)

@@ -1,0 +1,112 @@
+"""Which devices are here, and the environment record a measurement is keyed by."""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+
+import torch
+
+from dora_tune.autotune_db import EnvInfo
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuInfo:
+    """One visible GPU."""
+
+    index: int
+    name: str
+    memory_bytes: int
+    driver: str
+    source: str  # "nvml" or "torch"
+
+
+def _nvml_gpus() -> list[GpuInfo] | None:
+    """GPUs through NVML, or None where NVML is missing (no driver, no library): that means "ask torch"."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except (pynvml.NVMLError, OSError):  # NVMLError_LibraryNotFound / DriverNotLoaded on machines without a GPU
+        return None
+    try:
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        driver = driver.decode() if isinstance(driver, bytes) else str(driver)
+        out = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(h)
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            out.append(GpuInfo(i, name, int(pynvml.nvmlDeviceGetMemoryInfo(h).total), driver, "nvml"))
+        return out
+    except pynvml.NVMLError:
+        return None
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except pynvml.NVMLError:
+            pass
+
+
+def list_gpus() -> list[GpuInfo]:
+    """Visible GPUs: NVML first (names, memory, driver), else ``torch.cuda``; ``[]`` on a machine without one.
+
+    NVML numbers all GPUs of the machine; when ``CUDA_VISIBLE_DEVICES`` hides some, torch's view wins.
+    """
+    n_torch = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    nvml = _nvml_gpus()
+    if nvml is not None and len(nvml) == n_torch:
+        return nvml
+    gpus = []
+    for i in range(n_torch):
+        props = torch.cuda.get_device_properties(i)
+        gpus.append(GpuInfo(i, props.name, int(props.total_memory), "unknown", "torch"))
+    return gpus
+
+
+def resolve_device(gpu: str) -> torch.device:
+    """``--gpu`` value → device: ``auto`` (first CUDA GPU, else the CPU), ``cpu``, or a GPU index."""
+    g = gpu.strip().lower()
+    if g == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if g == "cpu":
+        return torch.device("cpu")
+    if g.isdigit():
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(g) >= n:
+            raise ValueError(f"--gpu {g}: this machine has {n} CUDA GPU(s)")
+        return torch.device("cuda", int(g))
+    raise ValueError(f"--gpu must be 'auto', 'cpu' or a GPU index, got {gpu!r}")
+
+
+def environment(device: torch.device) -> EnvInfo:
+    """The environment record for measurements made on ``device`` (versions included)."""
+    from dora_tune import __version__
+
+    try:
+        import triton
+
+        triton_v = triton.__version__
+    except ImportError:
+        triton_v = "none"
+    if device.type == "cpu":
+        cpu = platform.processor() or platform.machine() or "unknown"
+        return EnvInfo(kind="cpu", gpu_name=f"CPU ({cpu})", compute_capability="", sm_count=0, memory_bytes=0,
+                       driver="", cuda="", torch=torch.__version__, triton=triton_v, dora_tune=__version__)  # fmt: skip
+    props = torch.cuda.get_device_properties(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    driver = next((g.driver for g in list_gpus() if g.index == index), "unknown")
+    return EnvInfo(
+        kind="cuda",
+        gpu_name=props.name,
+        compute_capability=f"{props.major}.{props.minor}",
+        sm_count=int(props.multi_processor_count),
+        memory_bytes=int(props.total_memory),
+        driver=driver,
+        cuda=str(torch.version.cuda or ""),
+        torch=torch.__version__,
+        triton=triton_v,
+        dora_tune=__version__,
+    )

@@ -1,0 +1,209 @@
+"""Profiler: time every op × implementation × config × shape × dtype and record each trial in the tuning DB.
+
+Idempotent and resumable: a trial already in the database (any status) is not measured again, and each trial is
+committed on its own, so an interrupted run (Ctrl-C, a killed process) keeps everything measured so far and never
+leaves half a row. Failures (compile errors, out of resources, out of memory, invalid configs) are recorded with
+their error text and the sweep goes on.
+
+``compose_train``'s Triton configs pair a forward and a backward config; their product is too large to sweep, so
+it is swept in two stages: every forward config with the default backward, then every backward config with the best
+forward of stage one. Every trial of both stages is a real measurement of the full training step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from dora_tune.autotune_db import EnvInfo, TrialResult, TuningDB, canonical_json
+from dora_tune.dispatch.registry import Impl, make_inputs, registry, train_bwd_stage
+
+
+@dataclasses.dataclass
+class ProfileSummary:
+    """What a profiling run did."""
+
+    env: EnvInfo
+    measured: int = 0
+    skipped: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class _Task:
+    op: str
+    impl: Impl
+    dtype: str
+    shape: dict[str, int]
+    configs: tuple[str, ...]  # canonical JSON of each config still to measure
+
+
+def _quantiles(xs: list[float]) -> tuple[float, float, float]:
+    xs = sorted(xs)
+    if len(xs) == 1:
+        return xs[0], xs[0], xs[0]
+    q = statistics.quantiles(xs, n=10, method="inclusive")
+    return statistics.median(xs), q[1], q[7]
+
+
+def measure(fn: Callable[[], Any], device: torch.device, *, warmup_ms: float, rep_ms: float) -> TrialResult:
+    """Time ``fn``: on CUDA ``triton.testing.do_bench`` (L2 flushed before each call; median, p20, p80); on the
+    CPU a wall-clock loop. Also the peak memory above what was allocated before (CUDA only)."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        with torch.cuda.device(device):
+            fn()
+            torch.cuda.synchronize()
+            med, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - before
+        reps = max(1, int(rep_ms / max(med, 1e-6)))  # do_bench's own repetition count
+        return TrialResult("ok", med * 1e3, p20 * 1e3, p80 * 1e3, reps, int(peak))
+    fn()
+    t_end = time.perf_counter() + warmup_ms / 1e3
+    while time.perf_counter() < t_end:
+        fn()
+    times: list[float] = []
+    t_end = time.perf_counter() + rep_ms / 1e3
+    while len(times) < 3 or (time.perf_counter() < t_end and len(times) < 1000):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e6)
+    med, p20, p80 = _quantiles(times)
+    return TrialResult("ok", med, p20, p80, len(times), None)
+
+
+def _failure(e: BaseException) -> TrialResult:
+    text = f"{type(e).__name__}: {e}"[:2000]
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return TrialResult("oom", error=text)
+    if isinstance(e, (ValueError, TypeError)):
+        return TrialResult("invalid", error=text)
+    return TrialResult("failed", error=text)
+
+
+def plan(
+    db: TuningDB,
+    env: EnvInfo,
+    device: torch.device,
+    shapes: dict[str, list[dict[str, int]]],
+    *,
+    dtypes: tuple[str, ...],
+    impls: tuple[str, ...] | None = None,
+) -> tuple[list[_Task], int, int]:
+    """What remains to measure: tasks, the number of trials they hold (plus stage two of compose_train, counted
+    ahead), and how many are already in the database."""
+    tasks, todo, done = [], 0, 0
+    for op, op_shapes in shapes.items():
+        for impl in registry()[op]:
+            if not impl.runs_on(device) or (impls and impl.name not in impls):
+                continue
+            for dtype in dtypes:
+                have = db.measured_keys(env, op, impl.name, impl.version, dtype)
+                for shape in op_shapes:
+                    s_json = canonical_json(shape)
+                    cfgs = [canonical_json(c) for c in impl.configs(shape)]
+                    left = tuple(c for c in cfgs if (s_json, c) not in have)
+                    done += len(cfgs) - len(left)
+                    todo += len(left)
+                    if op == "compose_train" and impl.name == "triton":  # stage two, counted ahead
+                        stage2_done = sum(1 for s, _ in have if s == s_json) - (len(cfgs) - len(left))
+                        todo += max(0, len(train_bwd_stage({})) - max(0, stage2_done))
+                    tasks.append(_Task(op, impl, dtype, shape, left))
+    return tasks, todo, done
+
+
+def _best_ok_config(db: TuningDB, env: EnvInfo, task: _Task) -> dict | None:
+    rows = [
+        t
+        for t in db.trials(gpu=env.gpu_name, op=task.op, impl=task.impl.name, dtype=task.dtype, shape=task.shape)
+        if t.status == "ok" and t.impl_version == task.impl.version
+    ]
+    return min(rows, key=lambda t: t.median_us).config if rows else None
+
+
+def _task_configs(db: TuningDB, env: EnvInfo, task: _Task) -> Iterator[str]:
+    yield from task.configs
+    if task.op == "compose_train" and task.impl.name == "triton":
+        best = _best_ok_config(db, env, task)
+        if best is not None:
+            have = db.measured_keys(env, task.op, task.impl.name, task.impl.version, task.dtype)
+            s_json = canonical_json(task.shape)
+            for c in train_bwd_stage(best["fwd"]):
+                if (s_json, canonical_json(c)) not in have:
+                    yield canonical_json(c)
+
+
+def profile(
+    db: TuningDB,
+    device: torch.device,
+    env: EnvInfo,
+    shapes: dict[str, list[dict[str, int]]],
+    *,
+    dtypes: tuple[str, ...] = ("bf16",),
+    impls: tuple[str, ...] | None = None,
+    warmup_ms: float = 10.0,
+    rep_ms: float = 30.0,
+    progress: bool = True,
+    on_trial: Callable[[], None] | None = None,
+) -> ProfileSummary:
+    """Measure what is missing from ``db`` for ``env`` and record every trial. See the module docstring."""
+    import json
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    t0 = time.time()
+    summary = ProfileSummary(env)
+    tasks, todo, summary.skipped = plan(db, env, device, shapes, dtypes=dtypes, impls=impls)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("ETA"), TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        pid = bar.add_task(f"profiling on {env.gpu_name}", total=todo)
+        try:
+            for task in tasks:
+                inputs = None
+                for c_json in _task_configs(db, env, task):
+                    bar.update(pid, description=f"{task.op}/{task.impl.name} {task.dtype} "
+                                                f"{'x'.join(map(str, task.shape.values()))}")  # fmt: skip
+                    config = json.loads(c_json)
+                    try:
+                        if inputs is None:
+                            inputs = make_inputs(task.op, task.shape, task.dtype, device)
+                        result = measure(task.impl.runner(inputs, config), device, warmup_ms=warmup_ms, rep_ms=rep_ms)
+                    except KeyboardInterrupt:
+                        raise
+                    except Exception as e:  # recorded, and the sweep goes on
+                        result = _failure(e)
+                        if result.status == "oom":
+                            inputs = None
+                            torch.cuda.empty_cache()
+                    db.record_trial(env, task.op, task.impl.name, task.impl.version, task.shape, task.dtype, config,
+                                    result)  # fmt: skip
+                    summary.measured += 1
+                    summary.failed += result.status != "ok"
+                    bar.advance(pid)
+                    if on_trial is not None:
+                        on_trial()
+                del inputs
+        except KeyboardInterrupt:
+            summary.interrupted = True
+    summary.seconds = time.time() - t0
+    return summary

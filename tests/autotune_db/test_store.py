@@ -1,0 +1,477 @@
+"""Tests of the tuning database (dora_tune.autotune_db): files, schema checks, queries, export and merge."""
+
+import os
+import sqlite3
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from dora_tune.autotune_db import (
+    SCHEMA_VERSION,
+    DatabaseError,
+    EnvInfo,
+    MergeStats,
+    SchemaError,
+    TrialResult,
+    TuningDB,
+    canonical_json,
+    default_db_location,
+    gpu_slug,
+    to_url,
+)
+
+H200 = EnvInfo("cuda", "NVIDIA H200", "9.0", 132, 150_000_000_000, "570.1", "12.8", "2.11.0", "3.6.0", "0.1.0")
+RTX = EnvInfo("cuda", "NVIDIA GeForce RTX 4090", "8.9", 128, 25_000_000_000, "570.1", "12.8", "2.11.0", "3.6", "0.1.0")
+SHAPE = {"M": 4096, "N": 128, "R": 16}
+
+
+def ok(us: float) -> TrialResult:
+    """An "ok" result of ``us`` microseconds."""
+    return TrialResult("ok", median_us=us, p20_us=us * 0.9, p80_us=us * 1.1, reps=50, peak_mem_bytes=1 << 20)
+
+
+def sql(path: Path, query: str) -> list[tuple]:
+    """Run raw SQL on a SQLite file and commit."""
+    conn = sqlite3.connect(path)
+    try:
+        rows = conn.execute(query).fetchall()
+        conn.commit()
+        return rows
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def db(tmp_path: Path):
+    with TuningDB.open(str(tmp_path / "db" / "tuning.sqlite")) as d:
+        yield d
+
+
+# ------------------------------------------------------------------------------------------------ opening
+
+
+def test_open_creates_wal_file_with_schema_version(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "dir" / "tuning.sqlite"
+    with TuningDB.open(str(path)) as d:
+        assert d.location == str(path)
+        assert d.url == "sqlite:///" + str(path)
+        assert not d.readonly
+    assert path.is_file()
+    assert sql(path, "PRAGMA journal_mode") == [("wal",)]
+    assert sql(path, "SELECT value FROM meta WHERE key = 'schema_version'") == [(str(SCHEMA_VERSION),)]
+    tables = {r[0] for r in sql(path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"meta", "environments", "implementations", "trials"} <= tables
+    with TuningDB.open(str(path)) as d:  # reopening an existing file works and keeps it
+        assert d.trials() == []
+
+
+def test_plain_path_and_sqlite_url_open_the_same_file(tmp_path: Path) -> None:
+    path = tmp_path / "x.sqlite"
+    with TuningDB.open(str(path)) as d:
+        d.record_trial(H200, "norm", "triton", "1", SHAPE, "bfloat16", {"BLOCK": 64}, ok(3.0))
+    with TuningDB.open(f"sqlite:///{path}") as d:
+        assert len(d.trials()) == 1
+    with TuningDB.open(to_url(str(path))) as d:
+        assert len(d.trials()) == 1
+
+
+def test_to_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert to_url("postgresql://u@h/db") == "postgresql://u@h/db"
+    assert to_url("sqlite:////abs/x.sqlite") == "sqlite:////abs/x.sqlite"
+    assert to_url("/abs/x.sqlite") == "sqlite:////abs/x.sqlite"
+    monkeypatch.chdir(tmp_path)
+    assert to_url("rel.sqlite") == f"sqlite:///{tmp_path}/rel.sqlite"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert to_url("~/t.sqlite") == f"sqlite:///{tmp_path}/t.sqlite"
+
+
+def test_env_var_sets_default_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DORA_TUNE_DB", raising=False)
+    default = default_db_location()
+    assert default.endswith(os.path.join("dora-tune", "tuning.sqlite")) or default.endswith("tuning.sqlite")
+    target = tmp_path / "from_env.sqlite"
+    monkeypatch.setenv("DORA_TUNE_DB", str(target))
+    assert default_db_location() == str(target)
+    with TuningDB.open() as d:
+        assert d.location == str(target)
+    assert target.is_file()
+    monkeypatch.setenv("DORA_TUNE_DB", f"sqlite:///{tmp_path}/url.sqlite")
+    with TuningDB.open() as d:
+        d.record_trial(H200, "norm", "eager", "1", SHAPE, "float32", {}, ok(9.0))
+    assert (tmp_path / "url.sqlite").is_file()
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "t.sqlite"
+    TuningDB.open(str(path)).close()
+    sql(path, f"UPDATE meta SET value = '{SCHEMA_VERSION + 1}' WHERE key = 'schema_version'")
+    with pytest.raises(SchemaError, match="newer"):
+        TuningDB.open(str(path))
+    with pytest.raises(SchemaError, match="newer"):
+        TuningDB.open(str(path), readonly=True)
+
+
+def test_older_schema_without_migration_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "t.sqlite"
+    TuningDB.open(str(path)).close()
+    sql(path, "UPDATE meta SET value = '0' WHERE key = 'schema_version'")
+    with pytest.raises(SchemaError, match="too old"):
+        TuningDB.open(str(path))
+
+
+def test_foreign_sqlite_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.sqlite"
+    sql(path, "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+    with pytest.raises(SchemaError, match="not a dora-tune database"):
+        TuningDB.open(str(path))
+    assert sql(path, "SELECT name FROM sqlite_master WHERE type = 'table'") == [("users",)]  # left untouched
+
+
+def test_random_bytes_file_is_a_database_error(tmp_path: Path) -> None:
+    path = tmp_path / "junk.sqlite"
+    path.write_bytes(os.urandom(4096))
+    for readonly in (False, True):
+        with pytest.raises(DatabaseError, match=r"junk\.sqlite"):
+            TuningDB.open(str(path), readonly=readonly)
+
+
+def test_truncated_file_is_a_database_error(tmp_path: Path) -> None:
+    path = tmp_path / "t.sqlite"
+    with TuningDB.open(str(path)) as d:
+        d.record_trial(H200, "norm", "triton", "1", SHAPE, "bfloat16", {"BLOCK": 64}, ok(3.0))
+    sql(path, "PRAGMA journal_mode=DELETE")
+    cut = tmp_path / "cut.sqlite"
+    cut.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(DatabaseError, match=r"cut\.sqlite"):
+        TuningDB.open(str(cut), readonly=True)
+
+
+def test_readonly(tmp_path: Path) -> None:
+    path = tmp_path / "t.sqlite"
+    with TuningDB.open(str(path)) as d:
+        d.record_trial(H200, "norm", "triton", "1", SHAPE, "bfloat16", {"BLOCK": 64}, ok(3.0))
+    with TuningDB.open(str(path), readonly=True) as ro:
+        assert ro.readonly
+        assert "mode=ro" in ro.url
+        assert len(ro.trials()) == 1
+        assert len(ro.best()) == 1
+        assert ro.environments()[0].trials == 1
+        with pytest.raises(DatabaseError, match="read-only"):
+            ro.record_trial(H200, "norm", "triton", "1", SHAPE, "bfloat16", {"BLOCK": 32}, ok(2.0))
+        with pytest.raises(DatabaseError, match="read-only"):
+            ro.merge(str(tmp_path / "whatever.sqlite"))
+    with TuningDB.open(str(path)) as d:
+        assert len(d.trials()) == 1
+    missing = tmp_path / "nope" / "missing.sqlite"
+    with pytest.raises(DatabaseError, match="no tuning database"):
+        TuningDB.open(str(missing), readonly=True)
+    assert not missing.parent.exists()
+
+
+def test_closed_db_raises(tmp_path: Path) -> None:
+    d = TuningDB.open(str(tmp_path / "t.sqlite"))
+    d.close()
+    d.close()  # idempotent
+    with pytest.raises(DatabaseError, match="closed"):
+        d.trials()
+
+
+# ---------------------------------------------------------------------------------------- record and query
+
+
+def test_record_and_query_round_trip(db: TuningDB) -> None:
+    before = datetime.now(timezone.utc)
+    config = {"fwd": {"BLOCK_M": 64, "num_warps": 4}, "bwd": {"BLOCK_M": 32, "num_warps": 8}}
+    db.record_trial(H200, "compose", "triton", "2", SHAPE, "bfloat16", config, ok(12.5))
+    [row] = db.trials()
+    assert row.gpu_name == "NVIDIA H200"
+    assert (row.op, row.impl, row.impl_version, row.dtype) == ("compose", "triton", "2", "bfloat16")
+    assert row.shape == SHAPE
+    assert row.config == config
+    assert row.status == "ok"
+    assert row.median_us == 12.5
+    assert row.p20_us == pytest.approx(11.25)
+    assert row.p80_us == pytest.approx(13.75)
+    assert row.reps == 50
+    assert row.peak_mem_bytes == 1 << 20
+    assert row.error is None
+    assert row.created_at.tzinfo is not None
+    assert before <= row.created_at <= datetime.now(timezone.utc)
+    [env] = db.environments()
+    assert env.id == row.env_id
+    assert env.trials == 1
+    assert env.info == H200
+    assert H200.slug == "nvidia-h200"
+
+
+def test_rerecord_is_idempotent_and_overwrite_controls_replacement(db: TuningDB) -> None:
+    cfg = {"BLOCK": 64}
+    db.record_trial(H200, "norm", "triton", "1", SHAPE, "bfloat16", cfg, ok(5.0))
+    db.record_trial(H200, "norm", "triton", "1", dict(reversed(SHAPE.items())), "bfloat16", cfg, ok(4.0))
+    [row] = db.trials()  # same key (shape key order does not matter): one row, replaced
+    assert row.median_us == 4.0
+    db.record_trial(H200, "norm", "triton", "1", SHAPE, "bfloat16", cfg, ok(7.0), overwrite=False)
+    [row] = db.trials()
+    assert row.median_us == 4.0
+    db.record_trial(H200, "norm", "triton", "1", SHAPE, "bfloat16", cfg, ok(3.0), overwrite=True)
+    [row] = db.trials()
+    assert row.median_us == 3.0
+    # a new impl version, dtype or env is a different key
+    db.record_trial(H200, "norm", "triton", "2", SHAPE, "bfloat16", cfg, ok(3.0))
+    db.record_trial(H200, "norm", "triton", "1", SHAPE, "float16", cfg, ok(3.0))
+    db.record_trial(RTX, "norm", "triton", "1", SHAPE, "bfloat16", cfg, ok(3.0))
+    assert len(db.trials()) == 4
+    assert len(db.environments()) == 2
+
+
+def test_failed_and_oom_trials_are_kept_but_not_best(db: TuningDB) -> None:
+    db.record_trial(H200, "norm", "triton", "1", SHAPE, "bfloat16", {"BLOCK": 64}, ok(8.0))
+    db.record_trial(
+        H200, "norm", "triton", "1", SHAPE, "bfloat16", {"BLOCK": 128}, TrialResult("failed", error="compile error")
+    )
+    db.record_trial(
+        H200, "norm", "triton", "1", SHAPE, "bfloat16", {"BLOCK": 4096}, TrialResult("oom", error="CUDA OOM")
+    )
+    db.record_trial(H200, "norm", "eager", "1", SHAPE, "bfloat16", {}, TrialResult("invalid", median_us=0.5))
+    assert len(db.trials()) == 4
+    failed = db.trials(status="failed")
+    assert [(t.config, t.error, t.median_us) for t in failed] == [({"BLOCK": 128}, "compile error", None)]
+    assert [t.error for t in db.trials(status="oom")] == ["CUDA OOM"]
+    [best] = db.best()
+    assert best.status == "ok"
+    assert best.median_us == 8.0
+    # ordering: timed trials first by median, untimed ones last
+    assert [t.median_us for t in db.trials()] == [0.5, 8.0, None, None]
+
+
+def test_best_picks_fastest_across_impls_and_configs_per_shape(db: TuningDB) -> None:
+    small, big = {"M": 128, "N": 64}, {"M": 8192, "N": 64}
+    db.record_trial(H200, "norm", "triton", "1", small, "bfloat16", {"BLOCK": 64}, ok(4.0))
+    db.record_trial(H200, "norm", "triton", "1", small, "bfloat16", {"BLOCK": 128}, ok(5.0))
+    db.record_trial(H200, "norm", "eager", "1", small, "bfloat16", {}, ok(2.0))
+    db.record_trial(H200, "norm", "triton", "1", big, "bfloat16", {"BLOCK": 64}, ok(30.0))
+    db.record_trial(H200, "norm", "triton", "1", big, "bfloat16", {"BLOCK": 128}, ok(20.0))
+    db.record_trial(H200, "norm", "eager", "1", big, "bfloat16", {}, ok(25.0))
+    db.record_trial(H200, "norm", "eager", "1", big, "float32", {}, ok(40.0))
+    db.record_trial(H200, "compose", "eager", "1", big, "bfloat16", {}, ok(99.0))
+    db.record_trial(RTX, "norm", "triton", "1", small, "bfloat16", {"BLOCK": 64}, ok(6.0))
+    db.record_trial(RTX, "norm", "eager", "1", small, "bfloat16", {"x": 1}, ok(6.0))  # tie: first recorded wins
+    got = {(b.gpu_name, b.op, canonical_json(b.shape), b.dtype): (b.impl, b.config) for b in db.best()}
+    assert got == {
+        ("NVIDIA H200", "norm", canonical_json(small), "bfloat16"): ("eager", {}),
+        ("NVIDIA H200", "norm", canonical_json(big), "bfloat16"): ("triton", {"BLOCK": 128}),
+        ("NVIDIA H200", "norm", canonical_json(big), "float32"): ("eager", {}),
+        ("NVIDIA H200", "compose", canonical_json(big), "bfloat16"): ("eager", {}),
+        ("NVIDIA GeForce RTX 4090", "norm", canonical_json(small), "bfloat16"): ("triton", {"BLOCK": 64}),
+    }
+    [b] = db.best(gpu="h200", op="norm", dtype="bfloat16", shape=big)
+    assert (b.impl, b.median_us) == ("triton", 20.0)
+    assert db.best(gpu="a100") == []
+
+
+def test_trials_filters(db: TuningDB) -> None:
+    db.record_trial(H200, "norm", "triton", "1", SHAPE, "bfloat16", {"BLOCK": 64}, ok(3.0))
+    db.record_trial(RTX, "norm", "eager", "1", SHAPE, "float32", {}, ok(5.0))
+    db.record_trial(RTX, "compose", "eager", "1", {"M": 1}, "float32", {}, ok(5.0))
+    for query in ("NVIDIA H200", "nvidia h200", "nvidia-h200", "H200", "h2"):
+        assert {t.gpu_name for t in db.trials(gpu=query)} == {"NVIDIA H200"}, query
+    assert len(db.trials(gpu="rtx-4090")) == 2
+    assert len(db.trials(gpu="nvidia")) == 3
+    assert db.trials(gpu="a100") == []
+    assert len(db.trials(op="norm")) == 2
+    assert len(db.trials(impl="eager")) == 2
+    assert len(db.trials(dtype="float32")) == 2
+    assert len(db.trials(shape={"R": 16, "N": 128, "M": 4096})) == 2
+    assert len(db.trials(gpu="4090", op="norm", impl="eager", dtype="float32", shape=SHAPE, status="ok")) == 1
+    assert [e.gpu_name for e in db.environments(gpu="4090")] == ["NVIDIA GeForce RTX 4090"]
+    # ordered by gpu name first
+    assert db.trials()[0].gpu_name == "NVIDIA GeForce RTX 4090"
+
+
+def test_measured_keys(db: TuningDB) -> None:
+    assert db.measured_keys(H200, "norm", "triton", "1", "bfloat16") == set()
+    db.record_trial(H200, "norm", "triton", "1", SHAPE, "bfloat16", {"BLOCK": 64}, ok(3.0))
+    db.record_trial(H200, "norm", "triton", "1", SHAPE, "bfloat16", {"BLOCK": 128}, TrialResult("oom"))
+    db.record_trial(H200, "norm", "triton", "1", {"M": 1}, "bfloat16", {"BLOCK": 64}, ok(3.0))
+    db.record_trial(H200, "norm", "triton", "1", SHAPE, "float16", {"BLOCK": 32}, ok(3.0))  # other dtype
+    db.record_trial(H200, "norm", "triton", "2", SHAPE, "bfloat16", {"BLOCK": 16}, ok(3.0))  # other version
+    db.record_trial(RTX, "norm", "triton", "1", SHAPE, "bfloat16", {"BLOCK": 8}, ok(3.0))  # other env
+    assert db.measured_keys(H200, "norm", "triton", "1", "bfloat16") == {
+        (canonical_json(SHAPE), canonical_json({"BLOCK": 64})),
+        (canonical_json(SHAPE), canonical_json({"BLOCK": 128})),
+        (canonical_json({"M": 1}), canonical_json({"BLOCK": 64})),
+    }
+    assert db.measured_keys(H200, "norm", "triton", "9", "bfloat16") == set()
+
+
+def test_record_rejects_bad_arguments(db: TuningDB) -> None:
+    with pytest.raises(TypeError):
+        db.record_trial(H200, "norm", "triton", "1", {"M": {1, 2}}, "bfloat16", {}, ok(1.0))
+    with pytest.raises(TypeError):
+        db.record_trial(H200, "norm", "triton", "1", [1, 2], "bfloat16", {}, ok(1.0))  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        db.record_trial(H200, "", "triton", "1", SHAPE, "bfloat16", {}, ok(1.0))
+    assert db.trials() == []
+
+
+# ------------------------------------------------------------------------------------------ export and merge
+
+
+def _fill(d: TuningDB) -> None:
+    d.record_trial(H200, "norm", "triton", "1", SHAPE, "bfloat16", {"BLOCK": 64}, ok(3.0))
+    d.record_trial(H200, "norm", "eager", "1", SHAPE, "bfloat16", {}, ok(4.0))
+    d.record_trial(RTX, "norm", "triton", "1", SHAPE, "bfloat16", {"BLOCK": 64}, ok(6.0))
+    d.record_trial(RTX, "compose", "torch", "3", SHAPE, "bfloat16", {}, ok(9.0))
+
+
+def test_export_by_gpu(db: TuningDB, tmp_path: Path) -> None:
+    _fill(db)
+    dest = tmp_path / "out" / "h200.sqlite"
+    assert db.export(str(dest), gpu="nvidia-h200") == 2
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["h200.sqlite"]  # no temp or WAL files left
+    assert sql(dest, "PRAGMA journal_mode") == [("delete",)]
+    with TuningDB.open(str(dest), readonly=True) as out:
+        assert [e.gpu_name for e in out.environments()] == ["NVIDIA H200"]
+        assert {t.impl for t in out.trials()} == {"triton", "eager"}
+        assert {(t.impl, t.created_at) for t in out.trials()} == {(t.impl, t.created_at) for t in db.trials(gpu="h200")}
+    assert sql(dest, "SELECT op, name, version FROM implementations ORDER BY name") == [
+        ("norm", "eager", "1"),
+        ("norm", "triton", "1"),
+    ]
+    assert sql(dest, "SELECT value FROM meta WHERE key = 'schema_version'") == [(str(SCHEMA_VERSION),)]
+    with pytest.raises(DatabaseError, match="exists"):
+        db.export(str(dest), gpu="h200")
+    assert db.export(str(dest), gpu="4090", overwrite=True) == 2
+    with TuningDB.open(str(dest), readonly=True) as out:
+        assert [e.gpu_name for e in out.environments()] == ["NVIDIA GeForce RTX 4090"]
+    with pytest.raises(DatabaseError, match="matches"):
+        db.export(str(tmp_path / "none.sqlite"), gpu="a100")
+    assert not (tmp_path / "none.sqlite").exists()
+    assert db.export(str(tmp_path / "all.sqlite")) == 4
+    with pytest.raises(DatabaseError, match="itself"):
+        db.export(db.location, overwrite=True)
+
+
+def test_merge_round_trip_and_dedupe(tmp_path: Path) -> None:
+    with TuningDB.open(str(tmp_path / "src.sqlite")) as src:
+        _fill(src)
+        src.export(str(tmp_path / "a.sqlite"), gpu="h200")
+        src.export(str(tmp_path / "b.sqlite"), gpu="4090")
+        everything = {(t.gpu_name, t.impl, t.op, t.created_at) for t in src.trials()}
+    with TuningDB.open(str(tmp_path / "fresh.sqlite")) as fresh:
+        assert fresh.merge(str(tmp_path / "a.sqlite")) == MergeStats(1, 2, 0, 0)
+        assert fresh.merge(f"sqlite:///{tmp_path}/b.sqlite") == MergeStats(1, 2, 0, 0)
+        assert {(t.gpu_name, t.impl, t.op, t.created_at) for t in fresh.trials()} == everything
+        assert fresh.merge(str(tmp_path / "a.sqlite")) == MergeStats(0, 0, 0, 2)  # again: no duplicates
+        assert len(fresh.trials()) == 4
+        assert len(fresh.environments()) == 2
+        fresh.export(str(tmp_path / "old.sqlite"), gpu="h200")  # a copy of the current H200 trials
+
+        # re-measure one H200 trial: the newer row must survive merging the older copy
+        fresh.record_trial(H200, "norm", "triton", "1", SHAPE, "bfloat16", {"BLOCK": 64}, ok(2.5))
+        fresh.export(str(tmp_path / "new.sqlite"), gpu="h200")
+        assert fresh.merge(str(tmp_path / "old.sqlite")) == MergeStats(0, 0, 0, 2)
+        [row] = fresh.trials(gpu="h200", impl="triton")
+        assert row.median_us == 2.5
+
+    # the other way round: a DB holding the older copy takes the newer measurement
+    with TuningDB.open(str(tmp_path / "old.sqlite")) as old:
+        stats = old.merge(str(tmp_path / "new.sqlite"))
+        assert stats == MergeStats(envs_added=0, trials_added=0, trials_updated=1, trials_skipped=1)
+        [row] = old.trials(impl="triton")
+        assert row.median_us == 2.5
+        assert len(old.trials()) == 2
+
+
+def test_merge_keeps_ids_apart(tmp_path: Path) -> None:
+    # envs/impls get different ids in each file: merge must map them by natural key
+    with TuningDB.open(str(tmp_path / "x.sqlite")) as x:
+        x.record_trial(RTX, "compose", "torch", "3", SHAPE, "float32", {}, ok(1.0))
+        x.record_trial(H200, "norm", "triton", "1", SHAPE, "float32", {"BLOCK": 8}, ok(2.0))
+    with TuningDB.open(str(tmp_path / "y.sqlite")) as y:
+        y.record_trial(H200, "norm", "triton", "1", SHAPE, "float32", {"BLOCK": 16}, ok(3.0))
+        assert y.merge(str(tmp_path / "x.sqlite")) == MergeStats(1, 2, 0, 0)
+        got = {(t.gpu_name, t.op, t.impl, canonical_json(t.config)) for t in y.trials()}
+        assert got == {
+            ("NVIDIA GeForce RTX 4090", "compose", "torch", "{}"),
+            ("NVIDIA H200", "norm", "triton", '{"BLOCK":8}'),
+            ("NVIDIA H200", "norm", "triton", '{"BLOCK":16}'),
+        }
+        assert {e.gpu_name: e.trials for e in y.environments()} == {"NVIDIA GeForce RTX 4090": 1, "NVIDIA H200": 2}
+
+
+def test_merge_into_itself_is_refused(db: TuningDB) -> None:
+    _fill(db)
+    with pytest.raises(DatabaseError, match="itself"):
+        db.merge(db.location)
+    with pytest.raises(DatabaseError, match="itself"):
+        db.merge(to_url(db.location))
+    assert len(db.trials()) == 4
+
+
+def test_merge_missing_or_foreign_file(db: TuningDB, tmp_path: Path) -> None:
+    with pytest.raises(DatabaseError, match="no tuning database"):
+        db.merge(str(tmp_path / "missing.sqlite"))
+    foreign = tmp_path / "foreign.sqlite"
+    sql(foreign, "CREATE TABLE t (x)")
+    with pytest.raises(SchemaError, match="not a dora-tune database"):
+        db.merge(str(foreign))
+
+
+# -------------------------------------------------------------------------------------------- small helpers
+
+
+def test_trial_result_validation() -> None:
+    with pytest.raises(ValueError, match="status"):
+        TrialResult("great", median_us=1.0)
+    with pytest.raises(ValueError, match="median_us"):
+        TrialResult("ok")
+    with pytest.raises(ValueError, match="median_us"):
+        TrialResult("ok", median_us=0.0)
+    with pytest.raises(ValueError, match="median_us"):
+        TrialResult("ok", median_us=float("nan"))
+    with pytest.raises(ValueError, match="median_us"):
+        TrialResult("ok", median_us=float("inf"))
+    with pytest.raises(ValueError, match="reps"):
+        TrialResult("ok", median_us=1.0, reps=-1)
+    assert TrialResult("failed", error="boom").median_us is None
+    assert TrialResult("ok", median_us=3).median_us == 3.0
+    with pytest.raises(ValueError, match="kind"):
+        EnvInfo("rocm", "x", "", 0, 0, "", "", "", "", "")
+
+
+def test_canonical_json() -> None:
+    assert canonical_json({"b": 1, "a": {"y": 2, "x": 3}}) == '{"a":{"x":3,"y":2},"b":1}'
+    assert canonical_json({"N": 128, "M": 4096}) == canonical_json({"M": 4096, "N": 128})
+    assert canonical_json({}) == "{}"
+    with pytest.raises(TypeError):
+        canonical_json({"a": object()})
+    with pytest.raises(TypeError):
+        canonical_json({"a": {1, 2}})
+    with pytest.raises(TypeError):
+        canonical_json({1: 2})
+    with pytest.raises(ValueError):
+        canonical_json({"a": float("nan")})
+
+
+def test_gpu_slug() -> None:
+    assert gpu_slug("NVIDIA H200") == "nvidia-h200"
+    assert gpu_slug("NVIDIA GeForce RTX 4090") == "nvidia-geforce-rtx-4090"
+    assert gpu_slug("  NVIDIA A100-SXM4-80GB ") == "nvidia-a100-sxm4-80gb"
+    assert gpu_slug("cpu (x86_64)") == "cpu-x86-64"
+
+
+def test_import_is_torch_free_and_side_effect_free(tmp_path: Path) -> None:
+    code = (
+        "import os, sys; import dora_tune.autotune_db; "
+        "assert 'torch' not in sys.modules, 'torch imported'; "
+        "assert not os.path.exists(os.environ['DORA_TUNE_DB']), 'file created at import'"
+    )
+    env = {**os.environ, "DORA_TUNE_DB": str(tmp_path / "never.sqlite")}
+    repo = Path(__file__).resolve().parents[2]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo), env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr

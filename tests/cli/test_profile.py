@@ -1,0 +1,147 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from dora_tune.autotune_db import TuningDB
+from dora_tune.cli import cli
+
+
+def shapes_file(tmp_path, n_norm=2, n_comp=2):
+    p = tmp_path / "shapes.json"
+    p.write_text(json.dumps({
+        "norm": [{"d_out": 32 + 8 * i, "d_in": 48, "r": 4} for i in range(n_norm)],
+        "compose": [{"rows": 4 + i, "cols": 40} for i in range(n_comp)],
+    }))  # fmt: skip
+    return str(p)
+
+
+def run(*args):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_cpu_profile_end_to_end_and_idempotent(tmp_path):
+    db_path = str(tmp_path / "t.sqlite")
+    args = ["profile", "--gpu", "cpu", "--db", db_path, "--shapes", shapes_file(tmp_path), "--rep", "2",
+            "--warmup", "1", "--no-progress"]  # fmt: skip
+    res = run(*args)
+    assert res.exit_code == 0, res.output
+    assert "No CUDA GPU selected" in res.output
+    with TuningDB.open(db_path, readonly=True) as db:
+        trials = db.trials()
+        envs = db.environments()
+    # norm: dense + factored_torch; compose: eager; compose_train: eager — 2 shapes each
+    assert len(trials) == 2 * 2 + 2 + 2
+    assert {(t.op, t.impl) for t in trials} == {("norm", "dense"), ("norm", "factored_torch"),
+                                               ("compose", "eager"), ("compose_train", "eager")}  # fmt: skip
+    assert all(t.status == "ok" and t.median_us > 0 and t.p20_us <= t.median_us <= t.p80_us for t in trials)
+    assert len(envs) == 1 and envs[0].kind == "cpu" and envs[0].gpu_name.startswith("CPU")
+    res = run(*args)
+    assert res.exit_code == 0 and "measured 0 trials" in res.output and "8 were already" in res.output
+    with TuningDB.open(db_path, readonly=True) as db:
+        assert len(db.trials()) == 8
+
+
+def test_profile_filters_and_model_preset(tmp_path):
+    db_path = str(tmp_path / "t.sqlite")
+    res = run("profile", "--gpu", "cpu", "--db", db_path, "--model", "llama-3-8b", "--rank", "4", "--tokens", "2",
+              "--op", "compose", "--rep", "1", "--warmup", "0", "--no-progress")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    with TuningDB.open(db_path, readonly=True) as db:
+        cols = sorted(t.shape["cols"] for t in db.trials())
+    assert cols == [1024, 4096, 14336]  # k/v, q/o/down, gate/up
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--model", "gpt-9"], "unknown model 'gpt-9'"),
+        (["--shapes", "missing.json"], "cannot read shapes file"),
+        (["--gpu", "7"], "--gpu 7"),
+        (["--gpu", "tpu"], "--gpu must be"),
+    ],
+)
+def test_profile_bad_input_is_one_clear_line(tmp_path, extra, match):
+    res = CliRunner().invoke(cli, ["profile", "--db", str(tmp_path / "t.sqlite"), "--no-progress", *extra])
+    assert res.exit_code == 1
+    assert match in res.output and "Traceback" not in res.output
+
+
+def test_killed_profile_resumes_without_duplicates(tmp_path):
+    db_path = str(tmp_path / "t.sqlite")
+    sf = shapes_file(tmp_path, n_norm=6, n_comp=6)
+    cmd = [sys.executable, "-m", "dora_tune", "profile", "--gpu", "cpu", "--db", db_path, "--shapes", sf,
+           "--rep", "150", "--warmup", "0", "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    try:
+        deadline = time.time() + 60
+        n = 0
+        while time.time() < deadline and n < 3:
+            time.sleep(0.2)
+            if os.path.exists(db_path):
+                try:
+                    with TuningDB.open(db_path, readonly=True) as db:
+                        n = len(db.trials())
+                except Exception:
+                    n = 0
+        assert n >= 3, "the profiler recorded nothing in time"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with TuningDB.open(db_path, readonly=True) as db:
+        partial = db.trials()
+    assert 3 <= len(partial) < 24 and all(t.status == "ok" and t.median_us for t in partial)
+    res = run("profile", "--gpu", "cpu", "--db", db_path, "--shapes", sf, "--rep", "1", "--warmup", "0",
+              "--no-progress")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    with TuningDB.open(db_path, readonly=True) as db:
+        trials = db.trials()
+    keys = [(t.op, t.impl, json.dumps(t.shape, sort_keys=True), t.dtype) for t in trials]
+    assert len(trials) == 24 and len(set(keys)) == 24  # 6 norm × 2 impls + 6 compose + 6 compose_train
+
+
+def test_show_gpus_and_cache_commands(tmp_path, monkeypatch):
+    db_path = str(tmp_path / "t.sqlite")
+    assert run("profile", "--gpu", "cpu", "--db", db_path, "--shapes", shapes_file(tmp_path), "--rep", "1",
+               "--warmup", "0", "--no-progress").exit_code == 0  # fmt: skip
+    res = run("show", "--db", db_path, "--op", "norm")
+    assert res.exit_code == 0 and "best per shape (2 rows)" in res.output
+    res = run("show", "--db", db_path, "--trials", "--shape", "d_out=32,d_in=48,r=4")
+    assert res.exit_code == 0 and "trials (2 rows)" in res.output
+    assert run("show", "--db", db_path, "--shape", "d_out32").exit_code == 2
+    monkeypatch.setenv("DORA_TUNE_DB", db_path)
+    res = run("cache", "path")
+    assert res.exit_code == 0 and res.output.strip() == db_path
+    res = run("cache", "list")
+    assert res.exit_code == 0 and "1 environment(s)" in res.output and "8 trials" in res.output
+    out = str(tmp_path / "export.sqlite")
+    res = run("cache", "export", out, "--gpu", "cpu")
+    assert res.exit_code == 0 and "exported 8 trials" in res.output
+    assert run("cache", "export", out).exit_code == 1  # exists
+    fresh = str(tmp_path / "fresh.sqlite")
+    res = run("cache", "merge", "--db", fresh, out)
+    assert res.exit_code == 0 and "8 trials added" in res.output
+    with TuningDB.open(fresh, readonly=True) as db:
+        assert len(db.trials()) == 8
+    res = run("gpus", "--db", db_path)
+    assert res.exit_code == 0
+
+
+def test_newer_schema_is_refused_by_commands(tmp_path):
+    import sqlite3
+
+    db_path = str(tmp_path / "t.sqlite")
+    TuningDB.open(db_path).close()
+    con = sqlite3.connect(db_path)
+    con.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
+    con.commit()
+    con.close()
+    res = CliRunner().invoke(cli, ["show", "--db", db_path])
+    assert res.exit_code == 1 and "newer" in res.output and "Traceback" not in res.output

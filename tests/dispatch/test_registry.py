@@ -1,0 +1,49 @@
+import torch
+
+from dora_tune.dispatch.registry import make_inputs, op_bytes, op_flops, registry, source_version, train_bwd_stage
+
+
+def test_registry_covers_every_op_and_impl():
+    reg = registry()
+    assert {i.name for i in reg["norm"]} == {"dense", "factored_torch", "triton"}
+    assert {i.name for i in reg["compose"]} == {"eager", "triton"}
+    assert {i.name for i in reg["compose_train"]} == {"eager", "triton"}
+    for impls in reg.values():
+        for impl in impls:
+            assert len(impl.version) == 12
+            assert impl.runs_on(torch.device("cuda"))
+            assert impl.runs_on(torch.device("cpu")) == (impl.name != "triton")
+
+
+def test_versions_follow_the_source():
+    reg = registry()
+    eager, triton = reg["compose"]
+    assert eager.version != triton.version  # the Triton one hashes its kernel module too
+    assert source_version(("dora_tune.kernels.compose",)) == eager.version
+
+
+def test_configs_parse_and_run_on_cpu():
+    reg = registry()
+    for op, shape in (("norm", {"d_out": 8, "d_in": 16, "r": 2}), ("compose", {"rows": 3, "cols": 8}),
+                      ("compose_train", {"rows": 3, "cols": 8})):  # fmt: skip
+        x = make_inputs(op, shape, "fp32", torch.device("cpu"))
+        for impl in reg[op]:
+            cfgs = impl.configs(shape)
+            assert cfgs and all(isinstance(c, dict) for c in cfgs)
+            if impl.name != "triton":
+                assert cfgs == [{}]
+                assert impl.runner(x, {})() is not None
+            else:
+                impl.parse_config(cfgs[0])  # validates
+
+
+def test_train_stage_two_pairs_best_forward_with_every_backward():
+    stage = train_bwd_stage({"block_r": 1, "block_c": 1024, "num_warps": 4})
+    assert len(stage) == len({str(c["bwd"]) for c in stage}) > 10
+    assert all(c["fwd"]["block_c"] == 1024 for c in stage)
+
+
+def test_bytes_and_flops_models():
+    assert op_bytes("compose", {"rows": 2, "cols": 4}, "bf16") == 3 * 8 * 2
+    assert op_bytes("compose_train", {"rows": 2, "cols": 4}, "fp32") == 8 * 8 * 4
+    assert op_flops("norm", {"d_out": 4, "d_in": 8, "r": 2}) == 2 * 4 * 8 * 2 + 2 * 4 * 12
