@@ -20,6 +20,7 @@ from dora_tune.cli._common import db_option, open_db
 @click.option("--warmup", "warmup_ms", default=10.0, show_default=True, help="warm-up per trial, ms")
 @click.option("--rep", "rep_ms", default=30.0, show_default=True, help="timed repetitions per trial, ms")
 @click.option("--progress/--no-progress", default=True, help="progress bar with ETA")
+@click.option("--jobs", default=8, show_default=True, help="processes compiling Triton kernels before timing (0: none)")
 def profile(
     gpu: str,
     db_location: str | None,
@@ -33,6 +34,7 @@ def profile(
     warmup_ms: float,
     rep_ms: float,
     progress: bool,
+    jobs: int,
 ) -> None:
     """Time every op × implementation × config × shape × dtype and record each trial (failures too).
 
@@ -58,7 +60,10 @@ def profile(
     with open_db(db_location) as db:
         click.echo(f"database: {db.location}")
         summary = run_profile(db, device, env, shapes, dtypes=dtypes or ("bf16",), impls=impls or None,
-                              warmup_ms=warmup_ms, rep_ms=rep_ms, progress=progress)  # fmt: skip
+                              warmup_ms=warmup_ms, rep_ms=rep_ms, progress=progress, jobs=jobs)  # fmt: skip
+    if summary.warm_launches or summary.warm_error:
+        click.echo(f"compiled ahead: {summary.warm_launches} launches in {summary.warm_seconds:.0f} s"
+                   + (f" (warming failed: {summary.warm_error})" if summary.warm_error else ""))  # fmt: skip
     click.echo(
         f"{env.gpu_name}: measured {summary.measured} trials ({summary.failed} failed or invalid) in "
         f"{summary.seconds:.0f} s; {summary.skipped} were already in the database."

@@ -34,6 +34,9 @@ class ProfileSummary:
     failed: int = 0
     seconds: float = 0.0
     interrupted: bool = False
+    warm_launches: int = 0
+    warm_seconds: float = 0.0
+    warm_error: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,9 +159,13 @@ def profile(
     warmup_ms: float = 10.0,
     rep_ms: float = 30.0,
     progress: bool = True,
+    jobs: int = 0,
     on_trial: Callable[[], None] | None = None,
 ) -> ProfileSummary:
-    """Measure what is missing from ``db`` for ``env`` and record every trial. See the module docstring."""
+    """Measure what is missing from ``db`` for ``env`` and record every trial. See the module docstring.
+
+    ``jobs > 0`` compiles the Triton configs first in that many processes (:mod:`dora_tune.dispatch.warm`).
+    """
     import json
 
     from rich.progress import (
@@ -173,6 +180,13 @@ def profile(
     t0 = time.time()
     summary = ProfileSummary(env)
     tasks, todo, summary.skipped = plan(db, env, device, shapes, dtypes=dtypes, impls=impls)
+    if jobs > 0 and device.type == "cuda":
+        from dora_tune.dispatch.warm import warm_compile
+
+        try:
+            summary.warm_launches, summary.warm_seconds = warm_compile(tasks, device, jobs)
+        except Exception as e:  # warming only saves time: the sweep compiles for itself
+            summary.warm_error = f"{type(e).__name__}: {e}"
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("ETA"), TimeRemainingColumn())  # fmt: skip
     with Progress(*columns, disable=not progress, transient=False) as bar:
