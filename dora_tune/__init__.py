@@ -4,9 +4,4 @@ Importing this package is cheap: it opens no database and imports neither Triton
 in :mod:`dora_tune.kernels`.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("dora-tune")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+unknown"
+__version__ = "0.1.0"  # the one source of the version (pyproject.toml reads it)

@@ -33,7 +33,7 @@ def cache_path(db_location: str | None) -> None:
 @db_option
 def cache_list(db_location: str | None) -> None:
     """Environments in the tuning DB (with trial counts), and the shipped caches."""
-    with open_db(db_location) as db:
+    with open_db(db_location, readonly=True) as db:
         envs = db.environments()
         click.echo(f"{db.location}: {len(envs)} environment(s)")
         for e in envs:

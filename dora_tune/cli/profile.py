@@ -17,8 +17,8 @@ from dora_tune.cli._common import db_option, open_db
 @click.option("--op", "ops", multiple=True, type=click.Choice(["norm", "compose", "compose_train"]), help="only these")
 @click.option("--impl", "impls", multiple=True, help="only these implementations (e.g. triton)")
 @click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["bf16", "fp16", "fp32"]), help="default bf16")
-@click.option("--warmup", "warmup_ms", default=10.0, show_default=True, help="warm-up per trial, ms")
-@click.option("--rep", "rep_ms", default=30.0, show_default=True, help="timed repetitions per trial, ms")
+@click.option("--warmup", "warmup_ms", default=5.0, show_default=True, help="warm-up per trial, ms")
+@click.option("--rep", "rep_ms", default=20.0, show_default=True, help="timed repetitions per trial, ms")
 @click.option("--progress/--no-progress", default=True, help="progress bar with ETA")
 @click.option("--jobs", default=8, show_default=True, help="processes compiling Triton kernels before timing (0: none)")
 def profile(

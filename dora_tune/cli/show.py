@@ -58,8 +58,13 @@ def gpus(db_location: str | None) -> None:
     if not found:
         click.echo("No CUDA GPU found (NVML and torch.cuda see none); `dora-tune profile` will profile the CPU.")
         return
-    with open_db(db_location, readonly=False) as db:
-        known = {e.gpu_name for e in db.environments()}
+    from dora_tune.autotune_db import DatabaseError, TuningDB
+
+    try:
+        with TuningDB.open(db_location, readonly=True) as db:
+            known = {e.gpu_name for e in db.environments()}
+    except DatabaseError:  # no database yet: nothing is measured
+        known = set()
     for g in found:
         state = "measured" if g.name in known else "not profiled yet"
         click.echo(f"[{g.index}] {g.name}  {g.memory_bytes / 2**30:.0f} GiB  driver {g.driver}  ({state})")

@@ -1,0 +1,24 @@
+from pathlib import Path
+
+import dora_tune
+from dora_tune.autotune_db import TuningDB
+
+CACHE = Path(dora_tune.__file__).parent / "caches" / "nvidia-h200.sqlite"
+
+
+def test_h200_cache_is_shipped_small_and_readable_read_only(tmp_path):
+    assert CACHE.is_file() and CACHE.stat().st_size <= 10 * 2**20
+    header = CACHE.read_bytes()[:100]
+    assert header[:16] == b"SQLite format 3\x00" and header[18] == header[19] == 1  # rollback journal, not WAL
+    with TuningDB.open(str(CACHE), readonly=True) as db:
+        envs = db.environments()
+        assert [e.gpu_name for e in envs] == ["NVIDIA H200"] and envs[0].compute_capability == "9.0"
+        assert envs[0].trials >= 1000
+        best = db.best(op="norm", shape={"d_out": 4096, "d_in": 4096, "r": 384}, dtype="bf16")
+        assert len(best) == 1 and best[0].impl == "triton" and best[0].median_us > 0
+    assert sorted(p.name for p in CACHE.parent.iterdir() if "sqlite" in p.name) == ["nvidia-h200.sqlite"]
+
+
+def test_package_data_includes_caches():
+    text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert '"dora_tune.caches" = ["*.sqlite", "*.md"]' in text
