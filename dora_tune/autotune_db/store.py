@@ -227,25 +227,15 @@ class TrialRow:
 
 
 @dataclass(frozen=True)
-class EnvRow:
-    """One stored environment with the number of trials measured on it."""
+class EnvRow(EnvInfo):
+    """One stored environment (every :class:`EnvInfo` field) with its row id and the number of trials on it."""
 
     id: int
-    kind: str
-    gpu_name: str
-    compute_capability: str
-    sm_count: int
-    memory_bytes: int
-    driver: str
-    cuda: str
-    torch: str
-    triton: str
-    dora_tune: str
     trials: int
 
     @property
     def info(self) -> EnvInfo:
-        """The environment as an :class:`EnvInfo`."""
+        """The environment as a plain :class:`EnvInfo`."""
         return EnvInfo(**{f: getattr(self, f) for f in _ENV_FIELDS})
 
 
