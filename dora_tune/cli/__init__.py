@@ -6,6 +6,7 @@ import click
 
 from dora_tune import __version__
 from dora_tune.cli.cache import cache
+from dora_tune.cli.lookup import lookup
 from dora_tune.cli.profile import profile
 from dora_tune.cli.selfcheck import selfcheck
 from dora_tune.cli.show import gpus, show
@@ -17,7 +18,7 @@ def cli() -> None:
     """Autotuned, dispatched DoRA kernels: check, profile and inspect them."""
 
 
-for _command in (profile, show, gpus, cache, selfcheck):
+for _command in (profile, show, gpus, cache, lookup, selfcheck):
     cli.add_command(_command)
 
 

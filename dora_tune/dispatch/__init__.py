@@ -1,22 +1,22 @@
-"""Run-time choice of implementation for each op.
+"""Run-time choice of implementation and config for each op, and the tools that feed it.
 
-For now the rule is fixed: the Triton implementation on CUDA tensors when Triton imports, else the torch one. The
-learned, database-backed dispatcher (cost model, memoised plans) replaces :func:`default_impl` in a later issue.
+- :func:`plan` / :class:`Dispatcher`: measured trials (user DB, then the shipped cache for this GPU), then the fitted
+  decision tables, then the paper's fixed crossover, then the torch implementation; memoised, thread-safe.
+- :func:`force`: a context manager restricting plans to ``"eager"`` or ``"triton"`` (also ``DORA_TUNE_FORCE``).
+- :mod:`~dora_tune.dispatch.profiler`, :mod:`~dora_tune.dispatch.shapes`, :mod:`~dora_tune.dispatch.registry`:
+  measuring what the dispatcher reads.
+
+Importing this package imports neither scikit-learn nor Triton and opens no database.
 """
 
-from __future__ import annotations
+from dora_tune.dispatch.runtime import (
+    SOURCES,
+    Dispatcher,
+    Plan,
+    default_dispatcher,
+    force,
+    plan,
+    reset_default_dispatcher,
+)
 
-import torch
-
-from dora_tune.kernels._common import triton_available
-
-_TORCH_IMPL = {"norm": "factored_torch", "compose": "eager", "compose_train": "eager"}
-
-
-def default_impl(op: str, device: torch.device) -> str:
-    """Implementation used by ``impl="auto"`` for ``op`` on ``device``: ``"triton"`` on CUDA, else the torch one."""
-    if op not in _TORCH_IMPL:
-        raise ValueError(f"unknown op {op!r}; expected one of {sorted(_TORCH_IMPL)}")
-    if device.type == "cuda" and triton_available():
-        return "triton"
-    return _TORCH_IMPL[op]
+__all__ = ["SOURCES", "Dispatcher", "Plan", "default_dispatcher", "force", "plan", "reset_default_dispatcher"]

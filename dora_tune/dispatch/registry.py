@@ -1,7 +1,8 @@
 """Implementation registry: for each op, its implementations, their versions, configs, inputs and runners.
 
-An implementation's *version* is a hash of the source of the modules that define it, so a kernel change makes old
-measurements of it stale instead of silently reused.
+An implementation's *version* is a hash of the source that computes it — the Triton kernel module (kernels and
+launcher), the autograd Function, or the torch function — so a kernel change makes old measurements of it stale
+instead of silently reused, while edits elsewhere (docs, validation, dispatch hooks) keep the measurements valid.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import dataclasses
 import functools
 import hashlib
 import importlib
+import inspect
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -24,11 +26,20 @@ _ELEM = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 @functools.cache
-def source_version(modules: tuple[str, ...]) -> str:
-    """12-hex-digit hash of the source files of ``modules``."""
+def source_version(sources: tuple[str, ...]) -> str:
+    """12-hex-digit hash of ``sources``: each ``"module"`` (the whole file) or ``"module:qualname"`` (that object's
+    source)."""
     h = hashlib.sha256()
-    for name in modules:
-        h.update(Path(importlib.import_module(name).__file__).read_bytes())
+    for spec in sources:
+        module_name, _, qualname = spec.partition(":")
+        module = importlib.import_module(module_name)
+        if qualname:
+            obj = module
+            for part in qualname.split("."):
+                obj = getattr(obj, part)
+            h.update(inspect.getsource(obj).encode())
+        else:
+            h.update(Path(module.__file__).read_bytes())
     return h.hexdigest()[:12]
 
 
@@ -58,13 +69,13 @@ class Impl:
     op: str
     name: str
     devices: tuple[str, ...]
-    modules: tuple[str, ...]
+    sources: tuple[str, ...]  # what the version hashes: "module" or "module:qualname"
     configs: Callable[[dict[str, int]], list[dict]]  # the tuning space for a shape; [{}] when configless
     parse_config: Callable[[dict], Any]  # dict → validated config object (None when configless)
 
     @property
     def version(self) -> str:
-        return source_version(self.modules)
+        return source_version(self.sources)
 
     def runs_on(self, device: torch.device) -> bool:
         return device.type in self.devices
@@ -143,6 +154,7 @@ def _registry() -> dict[str, list[Impl]]:
     none: Callable[[dict[str, int]], list[dict]] = lambda shape: [{}]  # noqa: E731
     both, cuda = ("cuda", "cpu"), ("cuda",)
     k = "dora_tune.kernels."
+    formula, fused_train = k + "compose:compose_formula", k + "compose_train:_ComposeTrainFn"
     default_bwd = DEFAULT_COMPOSE_TRAIN_CONFIG.bwd.as_dict()
 
     def train_space(shape: dict[str, int]) -> list[dict]:
@@ -152,35 +164,35 @@ def _registry() -> dict[str, list[Impl]]:
 
     return {
         "norm": [
-            Impl("norm", "dense", both, (k + "norm",), none, _no_config),
-            Impl("norm", "factored_torch", both, (k + "norm",), none, _no_config),
+            Impl("norm", "dense", both, (k + "norm:norm_reference",), none, _no_config),
+            Impl("norm", "factored_torch", both, (k + "norm:norm_factored_torch",), none, _no_config),
             Impl(
                 "norm",
                 "triton",
                 cuda,
-                (k + "norm", k + "_norm_triton"),
+                (k + "_norm_triton",),
                 lambda shape: [c.as_dict() for c in norm_tuning_space(shape["r"])],
                 NormConfig.from_dict,
             ),
         ],
         "compose": [
-            Impl("compose", "eager", both, (k + "compose",), none, _no_config),
+            Impl("compose", "eager", both, (formula,), none, _no_config),
             Impl(
                 "compose",
                 "triton",
                 cuda,
-                (k + "compose", k + "_compose_triton"),
+                (k + "_compose_triton",),
                 lambda shape: [c.as_dict() for c in compose_config_space()],
                 ComposeConfig.from_dict,
             ),
         ],
         "compose_train": [
-            Impl("compose_train", "eager", both, (k + "compose", k + "compose_train"), none, _no_config),
+            Impl("compose_train", "eager", both, (formula,), none, _no_config),
             Impl(
                 "compose_train",
                 "triton",
                 cuda,
-                (k + "compose", k + "compose_train", k + "_compose_triton"),
+                (k + "_compose_triton", fused_train),
                 train_space,
                 ComposeTrainConfig.from_dict,
             ),

@@ -135,9 +135,11 @@ def compose(
     """
     s = check_compose_inputs(lora, base, g, scale)
     if impl == "auto":
-        from dora_tune.dispatch import default_impl
+        from dora_tune.dispatch.runtime import auto
 
-        impl = default_impl("compose", base.device)
+        cols = base.shape[-1]
+        chosen = auto("compose", (base.numel() // max(cols, 1), cols), base.dtype, base.device)
+        impl, config = chosen.impl, config or chosen.config
     with torch.no_grad():
         if impl == "eager":
             return compose_formula(lora, base, g_vector(g).to(base.dtype), s)

@@ -148,9 +148,11 @@ def compose_train(
     """
     s = check_compose_inputs(lora, base, g, scale)
     if impl == "auto":
-        from dora_tune.dispatch import default_impl
+        from dora_tune.dispatch.runtime import auto
 
-        impl = default_impl("compose_train", base.device)
+        cols = base.shape[-1]
+        chosen = auto("compose_train", (base.numel() // max(cols, 1), cols), base.dtype, base.device)
+        impl, config = chosen.impl, config or chosen.config
     if impl == "eager":
         return compose_formula(lora, base, (g if g.dim() == 1 else g.reshape(-1)).to(base.dtype), s)
     if impl == "triton":

@@ -162,9 +162,10 @@ def factored_norm(
     """
     s = _check_norm_inputs(weight, lora_A, lora_B, scale)
     if impl == "auto":
-        from dora_tune.dispatch import default_impl
+        from dora_tune.dispatch.runtime import auto
 
-        impl = default_impl("norm", weight.device)
+        chosen = auto("norm", (weight.shape[0], weight.shape[1], lora_A.shape[0]), weight.dtype, weight.device)
+        impl, config = chosen.impl, config or chosen.config
     with torch.no_grad():
         if impl == "dense":
             return norm_reference(weight, lora_A, lora_B, s, dtype=torch.float32)

@@ -19,7 +19,8 @@ def test_versions_follow_the_source():
     reg = registry()
     eager, triton = reg["compose"]
     assert eager.version != triton.version  # the Triton one hashes its kernel module too
-    assert source_version(("dora_tune.kernels.compose",)) == eager.version
+    assert source_version(("dora_tune.kernels.compose:compose_formula",)) == eager.version
+    assert source_version(("dora_tune.kernels._compose_triton",)) == triton.version
 
 
 def test_configs_parse_and_run_on_cpu():

@@ -1,0 +1,79 @@
+"""Host-side cost of run-time dispatch (no GPU needed): the memoised hot lookup and the first-use load.
+
+Run: python benchmarks/dispatch.py [--trials 10000]  — writes benchmarks/results/dispatch.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import timeit
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dora_tune.autotune_db import EnvInfo, TrialResult, TuningDB
+from dora_tune.dispatch.registry import registry
+from dora_tune.dispatch.runtime import Dispatcher, auto
+
+GPU = "Synthetic GPU"
+
+
+def make_db(path: str, n: int) -> float:
+    env = EnvInfo("cuda", GPU, "9.0", 132, 141 << 30, "1", "13.0", torch.__version__, "3.6", "0.1.0")
+    impls = [i for i in registry()["compose"]]
+    t0 = time.time()
+    with TuningDB.open(path) as db:
+        for k in range(n):
+            impl = impls[k % 2]
+            cfgs = impl.configs({"rows": 1, "cols": 1})
+            cfg = cfgs[(k // 2) % len(cfgs)]
+            shape = {"rows": 1 + (k // (2 * len(cfgs))) % 4096, "cols": 4096}
+            us = 10.0 + (k % 97)
+            db.record_trial(
+                env, "compose", impl.name, impl.version, shape, "bf16", cfg, TrialResult("ok", us, us, us, 9)
+            )
+    return time.time() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--trials", type=int, default=10_000)
+    args = ap.parse_args()
+    res: dict = {"python": sys.version.split()[0], "torch": torch.__version__}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "t.sqlite")
+        res["db_build_s"] = make_db(path, args.trials)
+        loads = []
+        for _ in range(5):
+            d = Dispatcher(path, use_shipped=False, force_env="")
+            t0 = time.perf_counter()
+            d._load(GPU)
+            loads.append((time.perf_counter() - t0) * 1e3)
+        res["first_use_load_ms"] = sorted(loads)[len(loads) // 2]
+        res["trials"] = args.trials
+        d = Dispatcher(path, use_shipped=False, force_env="")
+        dev = torch.device("cpu")
+        d.plan_key("compose", (2048, 4096), "bf16", dev)
+        n = 1_000_000
+        res["hot_plan_key_us"] = (
+            timeit.timeit(lambda: d.plan_key("compose", (2048, 4096), "bf16", dev), number=n) / n * 1e6
+        )
+        auto("compose", (2048, 4096), torch.bfloat16, dev)
+        res["hot_auto_us"] = (
+            timeit.timeit(lambda: auto("compose", (2048, 4096), torch.bfloat16, dev), number=n) / n * 1e6
+        )
+        res["dict_get_us"] = timeit.timeit(lambda: d._memo.get(("x",)), number=n) / n * 1e6
+    for k, v in res.items():
+        print(f"{k:22s} {v:.3f}" if isinstance(v, float) else f"{k:22s} {v}")
+    out = Path(__file__).parent / "results" / "dispatch.json"
+    out.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,358 @@
+"""Run-time dispatch: which implementation and config to run for an op at a shape, on a device.
+
+Resolution order for ``(op, shape, dtype, device)``:
+
+1. **measured** — the fastest trial of the current implementation versions for exactly this shape and dtype on this
+   GPU model, in the user tuning DB, then in the shipped cache for this GPU (``dora_tune/caches/<slug>.sqlite``);
+2. **model** — the fitted decision table for (op, dtype) of this GPU (user DB first, then the shipped cache);
+3. **heuristic** — the fixed crossover of the paper: fused forward always; fused backward only when
+   ``cols ≥ 2048`` and ``rows·cols ≥ 2048·6144``; the fused norm always (default configs);
+4. **fallback** — the torch implementation (always the case without CUDA + Triton).
+
+Every config read from a database is validated before it can reach a kernel. A missing, corrupt, truncated or
+foreign database, a stale kernel version or an invalid config never raises here: the dispatcher warns once, says
+why in :meth:`Dispatcher.explain` (and ``dora-tune lookup``), and falls through to the next source.
+
+Plans are memoised per (op, shape, dtype, device): a hot lookup is one dict access. Overrides: the
+``DORA_TUNE_FORCE`` variable (``eager`` or ``triton``, read when the dispatcher is created) and the :func:`force`
+context manager (per thread and task, via ``contextvars``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import json
+import os
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_TORCH_IMPL = {"norm": "factored_torch", "compose": "eager", "compose_train": "eager"}
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+SOURCES = ("measured", "model", "heuristic", "fallback")
+_FORCE: contextvars.ContextVar[str | None] = contextvars.ContextVar("dora_tune_force", default=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What to run: ``impl`` with ``config`` (a validated config object, or None for torch implementations).
+
+    ``source`` is one of :data:`SOURCES`; ``detail`` says which database, trial or rule decided.
+    """
+
+    impl: str
+    config: Any
+    source: str
+    detail: str
+
+
+@contextlib.contextmanager
+def force(impl: str | None) -> Iterator[None]:
+    """Within the block, plan only ``impl`` ("eager" = the torch implementations, "triton"), or lift a force
+    (``None``). Per thread / asyncio task."""
+    if impl not in (None, "eager", "triton"):
+        raise ValueError(f"force() takes 'eager', 'triton' or None, got {impl!r}")
+    token = _FORCE.set(impl)
+    try:
+        yield
+    finally:
+        _FORCE.reset(token)
+
+
+def shipped_cache_path(gpu_name: str) -> Path:
+    """Where the shipped cache for ``gpu_name`` would be (it may not exist)."""
+    from dora_tune.autotune_db import gpu_slug
+
+    return Path(__file__).resolve().parents[1] / "caches" / f"{gpu_slug(gpu_name)}.sqlite"
+
+
+def _shape_key(op: str, shape: dict[str, int]) -> tuple[int, ...]:
+    from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
+
+    return tuple(int(shape[k]) for k in OP_SHAPE_KEYS[op])
+
+
+@dataclasses.dataclass
+class _Tables:
+    """What one GPU model's databases say, loaded once."""
+
+    gpu_name: str
+    # (origin, op, shape tuple, dtype) → {impl: (median_us, config dict)}; origin "user" or "shipped"
+    measured: dict[tuple[str, str, tuple[int, ...], str], dict[str, tuple[float, dict]]]
+    models: dict[tuple[str, str, str], Any]  # (origin, op, dtype) → DecisionTable
+    notes: list[str]
+
+
+class Dispatcher:
+    """Plans with an explicit, thread-safe memo. ``db`` is the user DB location (default: the usual one)."""
+
+    def __init__(self, db: str | None = None, *, use_shipped: bool = True, force_env: str | None = None) -> None:
+        self.db = db
+        self.use_shipped = use_shipped
+        self._lock = threading.Lock()
+        self._memo: dict[tuple, Plan] = {}
+        self._tables: dict[str, _Tables] = {}
+        self._warned: set[str] = set()
+        env_force = os.environ.get("DORA_TUNE_FORCE") if force_env is None else force_env
+        if env_force in ("", None):
+            self.env_force = None
+        elif env_force in ("eager", "triton"):
+            self.env_force = env_force
+        else:
+            self.env_force = None
+            self._warn(f"DORA_TUNE_FORCE={env_force!r} is not 'eager' or 'triton'; ignored")
+
+    # ------------------------------------------------------------------ public
+    def plan(self, op: str, shape: dict[str, int], dtype: torch.dtype | str, device: torch.device | str) -> Plan:
+        """The plan for ``op`` at ``shape`` (``OP_SHAPE_KEYS[op]``) in ``dtype`` on ``device``."""
+        dev = torch.device(device)
+        dname = dtype if isinstance(dtype, str) else _DTYPE_NAMES.get(dtype, str(dtype))
+        return self.plan_key(op, _shape_key(op, shape), dname, dev)
+
+    def plan_key(self, op: str, dims: tuple[int, ...], dtype: str, device: torch.device) -> Plan:
+        """The hot path: memoised on (op, dims, dtype, device, force)."""
+        forced = _FORCE.get() or self.env_force
+        key = (op, dims, dtype, device, forced)
+        plan = self._memo.get(key)
+        if plan is None:
+            with self._lock:
+                plan = self._memo.get(key)
+                if plan is None:
+                    plan = self._resolve(op, dims, dtype, device, forced)
+                    self._memo[key] = plan
+        return plan
+
+    def plan_for_gpu(self, gpu_name: str, op: str, shape: dict[str, int], dtype: str) -> Plan:
+        """Plan as if on a CUDA GPU named ``gpu_name`` with Triton available (for ``dora-tune lookup --gpu``)."""
+        return self._resolve(op, _shape_key(op, shape), dtype, None, _FORCE.get() or self.env_force, gpu_name)
+
+    def explain(self, gpu_name: str) -> list[str]:
+        """Notes on the sources for ``gpu_name``: what was loaded, what was skipped and why."""
+        return list(self._load(gpu_name).notes)
+
+    def clear(self) -> None:
+        """Forget every memoised plan and loaded table (e.g. after profiling more)."""
+        with self._lock:
+            self._memo.clear()
+            self._tables.clear()
+
+    # ------------------------------------------------------------------ resolution
+    def _resolve(
+        self,
+        op: str,
+        dims: tuple[int, ...],
+        dtype: str,
+        device: torch.device | None,
+        forced: str | None,
+        gpu_name: str | None = None,
+    ) -> Plan:
+        from dora_tune.dispatch.registry import registry
+
+        impls = {i.name: i for i in registry()[op]}
+        torch_impl = _TORCH_IMPL[op]
+        if device is not None and (device.type != "cuda" or not _triton_ok()):
+            why = "no CUDA device" if device.type != "cuda" else "Triton is not importable"
+            if forced == "triton":
+                self._warn(f"DORA_TUNE_FORCE/force('triton') ignored: {why}")
+            return Plan(torch_impl, None, "fallback", f"{why}: torch implementation")
+        if gpu_name is None:
+            gpu_name = torch.cuda.get_device_name(device)
+        allowed = set(impls) if forced is None else ({"triton"} if forced == "triton" else {torch_impl})
+        tables = self._load(gpu_name)
+        # 1. measured, user DB then shipped cache
+        for origin in ("user", "shipped"):
+            cands = tables.measured.get((origin, op, dims, dtype))
+            if cands:
+                ok = {n: v for n, v in cands.items() if n in allowed}
+                for name, (us, cfg) in sorted(ok.items(), key=lambda kv: kv[1][0]):
+                    parsed = self._parse(impls[name], cfg, f"{origin} DB")
+                    if parsed is not _INVALID:
+                        return Plan(name, parsed, "measured", f"{origin} DB: {us:.1f} µs for this exact shape")
+        # 2. model decisions
+        for origin in ("user", "shipped"):
+            table = tables.models.get((origin, op, dtype))
+            if table is None:
+                continue
+            name, cfg = table.lookup(dict(zip(_shape_keys(op), dims, strict=True)))
+            if name in allowed and name in impls:
+                parsed = self._parse(impls[name], cfg, f"{origin} model")
+                if parsed is not _INVALID:
+                    return Plan(name, parsed, "model", f"{origin} DB decision table ({table.gpu_name})")
+        # 3. the fixed crossover
+        if forced == "eager":
+            return Plan(torch_impl, None, "fallback", "forced: torch implementation")
+        name = _crossover(op, dims)
+        if forced == "triton":
+            name = "triton"
+        if name == "triton":
+            return Plan("triton", _default_config(op), "heuristic", _CROSSOVER_TEXT[op])
+        return Plan(torch_impl, None, "heuristic", _CROSSOVER_TEXT[op] + " → eager below it")
+
+    def _parse(self, impl: Any, cfg: dict, origin: str) -> Any:
+        try:
+            return impl.parse_config(cfg)
+        except (TypeError, ValueError) as e:
+            self._warn(f"{origin}: invalid {impl.op}/{impl.name} config {json.dumps(cfg)} ignored ({e})")
+            return _INVALID
+
+    # ------------------------------------------------------------------ loading
+    def _load(self, gpu_name: str) -> _Tables:
+        tables = self._tables.get(gpu_name)
+        if tables is None:
+            tables = _Tables(gpu_name, {}, {}, [])
+            self._read("user", self.db, tables)
+            if self.use_shipped:
+                path = shipped_cache_path(gpu_name)
+                if path.is_file():
+                    self._read("shipped", str(path), tables)
+                else:
+                    tables.notes.append(f"shipped cache: none for {gpu_name} ({path.name})")
+            self._tables[gpu_name] = tables
+        return tables
+
+    def _read(self, origin: str, location: str | None, tables: _Tables) -> None:
+        from dora_tune.autotune_db import DatabaseError, TuningDB, default_db_location
+        from dora_tune.dispatch.registry import registry
+
+        where = location or default_db_location()
+        if "://" not in where and not Path(where).expanduser().is_file():
+            tables.notes.append(f"{origin} DB: {where} does not exist")
+            return
+        versions = {(op, i.name): i.version for op, v in registry().items() for i in v}
+        try:
+            with TuningDB.open(where, readonly=True) as db:
+                rows = db.trials(gpu=tables.gpu_name, status="ok")
+                models = db.models(gpu=tables.gpu_name) if hasattr(db, "models") else []
+        except DatabaseError as e:
+            self._warn(f"{origin} DB unusable, ignored: {e}")
+            tables.notes.append(f"{origin} DB: unusable ({e})")
+            return
+        except Exception as e:  # never break training over a cache
+            self._warn(f"{origin} DB unreadable, ignored: {type(e).__name__}: {e}")
+            tables.notes.append(f"{origin} DB: unreadable ({type(e).__name__}: {e})")
+            return
+        used = stale = 0
+        for t in rows:
+            if t.gpu_name != tables.gpu_name:
+                continue
+            if versions.get((t.op, t.impl)) != t.impl_version:
+                stale += 1
+                continue
+            try:
+                key = (origin, t.op, _shape_key(t.op, t.shape), t.dtype)
+            except KeyError:
+                continue
+            best = tables.measured.setdefault(key, {})
+            if t.impl not in best or t.median_us < best[t.impl][0]:
+                best[t.impl] = (t.median_us, t.config)
+            used += 1
+        if stale:
+            self._warn(f"{origin} DB {where}: {stale} trials of other kernel versions ignored for {tables.gpu_name}")
+        n_models = 0
+        for m in models:
+            table = _decision_table(m, versions, self, origin)
+            if table is not None:
+                tables.models[(origin, table.op, table.dtype)] = table
+                n_models += 1
+        tables.notes.append(f"{origin} DB {where}: {used} trials of {tables.gpu_name} in use, {stale} stale, "
+                            f"{n_models} decision tables")  # fmt: skip
+
+    def _warn(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(f"dora-tune dispatch: {message}", RuntimeWarning, stacklevel=3)
+
+
+_INVALID = object()
+
+_CROSSOVER_TEXT = {
+    "norm": "fixed rule: fused norm whenever Triton and CUDA are available",
+    "compose": "fixed crossover: fused forward whenever Triton and CUDA are available",
+    "compose_train": "fixed crossover: fused backward iff cols ≥ 2048 and rows·cols ≥ 2048·6144",
+}
+
+
+def crossover_impl(op: str, shape: dict[str, int]) -> str:
+    """The paper's fixed rule for ``op`` at ``shape`` on a CUDA GPU with Triton: ``"triton"`` or the torch impl."""
+    return _crossover(op, _shape_key(op, shape))
+
+
+def _crossover(op: str, dims: tuple[int, ...]) -> str:
+    if op == "compose_train":
+        rows, cols = dims
+        return "triton" if cols >= 2048 and rows * cols >= 2048 * 6144 else "eager"
+    return "triton"
+
+
+def _shape_keys(op: str) -> tuple[str, ...]:
+    from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
+
+    return OP_SHAPE_KEYS[op]
+
+
+def _default_config(op: str) -> Any:
+    from dora_tune.kernels import DEFAULT_COMPOSE_CONFIG, DEFAULT_COMPOSE_TRAIN_CONFIG, DEFAULT_NORM_CONFIG
+
+    return {"norm": DEFAULT_NORM_CONFIG, "compose": DEFAULT_COMPOSE_CONFIG,
+            "compose_train": DEFAULT_COMPOSE_TRAIN_CONFIG}[op]  # fmt: skip
+
+
+def _decision_table(row: Any, versions: dict, dispatcher: Dispatcher, origin: str) -> Any:
+    try:
+        from dora_tune.dispatch.decisions import DecisionTable
+
+        table = DecisionTable.from_json(row.payload)
+    except Exception as e:
+        dispatcher._warn(f"{origin} DB: decision table for {row.op}/{row.dtype} unreadable, ignored ({e})")
+        return None
+    stale = [n for n, v in table.impl_versions.items() if versions.get((table.op, n)) != v]
+    if stale:
+        dispatcher._warn(f"{origin} DB: decision table for {table.op}/{table.dtype} was fitted for other versions "
+                         f"of {', '.join(stale)}; ignored")  # fmt: skip
+        return None
+    return table
+
+
+@functools.cache
+def _triton_ok() -> bool:
+    from dora_tune.kernels._common import triton_available
+
+    return triton_available()
+
+
+_DEFAULT: Dispatcher | None = None
+_DEFAULT_LOCK = threading.Lock()
+
+
+def default_dispatcher() -> Dispatcher:
+    """The process-wide dispatcher (the one explicit cache), created on first use."""
+    global _DEFAULT
+    if _DEFAULT is None:
+        with _DEFAULT_LOCK:
+            if _DEFAULT is None:
+                _DEFAULT = Dispatcher()
+    return _DEFAULT
+
+
+def reset_default_dispatcher(dispatcher: Dispatcher | None = None) -> None:
+    """Replace (or drop, with None) the process-wide dispatcher, e.g. after changing ``DORA_TUNE_DB``."""
+    global _DEFAULT
+    with _DEFAULT_LOCK:
+        _DEFAULT = dispatcher
+
+
+def plan(op: str, shape: dict[str, int], dtype: torch.dtype | str, device: torch.device | str) -> Plan:
+    """:meth:`Dispatcher.plan` of the process-wide dispatcher."""
+    return default_dispatcher().plan(op, shape, dtype, device)
+
+
+def auto(op: str, dims: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Plan:
+    """The kernels' ``impl="auto"`` hook: the process-wide plan for ``op`` (hot path, memoised)."""
+    return default_dispatcher().plan_key(op, dims, _DTYPE_NAMES.get(dtype, str(dtype)), device)

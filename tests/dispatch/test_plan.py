@@ -1,0 +1,191 @@
+import threading
+import warnings
+
+import pytest
+import torch
+
+import dora_tune.dispatch.runtime as plan_mod
+from dora_tune.autotune_db import EnvInfo, TrialResult, TuningDB
+from dora_tune.dispatch import Dispatcher, force
+from dora_tune.dispatch.registry import registry
+from dora_tune.kernels import DEFAULT_COMPOSE_CONFIG, ComposeConfig
+
+GPU = "Fake GPU X1"
+ENV = EnvInfo("cuda", GPU, "9.0", 100, 80 << 30, "1", "13.0", "2.11", "3.6", "0.1.0")
+OTHER = EnvInfo("cuda", "Other GPU", "8.0", 50, 40 << 30, "1", "13.0", "2.11", "3.6", "0.1.0")
+SHAPE = {"rows": 2048, "cols": 4096}
+FAST = {"block_r": 4, "block_c": 512, "num_warps": 4}
+
+
+def version(op, impl):
+    return next(i.version for i in registry()[op] if i.name == impl)
+
+
+def add(db_path, env, op, impl, shape, config, us, *, ver=None):
+    with TuningDB.open(db_path) as db:
+        db.record_trial(
+            env, op, impl, ver or version(op, impl), shape, "bf16", config, TrialResult("ok", us, us, us, 5)
+        )
+
+
+@pytest.fixture
+def shipped(tmp_path, monkeypatch):
+    path = tmp_path / "shipped.sqlite"
+    monkeypatch.setattr(plan_mod, "shipped_cache_path", lambda gpu: path)
+    return str(path)
+
+
+def test_measured_user_db_wins(tmp_path, shipped):
+    user = str(tmp_path / "user.sqlite")
+    add(user, ENV, "compose", "triton", SHAPE, FAST, 10.0)
+    add(user, ENV, "compose", "eager", SHAPE, {}, 50.0)
+    add(shipped, ENV, "compose", "eager", SHAPE, {}, 1.0)  # the user's own measurement comes first
+    p = Dispatcher(user, force_env="").plan_for_gpu(GPU, "compose", SHAPE, "bf16")
+    assert (p.impl, p.config, p.source) == ("triton", ComposeConfig(**FAST), "measured")
+    assert "user DB" in p.detail
+
+
+def test_shipped_cache_then_heuristic(tmp_path, shipped):
+    user = str(tmp_path / "missing.sqlite")
+    add(shipped, ENV, "compose_train", "eager", SHAPE, {}, 5.0)
+    add(shipped, ENV, "compose_train", "triton", SHAPE, {"fwd": FAST, "bwd": {"block_r": 8, "block_c": 512,
+        "row_iters": 8, "num_warps": 4}}, 9.0)  # fmt: skip
+    d = Dispatcher(user, force_env="")
+    p = d.plan_for_gpu(GPU, "compose_train", SHAPE, "bf16")
+    assert (p.impl, p.source) == ("eager", "measured") and "shipped DB" in p.detail
+    # an unmeasured shape: the fixed crossover (compose_train: fused iff cols ≥ 2048 and rows·cols ≥ 2048·6144)
+    big = d.plan_for_gpu(GPU, "compose_train", {"rows": 8192, "cols": 8192}, "bf16")
+    small = d.plan_for_gpu(GPU, "compose_train", {"rows": 512, "cols": 4096}, "bf16")
+    assert (big.impl, big.source) == ("triton", "heuristic") and (small.impl, small.source) == ("eager", "heuristic")
+    assert any("does not exist" in n for n in d.explain(GPU))
+
+
+def test_other_gpus_and_stale_versions_are_not_used(tmp_path, shipped):
+    user = str(tmp_path / "user.sqlite")
+    add(user, OTHER, "compose", "eager", SHAPE, {}, 1.0)
+    add(user, ENV, "compose", "eager", SHAPE, {}, 1.0, ver="000000000000")
+    with pytest.warns(RuntimeWarning, match="other kernel versions"):
+        p = Dispatcher(user, force_env="").plan_for_gpu(GPU, "compose", SHAPE, "bf16")
+    assert (p.impl, p.source, p.config) == ("triton", "heuristic", DEFAULT_COMPOSE_CONFIG)
+
+
+def test_invalid_stored_config_is_skipped_with_one_warning(tmp_path, shipped):
+    user = str(tmp_path / "user.sqlite")
+    add(user, ENV, "compose", "triton", SHAPE, {"block_r": 3, "block_c": 512, "num_warps": 4}, 1.0)  # not pow2
+    add(user, ENV, "compose", "eager", SHAPE, {}, 20.0)
+    d = Dispatcher(user, force_env="")
+    with pytest.warns(RuntimeWarning, match="invalid compose/triton config"):
+        p = d.plan_for_gpu(GPU, "compose", SHAPE, "bf16")
+    assert (p.impl, p.source) == ("eager", "measured")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d.plan_for_gpu(GPU, "compose", SHAPE, "bf16")  # warned once, not again
+
+
+@pytest.mark.parametrize("content", [b"garbage" * 100, b"SQLite format 3\x00" + b"\x00" * 50])
+def test_corrupt_or_truncated_db_falls_back(tmp_path, shipped, content):
+    user = tmp_path / "user.sqlite"
+    user.write_bytes(content)
+    d = Dispatcher(str(user), force_env="")
+    with pytest.warns(RuntimeWarning, match="user DB"):
+        p = d.plan_for_gpu(GPU, "compose", SHAPE, "bf16")
+    assert p.source == "heuristic"
+    assert any("user DB" in n and "unusable" in n for n in d.explain(GPU))
+
+
+def test_newer_schema_db_falls_back(tmp_path, shipped):
+    import sqlite3
+
+    user = str(tmp_path / "user.sqlite")
+    add(user, ENV, "compose", "eager", SHAPE, {}, 1.0)
+    con = sqlite3.connect(user)
+    con.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
+    con.commit()
+    con.close()
+    with pytest.warns(RuntimeWarning, match="newer"):
+        p = Dispatcher(user, force_env="").plan_for_gpu(GPU, "compose", SHAPE, "bf16")
+    assert p.source == "heuristic"
+
+
+def test_overrides(tmp_path, shipped):
+    user = str(tmp_path / "user.sqlite")
+    add(user, ENV, "compose", "triton", SHAPE, FAST, 1.0)
+    d = Dispatcher(user, force_env="")
+    with force("eager"):
+        p = d.plan_for_gpu(GPU, "compose", SHAPE, "bf16")
+        assert p.impl == "eager"
+        with force(None):
+            assert d.plan_for_gpu(GPU, "compose", SHAPE, "bf16").impl == "triton"
+    assert d.plan_for_gpu(GPU, "compose", SHAPE, "bf16").impl == "triton"
+    env_forced = Dispatcher(user, force_env="eager")
+    assert env_forced.plan_for_gpu(GPU, "compose", SHAPE, "bf16").impl == "eager"
+    # forcing triton where eager was measured faster: the triton plan uses the default config
+    add(user, ENV, "compose_train", "eager", SHAPE, {}, 1.0)
+    p = Dispatcher(user, force_env="triton").plan_for_gpu(GPU, "compose_train", SHAPE, "bf16")
+    assert p.impl == "triton" and p.source == "heuristic"
+    with pytest.warns(RuntimeWarning, match="not 'eager' or 'triton'"):
+        Dispatcher(user, force_env="fast")
+    with pytest.raises(ValueError):
+        with force("cuda"):
+            pass
+
+
+def test_memoised_and_thread_safe(tmp_path, shipped, monkeypatch):
+    user = str(tmp_path / "user.sqlite")
+    add(user, ENV, "compose", "triton", SHAPE, FAST, 1.0)
+    d = Dispatcher(user, force_env="")
+    loads = []
+    real = d._read
+    monkeypatch.setattr(d, "_read", lambda *a: (loads.append(a[0]), real(*a))[1])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: GPU)
+    monkeypatch.setattr(plan_mod, "_triton_ok", lambda: True)
+    dev = torch.device("cuda", 0)  # never touched: the plan is pure bookkeeping
+    results = []
+
+    def work():
+        for _ in range(200):
+            results.append(d.plan_key("compose", (2048, 4096), "bf16", dev))
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(r) for r in results}) == 1 and results[0].source == "measured"
+    assert loads == ["user"]  # loaded once (there is no shipped cache for this GPU)
+    d.clear()
+    d.plan_key("compose", (2048, 4096), "bf16", dev)
+    assert loads == ["user", "user"]
+
+
+def test_cpu_plans_fall_back_to_torch():
+    d = Dispatcher("/nonexistent/x.sqlite", force_env="")
+    for op, shape, impl in (("norm", {"d_out": 8, "d_in": 8, "r": 2}, "factored_torch"),
+                            ("compose", SHAPE, "eager"), ("compose_train", SHAPE, "eager")):  # fmt: skip
+        p = d.plan(op, shape, torch.bfloat16, "cpu")
+        assert (p.impl, p.config, p.source) == (impl, None, "fallback")
+
+
+def test_kernels_auto_goes_through_the_dispatcher(monkeypatch):
+    from dora_tune.dispatch.runtime import Plan
+    from dora_tune.kernels import compose
+
+    seen = []
+
+    def fake_auto(op, dims, dtype, device):
+        seen.append((op, dims, dtype, device.type))
+        return Plan("eager", None, "fallback", "test")
+
+    monkeypatch.setattr(plan_mod, "auto", fake_auto)
+    x = torch.randn(2, 3, 8)
+    compose(x, x, torch.ones(8), 0.5)
+    assert seen == [("compose", (6, 8), torch.float32, "cpu")]
+
+
+def test_importing_dispatch_is_light():
+    import subprocess
+    import sys
+
+    code = "import sys, dora_tune.dispatch; print('sklearn' in sys.modules, 'triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
