@@ -9,6 +9,8 @@ import os
 import pytest
 import torch
 
+from dora_tune.autotune_db import EnvInfo, TrialResult
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -50,3 +52,44 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ---------------------------------------------------------------- a tuning DB with a known crossover (cost model)
+
+ROWS = (64, 128, 256, 512, 1024, 2048, 4096)
+COLS = (512, 1024, 2048, 4096, 8192)
+FACTORS = (1.0, 1.15, 1.3, 1.6)  # the triton configs' factors: the first (the library default) is the fastest
+
+
+H200 = EnvInfo("cuda", "NVIDIA H200", "9.0", 132, 150_000_000_000, "580.1", "13.0", "2.11.0", "3.6.0", "0.1.0")
+
+
+def ok(us: float) -> TrialResult:
+    """An "ok" TrialResult of ``us`` µs."""
+    return TrialResult("ok", median_us=us, p20_us=us, p80_us=us, reps=10)
+
+
+def known_time(impl: str, rows: int, cols: int, factor: float = 1.0) -> float:
+    """The synthetic law: eager 50 + n·1e-3 µs, triton (400 + n·0.25e-3)·factor µs (n = rows·cols)."""
+    n = rows * cols
+    return 50 + n * 1e-3 if impl == "eager" else (400 + n * 0.25e-3) * factor
+
+
+def fill_known_crossover(db, env=H200) -> None:
+    """compose_train bf16 trials on the ROWS × COLS grid timed by :func:`known_time` — triton wins above
+    n = 350 / 0.75e-3 ≈ 4.7e5 elements — for eager and four configs of the registry's triton space."""
+    from dora_tune.dispatch.registry import registry
+    from dora_tune.kernels import DEFAULT_COMPOSE_TRAIN_CONFIG
+
+    impls = {i.name: i for i in registry()["compose_train"]}
+    default = DEFAULT_COMPOSE_TRAIN_CONFIG.as_dict()
+    others = [c for c in impls["triton"].configs({"rows": 1, "cols": 1}) if c != default]
+    configs = [default, *others[:3]]
+    for rows in ROWS:
+        for cols in COLS:
+            shape = {"rows": rows, "cols": cols}
+            us = known_time("eager", rows, cols)
+            db.record_trial(env, "compose_train", "eager", impls["eager"].version, shape, "bf16", {}, ok(us))
+            for cfg, f in zip(configs, FACTORS, strict=True):
+                us = known_time("triton", rows, cols, f)
+                db.record_trial(env, "compose_train", "triton", impls["triton"].version, shape, "bf16", cfg, ok(us))

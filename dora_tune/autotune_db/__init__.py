@@ -3,7 +3,8 @@ dtype and config.
 
 Open one with :meth:`TuningDB.open` (default location: ``$DORA_TUNE_DB`` or ``tuning.sqlite`` in the user cache
 folder), record trials with :meth:`TuningDB.record_trial`, query them with :meth:`TuningDB.trials` and
-:meth:`TuningDB.best`, and move them between machines with :meth:`TuningDB.export` and :meth:`TuningDB.merge`.
+:meth:`TuningDB.best`, store fitted cost models with :meth:`TuningDB.save_model` and read them with
+:meth:`TuningDB.models`, and move all of it between machines with :meth:`TuningDB.export` and :meth:`TuningDB.merge`.
 
 Importing this package opens nothing and imports no torch.
 """
@@ -14,6 +15,7 @@ from dora_tune.autotune_db.store import (
     EnvInfo,
     EnvRow,
     MergeStats,
+    ModelRow,
     SchemaError,
     TrialResult,
     TrialRow,
@@ -29,6 +31,7 @@ __all__ = [
     "EnvInfo",
     "EnvRow",
     "MergeStats",
+    "ModelRow",
     "SchemaError",
     "TrialResult",
     "TrialRow",

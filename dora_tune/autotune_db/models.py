@@ -1,11 +1,13 @@
 """ORM tables of the tuning database (SQLAlchemy 2.0 typed declarative mapping) and the canonical JSON encoding.
 
-Four tables:
+Five tables:
 
 * ``meta``: key/value pairs; ``schema_version`` says which layout the file holds (:data:`SCHEMA_VERSION`).
 * ``environments``: one row per measured machine set-up (GPU, driver, CUDA, torch, Triton and dora-tune versions).
 * ``implementations``: one row per (op, implementation name, implementation version).
 * ``trials``: one row per measurement: environment × implementation × shape × dtype × config.
+* ``fitted_models`` (schema 2): one row per (environment, op, dtype): the cost model's compiled decision table and
+  its cross-validation metrics, both canonical JSON (never pickles).
 
 Shapes and configs are stored as canonical JSON text (:func:`canonical_json`) so that equal dicts always give
 equal strings and the unique key on ``trials`` works on any SQL backend. This module imports no torch and creates
@@ -34,8 +36,10 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-SCHEMA_VERSION = 1
-"""Layout version written to ``meta.schema_version``; bump it (and add a migration) when the tables change."""
+SCHEMA_VERSION = 2
+"""Layout version written to ``meta.schema_version``; bump it (and add a migration) when the tables change.
+
+1: meta, environments, implementations, trials. 2: + fitted_models."""
 
 
 def _check_jsonable(obj: Any, where: str) -> Any:
@@ -175,3 +179,23 @@ class Trial(Base):
     peak_mem_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class FittedModel(Base):
+    """The cost model fitted on one environment's trials of one (op, dtype): what run time needs, as JSON.
+
+    ``payload`` is the canonical JSON of a decision table (``DecisionTable.to_json()``), ``metrics`` the JSON of its
+    cross-validation metrics; ``estimator`` names the regressor that produced them.
+    """
+
+    __tablename__ = "fitted_models"
+    __table_args__ = (UniqueConstraint("env_id", "op", "dtype", name="uq_fitted_models_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    env_id: Mapped[int] = mapped_column(ForeignKey("environments.id"))
+    op: Mapped[str] = mapped_column(String(100))
+    dtype: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    estimator: Mapped[str] = mapped_column(Text)
+    payload: Mapped[str] = mapped_column(Text)
+    metrics: Mapped[str] = mapped_column(Text)

@@ -27,7 +27,26 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 import platformdirs
-from sqlalchemy import Connection, Engine, create_engine, event, func, insert, inspect, select, update
+from sqlalchemy import (
+    Column,
+    Connection,
+    DateTime,
+    Engine,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    insert,
+    inspect,
+    select,
+    update,
+)
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -36,6 +55,7 @@ from dora_tune.autotune_db.models import (
     SCHEMA_VERSION,
     Base,
     Environment,
+    FittedModel,
     Implementation,
     Meta,
     Trial,
@@ -48,7 +68,13 @@ ENV_VAR = "DORA_TUNE_DB"
 STATUSES = ("ok", "failed", "oom", "invalid")
 """Allowed values of :attr:`TrialResult.status`."""
 
-_TABLES = frozenset({"meta", "environments", "implementations", "trials"})
+_TABLES_V1 = frozenset({"meta", "environments", "implementations", "trials"})
+_TABLES: dict[int, frozenset[str]] = {1: _TABLES_V1, 2: _TABLES_V1 | {"fitted_models"}}
+"""The tables each schema version has (a database of that version missing one is not a dora-tune database)."""
+
+_OLDEST_READABLE = 1
+"""The oldest schema a read-only open serves as it is, without migrating: everything added since (the
+``fitted_models`` of schema 2) is optional and reads as absent."""
 
 
 class DatabaseError(Exception):
@@ -240,20 +266,63 @@ class EnvRow(EnvInfo):
 
 
 @dataclass(frozen=True)
+class ModelRow:
+    """One stored fitted model (see :meth:`TuningDB.save_model`), its JSON decoded back to dicts."""
+
+    env_id: int
+    gpu_name: str
+    op: str
+    dtype: str
+    estimator: str
+    payload: dict[str, Any]
+    metrics: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
 class MergeStats:
-    """What :meth:`TuningDB.merge` did: new environments, new trials, replaced (older) trials, skipped trials."""
+    """What :meth:`TuningDB.merge` did: new environments, new trials, replaced (older) trials, skipped trials, and
+    the same for fitted models."""
 
     envs_added: int
     trials_added: int
     trials_updated: int
     trials_skipped: int
+    models_added: int = 0
+    models_updated: int = 0
+    models_skipped: int = 0
 
 
 # ------------------------------------------------------------------------------------------------- migrations
 
-_MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
-"""``_MIGRATIONS[v]`` upgrades a schema-``v`` database to ``v + 1`` inside the open write transaction.
-Empty: schema 1 is the first layout."""
+
+def _migrate_1_to_2(conn: Connection) -> None:
+    """Schema 1 → 2: add the ``fitted_models`` table and record schema 2.
+
+    The table is spelled out here as schema 2 defines it (not taken from the ORM class), so that this step stays
+    right when a later schema changes the class and adds its own migration.
+    """
+    md = MetaData()
+    Table("environments", md, Column("id", Integer, primary_key=True))  # the foreign key's target; not created
+    Table(
+        "fitted_models",
+        md,
+        Column("id", Integer, primary_key=True),
+        Column("env_id", Integer, ForeignKey("environments.id"), nullable=False),
+        Column("op", String(100), nullable=False),
+        Column("dtype", String(32), nullable=False),
+        Column("created_at", DateTime, nullable=False),
+        Column("estimator", Text, nullable=False),
+        Column("payload", Text, nullable=False),
+        Column("metrics", Text, nullable=False),
+        UniqueConstraint("env_id", "op", "dtype", name="uq_fitted_models_key"),
+    ).create(conn)
+    conn.execute(update(Meta).where(Meta.key == "schema_version").values(value="2"))
+
+
+_MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_1_to_2}
+"""``_MIGRATIONS[v]`` upgrades a schema-``v`` database to ``v + 1`` (tables and the stored ``schema_version``)
+inside the open write transaction."""
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -284,6 +353,20 @@ def _nonempty(value: Any, what: str) -> str:
     if not value:
         raise ValueError(f"{what} must not be empty")
     return value
+
+
+def _model_row(m: FittedModel, gpu_name: str) -> ModelRow:
+    """A :class:`ModelRow` from the ORM object of one query row."""
+    return ModelRow(
+        env_id=m.env_id,
+        gpu_name=gpu_name,
+        op=m.op,
+        dtype=m.dtype,
+        estimator=m.estimator,
+        payload=json.loads(m.payload),
+        metrics=json.loads(m.metrics),
+        created_at=m.created_at,
+    )
 
 
 def _row(t: Trial, gpu_name: str, impl: Implementation) -> TrialRow:
@@ -341,6 +424,7 @@ class TuningDB:
         self._target = target
         self._sqlite = engine.dialect.name == "sqlite"
         self._closed = False
+        self._schema = SCHEMA_VERSION  # the schema of the open file (older only when opened read-only)
         self.location = location
         url = target.url.render_as_string(hide_password=False)
         # SQLAlchemy escapes the ":" of a "file:" URI database; both spellings parse the same, show the plain one
@@ -394,7 +478,8 @@ class TuningDB:
                 version = self._read_version(conn)
             if version is not None:
                 self._check_version(version)
-            if version == SCHEMA_VERSION:
+            if version == SCHEMA_VERSION or (self.readonly and version is not None):
+                self._schema = version  # read-only: an older readable schema is served as it is
                 return
             if self.readonly:
                 raise SchemaError(f"{display} is empty: not a dora-tune database")
@@ -408,9 +493,9 @@ class TuningDB:
                 elif version < SCHEMA_VERSION:
                     self._check_version(version)
                     for v in range(version, SCHEMA_VERSION):
-                        _MIGRATIONS[v](conn)
-                    conn.execute(update(Meta).where(Meta.key == "schema_version").values(value=str(SCHEMA_VERSION)))
+                        _MIGRATIONS[v](conn)  # each step records its version
                 conn.commit()
+            self._schema = SCHEMA_VERSION
         except (SQLAlchemyError, sqlite3.Error) as e:
             raise DatabaseError(f"{display} is not a usable SQLite/SQL database: {_reason(e)}") from e
 
@@ -430,8 +515,8 @@ class TuningDB:
             version = None
         if version is None:
             raise SchemaError(f"{display} is not a dora-tune database (no schema_version in its meta table)")
-        missing = _TABLES - names
-        if version == SCHEMA_VERSION and missing:
+        missing = _TABLES.get(version, frozenset()) - names
+        if missing:
             raise SchemaError(f"{display} is not a dora-tune database (missing tables {', '.join(sorted(missing))})")
         return version
 
@@ -449,7 +534,7 @@ class TuningDB:
                     f"{display} has schema {version}, too old for this dora-tune (schema {SCHEMA_VERSION}) and it "
                     "cannot be migrated; delete it (or point DORA_TUNE_DB elsewhere) and re-profile"
                 )
-            if self.readonly:
+            if self.readonly and version < _OLDEST_READABLE:
                 raise SchemaError(
                     f"{display} has schema {version} < {SCHEMA_VERSION}; open it writable once to migrate it"
                 )
@@ -747,11 +832,81 @@ class TuningDB:
                 q = q.where(Environment.id.in_(env_ids))
             return [EnvRow(id=e.id, **{f: getattr(e, f) for f in _ENV_FIELDS}, trials=n) for e, n in s.execute(q).all()]
 
+    # ------------------------------------------------------------------------------------- fitted models
+
+    def save_model(
+        self, env: EnvInfo, op: str, dtype: str, estimator: str, payload: dict[str, Any], metrics: dict[str, Any]
+    ) -> None:
+        """Store the fitted cost model of (``env``, ``op``, ``dtype``), replacing the one stored (upsert), in its own
+        committed transaction; the environment row is created on first use. Both dicts are stored as canonical JSON
+        (plain JSON types only: no pickles, no objects).
+
+        Args:
+            env: the machine set-up the model was fitted for.
+            op: the op (e.g. "compose_train"); dtype: the dtype name (e.g. "bf16").
+            estimator: the regressor's name (e.g. "extra_trees").
+            payload: what run time needs (``DecisionTable.to_json()``).
+            metrics: the cross-validation metrics (JSON-able; finite floats).
+
+        Raises:
+            DatabaseError: opened read-only, or the database cannot be written.
+            TypeError / ValueError: bad arguments (not an EnvInfo, empty names, dicts JSON cannot hold ...).
+        """
+        self._require_writable("save a model")
+        if not isinstance(env, EnvInfo):
+            raise TypeError(f"env must be an EnvInfo, got {type(env).__name__}")
+        op, dtype, estimator = _nonempty(op, "op"), _nonempty(dtype, "dtype"), _nonempty(estimator, "estimator")
+        values = {
+            "estimator": estimator,
+            "payload": _json_dict(payload, "payload"),
+            "metrics": _json_dict(metrics, "metrics"),
+            "created_at": datetime.now(timezone.utc),
+        }
+        for attempt in range(2):  # a concurrent writer on a non-SQLite backend may win the insert: retry once
+            try:
+                with self._session(write=True) as s:
+                    env_id, _ = self._env_id(s, asdict(env), create=True)
+                    existing = s.scalar(
+                        select(FittedModel).where(
+                            FittedModel.env_id == env_id, FittedModel.op == op, FittedModel.dtype == dtype
+                        )
+                    )
+                    if existing is None:
+                        s.add(FittedModel(env_id=env_id, op=op, dtype=dtype, **values))
+                    else:
+                        for k, v in values.items():
+                            setattr(existing, k, v)
+                return
+            except _Conflict:
+                if attempt:
+                    raise
+
+    def models(self, *, gpu: str | None = None, op: str | None = None, dtype: str | None = None) -> list[ModelRow]:
+        """Stored fitted models matching every given filter (``gpu`` as in :meth:`trials`), ordered by GPU name,
+        op, dtype and environment. A schema-1 database opened read-only has none."""
+        if self._schema < 2:
+            if self._closed:
+                raise DatabaseError(f"{self._target.display} is closed")
+            return []
+        with self._session(write=False) as s:
+            env_ids = self._env_ids_for(s, gpu)
+            if env_ids is not None and not env_ids:
+                return []
+            q = select(FittedModel, Environment.gpu_name).join(Environment, FittedModel.env_id == Environment.id)
+            if env_ids is not None:
+                q = q.where(FittedModel.env_id.in_(env_ids))
+            if op is not None:
+                q = q.where(FittedModel.op == op)
+            if dtype is not None:
+                q = q.where(FittedModel.dtype == dtype)
+            q = q.order_by(Environment.gpu_name, FittedModel.op, FittedModel.dtype, FittedModel.env_id)
+            return [_model_row(m, g) for m, g in s.execute(q).all()]
+
     # ---------------------------------------------------------------------------------- export and merge
 
     def export(self, dest: str, *, gpu: str | None = None, overwrite: bool = False) -> int:
         """Write a new SQLite file at ``dest`` holding the environments matching ``gpu`` (all when None), the
-        implementations their trials use, those trials (timestamps kept) and the meta row.
+        implementations their trials use, those trials and fitted models (timestamps kept) and the meta row.
 
         The file is built next to ``dest`` and moved into place when complete, in rollback-journal mode (one
         self-contained file, fit to copy or ship). Returns the number of trials exported.
@@ -796,14 +951,15 @@ class TuningDB:
         return stats.trials_added
 
     def merge(self, other: str) -> MergeStats:
-        """Copy every environment, implementation and trial of ``other`` (a path or URL, opened read-only) into
-        this database, in one transaction.
+        """Copy every environment, implementation, trial and fitted model of ``other`` (a path or URL, opened
+        read-only) into this database, in one transaction.
 
         Rows are matched by their natural keys, never by ids: environments by all their descriptive fields,
         implementations by (op, name, version), trials by (environment, implementation + version, shape, dtype,
-        config). Dedupe rule: an incoming trial whose key is not stored yet is added; one whose key is stored
-        replaces the stored row only if its ``created_at`` is strictly newer, and is skipped otherwise (so merging
-        in either order, or twice, ends with the newest measurement of each key). Timestamps are kept.
+        config), fitted models by (environment, op, dtype). Dedupe rule: an incoming trial or model whose key is not
+        stored yet is added; one whose key is stored replaces the stored row only if its ``created_at`` is strictly
+        newer, and is skipped otherwise (so merging in either order, or twice, ends with the newest row of each
+        key). Timestamps are kept.
 
         Raises:
             DatabaseError: this database is read-only, ``other`` is this database, or ``other`` cannot be read.
@@ -879,7 +1035,32 @@ class TuningDB:
                 ws.execute(insert(Trial), inserts)
             if updates:
                 ws.execute(update(Trial), updates)
-        return MergeStats(envs_added, trials_added, trials_updated, trials_skipped)
+            models = self._copy_models(rs, ws, env_map) if src._schema >= 2 else (0, 0, 0)
+        return MergeStats(envs_added, trials_added, trials_updated, trials_skipped, *models)
+
+    @staticmethod
+    def _copy_models(rs: Session, ws: Session, env_map: dict[int, int]) -> tuple[int, int, int]:
+        """Copy the fitted models of the environments in ``env_map`` (source id → this database's id) from session
+        ``rs`` into ``ws``, newer ``created_at`` winning; returns (added, updated, skipped)."""
+        added = updated = skipped = 0
+        stored = {
+            (m.env_id, m.op, m.dtype): m
+            for m in ws.scalars(select(FittedModel).where(FittedModel.env_id.in_(list(env_map.values())))).all()
+        }
+        q = select(FittedModel).where(FittedModel.env_id.in_(list(env_map))).order_by(FittedModel.id)
+        for m in rs.scalars(q).all():
+            values = {c: getattr(m, c) for c in ("estimator", "payload", "metrics", "created_at")}
+            hit = stored.get((env_map[m.env_id], m.op, m.dtype))
+            if hit is None:
+                ws.add(FittedModel(env_id=env_map[m.env_id], op=m.op, dtype=m.dtype, **values))
+                added += 1
+            elif m.created_at > hit.created_at:
+                for k, v in values.items():
+                    setattr(hit, k, v)
+                updated += 1
+            else:
+                skipped += 1
+        return added, updated, skipped
 
 
 # ------------------------------------------------------------------------------------------------ SQLite bits

@@ -6,6 +6,7 @@ import click
 
 from dora_tune import __version__
 from dora_tune.cli.cache import cache
+from dora_tune.cli.fit import fit, report
 from dora_tune.cli.lookup import lookup
 from dora_tune.cli.profile import profile
 from dora_tune.cli.selfcheck import selfcheck
@@ -18,7 +19,7 @@ def cli() -> None:
     """Autotuned, dispatched DoRA kernels: check, profile and inspect them."""
 
 
-for _command in (profile, show, gpus, cache, lookup, selfcheck):
+for _command in (profile, show, gpus, cache, lookup, fit, report, selfcheck):
     cli.add_command(_command)
 
 

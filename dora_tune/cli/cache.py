@@ -63,4 +63,5 @@ def cache_merge(db_location: str | None, source: str) -> None:
     with open_db(db_location) as db:
         st = db.merge(source)
     click.echo(f"merged {source}: {st.envs_added} environments and {st.trials_added} trials added, "
-               f"{st.trials_updated} updated, {st.trials_skipped} already newer here")  # fmt: skip
+               f"{st.trials_updated} updated, {st.trials_skipped} already newer here; fitted models: "
+               f"{st.models_added} added, {st.models_updated} updated, {st.models_skipped} kept")  # fmt: skip

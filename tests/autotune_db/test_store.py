@@ -14,6 +14,7 @@ from dora_tune.autotune_db import (
     DatabaseError,
     EnvInfo,
     MergeStats,
+    ModelRow,
     SchemaError,
     TrialResult,
     TuningDB,
@@ -63,7 +64,7 @@ def test_open_creates_wal_file_with_schema_version(tmp_path: Path) -> None:
     assert sql(path, "PRAGMA journal_mode") == [("wal",)]
     assert sql(path, "SELECT value FROM meta WHERE key = 'schema_version'") == [(str(SCHEMA_VERSION),)]
     tables = {r[0] for r in sql(path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert {"meta", "environments", "implementations", "trials"} <= tables
+    assert {"meta", "environments", "implementations", "trials", "fitted_models"} <= tables
     with TuningDB.open(str(path)) as d:  # reopening an existing file works and keeps it
         assert d.trials() == []
 
@@ -419,6 +420,118 @@ def test_merge_missing_or_foreign_file(db: TuningDB, tmp_path: Path) -> None:
     sql(foreign, "CREATE TABLE t (x)")
     with pytest.raises(SchemaError, match="not a dora-tune database"):
         db.merge(str(foreign))
+
+
+# --------------------------------------------------------------------------------------------- fitted models
+
+PAYLOAD = {"op": "norm", "cells": [0, 1], "choices": [["triton", {"BLOCK": 64}], ["eager", {}]]}
+
+
+def _columns(path: Path, table: str) -> list[tuple]:
+    """(name, type, notnull, pk) of each column of ``table``, and its indexes' unique column lists."""
+    cols = [(r[1], r[2], r[3], r[5]) for r in sql(path, f"PRAGMA table_info({table})")]
+    uniques = sorted(
+        tuple(c[2] for c in sql(path, f"PRAGMA index_info('{idx[1]}')"))
+        for idx in sql(path, f"PRAGMA index_list({table})")
+        if idx[2]
+    )
+    fks = sorted((r[2], r[3], r[4]) for r in sql(path, f"PRAGMA foreign_key_list({table})"))
+    return [*cols, *uniques, *fks]
+
+
+def _make_v1(path: Path) -> None:
+    """A schema-1 file as the previous dora-tune wrote it: no fitted_models table, schema_version 1."""
+    with TuningDB.open(str(path)) as d:
+        d.record_trial(H200, "norm", "triton", "1", SHAPE, "bfloat16", {"BLOCK": 64}, ok(3.0))
+    sql(path, "DROP TABLE fitted_models")
+    sql(path, "UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+
+
+def test_schema_1_is_migrated_to_2(tmp_path: Path) -> None:
+    assert SCHEMA_VERSION == 2
+    fresh = tmp_path / "fresh.sqlite"
+    TuningDB.open(str(fresh)).close()
+    old = tmp_path / "old.sqlite"
+    _make_v1(old)
+    # read-only: served as it is, nothing written, no models
+    with TuningDB.open(str(old), readonly=True) as ro:
+        assert ro.models() == [] and ro.models(gpu="h200", op="norm") == []
+        assert len(ro.trials()) == 1
+        with pytest.raises(DatabaseError, match="read-only"):
+            ro.save_model(H200, "norm", "bf16", "knn", PAYLOAD, {})
+        ro.export(str(tmp_path / "exported.sqlite"))  # a schema-1 source exports its trials, no models
+    assert sql(old, "SELECT value FROM meta WHERE key = 'schema_version'") == [("1",)]
+    assert "fitted_models" not in {r[0] for r in sql(old, "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    with TuningDB.open(str(tmp_path / "exported.sqlite"), readonly=True) as out:
+        assert len(out.trials()) == 1 and out.models() == []
+    # writable: migrated in place, trials kept, the table as a fresh schema-2 file has it
+    with TuningDB.open(str(old)) as d:
+        assert len(d.trials()) == 1
+        d.save_model(H200, "norm", "bf16", "knn", PAYLOAD, {"top1": 1.0})
+        assert [m.op for m in d.models()] == ["norm"]
+    assert sql(old, "SELECT value FROM meta WHERE key = 'schema_version'") == [("2",)]
+    assert _columns(old, "fitted_models") == _columns(fresh, "fitted_models")
+    # a schema-2 file missing the table is not a dora-tune database
+    sql(fresh, "DROP TABLE fitted_models")
+    with pytest.raises(SchemaError, match="missing tables fitted_models"):
+        TuningDB.open(str(fresh), readonly=True)
+
+
+def test_save_model_upserts_and_models_filters(db: TuningDB) -> None:
+    db.save_model(H200, "norm", "bf16", "knn", PAYLOAD, {"regret": 1.5})
+    db.save_model(H200, "norm", "bf16", "extra_trees", {**PAYLOAD, "cells": [1, 1]}, {"regret": 1.1})  # replaces
+    db.save_model(H200, "compose", "bf16", "knn", {"op": "compose"}, {})
+    db.save_model(RTX, "norm", "fp16", "knn", {"op": "norm"}, {"n": [1, 2]})
+    rows = db.models()
+    assert [(m.gpu_name, m.op, m.dtype, m.estimator) for m in rows] == [
+        ("NVIDIA GeForce RTX 4090", "norm", "fp16", "knn"),
+        ("NVIDIA H200", "compose", "bf16", "knn"),
+        ("NVIDIA H200", "norm", "bf16", "extra_trees"),
+    ]
+    m = rows[2]
+    assert isinstance(m, ModelRow) and m.payload["cells"] == [1, 1] and m.metrics == {"regret": 1.1}
+    assert m.created_at.tzinfo is not None
+    assert [r.op for r in db.models(gpu="h200")] == ["compose", "norm"]
+    assert [r.gpu_name for r in db.models(op="norm", dtype="fp16")] == ["NVIDIA GeForce RTX 4090"]
+    assert db.models(gpu="a100") == [] and db.models(dtype="fp32") == []
+    assert {e.gpu_name for e in db.environments()} == {"NVIDIA H200", "NVIDIA GeForce RTX 4090"}
+    with pytest.raises(TypeError):
+        db.save_model(H200, "norm", "bf16", "knn", [1, 2], {})
+    with pytest.raises(ValueError):
+        db.save_model(H200, "norm", "bf16", "knn", PAYLOAD, {"regret": float("nan")})
+    with pytest.raises(ValueError):
+        db.save_model(H200, "norm", "bf16", "", PAYLOAD, {})
+    with pytest.raises(TypeError):
+        db.save_model("h200", "norm", "bf16", "knn", PAYLOAD, {})
+    assert len(db.models()) == 3
+
+
+def test_export_and_merge_carry_models_newest_wins(tmp_path: Path) -> None:
+    with TuningDB.open(str(tmp_path / "src.sqlite")) as src:
+        _fill(src)
+        src.save_model(H200, "norm", "bf16", "knn", PAYLOAD, {"v": "old"})
+        src.save_model(RTX, "norm", "bf16", "knn", PAYLOAD, {"v": "rtx"})
+        assert src.export(str(tmp_path / "h200.sqlite"), gpu="h200") == 2
+        src.save_model(H200, "norm", "bf16", "knn", PAYLOAD, {"v": "new"})  # newer than the exported one
+        src.export(str(tmp_path / "new.sqlite"), gpu="h200")
+    with TuningDB.open(str(tmp_path / "h200.sqlite")) as out:
+        assert [(m.gpu_name, m.metrics) for m in out.models()] == [("NVIDIA H200", {"v": "old"})]
+        stats = out.merge(str(tmp_path / "new.sqlite"))
+        assert (stats.models_added, stats.models_updated, stats.models_skipped) == (0, 1, 0)
+        assert [m.metrics for m in out.models()] == [{"v": "new"}]
+        out.export(str(tmp_path / "copy.sqlite"))
+    # the older copy never overwrites the newer one
+    with TuningDB.open(str(tmp_path / "new.sqlite")) as new:
+        stats = new.merge(str(tmp_path / "h200.sqlite"))
+        assert (stats.models_added, stats.models_updated, stats.models_skipped) == (0, 0, 1)
+        assert [m.metrics for m in new.models()] == [{"v": "new"}]
+    with TuningDB.open(str(tmp_path / "fresh.sqlite")) as fresh:
+        assert fresh.merge(str(tmp_path / "src.sqlite")) == MergeStats(2, 4, 0, 0, 2, 0, 0)
+        got = {(m.gpu_name, m.metrics["v"]) for m in fresh.models()}
+        assert got == {("NVIDIA H200", "new"), ("NVIDIA GeForce RTX 4090", "rtx")}
+        created = {m.gpu_name: m.created_at for m in fresh.models()}
+    with TuningDB.open(str(tmp_path / "src.sqlite"), readonly=True) as src:
+        assert {m.gpu_name: m.created_at for m in src.models()} == created  # timestamps kept
 
 
 # -------------------------------------------------------------------------------------------- small helpers

@@ -1,0 +1,159 @@
+"""``dora-tune fit`` and ``dora-tune report``: fit the cost model into decision tables, and show how it does."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import click
+
+from dora_tune.cli._common import db_option, open_db
+
+_COLUMNS = ("op", "dtype", "gpu", "trials", "shapes", "estimator", "model top-1 (impl)", "model regret geo / max",
+            "crossover top-1 (impl)", "crossover regret geo / max", "crossover excluded",
+            "model on crossover's shapes")  # fmt: skip
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
+
+
+def _top1(m: dict[str, Any]) -> str:
+    return f"{_pct(m['top1'])} ({_pct(m.get('impl_top1'))})"
+
+
+def _regret(geo: float | None, mx: float | None) -> str:
+    return "-" if geo is None or mx is None else f"{geo:.3f} / {mx:.3f}"
+
+
+def _cv_row(op: str, dtype: str, gpu: str, n_trials: int, n_shapes: int, estimator: str, cv: dict[str, Any]) -> list:
+    """One table row from a CV report's JSON (``CVReport.to_json()``: its ``model``, ``crossover`` and
+    ``model_paired`` parts)."""
+    m, x, p = cv["model"], cv["crossover"], cv["model_paired"]
+    return [op, dtype, gpu, str(n_trials), str(n_shapes), estimator,
+            _top1(m), _regret(m["regret_geomean"], m["regret_max"]),
+            _top1(x), _regret(x["regret_geomean"], x["regret_max"]), str(x["excluded"]),
+            _regret(p["regret_geomean"], p["regret_max"])]  # fmt: skip
+
+
+def _print_table(title: str, rows: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in _COLUMNS:
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(*r)
+    Console(width=200).print(table)
+
+
+@click.command()
+@db_option
+@click.option("--gpu", default=None, help="only this GPU (name, slug or part of a name, e.g. h200)")
+@click.option("--estimator", default="linear_trees", show_default=True,
+              type=click.Choice(["linear_trees", "extra_trees", "hist_gb", "knn"]),
+              help="the regressor (benchmarks/NOTES.md compares them)")  # fmt: skip
+def fit(db_location: str | None, gpu: str | None, estimator: str) -> None:
+    """Fit the cost model on the tuning DB's trials, cross-validate it against the fixed crossover, and store its
+    decision tables in the DB (one per GPU environment, op and dtype with at least 3 measured shapes)."""
+    from dora_tune.dispatch.costmodel import MIN_SHAPES
+    from dora_tune.dispatch.costmodel import fit as fit_models
+
+    with open_db(db_location) as db:
+        summaries = fit_models(db, gpu=gpu, estimator=estimator)
+        location = db.location
+    if not summaries:
+        where = f" for GPU {gpu!r}" if gpu else ""
+        raise click.ClickException(
+            f"nothing to fit{where}: no (GPU, op, dtype) has 'ok' trials at {MIN_SHAPES} or more distinct shapes; "
+            "run `dora-tune profile` first"
+        )
+    rows = []
+    for s in summaries:
+        cv = {"model": s.model.to_json(), "crossover": s.crossover.to_json(), "model_paired": s.model_paired.to_json()}
+        rows.append(_cv_row(s.op, s.dtype, s.gpu_name, s.n_trials, s.n_shapes, s.estimator, cv))
+    _print_table("leave-shapes-out cross-validation: cost model vs fixed crossover", rows)
+    total = sum(s.fit_seconds for s in summaries)
+    click.echo(f"stored {len(summaries)} decision table(s) in {location} ({total:.1f} s)")
+
+
+@click.command()
+@db_option
+@click.option("--gpu", default=None, help="only this GPU (name, slug or part of a name, e.g. h200)")
+@click.option("--out", default="crossover.png", show_default=True, type=click.Path(dir_okay=False),
+              help="where to write the plot (PNG)")  # fmt: skip
+def report(db_location: str | None, gpu: str | None, out: str) -> None:
+    """Show the stored cross-validation figures (no refit) and plot each decision table's choice over the shape
+    plane, with the measured shapes marked by their fastest implementation."""
+    from dora_tune.dispatch.decisions import DecisionTable
+
+    with open_db(db_location, readonly=True) as db:
+        models = db.models(gpu=gpu)
+        if not models:
+            raise click.ClickException("no fitted models in the tuning DB; run `dora-tune fit` first")
+        panels = []
+        for m in models:
+            try:
+                table = DecisionTable.from_json(m.payload)
+            except ValueError as e:
+                raise click.ClickException(
+                    f"stored decision table of {m.gpu_name} {m.op} {m.dtype} is broken: {e}"
+                ) from e
+            best = [b for b in db.best(gpu=m.gpu_name, op=m.op, dtype=m.dtype) if b.env_id == m.env_id]
+            panels.append((m, table, best))
+    rows = []
+    for m, _, _ in panels:
+        met = m.metrics
+        rows.append(_cv_row(m.op, m.dtype, m.gpu_name, met["n_trials"], met["n_shapes"], m.estimator, met["cv"]))
+    _print_table("stored leave-shapes-out cross-validation: cost model vs fixed crossover", rows)
+    _plot(panels, out)
+    click.echo(f"wrote {out}")
+
+
+_COLOURS = {"eager": "#1f77b4", "triton": "#ff7f0e", "dense": "#2ca02c", "factored_torch": "#d62728"}
+
+
+def _plane(op: str, shape: dict[str, int]) -> tuple[float, float]:
+    """A shape's point in the plotted plane: (log2 rows, log2 cols), or for the norm (log2 d_out·d_in, log2 r)."""
+    if op == "norm":
+        return math.log2(shape["d_out"] * shape["d_in"]), math.log2(shape["r"])
+    return math.log2(shape["rows"]), math.log2(shape["cols"])
+
+
+def _plot(panels: list, out: str) -> None:
+    """One panel per decision table: grid points coloured by the chosen implementation, measured shapes on top."""
+    import itertools
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
+
+    impls = sorted({c[0] for _, t, _ in panels for c in t.cells} | {b.impl for _, _, best in panels for b in best})
+    spare = iter(c for c in plt.get_cmap("tab10").colors if c not in _COLOURS.values())
+    colour = {i: _COLOURS.get(i) or next(spare, "grey") for i in impls}
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
+    for ax, (m, table, best) in zip(axes[0], panels, strict=True):
+        keys = OP_SHAPE_KEYS[table.op]
+        grid = [dict(zip(keys, p, strict=True)) for p in itertools.product(*(table.axes[k] for k in keys))]
+        xy = [_plane(table.op, g) for g in grid]
+        ax.scatter([p[0] for p in xy], [p[1] for p in xy], c=[colour[impl] for impl, _ in table.cells], marker="s",
+                   s=28, alpha=0.35 if table.op == "norm" else 0.6, linewidths=0)  # fmt: skip
+        if best:
+            bxy = [_plane(table.op, b.shape) for b in best]
+            ax.scatter([p[0] for p in bxy], [p[1] for p in bxy], c=[colour[b.impl] for b in best], marker="o", s=70,
+                       edgecolors="black", linewidths=1.2, zorder=3)  # fmt: skip
+        ax.set_title(f"{m.op} {m.dtype} — {m.gpu_name}", fontsize=10)
+        ax.set_xlabel("log2(d_out·d_in)" if table.op == "norm" else "log2 rows")
+        ax.set_ylabel("log2 r" if table.op == "norm" else "log2 cols")
+    handles = [Line2D([], [], marker="s", linestyle="", color=colour[i], label=i) for i in impls]
+    handles.append(Line2D([], [], marker="o", linestyle="", color="white", markeredgecolor="black",
+                          label="measured (fastest)"))  # fmt: skip
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(out, dpi=110)
+    plt.close(fig)

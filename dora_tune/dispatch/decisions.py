@@ -1,0 +1,202 @@
+"""Compiled dispatch decisions: a grid over shape buckets holding the (implementation, config) chosen for each.
+
+The cost model (:mod:`dora_tune.dispatch.costmodel`, fit time, scikit-learn) evaluates its predictions on a grid of
+shapes and stores the winner of each grid point in a :class:`DecisionTable`; run time only looks the table up. The
+table is plain data: it travels as JSON (no pickle) and this module imports neither scikit-learn nor torch, so the
+run-time path can load it cheaply.
+
+Lookup: every shape dimension snaps to the nearest bucket centre of its axis in log2 space (values outside an axis
+are clamped to its ends), and the cell at those centres holds the decision.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from bisect import bisect_left
+from dataclasses import dataclass, field
+from typing import Any
+
+from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
+
+FORMAT = 1
+"""Version of :meth:`DecisionTable.to_json`'s layout (``"format"`` key)."""
+
+_DTYPES = ("bf16", "fp16", "fp32")
+
+
+@dataclass(frozen=True)
+class DecisionTable:
+    """The decisions of one (op, dtype, GPU) over a grid of shape buckets.
+
+    Attributes:
+        op: "norm", "compose" or "compose_train".
+        dtype: "bf16", "fp16" or "fp32".
+        gpu_name: the GPU the decisions were fitted for (e.g. "NVIDIA H200").
+        impl_versions: implementation name → source version hash of the trials the decisions were fitted on.
+        axes: one entry per shape key, in ``OP_SHAPE_KEYS[op]`` order: the sorted, distinct, positive int bucket
+            centres of that dimension (elements: rows, cols, d_out, d_in or r).
+        cells: ``(impl, config)`` per grid point, flattened row-major over the axes (the last axis varies fastest),
+            so ``len(cells)`` is the product of the axis lengths. Configs are shared with the table: do not mutate
+            what :meth:`lookup` returns.
+    """
+
+    op: str
+    dtype: str
+    gpu_name: str
+    impl_versions: dict[str, str]
+    axes: dict[str, list[int]]
+    cells: list[tuple[str, dict]]
+    # lookup helpers derived from ``axes``: per axis (shape key, geometric midpoints between neighbours, stride)
+    _index: tuple[tuple[str, tuple[float, ...], int], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        """Check the structure (ValueError, as :meth:`from_json`) and precompute the lookup helpers."""
+        _validate(self.op, self.dtype, self.gpu_name, self.impl_versions, self.axes, self.cells)
+        index = []
+        stride = len(self.cells)
+        for key in OP_SHAPE_KEYS[self.op]:
+            centres = self.axes[key]
+            stride //= len(centres)
+            # v snaps to centres[i] when it lies below the geometric midpoint of centres[i] and centres[i + 1]
+            mids = tuple(math.sqrt(a * b) for a, b in itertools.pairwise(centres))
+            index.append((key, mids, stride))
+        object.__setattr__(self, "_index", tuple(index))
+
+    def lookup(self, shape: dict[str, int]) -> tuple[str, dict]:
+        """The ``(impl, config)`` of the grid point nearest ``shape`` (log2 distance per axis, clamped to the ends).
+
+        Args:
+            shape: the op's shape dict (``rows``/``cols`` or ``d_out``/``d_in``/``r``), positive ints.
+
+        Costs one bisection per axis.
+
+        Raises:
+            ValueError: a shape key of the op is missing.
+        """
+        flat = 0
+        try:
+            for key, mids, stride in self._index:
+                flat += bisect_left(mids, shape[key]) * stride
+        except KeyError as e:
+            keys = list(OP_SHAPE_KEYS[self.op])
+            raise ValueError(f"a {self.op} shape needs the keys {keys}, got {sorted(shape)}") from e
+        return self.cells[flat]
+
+    def to_json(self) -> dict[str, Any]:
+        """The table as plain JSON types.
+
+        Layout: ``{"format": 1, "op", "dtype", "gpu_name", "impl_versions", "axes": {key: [ints]},
+        "choices": [[impl, config], ...], "cells": [index into choices, ...]}``: the distinct decisions are stored
+        once (``choices``, in order of first use) and ``cells`` holds an index per grid point.
+        """
+        palette: dict[tuple[str, str], int] = {}
+        choices: list[list[Any]] = []
+        cells: list[int] = []
+        for impl, config in self.cells:
+            key = (impl, _config_key(config))
+            i = palette.get(key)
+            if i is None:
+                i = palette[key] = len(choices)
+                choices.append([impl, config])
+            cells.append(i)
+        return {
+            "format": FORMAT,
+            "op": self.op,
+            "dtype": self.dtype,
+            "gpu_name": self.gpu_name,
+            "impl_versions": dict(self.impl_versions),
+            "axes": {k: list(self.axes[k]) for k in OP_SHAPE_KEYS[self.op]},
+            "choices": choices,
+            "cells": cells,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DecisionTable:
+        """Rebuild a table from :meth:`to_json`'s output, checking every part of it.
+
+        Raises:
+            ValueError: anything off — not a dict, unknown format, unknown op or dtype, axes that are not the op's
+                shape keys or not sorted distinct positive ints, cells whose count is not the product of the axis
+                lengths or that index no choice, a choice whose impl is not a str or whose config is not a dict.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"a decision table must be a JSON object, got {type(data).__name__}")
+        expected = {"format", "op", "dtype", "gpu_name", "impl_versions", "axes", "choices", "cells"}
+        if set(data) != expected:
+            missing, extra = sorted(expected - set(data)), sorted(set(data) - expected)
+            raise ValueError(f"decision table keys: missing {missing}, unexpected {extra}")
+        if data["format"] != FORMAT or isinstance(data["format"], bool):
+            raise ValueError(f"decision table format {data['format']!r} is not supported (expected {FORMAT})")
+        choices, cells = data["choices"], data["cells"]
+        if not isinstance(choices, list):
+            raise ValueError(f"decision table 'choices' must be a list, got {type(choices).__name__}")
+        for i, c in enumerate(choices):
+            if not isinstance(c, list) or len(c) != 2:
+                raise ValueError(f"decision table choice {i} must be a [impl, config] pair, got {c!r}")
+        if not isinstance(cells, list):
+            raise ValueError(f"decision table 'cells' must be a list, got {type(cells).__name__}")
+        decoded = []
+        for i, c in enumerate(cells):
+            if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < len(choices):
+                raise ValueError(f"decision table cell {i} must index one of the {len(choices)} choices, got {c!r}")
+            decoded.append(tuple(choices[c]))
+        axes = data["axes"]
+        if not isinstance(axes, dict):
+            raise ValueError(f"decision table 'axes' must be an object, got {type(axes).__name__}")
+        impl_versions = data["impl_versions"]
+        if not isinstance(impl_versions, dict):
+            raise ValueError(f"decision table 'impl_versions' must be an object, got {type(impl_versions).__name__}")
+        return cls(
+            op=data["op"],
+            dtype=data["dtype"],
+            gpu_name=data["gpu_name"],
+            impl_versions=dict(impl_versions),
+            axes={k: list(v) if isinstance(v, list) else v for k, v in axes.items()},
+            cells=decoded,
+        )
+
+
+def _config_key(config: dict) -> str:
+    """A hashable, order-independent key of a config dict (sorted-keys repr of its nested items)."""
+    return repr(sorted((k, _config_key(v) if isinstance(v, dict) else v) for k, v in config.items()))
+
+
+def _validate(op: Any, dtype: Any, gpu_name: Any, impl_versions: Any, axes: Any, cells: Any) -> None:
+    """ValueError with a clear message unless the parts make a well-formed table."""
+    if op not in OP_SHAPE_KEYS:
+        raise ValueError(f"decision table op must be one of {list(OP_SHAPE_KEYS)}, got {op!r}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"decision table dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+    if not isinstance(gpu_name, str) or not gpu_name:
+        raise ValueError(f"decision table gpu_name must be a non-empty str, got {gpu_name!r}")
+    if not isinstance(impl_versions, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in impl_versions.items()
+    ):
+        raise ValueError(f"decision table impl_versions must map str to str, got {impl_versions!r}")
+    keys = OP_SHAPE_KEYS[op]
+    if not isinstance(axes, dict) or set(axes) != set(keys):
+        got = sorted(axes) if isinstance(axes, dict) else type(axes).__name__
+        raise ValueError(f"decision table axes of {op} must be exactly {list(keys)}, got {got}")
+    n = 1
+    for k in keys:
+        centres = axes[k]
+        if not isinstance(centres, list) or not centres:
+            raise ValueError(f"decision table axis {k!r} must be a non-empty list, got {centres!r}")
+        for v in centres:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"decision table axis {k!r} must hold positive ints, got {v!r}")
+        if any(a >= b for a, b in itertools.pairwise(centres)):
+            raise ValueError(f"decision table axis {k!r} must be sorted ascending without repeats, got {centres}")
+        n *= len(centres)
+    if not isinstance(cells, list) or len(cells) != n:
+        got = len(cells) if isinstance(cells, list) else type(cells).__name__
+        raise ValueError(f"decision table needs {n} cells (the product of the axis lengths), got {got}")
+    for i, cell in enumerate(cells):
+        if not isinstance(cell, tuple) or len(cell) != 2:
+            raise ValueError(f"decision table cell {i} must be an (impl, config) pair, got {cell!r}")
+        impl, config = cell
+        if not isinstance(impl, str) or not impl:
+            raise ValueError(f"decision table cell {i}: impl must be a non-empty str, got {impl!r}")
+        if not isinstance(config, dict):
+            raise ValueError(f"decision table cell {i}: config must be a dict, got {config!r}")

@@ -1,0 +1,174 @@
+"""Features of one timed call for the cost model: shape, traffic, work, dtype, launch config and GPU.
+
+A :class:`FeatureSpec` fixes the layout for one (op, implementation): which flattened config keys it has. Its
+vectors hold, in order (:meth:`FeatureSpec.names`):
+
+* ``log2_<key>`` of each shape dimension (``OP_SHAPE_KEYS[op]`` order);
+* ``log2_bytes`` and ``log2_flops`` (:func:`~dora_tune.dispatch.registry.op_bytes` / ``op_flops``: the fewest bytes
+  the op must move, its floating-point operations) and ``log2_intensity`` = log2(flops / bytes);
+* ``dtype_bf16``, ``dtype_fp16``, ``dtype_fp32``: one-hot;
+* ``log2_cfg_<key>`` of each numeric config value (nested compose_train configs flattened to ``fwd_*``/``bwd_*``;
+  a key the config lacks gives 0);
+* GPU: ``gpu_sm_count``, ``gpu_log2_memory`` (bytes), ``gpu_bandwidth_tbs`` and ``gpu_l2_mb`` from
+  :data:`KNOWN_GPUS` (0 for an unknown GPU), ``gpu_unknown`` (1 when the GPU is not in the table).
+
+Pure numpy; no scikit-learn. torch is imported (through the registry's traffic model) only when vectors are built.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dora_tune.autotune_db import EnvInfo, gpu_slug
+from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
+
+DTYPE_NAMES: tuple[str, ...] = ("bf16", "fp16", "fp32")
+"""The dtypes of the one-hot block, in order (the registry's ``DTYPES`` keys)."""
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """Published figures of one GPU model: HBM bandwidth (TB/s), L2 size (MB), and the copy bandwidth we measured
+    (TB/s, read + write; None where not measured)."""
+
+    bandwidth_tbs: float
+    l2_mb: float
+    measured_copy_tbs: float | None = None
+
+
+KNOWN_GPUS: dict[str, GpuSpec] = {
+    "h200": GpuSpec(4.8, 60.0, 4.25),  # H200 SXM 141 GB HBM3e; copy measured in benchmarks/NOTES.md
+    "h100-sxm": GpuSpec(3.35, 50.0),  # H100 SXM5 80 GB HBM3 (NVML: "NVIDIA H100 80GB HBM3")
+    "a100-80gb": GpuSpec(2.0, 40.0),  # A100 80 GB (SXM4 2.04 TB/s, PCIe 1.94 TB/s)
+}
+"""Known GPUs by key; :func:`gpu_spec` maps a GPU name to its key. The features use the published bandwidth (the
+same kind of figure for every GPU), not the measured one."""
+
+
+def gpu_spec(gpu_name: str) -> GpuSpec | None:
+    """The :data:`KNOWN_GPUS` entry of a GPU name as NVML reports it ("NVIDIA H200", "NVIDIA H100 80GB HBM3",
+    "NVIDIA A100-SXM4-80GB"), or None when it is not known (H100 PCIe/NVL too: other bandwidths)."""
+    slug = gpu_slug(gpu_name)
+    if "h200" in slug:
+        return KNOWN_GPUS["h200"]
+    if "h100" in slug and ("sxm" in slug or "hbm3" in slug) and "pcie" not in slug and "nvl" not in slug:
+        return KNOWN_GPUS["h100-sxm"]
+    if "a100" in slug and "80gb" in slug:
+        return KNOWN_GPUS["a100-80gb"]
+    return None
+
+
+def gpu_features(env: EnvInfo) -> list[float]:
+    """``[sm_count, log2 memory bytes, bandwidth TB/s, L2 MB, unknown flag]`` of ``env``'s GPU (0s where unknown)."""
+    spec = gpu_spec(env.gpu_name) if env.kind == "cuda" else None
+    mem = math.log2(env.memory_bytes) if env.memory_bytes > 0 else 0.0
+    if spec is None:
+        return [float(env.sm_count), mem, 0.0, 0.0, 1.0]
+    return [float(env.sm_count), mem, spec.bandwidth_tbs, spec.l2_mb, 0.0]
+
+
+def flatten_config(config: Mapping[str, Any]) -> dict[str, float]:
+    """Numeric values of a config, nested dicts flattened with ``_`` (``{"fwd": {"block_r": 8}}`` → ``fwd_block_r``).
+
+    Bools and non-numeric values are left out.
+    """
+    out: dict[str, float] = {}
+    for k, v in config.items():
+        if isinstance(v, Mapping):
+            out.update({f"{k}_{kk}": vv for kk, vv in flatten_config(v).items()})
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = float(v)
+    return out
+
+
+def _log2(v: float) -> float:
+    """log2 of a positive value; 0 for 0 or less (a missing or zero config value)."""
+    return math.log2(v) if v > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """The feature layout of one (op, implementation): the flattened config keys it encodes, sorted."""
+
+    op: str
+    impl: str
+    config_keys: tuple[str, ...]
+
+    @classmethod
+    def for_configs(cls, op: str, impl: str, configs: Iterable[Mapping[str, Any]]) -> FeatureSpec:
+        """The layout covering every numeric key of ``configs`` (``()`` for a config-less implementation)."""
+        if op not in OP_SHAPE_KEYS:
+            raise ValueError(f"unknown op {op!r}; expected one of {list(OP_SHAPE_KEYS)}")
+        keys: set[str] = set()
+        for c in configs:
+            keys.update(flatten_config(c))
+        return cls(op, impl, tuple(sorted(keys)))
+
+    def names(self) -> list[str]:
+        """Names of the vector's entries, in order (see the module docstring)."""
+        return [
+            *(f"log2_{k}" for k in OP_SHAPE_KEYS[self.op]),
+            "log2_bytes",
+            "log2_flops",
+            "log2_intensity",
+            *(f"dtype_{d}" for d in DTYPE_NAMES),
+            *(f"log2_cfg_{k}" for k in self.config_keys),
+            "gpu_sm_count",
+            "gpu_log2_memory",
+            "gpu_bandwidth_tbs",
+            "gpu_l2_mb",
+            "gpu_unknown",
+        ]
+
+    def matrix(self, rows: Sequence[tuple[Mapping[str, int], str, Mapping[str, Any]]], env: EnvInfo) -> np.ndarray:
+        """Feature matrix ``[len(rows), len(names())]`` (float64) of ``(shape, dtype, config)`` rows on ``env``.
+
+        The shape part is computed once per distinct (shape, dtype) and the config part once per config object, so
+        many configs at many shapes (a decision grid) cost little more than their distinct values.
+
+        Raises:
+            ValueError: an unknown dtype, or a shape lacking a key of the op.
+        """
+        from dora_tune.dispatch.registry import op_bytes, op_flops  # torch: only when vectors are built
+
+        keys = OP_SHAPE_KEYS[self.op]
+        heads: dict[tuple[tuple[int, ...], str], int] = {}
+        head_rows: list[list[float]] = []
+        cfgs: dict[int, int] = {}
+        cfg_rows: list[list[float]] = []
+        head_idx = np.empty(len(rows), dtype=np.intp)
+        cfg_idx = np.empty(len(rows), dtype=np.intp)
+        for i, (shape, dtype, config) in enumerate(rows):
+            try:
+                dims = tuple(int(shape[k]) for k in keys)
+            except KeyError:
+                raise ValueError(f"a {self.op} shape needs the keys {list(keys)}, got {sorted(shape)}") from None
+            h = heads.get((dims, dtype))
+            if h is None:
+                if dtype not in DTYPE_NAMES:
+                    raise ValueError(f"unknown dtype {dtype!r}; expected one of {list(DTYPE_NAMES)}")
+                sd = dict(zip(keys, dims, strict=True))
+                nbytes, flops = op_bytes(self.op, sd, dtype), op_flops(self.op, sd)
+                head = [*(_log2(d) for d in dims), _log2(nbytes), _log2(flops), math.log2(flops / nbytes)]
+                head_rows.append(head + [float(dtype == d) for d in DTYPE_NAMES])
+                h = heads[(dims, dtype)] = len(head_rows) - 1
+            c = cfgs.get(id(config))
+            if c is None:
+                flat = flatten_config(config)
+                cfg_rows.append([_log2(flat.get(k, 0.0)) for k in self.config_keys])
+                c = cfgs[id(config)] = len(cfg_rows) - 1
+            head_idx[i], cfg_idx[i] = h, c
+        n_head = len(keys) + 3 + len(DTYPE_NAMES)
+        head_m = np.asarray(head_rows, dtype=np.float64).reshape(len(head_rows), n_head)
+        cfg_m = np.asarray(cfg_rows, dtype=np.float64).reshape(len(cfg_rows), len(self.config_keys))
+        gpu = np.broadcast_to(np.asarray(gpu_features(env), dtype=np.float64), (len(rows), 5))
+        return np.hstack([head_m[head_idx], cfg_m[cfg_idx], gpu])
+
+    def vector(self, shape: Mapping[str, int], dtype: str, config: Mapping[str, Any], env: EnvInfo) -> np.ndarray:
+        """The feature vector ``[len(names())]`` of one call (see :meth:`matrix`)."""
+        return self.matrix([(shape, dtype, config)], env)[0]

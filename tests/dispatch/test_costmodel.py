@@ -1,0 +1,373 @@
+"""Tests of the learned cost model: features, decision tables, fitting, cross-validation and storage (CPU only)."""
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+import dora_tune
+from dora_tune.autotune_db import EnvInfo, TrialRow, TuningDB
+from dora_tune.dispatch import costmodel as cm
+from dora_tune.dispatch.decisions import DecisionTable
+from dora_tune.dispatch.features import FeatureSpec, flatten_config, gpu_features, gpu_spec
+from dora_tune.dispatch.registry import registry
+from dora_tune.kernels import DEFAULT_COMPOSE_TRAIN_CONFIG
+
+from conftest import COLS, H200, ROWS, fill_known_crossover, ok
+
+CACHE = Path(dora_tune.__file__).parent / "caches" / "nvidia-h200.sqlite"
+
+
+def _impls(op: str) -> dict:
+    return {i.name: i for i in registry()[op]}
+
+
+@pytest.fixture(scope="module")
+def known_db(tmp_path_factory):
+    path = tmp_path_factory.mktemp("known") / "known.sqlite"
+    with TuningDB.open(str(path)) as db:
+        fill_known_crossover(db)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def known_trials(known_db):
+    with TuningDB.open(known_db, readonly=True) as db:
+        return db.trials()
+
+
+# ------------------------------------------------------------------------------------------------ features
+
+
+def test_features_layout_and_gpu_table():
+    spec = FeatureSpec.for_configs("compose_train", "triton", [DEFAULT_COMPOSE_TRAIN_CONFIG.as_dict()])
+    assert spec.config_keys == ("bwd_block_c", "bwd_block_r", "bwd_num_warps", "bwd_row_iters",
+                                "fwd_block_c", "fwd_block_r", "fwd_num_warps")  # fmt: skip
+    names = spec.names()
+    x = spec.vector({"rows": 4096, "cols": 1024}, "bf16", DEFAULT_COMPOSE_TRAIN_CONFIG.as_dict(), H200)
+    assert x.shape == (len(names),)
+    v = dict(zip(names, x.tolist(), strict=True))
+    assert v["log2_rows"] == 12 and v["log2_cols"] == 10 and v["log2_cfg_fwd_block_c"] == 9
+    assert v["log2_bytes"] == pytest.approx(22 + 4)  # 8 tensors of 2 bytes: 2^22 elements × 16 bytes
+    assert v["log2_intensity"] == pytest.approx(v["log2_flops"] - v["log2_bytes"])
+    assert (v["dtype_bf16"], v["dtype_fp16"], v["dtype_fp32"]) == (1, 0, 0)
+    assert (v["gpu_sm_count"], v["gpu_bandwidth_tbs"], v["gpu_l2_mb"], v["gpu_unknown"]) == (132, 4.8, 60, 0)
+    # a config lacking a key gives 0 there
+    partial = spec.vector({"rows": 8, "cols": 8}, "fp32", {"fwd": {"block_r": 2}}, H200)
+    assert partial[names.index("log2_cfg_bwd_block_c")] == 0 and partial[names.index("log2_cfg_fwd_block_r")] == 1
+    assert flatten_config({"fwd": {"a": 1}, "b": 2, "flag": True, "s": "x"}) == {"fwd_a": 1.0, "b": 2.0}
+    assert gpu_spec("NVIDIA H100 80GB HBM3").bandwidth_tbs == 3.35
+    assert gpu_spec("NVIDIA A100-SXM4-80GB").l2_mb == 40
+    assert gpu_spec("NVIDIA H100 PCIe") is None and gpu_spec("NVIDIA GeForce RTX 4090") is None
+    rtx = EnvInfo("cuda", "NVIDIA GeForce RTX 4090", "8.9", 128, 2**34, "", "", "", "", "")
+    assert gpu_features(rtx) == [128.0, 34.0, 0.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="dtype"):
+        spec.vector({"rows": 8, "cols": 8}, "int8", {}, H200)
+    with pytest.raises(ValueError, match="keys"):
+        spec.vector({"rows": 8}, "bf16", {}, H200)
+
+
+# ------------------------------------------------------------------------------------------ decision tables
+
+
+def small_table() -> DecisionTable:
+    cells = [("eager", {}), ("eager", {}), ("triton", {"block_r": 8}), ("eager", {}), ("triton", {"block_r": 1}),
+             ("triton", {"block_r": 1})]  # fmt: skip
+    return DecisionTable("compose", "bf16", "NVIDIA H200", {"eager": "a", "triton": "b"},
+                         {"rows": [1, 4, 16], "cols": [512, 2048]}, cells)  # fmt: skip
+
+
+def test_decision_table_lookup_is_nearest_in_log2_and_clamped():
+    t = small_table()
+    assert t.lookup({"rows": 1, "cols": 512}) == ("eager", {})
+    assert t.lookup({"rows": 4, "cols": 2048}) == ("eager", {})
+    assert t.lookup({"rows": 3, "cols": 1500}) == ("eager", {})  # log2 3 = 1.58 → 4; 1500 → 2048
+    assert t.lookup({"rows": 2, "cols": 1000}) == ("eager", {})  # tie at the geometric midpoint → lower bucket
+    assert t.lookup({"rows": 9, "cols": 600}) == ("triton", {"block_r": 1})  # 9 > √(4·16) = 8 → 16
+    assert t.lookup({"rows": 10**6, "cols": 10**6}) == ("triton", {"block_r": 1})  # clamped to the last centres
+    assert t.lookup({"rows": 1, "cols": 1, "extra": 5}) == ("eager", {})
+    assert t.lookup({"cols": 10, "rows": 5}) == ("triton", {"block_r": 8})  # cols clamped to 512, rows → 4
+    with pytest.raises(ValueError, match="keys"):
+        t.lookup({"rows": 4})
+
+
+def test_decision_table_json_round_trip():
+    t = small_table()
+    data = json.loads(json.dumps(t.to_json()))
+    assert data["choices"] == [["eager", {}], ["triton", {"block_r": 8}], ["triton", {"block_r": 1}]]
+    assert data["cells"] == [0, 0, 1, 0, 2, 2]
+    back = DecisionTable.from_json(data)
+    assert back == t
+    for rows in (1, 2, 3, 5, 7, 12, 30, 1000):
+        for cols in (1, 600, 1024, 1500, 4096):
+            assert back.lookup({"rows": rows, "cols": cols}) == t.lookup({"rows": rows, "cols": cols})
+
+
+def _broken(path: str, value) -> dict:
+    data = small_table().to_json()
+    node = data
+    keys = path.split(".")
+    for k in keys[:-1]:
+        node = node[int(k)] if isinstance(node, list) else node[k]
+    last = keys[-1]
+    if value is KeyError:
+        del node[last]
+    elif isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return data
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "match"),
+    [
+        ("op", "matmul", "op must be"),
+        ("dtype", "int8", "dtype must be"),
+        ("gpu_name", "", "gpu_name"),
+        ("format", 2, "format"),
+        ("cells", [0, 0, 1], "needs 6 cells"),
+        ("cells", [0, 0, 1, 0, 2, 9], "cell 5 must index"),
+        ("cells", [0, 0, 1, 0, 2, "2"], "cell 5 must index"),
+        ("axes.rows", [1, 4.0, 16], "positive ints"),
+        ("axes.rows", [1, True, 16], "positive ints"),
+        ("axes.rows", [1, 16, 4], "sorted"),
+        ("axes.rows", [1, 4, 4], "sorted"),
+        ("axes.rows", [0, 4, 16], "positive ints"),
+        ("axes.rows", [], "non-empty"),
+        ("axes.rows", KeyError, "axes of compose must be"),
+        ("axes", {"rows": [1, 4, 16], "cols": [512, 2048], "r": [8]}, "axes of compose must be"),
+        ("choices.1.0", 7, "impl must be a non-empty str"),
+        ("choices.1.1", [8], "config must be a dict"),
+        ("choices.1", ["triton"], "pair"),
+        ("impl_versions", {"eager": 1}, "impl_versions"),
+        ("cells", KeyError, "missing"),
+    ],
+)
+def test_from_json_rejects_malformed(path, value, match):
+    with pytest.raises(ValueError, match=match):
+        DecisionTable.from_json(_broken(path, value))
+
+
+def test_from_json_rejects_non_objects():
+    for bad in (None, [], "table", {"op": "compose"}):
+        with pytest.raises(ValueError):
+            DecisionTable.from_json(bad)
+    data = small_table().to_json()
+    data["extra"] = 1
+    with pytest.raises(ValueError, match="unexpected"):
+        DecisionTable.from_json(data)
+
+
+def test_decisions_module_imports_neither_sklearn_nor_torch():
+    # The module on its own (its package's __init__, the run-time planner, imports torch by design): stub the
+    # package so only decisions.py and what it imports run.
+    code = (
+        "import sys, types, pathlib, dora_tune; "
+        "pkg = types.ModuleType('dora_tune.dispatch'); "
+        "pkg.__path__ = [str(pathlib.Path(dora_tune.__file__).parent / 'dispatch')]; "
+        "sys.modules['dora_tune.dispatch'] = pkg; "
+        "import dora_tune.dispatch.decisions; "
+        "bad = [m for m in ('torch', 'sklearn', 'triton') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    # through the package as the run-time path imports it: never scikit-learn
+    code = "import sys; import dora_tune.dispatch.decisions; assert 'sklearn' not in sys.modules"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+# ------------------------------------------------------------------------------------- fitting and metrics
+
+
+def test_model_recovers_a_known_crossover(known_trials):
+    cv = cm.cross_validate(known_trials, "compose_train", "bf16")
+    assert cv.model.n_shapes == len(ROWS) * len(COLS) and cv.n_splits == 5
+    assert cv.model.top1 >= 0.9, cv.shapes
+    assert cv.model.regret_geomean <= 1.02 and cv.model.regret_max <= 1.2
+    result = cm.fit_op(known_trials, "compose_train", "bf16", env=H200)
+    assert set(result.models) == {"eager", "triton"}
+    table = cm.compile_decisions(result, "compose_train", "bf16", "NVIDIA H200", result.impl_versions,
+                                 cm.measured_best(known_trials, "compose_train", "bf16"))  # fmt: skip
+    for rows, cols in ((64, 512), (128, 1024), (1, 512), (256, 1024), (4096, 512)):  # n ≤ 2.1e6 ... eager side
+        if rows * cols < 3e5:
+            assert table.lookup({"rows": rows, "cols": cols})[0] == "eager", (rows, cols)
+    for rows, cols in ((4096, 8192), (2048, 4096), (1024, 2048), (32768, 28672)):
+        assert table.lookup({"rows": rows, "cols": cols})[0] == "triton", (rows, cols)
+    # at measured shapes the measured best wins, config included
+    assert table.lookup({"rows": 4096, "cols": 8192}) == ("triton", DEFAULT_COMPOSE_TRAIN_CONFIG.as_dict())
+    assert table.lookup({"rows": 64, "cols": 512}) == ("eager", {})
+    # the table's axes hold every measured value and half-octave steps over the default set's range
+    assert set(ROWS) <= set(table.axes["rows"]) and set(COLS) <= set(table.axes["cols"])
+    assert table.axes["rows"][0] == 1 and table.axes["rows"][-1] == 32768 and 6144 in table.axes["cols"]
+    # the predicted crossover lies where the law puts it: n* = 350 / 0.75e-3 ≈ 4.7e5 elements
+    flips = [r * c for r in table.axes["rows"] for c in table.axes["cols"]
+             if table.lookup({"rows": r, "cols": c})[0] == "triton"]  # fmt: skip
+    assert 1.5e5 < min(flips) < 1.5e6
+
+
+def test_crossover_metrics_on_a_hand_made_case():
+    now = datetime.now(timezone.utc)
+    default = DEFAULT_COMPOSE_TRAIN_CONFIG.as_dict()
+    other = copy.deepcopy(default)
+    other["fwd"]["block_r"] = 16
+
+    def row(shape, impl, config, us):
+        return TrialRow(1, "NVIDIA H200", "compose_train", impl, "v", shape, "bf16", config, "ok", us, us, us, 5,
+                        None, None, now)  # fmt: skip
+
+    a, b, c = {"rows": 4096, "cols": 4096}, {"rows": 1024, "cols": 1024}, {"rows": 4096, "cols": 8192}
+    trials = [
+        row(a, "triton", default, 100.0), row(a, "triton", other, 80.0), row(a, "eager", {}, 150.0),  # → triton
+        row(b, "triton", default, 60.0), row(b, "eager", {}, 50.0),  # small → eager, the fastest
+        row(c, "triton", other, 90.0), row(c, "eager", {}, 300.0),  # → triton default: not measured
+    ]  # fmt: skip
+    m = cm.crossover_metrics(trials, "compose_train", "bf16")
+    assert (m.n_shapes, m.excluded) == (2, 1)
+    assert m.top1 == 0.5 and m.impl_top1 == 1.0
+    assert m.regret_max == pytest.approx(1.25) and m.regret_geomean == pytest.approx(1.25**0.5)
+    assert cm.crossover_choice("compose_train", {"rows": 2048, "cols": 6144}) == ("triton", default)
+    assert cm.crossover_choice("compose_train", {"rows": 2047, "cols": 6144})[0] == "eager"
+    assert cm.crossover_choice("compose_train", {"rows": 100_000, "cols": 1024})[0] == "eager"
+    # cross_validate scores the crossover on the same rows, shape by shape
+    cv = cm.cross_validate(trials, "compose_train", "bf16", estimator="knn")
+    assert cv.crossover == m
+    assert cv.model_paired.n_shapes == 2 and cv.model.n_shapes == 3
+    by_shape = {json.dumps(s.shape, sort_keys=True): s for s in cv.shapes}
+    assert by_shape[json.dumps(c, sort_keys=True)].crossover_us is None
+    assert by_shape[json.dumps(a, sort_keys=True)].crossover_us == 100.0
+
+
+def test_candidates_are_the_registry_space_plus_seen_stage_two(known_trials):
+    result = cm.fit_op(known_trials, "compose_train", "bf16")
+    space = _impls("compose_train")["triton"].configs({"rows": 4096, "cols": 4096})
+    stage2 = {"fwd": space[0]["fwd"], "bwd": {"block_r": 1, "block_c": 256, "row_iters": 1, "num_warps": 4}}
+    result.seen_configs["triton"].append(stage2)
+    result._candidates.clear()
+    cands = result.candidates({"rows": 4096, "cols": 4096})
+    assert ("eager", {}) in cands and ("triton", stage2) in cands
+    assert [c for i, c in cands if i == "triton"][: len(space)] == space
+    assert len(cands) == 1 + len(space) + 1
+    # the norm's space depends on r: the memo must not hand one rank's configs to another
+    norm = _impls("norm")["triton"]
+    for r in (8, 384):
+        got = cm._registry_configs("norm", "triton", {"d_out": 64, "d_in": 64, "r": r}, result._memo)
+        assert got == norm.configs({"d_out": 64, "d_in": 64, "r": r})
+    assert cm.candidate_configs("norm", "dense", {"d_out": 4, "d_in": 4, "r": 1}) == [{}]
+    assert cm.candidate_configs("norm", "mystery", {"d_out": 4, "d_in": 4, "r": 1}, [{"x": 1}]) == [{"x": 1}]
+
+
+@pytest.mark.parametrize("estimator", cm.ESTIMATORS)
+def test_every_estimator_fits_and_predicts(known_trials, estimator):
+    result = cm.fit_op(known_trials, "compose_train", "bf16", estimator=estimator)
+    impl, _, us = result.choose({"rows": 4096, "cols": 8192})
+    assert impl == "triton" and us > 0
+    assert result.choose({"rows": 64, "cols": 512})[0] == "eager"
+
+
+def test_fit_rejects_bad_input(known_trials):
+    with pytest.raises(ValueError, match="op"):
+        cm.fit_op(known_trials, "matmul", "bf16")
+    with pytest.raises(ValueError, match="no 'ok'"):
+        cm.fit_op(known_trials, "compose_train", "fp32")
+    with pytest.raises(ValueError, match="estimator"):
+        cm.fit_op(known_trials, "compose_train", "bf16", estimator="svm")
+    two_envs = [*known_trials[:5], dataclasses.replace(known_trials[5], env_id=99)]
+    with pytest.raises(ValueError, match="environments"):
+        cm.fit_op(two_envs, "compose_train", "bf16")
+
+
+def test_fit_keeps_the_newest_version_of_each_impl(known_trials):
+    stale = [dataclasses.replace(t, impl_version="old", median_us=1.0, created_at=t.created_at.replace(year=2000))
+             for t in known_trials]  # fmt: skip
+    result = cm.fit_op(stale + list(known_trials), "compose_train", "bf16")
+    assert result.impl_versions == {n: i.version for n, i in _impls("compose_train").items()}
+    assert result.n_trials == len(known_trials)
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+def test_fit_stores_tables_and_metrics(tmp_path):
+    path = str(tmp_path / "t.sqlite")
+    with TuningDB.open(path) as db:
+        fill_known_crossover(db)
+        db.record_trial(H200, "compose", "eager", "v", {"rows": 8, "cols": 8}, "bf16", {}, ok(5.0))  # 1 shape: skipped
+        [s] = cm.fit(db)
+        assert (s.op, s.dtype, s.gpu_name, s.estimator) == ("compose_train", "bf16", "NVIDIA H200", "linear_trees")
+        assert s.n_shapes == 35 and s.n_trials == 35 * 5 and s.fit_seconds > 0
+        assert s.model.regret_geomean <= 1.02 and s.crossover.n_shapes + s.crossover.excluded == 35
+        assert cm.fit(db, gpu="a100") == []
+    with TuningDB.open(path, readonly=True) as db:
+        [m] = db.models()
+    assert (m.op, m.dtype, m.estimator, m.gpu_name) == ("compose_train", "bf16", "linear_trees", "NVIDIA H200")
+    assert m.metrics["cv"]["model"] == s.model.to_json() and m.metrics["n_shapes"] == 35
+    table = DecisionTable.from_json(m.payload)
+    assert table.impl_versions == {n: i.version for n, i in _impls("compose_train").items()}
+    assert table.lookup({"rows": 8192, "cols": 8192})[0] == "triton"
+
+
+def test_no_pickle_anywhere_in_fit_store_and_load(tmp_path, monkeypatch, known_db):
+    import sklearn.ensemble  # noqa: F401  (imported before pickle is sabotaged: joblib subclasses its Unpickler)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("dora-tune must not unpickle anything")
+
+    class NoUnpickler:
+        def __init__(self, *args, **kwargs):
+            refuse()
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", NoUnpickler)
+    try:
+        import joblib
+
+        monkeypatch.setattr(joblib, "load", refuse)
+    except ImportError:
+        pass
+    path = tmp_path / "np.sqlite"
+    shutil.copy(known_db, path)
+    with TuningDB.open(str(path)) as db:
+        assert len(cm.fit(db)) == 1
+    with TuningDB.open(str(path), readonly=True) as db:
+        [m] = db.models()
+    table = DecisionTable.from_json(m.payload)
+    assert table.lookup({"rows": 64, "cols": 512}) == ("eager", {})
+
+
+def test_fit_on_the_shipped_h200_cache(tmp_path):
+    digest = hashlib.sha256(CACHE.read_bytes()).hexdigest()
+    path = tmp_path / "h200.sqlite"
+    shutil.copy(CACHE, path)
+    with TuningDB.open(str(path)) as db:  # a writable open migrates the copy to the current schema
+        summaries = cm.fit(db)
+        best = db.best()
+        models = db.models(gpu="h200")
+    assert hashlib.sha256(CACHE.read_bytes()).hexdigest() == digest  # the shipped file is untouched
+    assert [(s.op, s.dtype) for s in summaries] == [("compose", "bf16"), ("compose_train", "bf16"), ("norm", "bf16")]
+    assert [(s.n_shapes, s.n_trials) for s in summaries] == [(3, 213), (3, 501), (8, 336)]
+    by_op = {s.op: s for s in summaries}
+    assert by_op["compose_train"].model.impl_top1 >= 2 / 3  # eager for 4096×1024, triton above
+    assert by_op["norm"].crossover.excluded == 4  # the default block_n = 128 is outside the r = 16 space
+    tables = {m.op: DecisionTable.from_json(m.payload) for m in models}
+    assert set(tables) == {"norm", "compose", "compose_train"}
+    for b in best:  # measured shapes take their measured best
+        assert tables[b.op].lookup(b.shape) == (b.impl, b.config), b
+    ct = tables["compose_train"]
+    assert ct.lookup({"rows": 1, "cols": 1024})[0] == "eager"
+    assert ct.lookup({"rows": 32768, "cols": 8192})[0] == "triton"
+    assert {c[0] for c in tables["compose"].cells} == {"triton"}  # never slower than eager, as measured
