@@ -769,6 +769,38 @@ class TuningDB:
             )
             return [_row(t, g, i) for t, g, i in s.execute(q).all()]
 
+    def fastest_per_impl(self, gpu_name: str) -> list[tuple[str, str, str, str, str, str, float]]:
+        """For one GPU model (exact name), the fastest "ok" trial of each (op, implementation, version, shape, dtype):
+        plain tuples ``(op, impl, impl_version, shape JSON, dtype, config JSON, median_us)``, in no set order.
+
+        The run-time dispatcher's loader: one plain SQL scan (no ORM objects, no window sort) reduced in Python, so
+        10k trials load in milliseconds.
+        """
+        with self._session(write=False) as s:
+            q = (
+                select(
+                    Implementation.op, Implementation.name, Implementation.version, Trial.shape, Trial.dtype,
+                    Trial.config, Trial.median_us,
+                )
+                .join(Environment, Trial.env_id == Environment.id)
+                .join(Implementation, Trial.impl_id == Implementation.id)
+                .where(Environment.gpu_name == gpu_name, Trial.status == "ok", Trial.median_us.is_not(None))
+            )  # fmt: skip
+            best: dict[tuple[str, str, str, str, str], tuple[str, str, str, str, str, str, float]] = {}
+            conn = s.connection()
+            if conn.dialect.name == "sqlite":  # skip SQLAlchemy's per-row processing: plain DB-API tuples
+                compiled = q.compile(dialect=conn.dialect)
+                cursor = conn.connection.driver_connection.cursor()
+                rows = cursor.execute(str(compiled), [compiled.params[k] for k in compiled.positiontup]).fetchall()
+            else:
+                rows = s.execute(q).all()
+            for row in rows:
+                key = row[:5]
+                old = best.get(key)
+                if old is None or row[6] < old[6]:
+                    best[key] = tuple(row)
+            return list(best.values())
+
     def best(
         self,
         *,

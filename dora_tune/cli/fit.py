@@ -11,7 +11,7 @@ from dora_tune.cli._common import db_option, open_db
 
 _COLUMNS = ("op", "dtype", "gpu", "trials", "shapes", "estimator", "model top-1 (impl)", "model regret geo / max",
             "crossover top-1 (impl)", "crossover regret geo / max", "crossover excluded",
-            "model on crossover's shapes")  # fmt: skip
+            "model on crossover's shapes", "used at run time")  # fmt: skip
 
 
 def _pct(v: float | None) -> str:
@@ -29,11 +29,14 @@ def _regret(geo: float | None, mx: float | None) -> str:
 def _cv_row(op: str, dtype: str, gpu: str, n_trials: int, n_shapes: int, estimator: str, cv: dict[str, Any]) -> list:
     """One table row from a CV report's JSON (``CVReport.to_json()``: its ``model``, ``crossover`` and
     ``model_paired`` parts)."""
+    from dora_tune.dispatch.decisions import beats_crossover
+
     m, x, p = cv["model"], cv["crossover"], cv["model_paired"]
     return [op, dtype, gpu, str(n_trials), str(n_shapes), estimator,
             _top1(m), _regret(m["regret_geomean"], m["regret_max"]),
             _top1(x), _regret(x["regret_geomean"], x["regret_max"]), str(x["excluded"]),
-            _regret(p["regret_geomean"], p["regret_max"])]  # fmt: skip
+            _regret(p["regret_geomean"], p["regret_max"]),
+            "yes" if beats_crossover(cv) else "no (loses to the crossover)"]  # fmt: skip
 
 
 def _print_table(title: str, rows: list[list[str]]) -> None:

@@ -200,3 +200,13 @@ def _validate(op: Any, dtype: Any, gpu_name: Any, impl_versions: Any, axes: Any,
             raise ValueError(f"decision table cell {i}: impl must be a non-empty str, got {impl!r}")
         if not isinstance(config, dict):
             raise ValueError(f"decision table cell {i}: config must be a dict, got {config!r}")
+
+
+def beats_crossover(cv: dict[str, Any]) -> bool:
+    """Whether a decision table's cross-validation (``CVReport.to_json()``) says it should be used at run time:
+    its regret geomean on the shapes the fixed crossover was scored on is no worse than the crossover's (or the
+    crossover could not be scored). A table that loses is kept for ``dora-tune report`` but not dispatched on."""
+    crossover, model = cv.get("crossover") or {}, cv.get("model_paired") or {}
+    if not crossover.get("n_shapes") or crossover.get("regret_geomean") is None:
+        return True
+    return model.get("regret_geomean") is not None and model["regret_geomean"] <= crossover["regret_geomean"]

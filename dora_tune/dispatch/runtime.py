@@ -34,6 +34,9 @@ from typing import Any
 
 import torch
 
+from dora_tune.autotune_db.models import canonical_json
+from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
+
 _TORCH_IMPL = {"norm": "factored_torch", "compose": "eager", "compose_train": "eager"}
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 SOURCES = ("measured", "model", "heuristic", "fallback")
@@ -74,8 +77,6 @@ def shipped_cache_path(gpu_name: str) -> Path:
 
 
 def _shape_key(op: str, shape: dict[str, int]) -> tuple[int, ...]:
-    from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
-
     return tuple(int(shape[k]) for k in OP_SHAPE_KEYS[op])
 
 
@@ -84,8 +85,8 @@ class _Tables:
     """What one GPU model's databases say, loaded once."""
 
     gpu_name: str
-    # (origin, op, shape tuple, dtype) → {impl: (median_us, config dict)}; origin "user" or "shipped"
-    measured: dict[tuple[str, str, tuple[int, ...], str], dict[str, tuple[float, dict]]]
+    # (origin, op, canonical shape JSON, dtype) → {impl: (median_us, config JSON)}; origin "user" or "shipped"
+    measured: dict[tuple[str, str, str, str], dict[str, tuple[float, str]]]
     models: dict[tuple[str, str, str], Any]  # (origin, op, dtype) → DecisionTable
     notes: list[str]
 
@@ -100,6 +101,7 @@ class Dispatcher:
         self._memo: dict[tuple, Plan] = {}
         self._tables: dict[str, _Tables] = {}
         self._warned: set[str] = set()
+        self._notes: list[str] = []
         env_force = os.environ.get("DORA_TUNE_FORCE") if force_env is None else force_env
         if env_force in ("", None):
             self.env_force = None
@@ -135,7 +137,7 @@ class Dispatcher:
 
     def explain(self, gpu_name: str) -> list[str]:
         """Notes on the sources for ``gpu_name``: what was loaded, what was skipped and why."""
-        return list(self._load(gpu_name).notes)
+        return list(self._load(gpu_name).notes) + list(self._notes)
 
     def clear(self) -> None:
         """Forget every memoised plan and loaded table (e.g. after profiling more)."""
@@ -166,13 +168,14 @@ class Dispatcher:
             gpu_name = torch.cuda.get_device_name(device)
         allowed = set(impls) if forced is None else ({"triton"} if forced == "triton" else {torch_impl})
         tables = self._load(gpu_name)
-        # 1. measured, user DB then shipped cache
+        # 1. measured, user DB then shipped cache (keyed by the canonical shape JSON, as stored)
+        shape_json = canonical_json(dict(zip(OP_SHAPE_KEYS[op], dims, strict=True)))
         for origin in ("user", "shipped"):
-            cands = tables.measured.get((origin, op, dims, dtype))
+            cands = tables.measured.get((origin, op, shape_json, dtype))
             if cands:
                 ok = {n: v for n, v in cands.items() if n in allowed}
                 for name, (us, cfg) in sorted(ok.items(), key=lambda kv: kv[1][0]):
-                    parsed = self._parse(impls[name], cfg, f"{origin} DB")
+                    parsed = self._parse(impls[name], json.loads(cfg), f"{origin} DB")
                     if parsed is not _INVALID:
                         return Plan(name, parsed, "measured", f"{origin} DB: {us:.1f} µs for this exact shape")
         # 2. model decisions
@@ -228,7 +231,7 @@ class Dispatcher:
         versions = {(op, i.name): i.version for op, v in registry().items() for i in v}
         try:
             with TuningDB.open(where, readonly=True) as db:
-                rows = db.trials(gpu=tables.gpu_name, status="ok")
+                rows = db.fastest_per_impl(tables.gpu_name)
                 models = db.models(gpu=tables.gpu_name) if hasattr(db, "models") else []
         except DatabaseError as e:
             self._warn(f"{origin} DB unusable, ignored: {e}")
@@ -239,19 +242,13 @@ class Dispatcher:
             tables.notes.append(f"{origin} DB: unreadable ({type(e).__name__}: {e})")
             return
         used = stale = 0
-        for t in rows:
-            if t.gpu_name != tables.gpu_name:
-                continue
-            if versions.get((t.op, t.impl)) != t.impl_version:
+        for op, impl, version, shape_json, dtype, config_json, median_us in rows:
+            if versions.get((op, impl)) != version:
                 stale += 1
                 continue
-            try:
-                key = (origin, t.op, _shape_key(t.op, t.shape), t.dtype)
-            except KeyError:
-                continue
-            best = tables.measured.setdefault(key, {})
-            if t.impl not in best or t.median_us < best[t.impl][0]:
-                best[t.impl] = (t.median_us, t.config)
+            best = tables.measured.setdefault((origin, op, shape_json, dtype), {})
+            if impl not in best or median_us < best[impl][0]:
+                best[impl] = (median_us, config_json)
             used += 1
         if stale:
             self._warn(f"{origin} DB {where}: {stale} trials of other kernel versions ignored for {tables.gpu_name}")
@@ -261,8 +258,13 @@ class Dispatcher:
             if table is not None:
                 tables.models[(origin, table.op, table.dtype)] = table
                 n_models += 1
-        tables.notes.append(f"{origin} DB {where}: {used} trials of {tables.gpu_name} in use, {stale} stale, "
-                            f"{n_models} decision tables")  # fmt: skip
+        tables.notes.append(
+            f"{origin} DB {where}: {used} measured (implementation, shape) entries of {tables.gpu_name} in use, "
+            f"{stale} of stale versions, {n_models} decision tables in use"
+        )
+
+    def _note(self, message: str) -> None:
+        self._notes.append(message)
 
     def _warn(self, message: str) -> None:
         if message not in self._warned:
@@ -292,8 +294,6 @@ def _crossover(op: str, dims: tuple[int, ...]) -> str:
 
 
 def _shape_keys(op: str) -> tuple[str, ...]:
-    from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
-
     return OP_SHAPE_KEYS[op]
 
 
@@ -311,6 +311,12 @@ def _decision_table(row: Any, versions: dict, dispatcher: Dispatcher, origin: st
         table = DecisionTable.from_json(row.payload)
     except Exception as e:
         dispatcher._warn(f"{origin} DB: decision table for {row.op}/{row.dtype} unreadable, ignored ({e})")
+        return None
+    from dora_tune.dispatch.decisions import beats_crossover
+
+    if not beats_crossover((row.metrics or {}).get("cv", {})):
+        dispatcher._note(f"{origin} DB: decision table for {table.op}/{table.dtype} loses to the fixed crossover in "
+                         "cross-validation; not used")  # fmt: skip
         return None
     stale = [n for n, v in table.impl_versions.items() if versions.get((table.op, n)) != v]
     if stale:

@@ -189,3 +189,42 @@ def test_importing_dispatch_is_light():
     code = "import sys, dora_tune.dispatch; print('sklearn' in sys.modules, 'triton' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+def test_model_source_between_measured_and_crossover(tmp_path, shipped):
+    from dora_tune.dispatch.costmodel import fit
+
+    from conftest import H200, fill_known_crossover
+
+    user = str(tmp_path / "user.sqlite")
+    with TuningDB.open(user) as db:
+        fill_known_crossover(db)
+        (summary,) = fit(db, gpu="h200")
+    assert summary.op == "compose_train"
+    d = Dispatcher(user, force_env="")
+    measured = d.plan_for_gpu(H200.gpu_name, "compose_train", {"rows": 256, "cols": 1024}, "bf16")
+    assert measured.source == "measured" and measured.impl == "eager"
+    # Unmeasured shapes: the model's table, which knows this synthetic law's crossover (n ≈ 4.7e5 elements) —
+    # where the paper's rule (fused iff cols ≥ 2048 and n ≥ 1.26e7) would pick eager.
+    big = d.plan_for_gpu(H200.gpu_name, "compose_train", {"rows": 3000, "cols": 3000}, "bf16")
+    small = d.plan_for_gpu(H200.gpu_name, "compose_train", {"rows": 100, "cols": 700}, "bf16")
+    assert (big.source, big.impl) == ("model", "triton") and (small.source, small.impl) == ("model", "eager")
+
+
+def test_table_that_loses_to_the_crossover_is_not_used(tmp_path, shipped):
+    from dora_tune.dispatch.costmodel import fit
+
+    from conftest import H200, fill_known_crossover
+
+    user = str(tmp_path / "user.sqlite")
+    with TuningDB.open(user) as db:
+        fill_known_crossover(db)
+        fit(db, gpu="h200")
+        (row,) = db.models()
+        metrics = dict(row.metrics)
+        metrics["cv"] = {**metrics["cv"], "model_paired": {**metrics["cv"]["crossover"], "regret_geomean": 9.0}}
+        db.save_model(H200, row.op, row.dtype, row.estimator, row.payload, metrics)
+    d = Dispatcher(user, force_env="")
+    p = d.plan_for_gpu(H200.gpu_name, "compose_train", {"rows": 3000, "cols": 3000}, "bf16")
+    assert p.source == "heuristic"
+    assert any("loses to the fixed crossover" in n for n in d.explain(H200.gpu_name))
