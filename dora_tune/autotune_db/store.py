@@ -409,6 +409,33 @@ _TRIAL_VALUE_COLS = ("status", "median_us", "p20_us", "p80_us", "reps", "peak_me
 # ---------------------------------------------------------------------------------------------------- the store
 
 
+def _filter_trials(
+    q: Any,
+    env_ids: Sequence[int] | None,
+    *,
+    op: str | None = None,
+    impl: str | None = None,
+    dtype: str | None = None,
+    shape: dict[str, Any] | None = None,
+    status: str | None = None,
+) -> Any:
+    """``q`` (a select over trials joined with their implementation) narrowed by every filter that is given."""
+    conds = []
+    if env_ids is not None:
+        conds.append(Trial.env_id.in_(env_ids))
+    if op is not None:
+        conds.append(Implementation.op == op)
+    if impl is not None:
+        conds.append(Implementation.name == impl)
+    if dtype is not None:
+        conds.append(Trial.dtype == dtype)
+    if shape is not None:
+        conds.append(Trial.shape == _json_dict(shape, "shape"))
+    if status is not None:
+        conds.append(Trial.status == status)
+    return q.where(*conds) if conds else q
+
+
 class TuningDB:
     """A tuning database. Create it with :meth:`open`; close it with :meth:`close` or use it as a context manager.
 
@@ -746,18 +773,7 @@ class TuningDB:
                 .join(Environment, Trial.env_id == Environment.id)
                 .join(Implementation, Trial.impl_id == Implementation.id)
             )
-            if env_ids is not None:
-                q = q.where(Trial.env_id.in_(env_ids))
-            if op is not None:
-                q = q.where(Implementation.op == op)
-            if impl is not None:
-                q = q.where(Implementation.name == impl)
-            if dtype is not None:
-                q = q.where(Trial.dtype == dtype)
-            if shape is not None:
-                q = q.where(Trial.shape == _json_dict(shape, "shape"))
-            if status is not None:
-                q = q.where(Trial.status == status)
+            q = _filter_trials(q, env_ids, op=op, impl=impl, dtype=dtype, shape=shape, status=status)
             q = q.order_by(
                 Environment.gpu_name,
                 Implementation.op,
@@ -830,14 +846,7 @@ class TuningDB:
                 .join(Implementation, Trial.impl_id == Implementation.id)
                 .where(Trial.status == "ok", Trial.median_us.is_not(None))
             )
-            if env_ids is not None:
-                inner = inner.where(Trial.env_id.in_(env_ids))
-            if op is not None:
-                inner = inner.where(Implementation.op == op)
-            if dtype is not None:
-                inner = inner.where(Trial.dtype == dtype)
-            if shape is not None:
-                inner = inner.where(Trial.shape == _json_dict(shape, "shape"))
+            inner = _filter_trials(inner, env_ids, op=op, dtype=dtype, shape=shape)
             ranked = inner.subquery()
             q = (
                 select(Trial, Environment.gpu_name, Implementation)
