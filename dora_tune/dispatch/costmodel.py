@@ -230,9 +230,9 @@ class FitResult:
     seen_configs: dict[str, list[dict[str, Any]]]  # impl → distinct configs of its trials
     shapes: list[dict[str, int]]  # distinct measured shapes
     n_trials: int
-    # caches of candidates(): registry config spaces by the shape keys they read, and candidate lists by (impl, id
-    # of the registry's list) — the memo keeps those lists alive, so their ids stay unique
-    _memo: dict[tuple[str, str], list] = field(default_factory=dict, repr=False, compare=False)
+    # caches of candidates(): registry config spaces by the shape keys they depend on, and candidate lists by (impl,
+    # id of the registry's list) — the memo keeps those lists alive, so their ids stay unique
+    _memo: dict[tuple, list] = field(default_factory=dict, repr=False, compare=False)
     _candidates: dict[tuple[str, int], list[dict[str, Any]]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -282,12 +282,12 @@ def candidate_configs(
 
 
 def _registry_configs(
-    op: str, impl: str, shape: Mapping[str, int], memo: dict[tuple[str, str], list] | None = None
+    op: str, impl: str, shape: Mapping[str, int], memo: dict[tuple, list] | None = None
 ) -> list[dict[str, Any]] | None:
     """``Impl.configs(shape)`` of the registry's ``impl``; None when the registry has no such implementation.
 
-    With ``memo``, results are reused between shapes that agree on every key the config space read (a tuning space
-    is a pure function of the shape; the norm's reads only ``r``): a decision grid then builds each space once.
+    With ``memo``, a space is built once per value of the shape keys it depends on (``Impl.space_keys``; the
+    norm's reads only ``r``), so a decision grid builds each space once.
     """
     from dora_tune.dispatch.registry import registry
 
@@ -296,58 +296,10 @@ def _registry_configs(
         return None
     if memo is None:
         return list(found.configs(dict(shape)))
-    for read, configs in memo.get((op, impl), ()):
-        if all(shape.get(k) == v for k, v in read):
-            return configs
-    recorder = _ReadRecorder(shape)
-    configs = list(found.configs(recorder))
-    read = tuple(sorted((k, shape.get(k)) for k in (set(shape) if recorder.read_all else recorder.read)))
-    memo.setdefault((op, impl), []).append((read, configs))
-    return configs
-
-
-class _ReadRecorder(dict):
-    """A shape dict that records which keys were read (``read_all`` once it was iterated or copied)."""
-
-    def __init__(self, shape: Mapping[str, int]) -> None:
-        super().__init__(shape)
-        self.read: set[str] = set()
-        self.read_all = False
-
-    def __getitem__(self, key: str) -> int:
-        self.read.add(key)
-        return super().__getitem__(key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        self.read.add(key)
-        return super().get(key, default)
-
-    def __contains__(self, key: object) -> bool:
-        self.read.add(str(key))
-        return super().__contains__(key)
-
-    def _all(self) -> None:
-        self.read_all = True
-
-    def __iter__(self) -> Any:
-        self._all()
-        return super().__iter__()
-
-    def keys(self) -> Any:
-        self._all()
-        return super().keys()
-
-    def items(self) -> Any:
-        self._all()
-        return super().items()
-
-    def values(self) -> Any:
-        self._all()
-        return super().values()
-
-    def copy(self) -> dict[str, int]:
-        self._all()
-        return dict(super().items())
+    key = (op, impl, *(shape[k] for k in found.space_keys))
+    if key not in memo:
+        memo[key] = list(found.configs(dict(shape)))
+    return memo[key]
 
 
 def _merge_configs(

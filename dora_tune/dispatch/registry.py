@@ -72,6 +72,7 @@ class Impl:
     sources: tuple[str, ...]  # what the version hashes: "module" or "module:qualname"
     configs: Callable[[dict[str, int]], list[dict]]  # the tuning space for a shape; [{}] when configless
     parse_config: Callable[[dict], Any]  # dict → validated config object (None when configless)
+    space_keys: tuple[str, ...] = ()  # the shape keys `configs` depends on (its result is a function of these)
 
     @property
     def version(self) -> str:
@@ -173,6 +174,7 @@ def _registry() -> dict[str, list[Impl]]:
                 (k + "_norm_triton",),
                 lambda shape: [c.as_dict() for c in norm_tuning_space(shape["r"])],
                 NormConfig.from_dict,
+                ("r",),
             ),
         ],
         "compose": [
