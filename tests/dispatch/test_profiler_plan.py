@@ -1,0 +1,53 @@
+"""The profiler's plan: compose_train's stage one takes its forward configs from the same shape's compose trials."""
+
+import json
+
+import torch
+
+from dora_tune.autotune_db import EnvInfo, TrialResult, TuningDB, canonical_json
+from dora_tune.dispatch import profiler
+from dora_tune.dispatch.registry import registry
+from dora_tune.kernels import compose_bwd_config_space
+
+GPU = EnvInfo("cuda", "Test GPU", "9.0", 132, 150_000_000_000, "570.1", "12.8", "2.11.0", "3.6.0", "0.1.0")
+SHAPE = {"rows": 64, "cols": 4096}
+
+
+def impl(op, name):
+    return next(i for i in registry()[op] if i.name == name)
+
+
+def fwd_of(task_configs):
+    return {canonical_json(json.loads(c)["fwd"]) for c in task_configs}
+
+
+def train_task(db):
+    tasks, todo, _ = profiler.plan(db, GPU, torch.device("cuda"), {"compose_train": [SHAPE]}, dtypes=("bf16",))
+    (task,) = [t for t in tasks if t.impl.name == "triton"]
+    return task, todo
+
+
+def test_stage_one_sweeps_every_forward_config_without_compose_trials(tmp_path):
+    with TuningDB.open(str(tmp_path / "t.sqlite")) as db:
+        task, todo = train_task(db)
+    assert todo == 1 + len(task.configs) + len(compose_bwd_config_space())
+    space = impl("compose_train", "triton").configs(SHAPE)
+    assert len(task.configs) == len(space) > profiler.TRAIN_FWD_SHORTLIST
+
+
+def test_stage_one_takes_the_fastest_compose_configs_of_the_shape(tmp_path):
+    comp = impl("compose", "triton")
+    cfgs = comp.configs(SHAPE)
+    with TuningDB.open(str(tmp_path / "t.sqlite")) as db:
+        for k, cfg in enumerate(cfgs):  # config k takes 100 + 7k mod 61 µs: the fastest are not the first ones
+            us = 100.0 + (7 * k) % 61
+            res = TrialResult("ok", us, us, us, 9)
+            db.record_trial(GPU, "compose", "triton", comp.version, SHAPE, "bf16", cfg, res)
+        other = {"rows": 8, "cols": 4096}  # another shape's fast configs do not count
+        db.record_trial(GPU, "compose", "triton", comp.version, other, "bf16", cfgs[0], TrialResult("ok", 1, 1, 1, 9))
+        task, todo = train_task(db)
+    ranked = sorted(range(len(cfgs)), key=lambda k: (100.0 + (7 * k) % 61, k))
+    want = {canonical_json(cfgs[k]) for k in ranked[: profiler.TRAIN_FWD_SHORTLIST]}
+    assert fwd_of(task.configs) == want
+    assert len(task.configs) == profiler.TRAIN_FWD_SHORTLIST
+    assert todo == 1 + profiler.TRAIN_FWD_SHORTLIST + len(compose_bwd_config_space())  # eager, stage one, stage two
