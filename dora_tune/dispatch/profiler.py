@@ -63,34 +63,6 @@ def _quantiles(xs: list[float]) -> tuple[float, float, float]:
     return statistics.median(xs), q[1], q[7]
 
 
-#: the fewest repetitions a host-bound trial keeps (see :func:`_host_bound_scale`).
-MIN_REPS = 30
-
-
-def _host_bound_scale(fn: Callable[[], Any], rep_ms: float) -> float:
-    """How much of do_bench's time budget to give ``fn`` so that its loop lasts about the budget in wall time.
-
-    do_bench sizes its loops by the GPU time of one L2 flush + ``fn``; when launching ``fn`` takes the host longer
-    than that (a training step with autograd: ~0.45 ms of host work around ~0.1 ms of GPU work), its loops run
-    several times longer than asked. The budget shrinks by GPU time ÷ wall time of one call, keeping at least
-    :data:`MIN_REPS` repetitions. The median it reports is GPU time either way.
-    """
-    flush = torch.empty(64 << 20, dtype=torch.int32, device="cuda")  # do_bench's 256 MB L2 flush buffer
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    t0 = time.perf_counter()
-    start.record()
-    flush.zero_()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    wall_ms = (time.perf_counter() - t0) * 1e3
-    gpu_ms = start.elapsed_time(end)
-    del flush
-    if wall_ms <= gpu_ms:
-        return 1.0
-    return min(1.0, max(gpu_ms / wall_ms, MIN_REPS * gpu_ms / rep_ms))
-
-
 def measure(fn: Callable[[], Any], device: torch.device, *, warmup_ms: float, rep_ms: float) -> TrialResult:
     """Time ``fn``: on CUDA ``triton.testing.do_bench`` (L2 flushed before each call; median, p20, p80); on the
     CPU a wall-clock loop. Also the peak memory above what was allocated before (CUDA only)."""
@@ -100,8 +72,6 @@ def measure(fn: Callable[[], Any], device: torch.device, *, warmup_ms: float, re
         with torch.cuda.device(device):
             fn()
             torch.cuda.synchronize()
-            scale = _host_bound_scale(fn, rep_ms)
-            warmup_ms, rep_ms = warmup_ms * scale, rep_ms * scale
             times = [float(t) for t in do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all")]
             med, p20, p80 = _quantiles(times)
             torch.cuda.reset_peak_memory_stats()
