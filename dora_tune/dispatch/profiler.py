@@ -8,9 +8,9 @@ their error text and the sweep goes on.
 ``compose_train``'s Triton configs pair a forward and a backward config; their product is too large to sweep, so
 it is swept in two stages: forward configs with the default backward, then every backward config with the best
 forward of stage one. Stage one tries the :data:`TRAIN_FWD_SHORTLIST` fastest configs of the same forward kernel
-where ``compose`` was measured for that shape and dtype (every forward config otherwise): the training forward is
-that kernel plus one more store, and the shortlist cuts the sweep by a third. Every trial of both stages is a real
-measurement of the full training step.
+(and the default one) where ``compose`` was measured for that shape and dtype, every forward config otherwise: the
+training forward is that kernel plus one more store, and the shortlist cuts the sweep by a third. Every trial of both
+stages is a real measurement of the full training step.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 
 from dora_tune.autotune_db import EnvInfo, TrialResult, TuningDB, canonical_json
 from dora_tune.dispatch.registry import Impl, make_inputs, registry, train_bwd_stage
+from dora_tune.kernels.compose import DEFAULT_COMPOSE_CONFIG
 
 #: forward configs of compose_train's stage one taken from the same shape's compose measurements.
 TRAIN_FWD_SHORTLIST = 6
@@ -147,8 +148,9 @@ def _best_ok_config(db: TuningDB, env: EnvInfo, task: _Task) -> dict | None:
 
 def _train_stage_one(db: TuningDB, env: EnvInfo, dtype: str, shape: dict[str, int], cfgs: list[str]) -> list[str]:
     """The stage-one configs of compose_train (canonical JSON): those whose forward is among the
-    :data:`TRAIN_FWD_SHORTLIST` fastest measured ``compose`` configs of this shape and dtype; all of ``cfgs`` when
-    fewer than that many were measured."""
+    :data:`TRAIN_FWD_SHORTLIST` fastest measured ``compose`` configs of this shape and dtype, or is the default
+    forward config (the fixed crossover's choice, kept so that it can be compared); all of ``cfgs`` when fewer than
+    that many were measured."""
     fwd_impl = next(i for i in registry()["compose"] if i.name == "triton")
     rows = [
         t
@@ -158,6 +160,7 @@ def _train_stage_one(db: TuningDB, env: EnvInfo, dtype: str, shape: dict[str, in
     if len(rows) < TRAIN_FWD_SHORTLIST:
         return cfgs
     best = {canonical_json(t.config) for t in sorted(rows, key=lambda t: t.median_us)[:TRAIN_FWD_SHORTLIST]}
+    best.add(canonical_json(DEFAULT_COMPOSE_CONFIG.as_dict()))  # the fixed crossover's pick, measured to compare
     return [c for c in cfgs if canonical_json(json.loads(c)["fwd"]) in best]
 
 

@@ -7,7 +7,7 @@ import torch
 from dora_tune.autotune_db import EnvInfo, TrialResult, TuningDB, canonical_json
 from dora_tune.dispatch import profiler
 from dora_tune.dispatch.registry import registry
-from dora_tune.kernels import compose_bwd_config_space
+from dora_tune.kernels import DEFAULT_COMPOSE_CONFIG, compose_bwd_config_space
 
 GPU = EnvInfo("cuda", "Test GPU", "9.0", 132, 150_000_000_000, "570.1", "12.8", "2.11.0", "3.6.0", "0.1.0")
 SHAPE = {"rows": 64, "cols": 4096}
@@ -48,6 +48,7 @@ def test_stage_one_takes_the_fastest_compose_configs_of_the_shape(tmp_path):
         task, todo = train_task(db)
     ranked = sorted(range(len(cfgs)), key=lambda k: (100.0 + (7 * k) % 61, k))
     want = {canonical_json(cfgs[k]) for k in ranked[: profiler.TRAIN_FWD_SHORTLIST]}
-    assert fwd_of(task.configs) == want
-    assert len(task.configs) == profiler.TRAIN_FWD_SHORTLIST
-    assert todo == 1 + profiler.TRAIN_FWD_SHORTLIST + len(compose_bwd_config_space())  # eager, stage one, stage two
+    want.add(canonical_json(DEFAULT_COMPOSE_CONFIG.as_dict()))  # the crossover's pick, to compare against
+    assert len(want) == profiler.TRAIN_FWD_SHORTLIST + 1  # the default is not among the fastest here
+    assert fwd_of(task.configs) == want and len(task.configs) == len(want)
+    assert todo == 1 + len(want) + len(compose_bwd_config_space())  # eager, stage one, stage two
