@@ -145,6 +145,7 @@ def _no_config(data: dict) -> None:
 def _registry() -> dict[str, list[Impl]]:
     from dora_tune.kernels import (
         DEFAULT_COMPOSE_TRAIN_CONFIG,
+        DEFAULT_NORM_CONFIG,
         ComposeConfig,
         ComposeTrainConfig,
         NormConfig,
@@ -157,6 +158,12 @@ def _registry() -> dict[str, list[Impl]]:
     k = "dora_tune.kernels."
     formula, fused_train = k + "compose:compose_formula", k + "compose_train:_ComposeTrainFn"
     default_bwd = DEFAULT_COMPOSE_TRAIN_CONFIG.bwd.as_dict()
+
+    def norm_space(rank: int) -> list[dict]:
+        # the tuning space, plus the default config (the fixed crossover's pick, measured so it can be compared)
+        space = [c.as_dict() for c in norm_tuning_space(rank)]
+        default = DEFAULT_NORM_CONFIG.as_dict()
+        return space if default in space else [*space, default]
 
     def train_space(shape: dict[str, int]) -> list[dict]:
         # Stage 1 of the coordinate sweep: every forward config with the default backward (the profiler adds
@@ -172,7 +179,7 @@ def _registry() -> dict[str, list[Impl]]:
                 "triton",
                 cuda,
                 (k + "_norm_triton",),
-                lambda shape: [c.as_dict() for c in norm_tuning_space(shape["r"])],
+                lambda shape: norm_space(shape["r"]),
                 NormConfig.from_dict,
                 ("r",),
             ),

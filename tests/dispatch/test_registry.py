@@ -48,3 +48,12 @@ def test_bytes_and_flops_models():
     assert op_bytes("compose", {"rows": 2, "cols": 4}, "bf16") == 3 * 8 * 2
     assert op_bytes("compose_train", {"rows": 2, "cols": 4}, "fp32") == 8 * 8 * 4
     assert op_flops("norm", {"d_out": 4, "d_in": 8, "r": 2}) == 2 * 4 * 8 * 2 + 2 * 4 * 12
+
+
+def test_norm_space_holds_the_default_config_at_every_rank():
+    from dora_tune.kernels import DEFAULT_NORM_CONFIG
+
+    (triton,) = [i for i in registry()["norm"] if i.name == "triton"]
+    for r in (8, 16, 384, 768):
+        cfgs = triton.configs({"d_out": 4096, "d_in": 4096, "r": r})
+        assert cfgs.count(DEFAULT_NORM_CONFIG.as_dict()) == 1 and len(cfgs) > 1
