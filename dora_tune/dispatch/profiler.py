@@ -3,7 +3,8 @@
 Idempotent and resumable: a trial already in the database (any status) is not measured again, and each trial is
 committed on its own, so an interrupted run (Ctrl-C, a killed process) keeps everything measured so far and never
 leaves half a row. Failures (compile errors, out of resources, out of memory, invalid configs) are recorded with
-their error text and the sweep goes on.
+their error text and the sweep goes on. Times are GPU time (:func:`gpu_times`): what an op costs in a training step
+whose GPU is busy; the host's launch cost is not in them (benchmarks/NOTES.md, "Timing").
 
 ``compose_train``'s Triton configs pair a forward and a backward config; their product is too large to sweep, so
 it is swept in two stages: forward configs with the default backward, then every backward config with the best
@@ -64,16 +65,63 @@ def _quantiles(xs: list[float]) -> tuple[float, float, float]:
     return statistics.median(xs), q[1], q[7]
 
 
-def measure(fn: Callable[[], Any], device: torch.device, *, warmup_ms: float, rep_ms: float) -> TrialResult:
-    """Time ``fn``: on CUDA ``triton.testing.do_bench`` (L2 flushed before each call; median, p20, p80); on the
-    CPU a wall-clock loop. Also the peak memory above what was allocated before (CUDA only)."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
+#: fewest timed calls of a CUDA trial.
+MIN_REPS = 10
+_FLUSH_BYTES = 256 << 20  # L2 flush buffer, as triton.testing.do_bench
 
+
+def gpu_times(fn: Callable[[], Any], *, warmup_ms: float, rep_ms: float) -> list[float]:
+    """GPU time of each timed call of ``fn`` on the current CUDA device, in ms.
+
+    The method of ``triton.testing.do_bench`` — the L2 cache flushed by zeroing 256 MB before each call, CUDA events
+    around the call, the loop sized by an estimate — with one change: before each flush a spin kernel
+    (``torch.cuda._sleep``) keeps the GPU busy for ~1.5× the host time one call takes to enqueue, so the GPU never
+    waits for the host inside the timed span. do_bench's events also time the host whenever enqueuing ``fn`` takes
+    longer than the flush (~75 µs on an H200), which makes every small op a measurement of the host: on the H200
+    machine two runs of the same sweep disagreed by 1.16–1.46× in regret (benchmarks/NOTES.md, "Timing").
+    """
+    flush = torch.empty(_FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(1 << 20)
+    end.record()
+    torch.cuda.synchronize()
+    cycles_per_ms = (1 << 20) / max(start.elapsed_time(end), 1e-6)
+    host_ms = 0.0
+    for _ in range(3):  # the host's enqueue time of one call
+        t0 = time.perf_counter()
+        fn()
+        host_ms = max(host_ms, (time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize()
+    spin = int(cycles_per_ms * (1.5 * host_ms + 0.05))
+
+    def timed(n: int) -> list[float]:
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        for s, e in zip(starts, ends, strict=True):
+            torch.cuda._sleep(spin)
+            flush.zero_()
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize()
+        return [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
+
+    est = statistics.median(timed(3))
+    per_call = est + 1.5 * host_ms + 0.1  # GPU time of one loop step: spin, flush and the call
+    for _ in range(max(1, int(warmup_ms / per_call))):
+        fn()
+    return timed(max(MIN_REPS, int(rep_ms / per_call)))
+
+
+def measure(fn: Callable[[], Any], device: torch.device, *, warmup_ms: float, rep_ms: float) -> TrialResult:
+    """Time ``fn``: on CUDA its GPU time by :func:`gpu_times` (median, p20, p80) and the peak memory above what was
+    allocated before; on the CPU a wall-clock loop."""
+    if device.type == "cuda":
         with torch.cuda.device(device):
             fn()
             torch.cuda.synchronize()
-            times = [float(t) for t in do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all")]
+            times = gpu_times(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
             med, p20, p80 = _quantiles(times)
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()

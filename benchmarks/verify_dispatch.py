@@ -1,0 +1,157 @@
+"""Check the learned dispatch on shapes it never saw: regret of the model, the fixed crossover and the dispatcher.
+
+The verification shapes (``benchmarks/verify_shapes.json``: 10 norm shapes and 10 rows×cols shapes for compose and
+compose_train, none in the profiled sets) are swept by the profiler into their own database, so the best
+implementation+config of each is measured. This script then asks, for every shape, what
+
+* the **model** (the decision table ``dora-tune fit`` stored in the main database) picks,
+* the **crossover** (the paper's fixed rule, :func:`dora_tune.dispatch.costmodel.crossover_choice`) picks,
+* the **dispatcher** (:class:`dora_tune.dispatch.runtime.Dispatcher` on the main database, i.e. what training code
+  runs: the model where its cross-validation beats the crossover, else the crossover) picks,
+
+and reports each pick's regret = its measured time ÷ the best measured time of that shape (geomean and max per op).
+
+On the GPU, ``--measure`` first times the picks the sweep did not cover (compose_train's two-stage sweep measures
+only part of its forward × backward space) and records them in the verification database::
+
+    dora-tune profile --gpu auto --shapes benchmarks/verify_shapes.json --db verify.sqlite
+    python3 benchmarks/verify_dispatch.py --db tuning.sqlite --verify verify.sqlite --measure
+
+Without ``--measure`` (any machine) it only reads the two databases and writes
+``benchmarks/results/h200-verify-dispatch.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dora_tune.autotune_db import TuningDB, canonical_json
+from dora_tune.dispatch.costmodel import crossover_choice
+from dora_tune.dispatch.decisions import DecisionTable
+from dora_tune.dispatch.registry import registry
+from dora_tune.dispatch.runtime import Dispatcher
+
+WHO = ("model", "crossover", "dispatcher")
+
+
+def _config_dict(config: Any) -> dict:
+    if config is None:
+        return {}
+    return config.as_dict() if hasattr(config, "as_dict") else dict(config)
+
+
+def picks(db_path: str, gpu: str, dtype: str, op: str, shape: dict[str, int]) -> dict[str, tuple[str, dict]]:
+    """What each chooser picks for ``shape``: ``{who: (impl, config dict)}`` (no ``model`` entry without a table)."""
+    out: dict[str, tuple[str, dict]] = {"crossover": crossover_choice(op, shape)}
+    with TuningDB.open(db_path, readonly=True) as db:
+        rows = db.models(gpu=gpu, op=op, dtype=dtype)
+    if rows:
+        out["model"] = DecisionTable.from_json(rows[0].payload).lookup(shape)
+    plan = Dispatcher(db_path, use_shipped=False, force_env="").plan_for_gpu(rows[0].gpu_name if rows else gpu, op,
+                                                                              shape, dtype)  # fmt: skip
+    out["dispatcher"] = (plan.impl, _config_dict(plan.config))
+    out["dispatcher_source"] = plan.source  # type: ignore[assignment]
+    return out
+
+
+def measured(verify_path: str, gpu: str, dtype: str) -> dict[tuple[str, str], dict[tuple[str, str], float]]:
+    """``{(op, shape json): {(impl, config json): median µs}}`` of the ok trials."""
+    out: dict[tuple[str, str], dict[tuple[str, str], float]] = defaultdict(dict)
+    with TuningDB.open(verify_path, readonly=True) as db:
+        for t in db.trials(gpu=gpu, dtype=dtype, status="ok"):
+            out[(t.op, canonical_json(t.shape))][(t.impl, canonical_json(t.config))] = t.median_us
+    return out
+
+
+def measure_missing(db_path: str, verify_path: str, gpu: str, dtype: str) -> int:
+    """Time every pick the verification sweep lacks (CUDA) and record it; returns how many were measured."""
+    import torch
+
+    from dora_tune.dispatch.env import environment
+    from dora_tune.dispatch.profiler import measure
+    from dora_tune.dispatch.registry import make_inputs
+
+    device = torch.device("cuda")
+    env = environment(device)
+    have = measured(verify_path, gpu, dtype)
+    n = 0
+    with TuningDB.open(verify_path) as vdb:
+        for op, s_json in sorted(have):
+            shape = json.loads(s_json)
+            inputs = None
+            for who, (impl_name, cfg) in picks(db_path, gpu, dtype, op, shape).items():
+                if who not in WHO or (impl_name, canonical_json(cfg)) in have[(op, s_json)]:
+                    continue
+                impl = next(i for i in registry()[op] if i.name == impl_name)
+                inputs = inputs or make_inputs(op, shape, dtype, device)
+                res = measure(impl.runner(inputs, cfg), device, warmup_ms=5, rep_ms=20)
+                vdb.record_trial(env, op, impl.name, impl.version, shape, dtype, cfg, res)
+                have[(op, s_json)][(impl_name, canonical_json(cfg))] = res.median_us or math.inf
+                n += 1
+    return n
+
+
+def report(db_path: str, verify_path: str, gpu: str, dtype: str) -> dict[str, Any]:
+    """Per op and chooser: regret geomean and max over the verification shapes, and every shape's detail."""
+    times = measured(verify_path, gpu, dtype)
+    result: dict[str, Any] = {"shapes": [], "summary": {}}
+    per: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for op, s_json in sorted(times, key=lambda k: (k[0], json.loads(k[1]).get("cols", 0))):
+        shape = json.loads(s_json)
+        t = times[(op, s_json)]
+        best_key = min(t, key=t.get)
+        row: dict[str, Any] = {"op": op, "shape": shape, "best": [best_key[0], json.loads(best_key[1]), t[best_key]]}
+        chosen = picks(db_path, gpu, dtype, op, shape)
+        row["dispatcher_source"] = chosen.pop("dispatcher_source")
+        for who, (impl, cfg) in chosen.items():
+            us = t.get((impl, canonical_json(cfg)))
+            row[who] = {"impl": impl, "config": cfg, "us": us, "regret": None if us is None else us / t[best_key]}
+            if us is not None:
+                per[(op, who)].append(us / t[best_key])
+        result["shapes"].append(row)
+    for (op, who), regrets in sorted(per.items()):
+        geo = math.exp(sum(map(math.log, regrets)) / len(regrets))
+        result["summary"].setdefault(op, {})[who] = {
+            "n_shapes": len(regrets),
+            "regret_geomean": round(geo, 4),
+            "regret_max": round(max(regrets), 4),
+        }
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--db", required=True, help="main tuning DB holding the fitted models (dora-tune fit)")
+    ap.add_argument("--verify", required=True, help="DB of the verification sweep")
+    ap.add_argument("--gpu", default="NVIDIA H200")
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--measure", action="store_true", help="first time the picks the sweep lacks (needs CUDA)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "h200-verify-dispatch.json"))
+    args = ap.parse_args()
+    if args.measure:
+        print(f"measured {measure_missing(args.db, args.verify, args.gpu, args.dtype)} missing picks")
+    res = report(args.db, args.verify, args.gpu, args.dtype)
+    for op, by in res["summary"].items():
+        cells = "  ".join(f"{w} {v['regret_geomean']:.3f}/{v['regret_max']:.3f} (n={v['n_shapes']})" for w, v in
+                          sorted(by.items()))  # fmt: skip
+        print(f"{op:14s} regret geomean/max: {cells}")
+    for row in res["shapes"]:
+        dims = "x".join(str(v) for v in row["shape"].values())
+        regs = " ".join(f"{w}={row[w]['impl']}:{row[w]['regret']:.2f}" if row.get(w) and row[w]["regret"] else
+                        f"{w}=unmeasured" for w in WHO)  # fmt: skip
+        print(f"  {row['op']:14s} {dims:18s} best {row['best'][0]} {row['best'][2]:8.1f} µs  {regs}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
