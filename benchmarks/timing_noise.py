@@ -1,0 +1,90 @@
+"""How reproducible is a trial's time? ``triton.testing.do_bench`` vs the profiler's :func:`gpu_times`, run-to-run.
+
+For a few small and mid-size shapes of each op (where the host's launch time is comparable to the GPU time), every
+listed implementation+config is timed ``--runs`` times by each method, the runs interleaved so that each sees the same
+machine conditions. Printed per item: the median of each method, its spread over the runs (max ÷ min), and the
+host's enqueue time of one call. A method whose spread is large cannot rank configs that differ by less.
+
+    python3 benchmarks/timing_noise.py [--runs 5] [--out benchmarks/results/h200-timing-noise.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dora_tune.dispatch.profiler import gpu_times
+from dora_tune.dispatch.registry import make_inputs, registry
+
+ITEMS = [  # (op, shape, impl, config index in the registry's space or None)
+    ("norm", {"d_out": 4096, "d_in": 4096, "r": 16}, "triton", 0),
+    ("norm", {"d_out": 4096, "d_in": 4096, "r": 16}, "triton", -1),
+    ("norm", {"d_out": 6144, "d_in": 2048, "r": 256}, "triton", 0),
+    ("norm", {"d_out": 6144, "d_in": 2048, "r": 256}, "dense", None),
+    ("compose", {"rows": 64, "cols": 18432}, "triton", 0),
+    ("compose", {"rows": 64, "cols": 18432}, "triton", 30),
+    ("compose", {"rows": 2048, "cols": 1536}, "triton", 0),
+    ("compose", {"rows": 2048, "cols": 1536}, "eager", None),
+    ("compose_train", {"rows": 2048, "cols": 1536}, "triton", 0),
+    ("compose_train", {"rows": 2048, "cols": 1536}, "eager", None),
+    ("compose_train", {"rows": 8192, "cols": 2560}, "triton", 0),
+    ("compose_train", {"rows": 8192, "cols": 2560}, "eager", None),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "h200-timing-noise.json"))
+    args = ap.parse_args()
+    from triton.testing import do_bench
+
+    device = torch.device("cuda")
+    fns = []
+    for op, shape, name, idx in ITEMS:
+        impl = next(i for i in registry()[op] if i.name == name)
+        cfg = impl.configs(shape)[idx] if idx is not None else {}
+        fn = impl.runner(make_inputs(op, shape, "bf16", device), cfg)
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        host_us = (time.perf_counter() - t0) * 1e6
+        torch.cuda.synchronize()
+        fns.append((op, shape, name, cfg, fn, host_us))
+    res: dict[int, dict[str, list[float]]] = {k: {"do_bench": [], "gpu_times": []} for k in range(len(fns))}
+    for _ in range(args.runs):
+        for k, (*_, fn, _h) in enumerate(fns):
+            res[k]["do_bench"].append(do_bench(fn, warmup=5, rep=20, return_mode="median") * 1e3)
+            res[k]["gpu_times"].append(statistics.median(gpu_times(fn, warmup_ms=5, rep_ms=20)) * 1e3)
+    out = []
+    print(f"{'op':14s} {'shape':18s} {'impl':7s} {'host µs':>8s} {'do_bench µs':>12s} {'spread':>7s} "
+          f"{'gpu_times µs':>13s} {'spread':>7s}")  # fmt: skip
+    for k, (op, shape, name, cfg, _fn, host_us) in enumerate(fns):
+        row = {"op": op, "shape": shape, "impl": name, "config": cfg, "host_enqueue_us": round(host_us, 1)}
+        cells = []
+        for method, xs in res[k].items():
+            med, spread = statistics.median(xs), max(xs) / min(xs)
+            row[method] = {"runs_us": [round(x, 2) for x in xs], "median_us": round(med, 2), "spread": round(spread, 3)}
+            cells.append(f"{med:12.1f} {spread:7.2f}")
+        dims = "x".join(map(str, shape.values()))
+        print(f"{op:14s} {dims:18s} {name:7s} {host_us:8.1f} {cells[0]} {cells[1]:>21s}")
+        out.append(row)
+    spreads = {m: statistics.median(r[m]["spread"] for r in out) for m in ("do_bench", "gpu_times")}
+    print("median spread:", spreads)
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": args.runs}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"env": env, "median_spread": spreads, "items": out}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
