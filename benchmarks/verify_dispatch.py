@@ -144,10 +144,10 @@ def main() -> None:
                           sorted(by.items()))  # fmt: skip
         print(f"{op:14s} regret geomean/max: {cells}")
     for row in res["shapes"]:
-        dims = "x".join(str(v) for v in row["shape"].values())
+        dims = " ".join(f"{k}={v}" for k, v in row["shape"].items())
         regs = " ".join(f"{w}={row[w]['impl']}:{row[w]['regret']:.2f}" if row.get(w) and row[w]["regret"] else
                         f"{w}=unmeasured" for w in WHO)  # fmt: skip
-        print(f"  {row['op']:14s} {dims:18s} best {row['best'][0]} {row['best'][2]:8.1f} µs  {regs}")
+        print(f"  {row['op']:14s} {dims:28s} best {row['best'][0]} {row['best'][2]:8.1f} µs  {regs}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(f"wrote {args.out}")

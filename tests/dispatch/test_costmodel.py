@@ -359,15 +359,13 @@ def test_fit_on_the_shipped_h200_cache(tmp_path):
         models = db.models(gpu="h200")
     assert hashlib.sha256(CACHE.read_bytes()).hexdigest() == digest  # the shipped file is untouched
     assert [(s.op, s.dtype) for s in summaries] == [("compose", "bf16"), ("compose_train", "bf16"), ("norm", "bf16")]
-    assert [(s.n_shapes, s.n_trials) for s in summaries] == [(3, 213), (3, 501), (8, 336)]
-    by_op = {s.op: s for s in summaries}
-    assert by_op["compose_train"].model.impl_top1 >= 2 / 3  # eager for 4096×1024, triton above
-    assert by_op["norm"].crossover.excluded == 4  # the default block_n = 128 is outside the r = 16 space
+    assert [(s.n_shapes, s.n_trials) for s in summaries] == [(42, 2982), (42, 4329), (54, 2295)]
+    for s in summaries:  # every crossover pick was measured, and the model beats it
+        assert s.crossover.excluded == 0 and s.model.regret_geomean < s.crossover.regret_geomean
     tables = {m.op: DecisionTable.from_json(m.payload) for m in models}
     assert set(tables) == {"norm", "compose", "compose_train"}
     for b in best:  # measured shapes take their measured best
         assert tables[b.op].lookup(b.shape) == (b.impl, b.config), b
-    ct = tables["compose_train"]
-    assert ct.lookup({"rows": 1, "cols": 1024})[0] == "eager"
-    assert ct.lookup({"rows": 32768, "cols": 8192})[0] == "triton"
-    assert {c[0] for c in tables["compose"].cells} == {"triton"}  # never slower than eager, as measured
+    with TuningDB.open(str(CACHE), readonly=True) as shipped:  # the shipped tables are this fit's (seed 0)
+        stored = {m.op: m.payload for m in shipped.models(gpu="h200")}
+    assert stored == {m.op: m.payload for m in models}
