@@ -2,8 +2,8 @@
 
 Two data sets:
 
-* ``h200``: the shipped cache ``dora_tune/caches/nvidia-h200.sqlite`` (real: 3 compose / compose_train shapes and 8
-  norm shapes, bf16, every config of the tuning space).
+* ``h200``: the shipped cache ``dora_tune/caches/nvidia-h200.sqlite`` (real: the default shape set, 42 compose /
+  compose_train shapes and 54 norm shapes, bf16, every config of the tuning space).
 * ``synthetic``: the profiler's default shape set (42 compose / compose_train shapes, 54 norm shapes) timed by a
   made-up but H200-like cost law with 3 % log-normal noise (below): host overheads, traffic at the measured 4.25 TB/s
   copy bandwidth, tensor-core work at 694 TFLOP/s, and Triton configs losing efficiency to masked tiles, partial
