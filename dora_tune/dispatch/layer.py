@@ -111,7 +111,7 @@ class DoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **kw))
         self.magnitude = nn.Parameter(torch.empty(self.out_features, **kw))
-        self._norm_cache: tuple[tuple, torch.Tensor] | None = None
+        self._norm_cache = NormCache()
         self.reset_parameters(init_lora_weights)
 
     @classmethod
@@ -141,7 +141,7 @@ class DoRALinear(nn.Module):
 
     def clear_cache(self) -> None:
         """Forget the eval-mode norm (needed only after writing W, A or B through ``.data``)."""
-        self._norm_cache = None
+        self._norm_cache.clear()
 
     def train(self, mode: bool = True) -> DoRALinear:
         if mode:
@@ -153,13 +153,7 @@ class DoRALinear(nn.Module):
         W, A, B = self.base_layer.weight, self.lora_A, self.lora_B
         if self.training or torch.compiler.is_compiling():
             return factored_norm(W, A, B, self.scale)
-        key = tuple((weakref.ref(t), t.data_ptr(), t._version) for t in (W, A, B)) + (self.scale,)
-        cached = self._norm_cache
-        if cached is not None and _same_key(cached[0], key):
-            return cached[1]
-        norm = factored_norm(W, A, B, self.scale)
-        self._norm_cache = (key, norm)
-        return norm
+        return self._norm_cache(W, A, B, self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in_features]`` → ``[..., out_features]`` in the base layer's output dtype (see the class doc)."""
@@ -204,10 +198,40 @@ class DoRALinear(nn.Module):
                 f"bias={self.base_layer.bias is not None}")  # fmt: skip
 
 
-def _same_key(a: tuple, b: tuple) -> bool:
-    """Cache keys match: the same tensor objects (alive), storages and versions, and the same scale."""
-    for (ra, pa, va), (rb, pb, vb) in zip(a[:-1], b[:-1], strict=True):
-        t = ra()
-        if t is None or t is not rb() or pa != pb or va != vb:
-            return False
-    return a[-1] == b[-1]
+class NormCache:
+    """``factored_norm(W, A, B, s)`` remembered while W, A and B stay the same tensors with the same storage and
+    in-place version counter (``optimizer.step()``, ``load_state_dict`` and ``.copy_`` bump it; writes through
+    ``.data`` do not). Holds weak references only; copies and pickles start empty."""
+
+    __slots__ = ("_key", "_norm")
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._norm: torch.Tensor | None = None
+
+    def clear(self) -> None:
+        self._key = self._norm = None
+
+    def __call__(self, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+        """The float32 ``[d_out]`` norm, computed (``impl="auto"``) only when the tensors changed."""
+        key = (scale, *((weakref.ref(t), t.data_ptr(), t._version) for t in (W, A, B)))
+        old = self._key
+        if old is not None and old[0] == scale:
+            for (ref_a, ptr_a, ver_a), (ref_b, ptr_b, ver_b) in zip(old[1:], key[1:], strict=True):
+                t = ref_a()
+                if t is None or t is not ref_b() or ptr_a != ptr_b or ver_a != ver_b:
+                    break
+            else:
+                return self._norm
+        norm = factored_norm(W, A, B, scale)
+        self._key, self._norm = key, norm
+        return norm
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.clear()
+
+    def __deepcopy__(self, memo: dict) -> NormCache:
+        return NormCache()
