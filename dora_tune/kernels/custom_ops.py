@@ -185,7 +185,7 @@ def _train_bwd_impl(dout: torch.Tensor, inner: torch.Tensor, g: torch.Tensor, sc
 
 
 def _setup_train(ctx: Any, inputs: tuple, output: tuple) -> None:
-    lora, base, g, scale, write_inner, impl, config = inputs
+    _lora, _base, g, scale, write_inner, impl, config = inputs
     ctx.save_for_backward(output[1], g)
     ctx.scale, ctx.impl, ctx.config, ctx.write_inner = scale, impl, config, write_inner
 
