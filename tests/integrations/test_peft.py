@@ -24,12 +24,12 @@ N_DORA = len(TARGETS) * N_LAYERS
 
 
 def tiny_llama(dropout=0.0, dtype=torch.float32, device="cpu", seed=0, **peft_kwargs):
-    """A 2-layer Llama (hidden 64, vocab 128, random weights) with DoRA on every projection; lora_B and the
-    magnitude perturbed (PEFT starts B at zero, where DoRA is the identity)."""
+    """A 2-layer Llama (hidden 64, vocab 128, random weights, biased projections) with DoRA on every projection;
+    lora_B and the magnitude perturbed (PEFT starts B at zero, where DoRA is the identity)."""
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
         hidden_size=64, intermediate_size=96, num_hidden_layers=N_LAYERS, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, attention_bias=True, mlp_bias=True,
     )  # fmt: skip
     model = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
     config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, use_dora=True, target_modules=TARGETS)
@@ -46,6 +46,8 @@ def perturb(model, seed=1):
             p.copy_(0.05 * torch.randn(p.shape, generator=gen))
         elif "lora_magnitude_vector" in name:
             p.mul_(1 + 0.1 * torch.randn(p.shape, generator=gen).to(p.device))
+        elif name.endswith("base_layer.bias"):  # transformers initialises biases to zero
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
 
 
 def run(model, ids, *, seed=0, grad=True):
