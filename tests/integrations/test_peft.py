@@ -317,22 +317,35 @@ def test_import_error_names_the_extra(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("adapter_fp32", [False, True])
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_cuda_bf16_parity(adapter_fp32, dropout):
-    """bf16 on the GPU: dora-tune is at least about as close to a float64 PEFT run as PEFT's own bf16 path."""
-    kw = {"autocast_adapter_dtype": adapter_fp32}
+def test_cuda_bf16_parity(adapter_fp32):
+    """bf16 on the GPU: dora-tune is at least about as close to a float64 PEFT run as PEFT's own bf16 path (logits
+    and every adapter gradient). bf16 adapters, or float32 ones (PEFT's autocast_adapter_dtype)."""
     if "autocast_adapter_dtype" not in inspect.signature(peft.get_peft_model).parameters:
         pytest.skip("this PEFT has no autocast_adapter_dtype")
-    ids = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(3))
-    ref_model = tiny_llama(dropout, torch.float64, "cuda", **kw).train()
-    pm = tiny_llama(dropout, torch.bfloat16, "cuda", **kw).train()
+    kw = {"autocast_adapter_dtype": adapter_fp32}
+    ids = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(3)).cuda()
+    ref = run(tiny_llama(0.0, torch.float64, "cuda", **kw).train(), ids)
+    pm = tiny_llama(0.0, torch.bfloat16, "cuda", **kw).train()
     lora_dtype = pm.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype
     assert lora_dtype == (torch.float32 if adapter_fp32 else torch.bfloat16)
-    ref = run(ref_model, ids.cuda())
-    peft_bf16 = run(pm, ids.cuda())
+    peft_bf16 = run(pm, ids)
     dp.enable(pm)
-    ours = run(pm, ids.cuda())
+    ours = run(pm, ids)
     assert relerr(ours[0], ref[0]) <= 2 * relerr(peft_bf16[0], ref[0]) + 2e-3
     for n in ref[1]:
         e_ours, e_peft = relerr(ours[1][n], ref[1][n]), relerr(peft_bf16[1][n], ref[1][n])
         assert e_ours <= 2 * e_peft + 5e-3, (n, e_ours, e_peft)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_cuda_fp32_parity_with_dropout(mode, calls):
+    """float32 on the GPU (the Triton norm and compose), dropout 0.1: train mode under one seed, eval mode without
+    grad (compose); logits and adapter gradients match PEFT's."""
+    ids = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(3)).cuda()
+    pm = tiny_llama(0.1, torch.float32, "cuda").train(mode == "train")
+    want = run(pm, ids, grad=mode == "train")
+    dp.enable(pm)
+    got = run(pm, ids, grad=mode == "train")
+    assert calls["compose_train" if mode == "train" else "compose"] == N_DORA
+    assert_close(got, want, 1e-4)
