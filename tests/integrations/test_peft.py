@@ -2,7 +2,6 @@ import copy
 import importlib
 import inspect
 import sys
-import types
 import warnings
 
 import pytest
@@ -50,17 +49,22 @@ def perturb(model, seed=1):
             p.copy_(0.1 * torch.randn(p.shape, generator=gen))
 
 
+def logits_of(out):
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
 def run(model, ids, *, seed=0, grad=True):
     """Logits and every trainable parameter's gradient of a fixed random projection of the logits."""
     torch.manual_seed(seed)
     model.zero_grad(set_to_none=True)
     if not grad:
         with torch.no_grad():
-            return model(input_ids=ids).logits.float(), {}
-    logits = model(input_ids=ids).logits
+            return logits_of(model(input_ids=ids)).float(), {}
+    logits = logits_of(model(input_ids=ids))
     w = torch.randn(logits.shape, generator=torch.Generator().manual_seed(7)).to(logits.device)
     (logits.float() * w).sum().backward()
-    grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    grads = {n.removeprefix("_orig_mod."): p.grad.detach().float().clone()  # a compiled module's names
+             for n, p in model.named_parameters() if p.requires_grad}  # fmt: skip
     return logits.detach().float(), grads
 
 
@@ -215,7 +219,7 @@ class Mixed(nn.Module):
 
     def forward(self, input_ids):
         h = self.emb(input_ids)
-        return types.SimpleNamespace(logits=self.head(self.lin(h) + self.c1d(h)))
+        return self.head(self.lin(h) + self.c1d(h))
 
 
 def mixed_model(**config):
@@ -286,6 +290,29 @@ def test_zero_norm_rows_stay_finite(calls):
     ours, grads = run(pm, ids)
     assert not torch.isfinite(peft_out).all()  # PEFT: 0 / 0 in g
     assert torch.isfinite(ours).all() and all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_compiled_peft_model_has_no_graph_break():
+    """torch.compile(fullgraph=True) of a PEFT model with dora-tune on (training, dropout): the DoRA ops are graph
+    nodes and the result is PEFT's."""
+    pm = mixed_model(target_modules=["lin"], lora_dropout=0.1).train()
+    ids = torch.randint(0, 50, (3, 9), generator=torch.Generator().manual_seed(0))
+    want = run(pm, ids)
+    dp.enable(pm)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        from torch._dynamo.backends.common import aot_autograd
+
+        return aot_autograd(fw_compiler=lambda g, _: g, bw_compiler=lambda g, _: g)(gm, example_inputs)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # AOTAutograd's note on boxed calling conventions
+        got = run(torch.compile(pm, backend=backend, fullgraph=True), ids)
+    assert_close(got, want, 1e-5)
+    ops = {str(n.target) for gm in graphs for n in gm.graph.nodes if "dora_tune" in str(n.target)}
+    assert ops == {"dora_tune.factored_norm", "dora_tune.compose_train_fwd"}
 
 
 def test_refuses_an_unknown_peft_api(monkeypatch):
