@@ -144,6 +144,7 @@ class DoRALinear(nn.Module):
         self._norm_cache.clear()
 
     def train(self, mode: bool = True) -> DoRALinear:
+        """``nn.Module.train``; entering training mode also drops the eval-mode norm cache."""
         if mode:
             self.clear_cache()
         return super().train(mode)
@@ -193,6 +194,7 @@ class DoRALinear(nn.Module):
         return merged
 
     def extra_repr(self) -> str:
+        """Sizes, rank, alpha, scale, dropout, rsLoRA and bias, for ``repr``."""
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, alpha={self.alpha:g}, "
                 f"scale={self.scale:g}, dropout={self.dropout_p:g}, use_rslora={self.use_rslora}, "
                 f"bias={self.base_layer.bias is not None}")  # fmt: skip
@@ -201,7 +203,8 @@ class DoRALinear(nn.Module):
 class NormCache:
     """``factored_norm(W, A, B, s)`` remembered while W, A and B stay the same tensors with the same storage and
     in-place version counter (``optimizer.step()``, ``load_state_dict`` and ``.copy_`` bump it; writes through
-    ``.data`` do not). Holds weak references only; copies and pickles start empty."""
+    ``.data`` do not). Holds weak references only; copies and pickles start empty. A norm computed under
+    ``torch.inference_mode`` is reused only inside inference mode."""
 
     __slots__ = ("_key", "_norm")
 
@@ -210,13 +213,16 @@ class NormCache:
         self._norm: torch.Tensor | None = None
 
     def clear(self) -> None:
+        """Forget the cached norm."""
         self._key = self._norm = None
 
     def __call__(self, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
         """The float32 ``[d_out]`` norm, computed (``impl="auto"``) only when the tensors changed."""
         key = (scale, *((weakref.ref(t), t.data_ptr(), t._version) for t in (W, A, B)))
         old = self._key
-        if old is not None and old[0] == scale:
+        # a norm computed under inference_mode cannot take part in autograd later: reuse it only there
+        usable = old is not None and (not self._norm.is_inference() or torch.is_inference_mode_enabled())
+        if usable and old[0] == scale:
             for (ref_a, ptr_a, ver_a), (ref_b, ptr_b, ver_b) in zip(old[1:], key[1:], strict=True):
                 t = ref_a()
                 if t is None or t is not ref_b() or ptr_a != ptr_b or ver_a != ver_b:

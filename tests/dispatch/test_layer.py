@@ -175,6 +175,14 @@ def test_eval_norm_cache(monkeypatch):
     layer.lora_B.data.mul_(0.5)
     layer.clear_cache()
     assert relerr(layer(x), reference(layer, x)[0]) <= TOL[torch.float32] and len(calls) == 7
+    # a norm cached under inference_mode is not handed to autograd later
+    layer.clear_cache()
+    with torch.inference_mode():
+        y6 = layer(x)
+        assert len(calls) == 8 and torch.equal(layer(x), y6) and len(calls) == 8
+    x_grad = x.clone().requires_grad_()
+    layer(x_grad).sum().backward()
+    assert len(calls) == 9 and x_grad.grad is not None
     # copies start with an empty cache and compute their own norm
     clone = copy.deepcopy(layer)
     with torch.no_grad():
