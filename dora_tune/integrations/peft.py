@@ -66,6 +66,7 @@ _KNOWN = frozenset((*_REQUIRED, "base_result", "adapter_name"))
 _LOCK = threading.RLock()
 _ORIG: dict[type, tuple[bool, Any]] = {}  # patched class → (had its own forward, that forward)
 _STATE = {"global": False}
+_PEFT: dict[str, Any] = {}  # "forward": PEFT's DoraLinearLayer.forward, as found by the first enable()
 _ENABLED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # layers flagged by enable(model)
 _CACHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # layers holding a NormCache
 _SAID: set[str] = set()
@@ -164,7 +165,7 @@ def is_enabled(layer: nn.Module | None = None) -> bool:
 
 
 def _check_peft_api() -> None:
-    fwd = _ORIG.get(DoraLinearLayer, (True, DoraLinearLayer.__dict__.get("forward")))[1]
+    fwd = _ORIG[DoraLinearLayer][1] if DoraLinearLayer in _ORIG else DoraLinearLayer.forward
     try:
         params = inspect.signature(fwd).parameters
     except (TypeError, ValueError):
@@ -181,6 +182,7 @@ def _check_peft_api() -> None:
 def _install(*, shim_subclasses: bool) -> None:
     if DoraLinearLayer not in _ORIG:
         _ORIG[DoraLinearLayer] = ("forward" in DoraLinearLayer.__dict__, DoraLinearLayer.forward)
+        _PEFT["forward"] = DoraLinearLayer.forward
         DoraLinearLayer.forward = _dora_forward
     if shim_subclasses:
         for cls in _subclasses(DoraLinearLayer):
@@ -284,7 +286,7 @@ def _norm(self: nn.Module, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, sc
 
 def _dora_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """Replacement of ``DoraLinearLayer.forward``: the DoRA delta PEFT adds to the base output, by dora-tune."""
-    orig = _ORIG[DoraLinearLayer][1]
+    orig = _PEFT["forward"]  # kept after disable(): a call racing with it still gets PEFT's method
     if args or not (_STATE["global"] or self.__dict__.get(_FLAG, False)):
         return orig(self, x, *args, **kwargs)
     if getattr(self, "_kwargs", None):  # PEFT < 0.13 initialises the magnitude on the first forward
