@@ -46,8 +46,10 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
 
 def check_scale(scale: Any) -> float:
     """Check that ``scale`` is a finite real Python number (not a tensor); return it as float."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"scale must be a Python int or float, got {type(scale).__name__}")
+    if torch.compiler.is_compiling():  # torch.compile(dynamic=True) may trace it as a symbolic float
+        return scale
     scale = float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")

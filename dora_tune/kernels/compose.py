@@ -18,6 +18,7 @@ import dataclasses
 import itertools
 
 import torch
+from torch.compiler import is_compiling
 
 from dora_tune.kernels._common import (
     KernelConfig,
@@ -134,6 +135,10 @@ def compose(
         Tensor of ``base``'s shape and dtype. Eager computes in that dtype; Triton in float32, rounded once.
     """
     s = check_compose_inputs(lora, base, g, scale)
+    if is_compiling():  # torch.compile: one opaque custom op (dora_tune::compose), planned when it runs
+        from dora_tune.kernels.custom_ops import compose_op
+
+        return compose_op(lora, base, g, s, impl, config)
     if impl == "auto":
         from dora_tune.dispatch.runtime import auto
 

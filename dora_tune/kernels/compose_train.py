@@ -18,6 +18,7 @@ import itertools
 from typing import Any
 
 import torch
+from torch.compiler import is_compiling
 
 from dora_tune.kernels._common import KernelConfig, as_rows, config_field, require_triton
 from dora_tune.kernels.compose import (
@@ -147,6 +148,10 @@ def compose_train(
         Tensor of ``base``'s shape and dtype, differentiable with respect to ``lora``, ``base`` and ``g``.
     """
     s = check_compose_inputs(lora, base, g, scale)
+    if is_compiling():  # torch.compile: one opaque custom op (dora_tune::compose_train_fwd), planned when it runs
+        from dora_tune.kernels.custom_ops import compose_train_op
+
+        return compose_train_op(lora, base, g, s, impl, config)
     if impl == "auto":
         from dora_tune.dispatch.runtime import auto
 

@@ -20,6 +20,7 @@ import dataclasses
 import itertools
 
 import torch
+from torch.compiler import is_compiling
 
 from dora_tune.kernels._common import (
     KernelConfig,
@@ -161,6 +162,10 @@ def factored_norm(
         ``[d_out]`` float32 tensor of row norms, ≥ 0 and never NaN for finite inputs. It carries no gradient.
     """
     s = _check_norm_inputs(weight, lora_A, lora_B, scale)
+    if is_compiling():  # torch.compile: one opaque custom op (dora_tune::factored_norm), planned when it runs
+        from dora_tune.kernels.custom_ops import factored_norm_op
+
+        return factored_norm_op(weight, lora_A, lora_B, s, impl, config)
     if impl == "auto":
         from dora_tune.dispatch.runtime import auto
 

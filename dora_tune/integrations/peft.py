@@ -1,0 +1,311 @@
+"""Run PEFT's DoRA Linear layers on dora-tune: ``enable(model=None)`` / ``disable()``.
+
+PEFT (≥ 0.12) computes DoRA for a LoRA ``Linear`` in ``peft.tuners.lora.dora.DoraLinearLayer.forward(x, *, lora_A,
+lora_B, scaling, base_layer, base_result=None, ...)``: the row norm ``‖W + s·B·A‖`` (built densely through an
+identity matrix, detached), ``g = m / norm``, and the extra output ``(g − 1)·base + g·s·lora_B(lora_A(x))`` that
+PEFT adds to the base layer's output. ``base`` is ``base_result − bias`` when PEFT passes the base output (dropout
+inactive), else ``x·Wᵀ`` of the (dropped-out) ``x`` it was given — the semantics of every PEFT version since 0.12.
+
+:func:`enable` replaces that method so that, for the layers it covers, the norm is :func:`~dora_tune.kernels.
+factored_norm` (never building ``B·A``), ``g`` is :func:`~dora_tune.kernels.dora_scale` (rows with a zero norm get
+``g = 1`` instead of PEFT's inf/NaN) and the composition is :func:`~dora_tune.kernels.compose_train` (grad enabled)
+or :func:`~dora_tune.kernels.compose` (no grad), all with ``impl="auto"``. Everything else — dropout, the LoRA
+matmuls through PEFT's own ``lora_A``/``lora_B`` modules, input casts, adapter selection, merging — stays PEFT's.
+In eval mode the norm is cached while W, A and B are unchanged (see :class:`~dora_tune.dispatch.layer.NormCache`).
+
+Layers keep PEFT's own path (and dora-tune says so once per reason, with a ``RuntimeWarning``) when they are not a
+plain case: DoRA on Embedding or Conv layers, ``fan_in_fan_out`` (Conv1D-style) weights, quantised or otherwise
+non-plain base weights (bitsandbytes, HQQ, torchao, DTensor, ...), ``lora_bias=True``, scalings that are not Python
+numbers, call arguments this module does not know (a newer PEFT) and subclasses of ``DoraLinearLayer``.
+
+Numerics: dora-tune's norm is float32 from the input dtypes (PEFT's is computed in the activation dtype), so results
+agree with PEFT's within the dtype's rounding, not bit for bit. :func:`disable` restores PEFT exactly.
+
+Requires the ``peft`` extra (``pip install 'dora-tune[peft]'``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import threading
+import warnings
+import weakref
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:
+    import peft
+except ImportError as e:  # pragma: no cover - exercised by a test that hides peft
+    raise ImportError(
+        "dora_tune.integrations.peft needs PEFT, which is not installed: pip install 'dora-tune[peft]' "
+        "(peft>=0.12, transformers>=4.45)"
+    ) from e
+try:
+    from peft.tuners.lora.dora import DoraLinearLayer
+except ImportError as e:  # pragma: no cover - depends on the installed PEFT
+    raise ImportError(
+        f"dora_tune.integrations.peft needs peft>=0.12 (peft.tuners.lora.dora.DoraLinearLayer); found peft "
+        f"{getattr(peft, '__version__', '?')}: pip install -U 'dora-tune[peft]'"
+    ) from e
+
+from dora_tune.dispatch.layer import NormCache
+from dora_tune.kernels import compose, compose_train, dora_scale, factored_norm
+from dora_tune.kernels._common import SUPPORTED_DTYPES
+
+__all__ = ["DoraTuneHandle", "disable", "enable", "is_enabled"]
+
+_FLAG = "_dora_tune_enabled"  # instance attribute: this layer was enabled by enable(model)
+_CACHE = "_dora_tune_norm_cache"  # instance attribute: the eval-mode NormCache
+_REQUIRED = ("lora_A", "lora_B", "scaling", "base_layer")
+_KNOWN = frozenset((*_REQUIRED, "base_result", "adapter_name"))
+
+_LOCK = threading.RLock()
+_ORIG: dict[type, tuple[bool, Any]] = {}  # patched class → (had its own forward, that forward)
+_STATE = {"global": False}
+_PEFT: dict[str, Any] = {}  # "forward": PEFT's DoraLinearLayer.forward, as found by the first enable()
+_ENABLED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # layers flagged by enable(model)
+_CACHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # layers holding a NormCache
+_SAID: set[str] = set()
+
+
+class DoraTuneHandle:
+    """What :func:`enable` did: ``layers`` DoRA Linear layers flagged in the model (None for the global switch).
+
+    Also a context manager: ``with enable(model): ...`` calls :func:`disable` on exit (which undoes every
+    :func:`enable`, not only this one)."""
+
+    def __init__(self, model: nn.Module | None, layers: int | None) -> None:
+        self.model = model
+        self.layers = layers
+
+    def __enter__(self) -> DoraTuneHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        disable()
+
+    def __repr__(self) -> str:
+        where = "every PEFT DoRA Linear layer" if self.layers is None else f"{self.layers} layers of the model"
+        return f"DoraTuneHandle({where})"
+
+
+def enable(model: nn.Module | None = None) -> DoraTuneHandle:
+    """Compute PEFT's DoRA Linear layers with dora-tune.
+
+    Args:
+        model: ``None`` patches globally: every PEFT DoRA Linear layer, existing and created later. A module (e.g. a
+            ``PeftModel``) enables only the DoRA Linear layers inside it now.
+
+    Returns:
+        A :class:`DoraTuneHandle` (usable as ``with enable(model): ...``).
+
+    Raises:
+        RuntimeError: the installed PEFT's ``DoraLinearLayer.forward`` does not have the arguments this module
+            relies on (the message names the PEFT version).
+    """
+    with _LOCK:
+        _check_peft_api()
+        if model is None:
+            _install(shim_subclasses=True)
+            _STATE["global"] = True
+            return DoraTuneHandle(None, None)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
+        layers, others = [], set()
+        for m in model.modules():
+            if type(m) is DoraLinearLayer:
+                layers.append(m)
+            elif isinstance(m, DoraLinearLayer):
+                others.add(type(m).__name__)
+        if others:
+            _say(f"PEFT DoRA layers of type {', '.join(sorted(others))} keep PEFT's own path (dora-tune covers "
+                 "DoRA on Linear layers only)")  # fmt: skip
+        if not layers:
+            warnings.warn("dora-tune: enable(model) found no PEFT DoRA Linear layer in the model (LoraConfig("
+                          "use_dora=True) adds them); nothing enabled", RuntimeWarning, stacklevel=2)  # fmt: skip
+            return DoraTuneHandle(model, 0)
+        _install(shim_subclasses=False)
+        for m in layers:
+            m.__dict__[_FLAG] = True
+            _ENABLED.add(m)
+        return DoraTuneHandle(model, len(layers))
+
+
+def disable() -> None:
+    """Undo every :func:`enable`: PEFT's classes get their original methods back and no layer keeps a dora-tune
+    flag or cache, so PEFT computes exactly what it computes without dora-tune. A no-op when nothing is enabled."""
+    with _LOCK:
+        for cls, (had_own, fwd) in _ORIG.items():
+            if had_own:
+                cls.forward = fwd
+            else:  # pragma: no cover - every patched PEFT class defines its own forward
+                delattr(cls, "forward")
+        _ORIG.clear()
+        _STATE["global"] = False
+        for m in list(_ENABLED):
+            m.__dict__.pop(_FLAG, None)
+        _ENABLED.clear()
+        for m in list(_CACHED):
+            m.__dict__.pop(_CACHE, None)
+        _CACHED.clear()
+
+
+def is_enabled(layer: nn.Module | None = None) -> bool:
+    """Whether dora-tune is on globally (``layer=None``) or for ``layer`` (a PEFT ``DoraLinearLayer``)."""
+    if layer is None:
+        return bool(_STATE["global"])
+    return bool(_ORIG) and type(layer) is DoraLinearLayer and (_STATE["global"] or layer.__dict__.get(_FLAG, False))
+
+
+# ----------------------------------------------------------------------------------------------- patching
+
+
+def _check_peft_api() -> None:
+    fwd = _ORIG[DoraLinearLayer][1] if DoraLinearLayer in _ORIG else DoraLinearLayer.forward
+    try:
+        params = inspect.signature(fwd).parameters
+    except (TypeError, ValueError):
+        params = {}
+    missing = [n for n in ("x", *_REQUIRED) if n not in params]
+    if missing:
+        raise RuntimeError(
+            f"dora-tune cannot route this PEFT's DoRA: peft {getattr(peft, '__version__', '?')} "
+            f"DoraLinearLayer.forward{inspect.signature(fwd) if params else ''} lacks {missing}; supported: peft "
+            ">= 0.12 with forward(x, *, lora_A, lora_B, scaling, base_layer[, base_result, adapter_name])"
+        )
+
+
+def _install(*, shim_subclasses: bool) -> None:
+    if DoraLinearLayer not in _ORIG:
+        _ORIG[DoraLinearLayer] = ("forward" in DoraLinearLayer.__dict__, DoraLinearLayer.forward)
+        _PEFT["forward"] = DoraLinearLayer.forward
+        DoraLinearLayer.forward = _dora_forward
+    if shim_subclasses:
+        for cls in _subclasses(DoraLinearLayer):
+            if cls not in _ORIG and "forward" in cls.__dict__:
+                _ORIG[cls] = (True, cls.__dict__["forward"])
+                cls.forward = _make_shim(cls, cls.__dict__["forward"])
+
+
+def _subclasses(cls: type) -> list[type]:
+    out, todo = [], list(cls.__subclasses__())
+    while todo:
+        c = todo.pop()
+        out.append(c)
+        todo.extend(c.__subclasses__())
+    return out
+
+
+def _make_shim(cls: type, fwd: Any) -> Any:
+    """PEFT's own ``fwd`` for DoRA layer types dora-tune does not cover, saying so once."""
+
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        _say(f"PEFT DoRA layers of type {cls.__name__} keep PEFT's own path (dora-tune covers DoRA on Linear "
+             "layers only)")  # fmt: skip
+        return fwd(self, *args, **kwargs)
+
+    forward.__wrapped__ = fwd  # type: ignore[attr-defined]
+    return forward
+
+
+def _say(message: str) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        warnings.warn(f"dora-tune: {message}", RuntimeWarning, stacklevel=3)
+
+
+# ----------------------------------------------------------------------------------------------- the forward
+
+
+def _plain(t: Any, ndim: int | None = None) -> bool:
+    """A plain (not quantised, not a tensor subclass) float tensor of a supported dtype with data."""
+    return (
+        type(t) in (torch.Tensor, nn.Parameter)
+        and t.dtype in SUPPORTED_DTYPES
+        and (ndim is None or t.dim() == ndim)
+        and t.device.type != "meta"
+    )
+
+
+def _why_not(self: nn.Module, x: Any, kwargs: dict[str, Any]) -> str | None:
+    """Why this call must keep PEFT's path (a message), or None when dora-tune computes it."""
+    if type(self) is not DoraLinearLayer:
+        return f"{type(self).__name__} (a DoraLinearLayer subclass) keeps PEFT's own path"
+    unknown = sorted(set(kwargs) - _KNOWN)
+    if unknown or any(n not in kwargs for n in _REQUIRED):
+        return f"DoraLinearLayer.forward called with arguments {sorted(kwargs)} (another PEFT version?); PEFT's path"
+    if getattr(self, "fan_in_fan_out", False):
+        return "fan_in_fan_out=True (Conv1D-style weights) keeps PEFT's DoRA path"
+    lora_A, lora_B, base_layer, scaling = (kwargs[n] for n in ("lora_A", "lora_B", "base_layer", "scaling"))
+    for name, mod in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if not isinstance(mod, nn.Linear) or not _plain(mod.weight, 2):
+            return f"{name} is not an nn.Linear with a plain weight; PEFT's DoRA path"
+        if mod.bias is not None:
+            return "lora_bias=True keeps PEFT's DoRA path"
+    W = getattr(base_layer, "weight", None)
+    if hasattr(base_layer, "W_q") or not _plain(W, 2):
+        return (f"base layer {type(base_layer).__name__} has a quantised or non-plain weight "
+                f"({type(W).__name__}); PEFT's DoRA path")  # fmt: skip
+    mag = getattr(self, "weight", None)
+    if not _plain(mag, 1):
+        return "no plain magnitude vector on the DoRA layer; PEFT's DoRA path"
+    d_out, d_in = W.shape
+    A, B = lora_A.weight, lora_B.weight
+    r = A.shape[0]
+    shapes_ok = tuple(mag.shape) == (d_out,) and tuple(A.shape) == (r, d_in) and tuple(B.shape) == (d_out, r)
+    if not shapes_ok:
+        return "unexpected DoRA shapes (magnitude, lora_A, lora_B, base weight); PEFT's DoRA path"
+    if A.dtype != B.dtype:
+        return "lora_A and lora_B of different dtypes; PEFT's DoRA path"
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        return f"scaling of type {type(scaling).__name__} (not a finite Python number); PEFT's DoRA path"
+    if not _plain(x) or x.dim() < 1 or x.shape[-1] != d_in:
+        return "an input that is not a plain float tensor [..., in_features]; PEFT's DoRA path"
+    base_result = kwargs.get("base_result")
+    if base_result is not None and (not _plain(base_result) or base_result.shape[-1] != d_out):
+        return "a base_result that is not a plain float tensor [..., out_features]; PEFT's DoRA path"
+    dev = W.device
+    if not (x.device == dev and A.device == dev and B.device == dev and mag.device == dev):
+        return "tensors on different devices (offloading?); PEFT's DoRA path"
+    return None
+
+
+def _norm(self: nn.Module, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    if self.training or torch.compiler.is_compiling():
+        return factored_norm(W, A, B, scale)
+    cache = self.__dict__.get(_CACHE)
+    if cache is None:
+        cache = self.__dict__[_CACHE] = NormCache()
+        _CACHED.add(self)
+    return cache(W, A, B, scale)
+
+
+def _dora_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Replacement of ``DoraLinearLayer.forward``: the DoRA delta PEFT adds to the base output, by dora-tune."""
+    orig = _PEFT["forward"]  # kept after disable(): a call racing with it still gets PEFT's method
+    if args or not (_STATE["global"] or self.__dict__.get(_FLAG, False)):
+        return orig(self, x, *args, **kwargs)
+    if getattr(self, "_kwargs", None):  # PEFT < 0.13 initialises the magnitude on the first forward
+        return orig(self, x, **kwargs)
+    why = _why_not(self, x, kwargs)
+    if why is not None:
+        _say(why)
+        return orig(self, x, **kwargs)
+    lora_A, lora_B, base_layer = kwargs["lora_A"], kwargs["lora_B"], kwargs["base_layer"]
+    scale = float(kwargs["scaling"])
+    W = base_layer.weight
+    g = dora_scale(self.weight, _norm(self, W, lora_A.weight, lora_B.weight, scale))
+    lora = lora_B(lora_A(x))
+    base_result = kwargs.get("base_result")
+    if base_result is not None:  # PEFT: the base layer's output without its bias
+        bias = getattr(base_layer, "bias", None)
+        base = base_result - bias if bias is not None else base_result
+    else:  # PEFT: x·Wᵀ of the input it was given (dropped out when dropout is active)
+        base = F.linear(x, W.to(x.dtype))
+    dt = torch.promote_types(lora.dtype, base.dtype)
+    comp = compose_train if torch.is_grad_enabled() else compose
+    return comp(lora.to(dt), base.to(dt), g, scale)

@@ -1,0 +1,378 @@
+import copy
+import importlib
+import inspect
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from peft.tuners.lora.dora import DoraLinearLayer  # noqa: E402
+
+from dora_tune.integrations import peft as dp  # noqa: E402
+
+from conftest import relerr  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+N_LAYERS = 2
+N_DORA = len(TARGETS) * N_LAYERS
+
+
+def tiny_llama(dropout=0.0, dtype=torch.float32, device="cpu", seed=0, **peft_kwargs):
+    """A 2-layer Llama (hidden 64, vocab 128, random weights, biased projections) with DoRA on every projection;
+    lora_B and the magnitude perturbed (PEFT starts B at zero, where DoRA is the identity)."""
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=N_LAYERS, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, attention_bias=True, mlp_bias=True,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, use_dora=True, target_modules=TARGETS)
+    pm = peft.get_peft_model(model, config, **peft_kwargs)
+    perturb(pm)
+    return pm
+
+
+@torch.no_grad()
+def perturb(model, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+        elif "lora_magnitude_vector" in name:
+            p.mul_(1 + 0.1 * torch.randn(p.shape, generator=gen).to(p.device))
+        elif name.endswith("base_layer.bias"):  # transformers initialises biases to zero
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+def logits_of(out):
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def run(model, ids, *, seed=0, grad=True):
+    """Logits and every trainable parameter's gradient of a fixed random projection of the logits."""
+    torch.manual_seed(seed)
+    model.zero_grad(set_to_none=True)
+    if not grad:
+        with torch.no_grad():
+            return logits_of(model(input_ids=ids)).float(), {}
+    logits = logits_of(model(input_ids=ids))
+    w = torch.randn(logits.shape, generator=torch.Generator().manual_seed(7)).to(logits.device)
+    (logits.float() * w).sum().backward()
+    grads = {n.removeprefix("_orig_mod."): p.grad.detach().float().clone()  # a compiled module's names
+             for n, p in model.named_parameters() if p.requires_grad}  # fmt: skip
+    return logits.detach().float(), grads
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(autouse=True)
+def clean(monkeypatch):
+    dp.disable()
+    monkeypatch.setattr(dp, "_SAID", set())
+    yield
+    dp.disable()
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts of dora-tune's kernels called by the integration."""
+    from dora_tune.dispatch import layer
+
+    counts = {"factored_norm": 0, "compose_train": 0, "compose": 0}
+    for module, name in [(dp, "factored_norm"), (dp, "compose_train"), (dp, "compose"), (layer, "factored_norm")]:
+        real = getattr(module, name)
+
+        def wrapper(*a, _real=real, _name=name, **k):
+            counts[_name] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(module, name, wrapper)
+    return counts
+
+
+def assert_close(got, want, tol):
+    (yg, gg), (yw, gw) = got, want
+    assert relerr(yg, yw) <= tol
+    assert sorted(gg) == sorted(gw)
+    errs = {n: relerr(gg[n], gw[n]) for n in gw}
+    worst = max(errs, key=errs.get) if errs else None
+    assert not errs or errs[worst] <= tol, (worst, errs[worst])
+
+
+def grad_kinds(grads):
+    return {k for n in grads for k in ("lora_A", "lora_B", "lora_magnitude_vector") if k in n}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_logits_and_adapter_grads_match_peft(dropout, mode, ids, calls):
+    pm = tiny_llama(dropout)
+    pm.train(mode == "train")
+    want = run(pm, ids)
+    if mode == "train" and dropout > 0:  # PEFT's own path is deterministic under the seed
+        assert torch.equal(run(pm, ids)[0], want[0])
+    assert len(want[1]) == 3 * N_DORA and grad_kinds(want[1]) == {"lora_A", "lora_B", "lora_magnitude_vector"}
+    handle = dp.enable(pm)
+    assert handle.layers == N_DORA
+    got = run(pm, ids)
+    assert calls["compose_train"] == N_DORA and calls["factored_norm"] == N_DORA
+    assert_close(got, want, 1e-5)
+    if mode == "train" and dropout > 0:  # dropout really acted: eval differs
+        pm.eval()
+        assert relerr(run(pm, ids)[0], want[0]) > 1e-3
+
+
+def test_no_grad_eval_uses_compose_and_caches_the_norm(ids, calls):
+    pm = tiny_llama(0.1).eval()
+    want = run(pm, ids, grad=False)[0]
+    dp.enable(pm)
+    got = run(pm, ids, grad=False)[0]
+    assert calls["compose"] == N_DORA and calls["compose_train"] == 0 and calls["factored_norm"] == N_DORA
+    assert relerr(got, want) <= 1e-5
+    assert torch.equal(run(pm, ids, grad=False)[0], got) and calls["factored_norm"] == N_DORA  # cached
+    # an in-place change of an adapter invalidates that layer's norm only, and the result follows it
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight.mul_(3)
+    got2 = run(pm, ids, grad=False)[0]
+    assert calls["factored_norm"] == N_DORA + 1
+    dp.disable()
+    assert relerr(got2, run(pm, ids, grad=False)[0]) <= 1e-5
+    # training mode never caches
+    dp.enable(pm)
+    pm.train()
+    run(pm, ids), run(pm, ids)
+    assert calls["factored_norm"] == 3 * N_DORA + 1
+
+
+def test_disable_restores_peft_exactly(ids, calls):
+    subclasses = dp._subclasses(DoraLinearLayer)
+    originals = {c: c.__dict__.get("forward") for c in [DoraLinearLayer, *subclasses]}
+    pm = tiny_llama(0.1)
+    want = run(pm, ids)
+    for how in ("model", "global"):
+        dp.enable(pm if how == "model" else None)
+        got = run(pm, ids)
+        assert_close(got, want, 1e-5)
+        assert not torch.equal(got[0], want[0])  # a different computation ...
+        dp.disable()
+        again = run(pm, ids)  # ... and PEFT's own after disable, bit for bit
+        assert torch.equal(again[0], want[0])
+        assert all(torch.equal(again[1][n], want[1][n]) for n in want[1])
+        assert {c: c.__dict__.get("forward") for c in originals} == originals
+        assert not [m for m in pm.modules() if any(k.startswith("_dora_tune") for k in vars(m))]
+        assert not dp.is_enabled()
+    assert calls["compose_train"] == 2 * N_DORA
+    dp.disable()  # a no-op when nothing is enabled
+
+
+def test_enable_model_is_scoped_and_global_covers_new_models(ids, calls):
+    pm_a, pm_b = tiny_llama(seed=0), tiny_llama(seed=1)
+    dp.enable(pm_a)
+    run(pm_b, ids)
+    assert calls["compose_train"] == 0
+    run(pm_a, ids)
+    assert calls["compose_train"] == N_DORA
+    layer = pm_a.base_model.model.model.layers[0].self_attn.q_proj.lora_magnitude_vector["default"]
+    assert dp.is_enabled(layer) and not dp.is_enabled()
+    dp.disable()
+    dp.enable()
+    pm_c = tiny_llama(seed=2)  # created after the global switch
+    want = copy.deepcopy(pm_c)
+    assert dp.is_enabled(pm_c.base_model.model.model.layers[1].mlp.down_proj.lora_magnitude_vector["default"])
+    got = run(pm_c, ids)
+    assert calls["compose_train"] == 2 * N_DORA
+    dp.disable()
+    assert_close(got, run(want, ids), 1e-5)
+
+
+def test_context_manager(ids, calls):
+    pm = tiny_llama()
+    with dp.enable(pm) as handle:
+        run(pm, ids)
+        assert "14 layers" in repr(handle)
+    assert calls["compose_train"] == N_DORA
+    assert DoraLinearLayer.__dict__["forward"] is not dp._dora_forward
+    run(pm, ids)
+    assert calls["compose_train"] == N_DORA
+
+
+class Mixed(nn.Module):
+    """An embedding, a Linear and a GPT-2 style Conv1D (fan_in_fan_out weights)."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.emb = nn.Embedding(50, 16)
+        self.lin = nn.Linear(16, 24)
+        self.c1d = Conv1D(24, 16)
+        self.head = nn.Linear(24, 8)
+
+    def forward(self, input_ids):
+        h = self.emb(input_ids)
+        return self.head(self.lin(h) + self.c1d(h))
+
+
+def mixed_model(**config):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's note on Conv1D and fan_in_fan_out
+        pm = peft.get_peft_model(Mixed(), peft.LoraConfig(r=4, use_dora=True, **config))
+    perturb(pm)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_embedding_B" in name:
+                p.normal_(0, 0.05)
+    return pm
+
+
+def messages(record):
+    return [str(w.message) for w in record if issubclass(w.category, RuntimeWarning)]
+
+
+@pytest.mark.parametrize("how", ["model", "global"])
+def test_unsupported_layers_keep_peft_path_and_say_so_once(how, calls):
+    pm = mixed_model(target_modules=["emb", "lin", "c1d"])
+    ids = torch.randint(0, 50, (3, 9), generator=torch.Generator().manual_seed(0))
+    want = run(pm, ids)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        dp.enable(pm if how == "model" else None)
+        got = run(pm, ids)
+    said = messages(rec)
+    assert any("DoraEmbeddingLayer keep PEFT's own path" in m for m in said), said
+    assert any("fan_in_fan_out" in m for m in said), said
+    assert len(said) == 2
+    assert calls["compose_train"] == 1  # only `lin`
+    assert_close(got, want, 1e-5)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        run(pm, ids)
+    assert messages(rec) == []
+
+
+def test_biased_lora_B_keeps_peft_path(calls):
+    """PEFT refuses lora_bias=True with DoRA; a lora_B with a bias put there by hand keeps PEFT's path too."""
+    pm = mixed_model(target_modules=["lin"])
+    lin = pm.base_model.model.lin
+    biased = nn.Linear(4, 24, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(lin.lora_B["default"].weight)
+        biased.bias.normal_()
+    lin.lora_B["default"] = biased
+    ids = torch.randint(0, 50, (3, 9), generator=torch.Generator().manual_seed(0))
+    want = run(pm, ids)
+    dp.enable(pm)
+    with pytest.warns(RuntimeWarning, match="lora_bias"):
+        got = run(pm, ids)
+    assert calls["compose_train"] == 0
+    assert torch.equal(got[0], want[0])
+
+
+def test_zero_norm_rows_stay_finite(calls):
+    pm = mixed_model(target_modules=["lin"])
+    lin = pm.base_model.model.lin
+    with torch.no_grad():
+        lin.base_layer.weight[3].zero_()
+        lin.lora_B["default"].weight[3].zero_()
+    ids = torch.randint(0, 50, (3, 9), generator=torch.Generator().manual_seed(0))
+    peft_out = run(pm, ids, grad=False)[0]
+    dp.enable(pm)
+    ours, grads = run(pm, ids)
+    assert not torch.isfinite(peft_out).all()  # PEFT: 0 / 0 in g
+    assert torch.isfinite(ours).all() and all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_compiled_peft_model_has_no_graph_break():
+    """torch.compile(fullgraph=True) of a PEFT model with dora-tune on (training, dropout): the DoRA ops are graph
+    nodes and the result is PEFT's."""
+    pm = mixed_model(target_modules=["lin"], lora_dropout=0.1).train()
+    ids = torch.randint(0, 50, (3, 9), generator=torch.Generator().manual_seed(0))
+    want = run(pm, ids)
+    dp.enable(pm)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        from torch._dynamo.backends.common import aot_autograd
+
+        return aot_autograd(fw_compiler=lambda g, _: g, bw_compiler=lambda g, _: g)(gm, example_inputs)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # AOTAutograd's note on boxed calling conventions
+        got = run(torch.compile(pm, backend=backend, fullgraph=True), ids)
+    assert_close(got, want, 1e-5)
+    ops = {str(n.target) for gm in graphs for n in gm.graph.nodes if "dora_tune" in str(n.target)}
+    assert ops == {"dora_tune.factored_norm", "dora_tune.compose_train_fwd"}
+
+
+def test_refuses_an_unknown_peft_api(monkeypatch):
+    def forward(self, x, *, lora_A, lora_B):  # no scaling, no base_layer
+        raise AssertionError
+
+    monkeypatch.setattr(DoraLinearLayer, "forward", forward)
+    with pytest.raises(RuntimeError, match=r"peft .* lacks \['scaling', 'base_layer'\]"):
+        dp.enable()
+    assert DoraLinearLayer.forward is forward
+
+
+def test_enable_without_dora_layers_warns():
+    with pytest.warns(RuntimeWarning, match="no PEFT DoRA Linear layer"):
+        assert dp.enable(nn.Linear(3, 3)).layers == 0
+    with pytest.raises(TypeError, match=r"nn\.Module"):
+        dp.enable("model")
+
+
+def test_import_error_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # what an absent package looks like to import
+    monkeypatch.delitem(sys.modules, "dora_tune.integrations.peft")
+    with pytest.raises(ImportError, match=r"pip install 'dora-tune\[peft\]'"):
+        importlib.import_module("dora_tune.integrations.peft")
+
+
+# ----------------------------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("adapter_fp32", [False, True])
+def test_cuda_bf16_parity(adapter_fp32):
+    """bf16 on the GPU: dora-tune is at least about as close to a float64 PEFT run as PEFT's own bf16 path (logits
+    and every adapter gradient). bf16 adapters, or float32 ones (PEFT's autocast_adapter_dtype)."""
+    if "autocast_adapter_dtype" not in inspect.signature(peft.get_peft_model).parameters:
+        pytest.skip("this PEFT has no autocast_adapter_dtype")
+    kw = {"autocast_adapter_dtype": adapter_fp32}
+    ids = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(3)).cuda()
+    ref = run(tiny_llama(0.0, torch.float64, "cuda", **kw).train(), ids)
+    pm = tiny_llama(0.0, torch.bfloat16, "cuda", **kw).train()
+    lora_dtype = pm.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype
+    assert lora_dtype == (torch.float32 if adapter_fp32 else torch.bfloat16)
+    peft_bf16 = run(pm, ids)
+    dp.enable(pm)
+    ours = run(pm, ids)
+    assert relerr(ours[0], ref[0]) <= 2 * relerr(peft_bf16[0], ref[0]) + 2e-3
+    for n in ref[1]:
+        e_ours, e_peft = relerr(ours[1][n], ref[1][n]), relerr(peft_bf16[1][n], ref[1][n])
+        assert e_ours <= 2 * e_peft + 5e-3, (n, e_ours, e_peft)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_cuda_fp32_parity_with_dropout(mode, calls):
+    """float32 on the GPU (the Triton norm and compose), dropout 0.1: train mode under one seed, eval mode without
+    grad (compose); logits and adapter gradients match PEFT's."""
+    ids = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(3)).cuda()
+    pm = tiny_llama(0.1, torch.float32, "cuda").train(mode == "train")
+    want = run(pm, ids, grad=mode == "train")
+    dp.enable(pm)
+    got = run(pm, ids, grad=mode == "train")
+    assert calls["compose_train" if mode == "train" else "compose"] == N_DORA
+    assert_close(got, want, 1e-4)
