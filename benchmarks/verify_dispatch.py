@@ -48,9 +48,10 @@ def _config_dict(config: Any) -> dict:
     return config.as_dict() if hasattr(config, "as_dict") else dict(config)
 
 
-def picks(db_path: str, gpu: str, dtype: str, op: str, shape: dict[str, int]) -> dict[str, tuple[str, dict]]:
-    """What each chooser picks for ``shape``: ``{who: (impl, config dict)}`` (no ``model`` entry without a table)."""
-    out: dict[str, tuple[str, dict]] = {"crossover": crossover_choice(op, shape)}
+def picks(db_path: str, gpu: str, dtype: str, op: str, shape: dict[str, int]) -> dict[str, Any]:
+    """What each chooser picks for ``shape``: ``{who: (impl, config dict)}`` for each of :data:`WHO` (no ``model``
+    entry without a table), plus ``"dispatcher_source"``: the dispatcher's source (measured, model, heuristic)."""
+    out: dict[str, Any] = {"crossover": crossover_choice(op, shape)}
     with TuningDB.open(db_path, readonly=True) as db:
         rows = db.models(gpu=gpu, op=op, dtype=dtype)
     if rows:
@@ -58,7 +59,7 @@ def picks(db_path: str, gpu: str, dtype: str, op: str, shape: dict[str, int]) ->
     plan = Dispatcher(db_path, use_shipped=False, force_env="").plan_for_gpu(rows[0].gpu_name if rows else gpu, op,
                                                                               shape, dtype)  # fmt: skip
     out["dispatcher"] = (plan.impl, _config_dict(plan.config))
-    out["dispatcher_source"] = plan.source  # type: ignore[assignment]
+    out["dispatcher_source"] = plan.source
     return out
 
 
@@ -87,8 +88,9 @@ def measure_missing(db_path: str, verify_path: str, gpu: str, dtype: str) -> int
         for op, s_json in sorted(have):
             shape = json.loads(s_json)
             inputs = None
-            for who, (impl_name, cfg) in picks(db_path, gpu, dtype, op, shape).items():
-                if who not in WHO or (impl_name, canonical_json(cfg)) in have[(op, s_json)]:
+            chosen = picks(db_path, gpu, dtype, op, shape)
+            for impl_name, cfg in (chosen[w] for w in WHO if w in chosen):
+                if (impl_name, canonical_json(cfg)) in have[(op, s_json)]:
                     continue
                 impl = next(i for i in registry()[op] if i.name == impl_name)
                 inputs = inputs or make_inputs(op, shape, dtype, device)
