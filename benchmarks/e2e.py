@@ -20,7 +20,10 @@ not exactly 1). Variants, each on ``--tokens`` tokens (batch 1):
   (a) ``peft_dora``  PEFT DoRA, PEFT's own path;
   (b) ``dora_tune``  the same model object after ``dora_tune.integrations.peft.enable(model)`` (factored norm + fused
       compose); ``disable()`` afterwards restores (a);
-  (c) ``lora``       plain PEFT LoRA (``use_dora=False``), a separate model built from the same seeds (reference).
+  (c) ``lora``       plain PEFT LoRA (``use_dora=False``), a separate model built from the same seeds (reference);
+  (d) ``dora_tune_eager`` (only when asked for) (b) under ``dora_tune.dispatch.force("eager")``: the same integration
+      on the torch implementations, whose backward is C++ autograd — (b) − (d) is what the fused kernels and their
+      Python autograd nodes change.
 
 Per variant: forward time in training mode with autograd recording (the training forward), forward time in eval
 mode under ``torch.no_grad()`` (inference), forward+backward time (gradients set to None before every repetition
@@ -71,7 +74,9 @@ VARIANTS = {
     "peft_dora": "(a) PEFT DoRA",
     "dora_tune": "(b) (a) + dora-tune",
     "lora": "(c) PEFT LoRA",
+    "dora_tune_eager": "(d) (b), torch impls",
 }
+DEFAULT_VARIANTS = ("peft_dora", "dora_tune", "lora")  # (d) on request: it separates kernel time from host cost
 GRAD_KINDS = {"lora_A": "grad lora_A", "lora_B": "grad lora_B", "lora_magnitude_vector": "grad magnitude"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WARM_CALLS = 3  # untimed calls of each function before timing: Triton compilation, dispatcher first use
@@ -425,10 +430,16 @@ def run_model(key: str, spec: Spec, args: argparse.Namespace, dt_peft: ModuleTyp
 
     def dora_tune(model: torch.nn.Module) -> None:
         assert dt_peft is not None
+        from dora_tune.dispatch import force
+
         ret = dt_peft.enable(model)
         out["enable_returned"] = None if ret is None or isinstance(ret, torch.nn.Module) else repr(ret)[:200]
         try:
-            variant("dora_tune", model, keep=True)
+            if "dora_tune" in want:
+                variant("dora_tune", model, keep=True)
+            if "dora_tune_eager" in want:  # the same integration on the torch implementations (no Python backward)
+                with force("eager"):
+                    variant("dora_tune_eager", model, keep=False)
         finally:
             dt_disable(dt_peft, model)
         if "peft_dora" in caps:  # disable() must give PEFT's path back: the no-grad logits of (a) again
@@ -440,7 +451,7 @@ def run_model(key: str, spec: Spec, args: argparse.Namespace, dt_peft: ModuleTyp
             if not err <= args.tol_out:
                 out["failures"].append(f"after disable(), no-grad logits differ from (a) by {err:.2e}")
 
-    if "peft_dora" in want or "dora_tune" in want:
+    if {"peft_dora", "dora_tune", "dora_tune_eager"} & set(want):
         built: list[torch.nn.Module] = []
 
         def build_dora() -> None:
@@ -459,7 +470,7 @@ def run_model(key: str, spec: Spec, args: argparse.Namespace, dt_peft: ModuleTyp
                 attempt("fp32 reference", lambda: reference(model))
             if "peft_dora" in want:
                 attempt("variant peft_dora", lambda: variant("peft_dora", model, keep=True))
-            if "dora_tune" in want:
+            if "dora_tune" in want or "dora_tune_eager" in want:
                 attempt("variant dora_tune", lambda: dora_tune(model))
             del model
         release()
@@ -630,7 +641,9 @@ def environment(args: argparse.Namespace) -> dict:
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
+    ap.add_argument(
+        "--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}"
+    )
     ap.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
     ap.add_argument("--tokens", type=int, default=None, help="tokens, batch 1 (default 4096; --tiny 64)")
     ap.add_argument("--rank", type=int, default=None, help="LoRA rank r (default 384; --tiny 8)")
@@ -681,7 +694,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    dt_peft = load_dt_peft() if "dora_tune" in args.variants else None
+    dt_peft = load_dt_peft() if {"dora_tune", "dora_tune_eager"} & set(args.variants) else None
     t0 = time.time()
     res: dict[str, Any] = {
         "env": environment(args),
