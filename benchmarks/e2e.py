@@ -23,7 +23,9 @@ not exactly 1). Variants, each on ``--tokens`` tokens (batch 1):
   (c) ``lora``       plain PEFT LoRA (``use_dora=False``), a separate model built from the same seeds (reference);
   (d) ``dora_tune_eager`` (only when asked for) (b) under ``dora_tune.dispatch.force("eager")``: the same integration
       on the torch implementations, whose backward is C++ autograd — (b) − (d) is what the fused kernels and their
-      Python autograd nodes change.
+      Python autograd nodes change;
+  (e) ``dora_tune_compiled`` (only when asked for) (b) under ``torch.compile`` (the DoRA ops are custom ops in the
+      graph; one compiled backward instead of a Python autograd node per layer). Compile time is in the JSON.
 
 Per variant: forward time in training mode with autograd recording (the training forward), forward time in eval
 mode under ``torch.no_grad()`` (inference), forward+backward time (gradients set to None before every repetition
@@ -75,6 +77,7 @@ VARIANTS = {
     "dora_tune": "(b) (a) + dora-tune",
     "lora": "(c) PEFT LoRA",
     "dora_tune_eager": "(d) (b), torch impls",
+    "dora_tune_compiled": "(e) (b), torch.compile",
 }
 DEFAULT_VARIANTS = ("peft_dora", "dora_tune", "lora")  # (d) on request: it separates kernel time from host cost
 GRAD_KINDS = {"lora_A": "grad lora_A", "lora_B": "grad lora_B", "lora_magnitude_vector": "grad magnitude"}
@@ -440,6 +443,13 @@ def run_model(key: str, spec: Spec, args: argparse.Namespace, dt_peft: ModuleTyp
             if "dora_tune_eager" in want:  # the same integration on the torch implementations (no Python backward)
                 with force("eager"):
                     variant("dora_tune_eager", model, keep=False)
+            if "dora_tune_compiled" in want:  # one compiled backward instead of a Python node per layer
+                t0 = time.perf_counter()
+                compiled = torch.compile(model)
+                variant("dora_tune_compiled", compiled, keep=False)
+                out["compile_and_measure_s"] = round(time.perf_counter() - t0, 1)
+                del compiled
+                torch._dynamo.reset()
         finally:
             dt_disable(dt_peft, model)
         if "peft_dora" in caps:  # disable() must give PEFT's path back: the no-grad logits of (a) again
@@ -451,7 +461,7 @@ def run_model(key: str, spec: Spec, args: argparse.Namespace, dt_peft: ModuleTyp
             if not err <= args.tol_out:
                 out["failures"].append(f"after disable(), no-grad logits differ from (a) by {err:.2e}")
 
-    if {"peft_dora", "dora_tune", "dora_tune_eager"} & set(want):
+    if {"peft_dora", "dora_tune", "dora_tune_eager", "dora_tune_compiled"} & set(want):
         built: list[torch.nn.Module] = []
 
         def build_dora() -> None:
@@ -470,7 +480,7 @@ def run_model(key: str, spec: Spec, args: argparse.Namespace, dt_peft: ModuleTyp
                 attempt("fp32 reference", lambda: reference(model))
             if "peft_dora" in want:
                 attempt("variant peft_dora", lambda: variant("peft_dora", model, keep=True))
-            if "dora_tune" in want or "dora_tune_eager" in want:
+            if {"dora_tune", "dora_tune_eager", "dora_tune_compiled"} & set(want):
                 attempt("variant dora_tune", lambda: dora_tune(model))
             del model
         release()
@@ -694,7 +704,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    dt_peft = load_dt_peft() if {"dora_tune", "dora_tune_eager"} & set(args.variants) else None
+    dt_peft = load_dt_peft() if {"dora_tune", "dora_tune_eager", "dora_tune_compiled"} & set(args.variants) else None
     t0 = time.time()
     res: dict[str, Any] = {
         "env": environment(args),
