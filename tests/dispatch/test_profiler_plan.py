@@ -52,3 +52,20 @@ def test_stage_one_takes_the_fastest_compose_configs_of_the_shape(tmp_path):
     assert len(want) == profiler.TRAIN_FWD_SHORTLIST + 1  # the default is not among the fastest here
     assert fwd_of(task.configs) == want and len(task.configs) == len(want)
     assert todo == 1 + len(want) + len(compose_bwd_config_space())  # eager, stage one, stage two
+
+
+def test_stage_one_trials_outside_the_shortlist_do_not_count_as_stage_two(tmp_path):
+    comp, train = impl("compose", "triton"), impl("compose_train", "triton")
+    cfgs = comp.configs(SHAPE)
+    with TuningDB.open(str(tmp_path / "t.sqlite")) as db:
+        for k, cfg in enumerate(cfgs):
+            us = 100.0 + k
+            res = TrialResult("ok", us, us, us, 9)
+            db.record_trial(GPU, "compose", "triton", comp.version, SHAPE, "bf16", cfg, res)
+        _, before = train_task(db)
+        stale = train.configs(SHAPE)[-1]  # an earlier full sweep measured this forward: not in the shortlist now
+        res = TrialResult("ok", 1.0, 1.0, 1.0, 9)
+        db.record_trial(GPU, "compose_train", "triton", train.version, SHAPE, "bf16", stale, res)
+        task, after = train_task(db)
+    assert canonical_json(stale) not in task.configs
+    assert after == before  # stage two is still wholly ahead
