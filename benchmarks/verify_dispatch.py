@@ -24,6 +24,7 @@ Without ``--measure`` (any machine) it only reads the two databases and writes
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -48,16 +49,26 @@ def _config_dict(config: Any) -> dict:
     return config.as_dict() if hasattr(config, "as_dict") else dict(config)
 
 
+@functools.cache
+def _table(db_path: str, gpu: str, op: str, dtype: str) -> DecisionTable | None:
+    with TuningDB.open(db_path, readonly=True) as db:
+        rows = db.models(gpu=gpu, op=op, dtype=dtype)
+    return DecisionTable.from_json(rows[0].payload) if rows else None
+
+
+@functools.cache
+def _dispatcher(db_path: str) -> Dispatcher:
+    return Dispatcher(db_path, use_shipped=False, force_env="")
+
+
 def picks(db_path: str, gpu: str, dtype: str, op: str, shape: dict[str, int]) -> dict[str, Any]:
     """What each chooser picks for ``shape``: ``{who: (impl, config dict)}`` for each of :data:`WHO` (no ``model``
     entry without a table), plus ``"dispatcher_source"``: the dispatcher's source (measured, model, heuristic)."""
     out: dict[str, Any] = {"crossover": crossover_choice(op, shape)}
-    with TuningDB.open(db_path, readonly=True) as db:
-        rows = db.models(gpu=gpu, op=op, dtype=dtype)
-    if rows:
-        out["model"] = DecisionTable.from_json(rows[0].payload).lookup(shape)
-    plan = Dispatcher(db_path, use_shipped=False, force_env="").plan_for_gpu(rows[0].gpu_name if rows else gpu, op,
-                                                                              shape, dtype)  # fmt: skip
+    table = _table(db_path, gpu, op, dtype)
+    if table is not None:
+        out["model"] = table.lookup(shape)
+    plan = _dispatcher(db_path).plan_for_gpu(table.gpu_name if table else gpu, op, shape, dtype)
     out["dispatcher"] = (plan.impl, _config_dict(plan.config))
     out["dispatcher_source"] = plan.source
     return out
