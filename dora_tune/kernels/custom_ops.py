@@ -270,9 +270,12 @@ def ensure_registered() -> bool:
 # ----------------------------------------------------------------------------------------------- wrappers
 
 
-def _check_impl(impl: str, allowed: tuple[str, ...]) -> None:
+def _prepare(impl: str, allowed: tuple[str, ...], config: Any) -> str:
+    """Check ``impl``, register the ops (once) and return ``config`` as the ops' JSON string argument."""
     if impl != "auto" and impl not in allowed:
         raise ValueError(f"impl must be one of {allowed} or 'auto', got {impl!r}")
+    ensure_registered()
+    return config_json(config)
 
 
 def factored_norm_op(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
@@ -281,18 +284,14 @@ def factored_norm_op(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
 
     Inputs as in :func:`~dora_tune.kernels.factored_norm` (validated there); ``config`` a ``NormConfig`` or None.
     """
-    _check_impl(impl, _NORM_IMPLS)
-    ensure_registered()
-    cfg = config_json(config)
+    cfg = _prepare(impl, _NORM_IMPLS, config)
     return torch.ops.dora_tune.factored_norm(weight.detach(), lora_A.detach(), lora_B.detach(), scale, impl, cfg)
 
 
 def compose_op(lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, scale: float, impl: str = "auto",
                config: Any = None) -> torch.Tensor:  # fmt: skip
     """``dora_tune::compose`` on detached inputs: ``(g−1)·base + g·(s·lora)``, ``base``'s shape and dtype."""
-    _check_impl(impl, _TRAIN_IMPLS)
-    ensure_registered()
-    cfg = config_json(config)
+    cfg = _prepare(impl, _TRAIN_IMPLS, config)
     return torch.ops.dora_tune.compose(lora.detach(), base.detach(), g.detach(), scale, impl, cfg)
 
 
@@ -300,9 +299,7 @@ def compose_train_op(lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, sc
                      config: Any = None) -> torch.Tensor:  # fmt: skip
     """``dora_tune::compose_train_fwd`` with its autograd formula: ``(g−1)·base + g·(s·lora)`` with gradients to
     ``lora``, ``base`` and ``g`` (``inner = s·lora + base`` is written only when ``g`` needs a gradient)."""
-    _check_impl(impl, _TRAIN_IMPLS)
-    ensure_registered()
-    cfg = config_json(config)
+    cfg = _prepare(impl, _TRAIN_IMPLS, config)
     write_inner = torch.is_grad_enabled() and g.requires_grad
     out, _ = torch.ops.dora_tune.compose_train_fwd(lora, base, g, scale, write_inner, impl, cfg)
     return out
