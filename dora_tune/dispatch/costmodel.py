@@ -18,7 +18,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -431,26 +431,12 @@ class Metrics:
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON types."""
-        return {
-            "n_shapes": self.n_shapes,
-            "top1": self.top1,
-            "impl_top1": self.impl_top1,
-            "regret_geomean": self.regret_geomean,
-            "regret_max": self.regret_max,
-            "excluded": self.excluded,
-        }
+        return asdict(self)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Metrics:
-        """Inverse of :meth:`to_json`."""
-        return cls(
-            data["n_shapes"],
-            data["top1"],
-            data["regret_geomean"],
-            data["regret_max"],
-            data["excluded"],
-            data.get("impl_top1"),
-        )
+        """Inverse of :meth:`to_json` (``impl_top1`` may be missing: metrics stored before it existed)."""
+        return cls(**{f.name: data.get(f.name) if f.name == "impl_top1" else data[f.name] for f in fields(cls)})
 
 
 @dataclass(frozen=True)
