@@ -31,7 +31,9 @@ Per variant: forward time in training mode with autograd recording (the training
 mode under ``torch.no_grad()`` (inference), forward+backward time (gradients set to None before every repetition
 through ``do_bench``'s ``grad_to_none``), all ``triton.testing.do_bench`` medians (p20/p80 in the JSON, L2 flushed)
 after 3 untimed calls of each (Triton compilation, dispatcher first use); then peak memory of one forward+backward:
-``max_memory_allocated`` absolute and above what was allocated before it (model, batch), in MiB.
+``max_memory_allocated`` absolute and above what was allocated before it (model, batch), in MiB. ``--trace N`` adds
+a ``torch.profiler`` run of N forward+backward steps: wall and device-busy time per step (the gap is the device
+waiting for the host) and the costliest kernels and host ops.
 
 Correctness, same run: loss, logits (training and no-grad forward) and the gradient of every adapter parameter
 (lora_A, lora_B, magnitude, every layer) of (b) against (a), as ‖x − y‖ / ‖y‖ per tensor, max per kind; both are also
@@ -315,7 +317,50 @@ def measure(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], ar
     res["fwd_bwd"] = bench(step, args, grads=params)
     zero_grads(params)
     res["memory"] = peak_memory(step, params, args.device)
+    if args.trace:
+        res["trace"] = trace(step, params, args)
     return res
+
+
+def trace(step: Callable[[], None], params: list[torch.nn.Parameter], args: argparse.Namespace) -> dict:
+    """``torch.profiler`` over ``--trace`` forward+backward steps: wall time and device-busy time per step (their
+    gap is time the device waited for the host), the kernels and the host ops that cost most, per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = args.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    n = args.trace
+    zero_grads(params)
+    sync(args.device)
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+            zero_grads(params)
+        sync(args.device)
+        wall = (time.perf_counter() - t0) * 1e3 / n
+    events = prof.key_averages()
+
+    def dev_self(e: Any) -> float:  # µs
+        return float(getattr(e, "self_device_time_total", 0.0) or getattr(e, "self_cuda_time_total", 0.0) or 0.0)
+
+    kernels = sorted((e for e in events if dev_self(e) > 0), key=dev_self, reverse=True)
+    busy = sum(dev_self(e) for e in kernels) / 1e3 / n
+    host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
+    return {
+        "steps": n,
+        "wall_ms_per_step": wall,
+        "device_busy_ms_per_step": busy if cuda else None,
+        "device_idle_ms_per_step": wall - busy if cuda else None,
+        "top_kernels": [
+            {"name": e.key[:120], "ms_per_step": dev_self(e) / 1e3 / n, "calls_per_step": e.count / n}
+            for e in kernels[:25]
+        ],
+        "top_host_ops": [
+            {"name": e.key[:120], "self_ms_per_step": e.self_cpu_time_total / 1e3 / n, "calls_per_step": e.count / n}
+            for e in host[:25]
+        ],
+    }
 
 
 def capture(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict:
@@ -669,6 +714,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--tol-out", type=float, default=None, help="(b) vs (a) loss/logits (default 2e-2; fp32 1e-4)")
     ap.add_argument("--tol-grad", type=float, default=None, help="(b) vs (a) gradients (default 5e-2; fp32 1e-3)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--trace", type=int, default=0, metavar="N",
+                    help="also profile N forward+backward steps per variant (torch.profiler): device-busy vs wall "
+                    "time, top kernels and host ops, in the JSON")  # fmt: skip
     ap.add_argument("--out", default=None, help="JSON path (default $OUT/h200-e2e.json or benchmarks/results/)")
     args = ap.parse_args()
 
