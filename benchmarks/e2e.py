@@ -325,6 +325,7 @@ def measure(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], ar
 def trace(step: Callable[[], None], params: list[torch.nn.Parameter], args: argparse.Namespace) -> dict:
     """``torch.profiler`` over ``--trace`` forward+backward steps: wall time and device-busy time per step (their
     gap is time the device waited for the host), the kernels and the host ops that cost most, per step."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = args.device.type == "cuda"
@@ -344,7 +345,8 @@ def trace(step: Callable[[], None], params: list[torch.nn.Parameter], args: argp
     def dev_self(e: Any) -> float:  # µs
         return float(getattr(e, "self_device_time_total", 0.0) or getattr(e, "self_cuda_time_total", 0.0) or 0.0)
 
-    kernels = sorted((e for e in events if dev_self(e) > 0), key=dev_self, reverse=True)
+    # device-side events only (kernels, memsets, copies): host ops also carry their kernels' device time
+    kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA), key=dev_self, reverse=True)
     busy = sum(dev_self(e) for e in kernels) / 1e3 / n
     host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
     return {

@@ -1,0 +1,190 @@
+"""Host (CPU) time to enqueue one call of each DoRA building block, and of whole DoRA layers, on CUDA.
+
+Run (GPU):  python benchmarks/host_overhead.py [--out benchmarks/results/h200-host-overhead.json]
+
+Why: in ``benchmarks/e2e.py`` a training step is host-bound when the Python and launch work per adapted layer takes
+longer than the GPU work it enqueues; the fused kernels then save GPU time the step never sees. This measures that
+host work directly: before each batch of ``--calls`` calls a spin kernel (``torch.cuda._sleep``) holds the GPU, so
+every launch only enqueues and the wall time of the batch ÷ calls is the host's cost of one call. Median of
+``--batches`` batches, in µs. Forward+backward items build a fresh graph and run ``backward`` each call; their
+difference to the forward item is the host cost of the backward (the autograd engine's thread).
+
+Shapes (default): one Llama-3-8B q_proj, ``W [4096, 4096]``, r = 384, 4096 tokens, bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+try:  # GPU-only script; the kernel below needs triton.language at module level (its annotations are strings)
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    tl = None
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _empty_fn(a, b, c, d, e, f, n0, n1, n2, n3, n4, s, BLOCK: tl.constexpr):
+    """A Triton kernel body that does nothing: 6 pointer, 5 int and 1 float arguments (launch cost only)."""
+
+
+def host_us(fn: Callable[[], object], calls: int, batches: int) -> dict:
+    """Median / min host µs per call of ``fn`` with the GPU held by a spin kernel (see the module docstring)."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    est_s = time.perf_counter() - t0
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(1 << 20)
+    end.record()
+    torch.cuda.synchronize()
+    cycles_per_ms = (1 << 20) / max(start.elapsed_time(end), 1e-6)
+    spin = int(cycles_per_ms * (3 * est_s * 1e3 + 1.0))
+    per = []
+    for _ in range(batches):
+        torch.cuda._sleep(spin)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        per.append((time.perf_counter() - t0) / calls * 1e6)
+        torch.cuda.synchronize()
+    return {"median_us": statistics.median(per), "min_us": min(per), "calls": calls, "batches": batches}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--d", type=int, default=4096, help="in and out features of the layer")
+    ap.add_argument("--rank", type=int, default=384)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--calls", type=int, default=40)
+    ap.add_argument("--batches", type=int, default=7)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("host_overhead.py needs a CUDA GPU")
+
+    import triton
+
+    from dora_tune.dispatch.runtime import auto
+    from dora_tune.kernels import compose, compose_train, dora_scale, factored_norm
+    from dora_tune.kernels._norm_triton import factored_norm_triton
+    from dora_tune.kernels.norm import DEFAULT_NORM_CONFIG
+
+    _empty = triton.jit(_empty_fn)
+    dev = torch.device("cuda")
+    bf16 = torch.bfloat16
+    d, r, rows = args.d, args.rank, args.tokens
+    s = 2.0
+    torch.manual_seed(0)
+    W = torch.randn(d, d, device=dev, dtype=bf16) / d**0.5
+    A = (torch.randn(r, d, device=dev, dtype=bf16) / d**0.5).requires_grad_()
+    B = (torch.randn(d, r, device=dev, dtype=bf16) / r**0.5).requires_grad_()
+    mag = torch.rand(d, device=dev, dtype=bf16).add_(0.5).requires_grad_()
+    lora = torch.randn(rows, d, device=dev, dtype=bf16).requires_grad_()
+    base = torch.randn(rows, d, device=dev, dtype=bf16).requires_grad_()
+    dout = torch.randn(rows, d, device=dev, dtype=bf16)
+    small = torch.randn(1024, device=dev)
+    norm = factored_norm(W, A, B, s)
+    g = dora_scale(mag, norm)
+    ptrs = [torch.empty(16, device=dev) for _ in range(6)]
+
+    def ct_fwdbwd(impl: str) -> Callable[[], None]:
+        def f() -> None:
+            gg = dora_scale(mag, norm)
+            compose_train(lora, base, gg, s, impl=impl).backward(dout)
+
+        return f
+
+    items: dict[str, Callable[[], object]] = {
+        "torch_add_small": lambda: small + small,
+        "triton_empty_launch_12_args": lambda: _empty[(1,)](*ptrs, 1, 2, 3, 4, 5, 1.0, BLOCK=16),
+        "dispatch_auto_lookup": lambda: auto("compose", (rows, d), bf16, dev),
+        "factored_norm_auto": lambda: factored_norm(W, A, B, s),
+        "factored_norm_triton_direct": lambda: factored_norm_triton(W, A.detach(), B.detach(), s, DEFAULT_NORM_CONFIG),
+        "dora_scale": lambda: dora_scale(mag, norm),
+        "compose_nograd_auto": lambda: compose(lora.detach(), base.detach(), g.detach(), s),
+        "compose_train_fwd_auto": lambda: compose_train(lora, base, g, s),
+        "dora_scale+compose_train_fwd_bwd_auto": ct_fwdbwd("auto"),
+        "dora_scale+compose_train_fwd_bwd_eager": ct_fwdbwd("eager"),
+        "dora_scale+compose_train_fwd_bwd_triton": ct_fwdbwd("triton"),
+    }
+
+    layers = {}
+    try:
+        from peft import LoraConfig, get_peft_model
+
+        from dora_tune.integrations import peft as dt_peft
+
+        class One(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.proj = torch.nn.Linear(d, d, bias=False, device=dev, dtype=bf16)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.proj(x)
+
+        x = torch.randn(rows, d, device=dev, dtype=bf16).requires_grad_()
+        for name, use_dora in (("peft_dora", True), ("lora", False)):
+            cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"], use_dora=use_dora)
+            m = get_peft_model(One(), cfg, autocast_adapter_dtype=False)
+            layers[name] = m
+    except ImportError as e:
+        print(f"peft layers skipped: {e}")
+
+    def layer_items(tag: str, m: torch.nn.Module) -> None:
+        items[f"layer_{tag}_fwd"] = lambda: m(x)
+        items[f"layer_{tag}_fwd_bwd"] = lambda: m(x).backward(dout)
+
+    res: dict = {
+        "env": {
+            "device": torch.cuda.get_device_name(dev),
+            "cpu": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": " ".join(sys.argv),
+        },
+        "shape": {"d": d, "rank": r, "tokens": rows, "dtype": "bf16"},
+        "items": {},
+    }
+    if "lora" in layers:
+        layer_items("lora", layers["lora"])
+    if "peft_dora" in layers:
+        layer_items("peft_dora", layers["peft_dora"])
+    for name, fn in items.items():
+        res["items"][name] = host_us(fn, args.calls, args.batches)
+        print(f"{name:45s} {res['items'][name]['median_us']:9.1f} µs", flush=True)
+    if "peft_dora" in layers:
+        with dt_peft.enable(layers["peft_dora"]):
+            for tag, fn in (("dora_tune_fwd", lambda: layers["peft_dora"](x)),
+                            ("dora_tune_fwd_bwd", lambda: layers["peft_dora"](x).backward(dout))):  # fmt: skip
+                name = f"layer_{tag}"
+                res["items"][name] = host_us(fn, args.calls, args.batches)
+                print(f"{name:45s} {res['items'][name]['median_us']:9.1f} µs", flush=True)
+    out_dir = os.environ.get("OUT", str(REPO / "benchmarks" / "results"))
+    out = args.out or os.path.join(out_dir, "h200-host-overhead.json")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(res, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
