@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--calls", type=int, default=40)
     ap.add_argument("--batches", type=int, default=7)
+    ap.add_argument("--cprofile", action="store_true", help="also cProfile the dora-tune layer (text in the JSON)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -82,7 +83,7 @@ def main() -> None:
     import triton
 
     from dora_tune.dispatch.runtime import auto
-    from dora_tune.kernels import compose, compose_train, dora_scale, factored_norm
+    from dora_tune.kernels import compose, compose_train, dora_compose_train, dora_scale, factored_norm
     from dora_tune.kernels._norm_triton import factored_norm_triton
     from dora_tune.kernels.norm import DEFAULT_NORM_CONFIG
 
@@ -123,6 +124,8 @@ def main() -> None:
         "dora_scale+compose_train_fwd_bwd_auto": ct_fwdbwd("auto"),
         "dora_scale+compose_train_fwd_bwd_eager": ct_fwdbwd("eager"),
         "dora_scale+compose_train_fwd_bwd_triton": ct_fwdbwd("triton"),
+        "dora_compose_train_fwd_auto": lambda: dora_compose_train(lora, base, mag, norm, s),
+        "dora_compose_train_fwd_bwd_auto": lambda: dora_compose_train(lora, base, mag, norm, s).backward(dout),
     }
 
     layers = {}
@@ -179,6 +182,27 @@ def main() -> None:
                 name = f"layer_{tag}"
                 res["items"][name] = host_us(fn, args.calls, args.batches)
                 print(f"{name:45s} {res['items'][name]['median_us']:9.1f} µs", flush=True)
+    if args.cprofile and "peft_dora" in layers:  # where the enabled layer's host time goes, by Python function
+        import cProfile
+        import io
+        import pstats
+
+        text = io.StringIO()
+        with dt_peft.enable(layers["peft_dora"]):
+            for tag, fn in (("forward", lambda: layers["peft_dora"](x)),
+                            ("forward+backward", lambda: layers["peft_dora"](x).backward(dout))):  # fmt: skip
+                for _ in range(5):
+                    fn()
+                torch.cuda.synchronize()
+                prof = cProfile.Profile()
+                prof.enable()
+                for _ in range(args.calls):
+                    fn()
+                prof.disable()
+                torch.cuda.synchronize()
+                text.write(f"==== dora-tune layer {tag}, {args.calls} calls (cProfile inflates every Python call)\n")
+                pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(45)
+        res["cprofile"] = text.getvalue()
     out_dir = os.environ.get("OUT", str(REPO / "benchmarks" / "results"))
     out = args.out or os.path.join(out_dir, "h200-host-overhead.json")
     Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,9 @@
 
 Math (DESIGN.md §1): ``y = g ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + bias`` with ``g = m / ‖W + s·B·A‖_row`` (the norm detached).
 The norm comes from :func:`~dora_tune.kernels.factored_norm` (never building ``B·A``), ``g`` from
-:func:`~dora_tune.kernels.dora_scale` and the composition from :func:`~dora_tune.kernels.compose_train` (grad
-enabled) or :func:`~dora_tune.kernels.compose` (no grad), each with ``impl="auto"`` (the dispatcher's choice).
+:func:`~dora_tune.kernels.dora_scale` and the composition from :func:`~dora_tune.kernels.dora_compose_train` (grad
+enabled; ``compose_train`` with ``g`` formed inside its one autograd node) or :func:`~dora_tune.kernels.compose` (no
+grad), each with ``impl="auto"`` (the dispatcher's choice).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dora_tune.kernels import compose, compose_train, dora_scale, factored_norm
+from dora_tune.kernels import compose, dora_compose_train, dora_scale, factored_norm
 from dora_tune.kernels._common import SUPPORTED_DTYPES
 
 _INITS = (True, False, "gaussian")
@@ -160,7 +161,7 @@ class DoRALinear(nn.Module):
         """``x [..., in_features]`` → ``[..., out_features]`` in the base layer's output dtype (see the class doc)."""
         W, bias = self.base_layer.weight, self.base_layer.bias
         A, B = self.lora_A, self.lora_B
-        g = dora_scale(self.magnitude, self.weight_norm())
+        norm = self.weight_norm()
         dropped = self.training and self.dropout_p > 0
         x_l = self.lora_dropout(x) if dropped else x
         lora = F.linear(F.linear(x_l.to(A.dtype), A), B)
@@ -168,8 +169,10 @@ class DoRALinear(nn.Module):
         out_dtype = base.dtype
         dt = torch.promote_types(lora.dtype, base.dtype)
         lora_c, base_c = lora.to(dt), base.to(dt)
-        comp = compose_train if torch.is_grad_enabled() else compose
-        delta = comp(lora_c, base_c, g, self.scale)
+        if torch.is_grad_enabled():
+            delta = dora_compose_train(lora_c, base_c, self.magnitude, norm, self.scale)
+        else:
+            delta = compose(lora_c, base_c, dora_scale(self.magnitude, norm), self.scale)
         if dropped:  # PEFT: the un-dropped base output passes through unscaled
             return (F.linear(x, W, bias) + delta).to(out_dtype)
         out = base_c + delta

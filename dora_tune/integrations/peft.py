@@ -8,8 +8,9 @@ inactive), else ``x·Wᵀ`` of the (dropped-out) ``x`` it was given — the sema
 
 :func:`enable` replaces that method so that, for the layers it covers, the norm is :func:`~dora_tune.kernels.
 factored_norm` (never building ``B·A``), ``g`` is :func:`~dora_tune.kernels.dora_scale` (rows with a zero norm get
-``g = 1`` instead of PEFT's inf/NaN) and the composition is :func:`~dora_tune.kernels.compose_train` (grad enabled)
-or :func:`~dora_tune.kernels.compose` (no grad), all with ``impl="auto"``. Everything else — dropout, the LoRA
+``g = 1`` instead of PEFT's inf/NaN) and the composition is :func:`~dora_tune.kernels.dora_compose_train` (grad
+enabled: ``compose_train`` with ``g`` formed inside one autograd node) or :func:`~dora_tune.kernels.compose` (no
+grad), all with ``impl="auto"``. Everything else — dropout, the LoRA
 matmuls through PEFT's own ``lora_A``/``lora_B`` modules, input casts, adapter selection, merging — stays PEFT's.
 In eval mode the norm is cached while W, A and B are unchanged (see :class:`~dora_tune.dispatch.layer.NormCache`).
 
@@ -53,7 +54,7 @@ except ImportError as e:  # pragma: no cover - depends on the installed PEFT
     ) from e
 
 from dora_tune.dispatch.layer import NormCache
-from dora_tune.kernels import compose, compose_train, dora_scale, factored_norm
+from dora_tune.kernels import compose, dora_compose_train, dora_scale, factored_norm
 from dora_tune.kernels._common import SUPPORTED_DTYPES
 
 __all__ = ["DoraTuneHandle", "disable", "enable", "is_enabled"]
@@ -298,7 +299,7 @@ def _dora_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -
     lora_A, lora_B, base_layer = kwargs["lora_A"], kwargs["lora_B"], kwargs["base_layer"]
     scale = float(kwargs["scaling"])
     W = base_layer.weight
-    g = dora_scale(self.weight, _norm(self, W, lora_A.weight, lora_B.weight, scale))
+    norm = _norm(self, W, lora_A.weight, lora_B.weight, scale)
     lora = lora_B(lora_A(x))
     base_result = kwargs.get("base_result")
     if base_result is not None:  # PEFT: the base layer's output without its bias
@@ -307,5 +308,6 @@ def _dora_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -
     else:  # PEFT: x·Wᵀ of the input it was given (dropped out when dropout is active)
         base = F.linear(x, W.to(x.dtype))
     dt = torch.promote_types(lora.dtype, base.dtype)
-    comp = compose_train if torch.is_grad_enabled() else compose
-    return comp(lora.to(dt), base.to(dt), g, scale)
+    if torch.is_grad_enabled():
+        return dora_compose_train(lora.to(dt), base.to(dt), self.weight, norm, scale)
+    return compose(lora.to(dt), base.to(dt), dora_scale(self.weight, norm), scale)

@@ -6,6 +6,7 @@ Public ops (the contract later layers build on):
 - :func:`compose` — ``(g−1)·base + g·(s·lora)`` without autograd.
 - :func:`compose_train` — the same with autograd (fused forward/backward in Triton).
 - :func:`dora_scale` — ``g = m / n`` with the zero-norm policy (``g = 1`` where ``n = 0``).
+- :func:`dora_compose_train` — ``compose_train`` with ``g = dora_scale(m, n)`` formed inside its one autograd node.
 
 Triton kernels are imported only when a Triton implementation runs; this package never reads the environment,
 opens a database or picks configs by itself (``impl="auto"`` asks :mod:`dora_tune.dispatch`).
@@ -26,6 +27,7 @@ from dora_tune.kernels.compose_train import (
     compose_bwd_config_space,
     compose_train,
     compose_train_config_space,
+    dora_compose_train,
 )
 from dora_tune.kernels.norm import (
     DEFAULT_NORM_CONFIG,
@@ -50,6 +52,7 @@ __all__ = [
     "compose_reference",
     "compose_train",
     "compose_train_config_space",
+    "dora_compose_train",
     "dora_scale",
     "factored_norm",
     "norm_config_space",

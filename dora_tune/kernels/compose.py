@@ -85,7 +85,15 @@ def dora_scale(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"magnitude {tuple(magnitude.shape)} and norm {tuple(norm.shape)} must have one shape")
     n = norm.detach().float()
     ok = n > 0
-    return torch.where(ok, magnitude.float() / torch.where(ok, n, torch.ones_like(n)), torch.ones_like(n))
+    return torch.where(ok, magnitude.float() / torch.where(ok, n, 1.0), 1.0)
+
+
+def dora_scale_backward(grad_g: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """``∂L/∂m`` from ``∂L/∂g`` for ``g = dora_scale(m, n)``: ``grad_g / n`` where ``n > 0``, else 0 (there
+    ``g = 1`` does not depend on ``m``). What autograd computes through :func:`dora_scale`, as float32 ``[d_out]``."""
+    n = norm.detach().float()
+    ok = n > 0
+    return torch.where(ok, grad_g.float() / torch.where(ok, n, 1.0), 0.0)
 
 
 def check_compose_inputs(lora: object, base: object, g: object, scale: object) -> float:

@@ -20,13 +20,22 @@ from typing import Any
 import torch
 from torch.compiler import is_compiling
 
-from dora_tune.kernels._common import KernelConfig, as_rows, config_field, require_triton
+from dora_tune.kernels._common import (
+    KernelConfig,
+    as_rows,
+    check_same_device,
+    check_tensor,
+    config_field,
+    require_triton,
+)
 from dora_tune.kernels.compose import (
     DEFAULT_COMPOSE_CONFIG,
     ComposeConfig,
     check_compose_inputs,
     compose_config_space,
     compose_formula,
+    dora_scale,
+    dora_scale_backward,
     g_vector,
 )
 
@@ -166,3 +175,89 @@ def compose_train(
             raise TypeError(f"config must be a ComposeTrainConfig, got {type(config).__name__}")
         return _ComposeTrainFn.apply(lora, base, g, s, config or DEFAULT_COMPOSE_TRAIN_CONFIG)
     raise ValueError(f"impl must be one of {IMPLS} or 'auto', got {impl!r}")
+
+
+class _DoraComposeTrainFn(torch.autograd.Function):
+    """:class:`_ComposeTrainFn`'s kernels with ``g = dora_scale(m, n)`` formed inside: one autograd node for the whole
+    DoRA delta (no graph of small ops for ``g``; ``d_m`` from ``d_g`` by :func:`dora_scale_backward`)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, lora: torch.Tensor, base: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, scale: float,
+        config: Any,
+    ) -> Any:  # fmt: skip
+        from dora_tune.kernels._compose_triton import compose_fwd_triton
+
+        need_dm = ctx.needs_input_grad[2]
+        g = dora_scale(magnitude, norm)
+        out, inner = compose_fwd_triton(
+            as_rows("lora", lora), as_rows("base", base), g, scale, config.fwd, write_inner=need_dm
+        )
+        ctx.save_for_backward(inner, g, norm)
+        ctx.scale, ctx.config, ctx.lora_dtype, ctx.m_dtype = scale, config, lora.dtype, magnitude.dtype
+        return out if base.dim() == 2 else out.view(base.shape)
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor) -> Any:
+        from dora_tune.kernels._compose_triton import compose_bwd_triton
+
+        inner, g, norm = ctx.saved_tensors
+        need_dlora, need_dbase, need_dm = ctx.needs_input_grad[:3]
+        dlora, dbase, dg = compose_bwd_triton(
+            as_rows("dout", dout), inner, g, ctx.scale, ctx.config.bwd,
+            lora_dtype=ctx.lora_dtype, need_dlora=need_dlora, need_dbase=need_dbase, need_dg=need_dm,
+        )  # fmt: skip
+        if dout.dim() != 2:
+            dlora = None if dlora is None else dlora.view(dout.shape)
+            dbase = None if dbase is None else dbase.view(dout.shape)
+        dm = None if dg is None else dora_scale_backward(dg, norm).to(ctx.m_dtype)
+        return dlora, dbase, dm, None, None, None
+
+
+def dora_compose_train(
+    lora: torch.Tensor,
+    base: torch.Tensor,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    scale: float,
+    *,
+    impl: str = "auto",
+    config: ComposeTrainConfig | None = None,
+) -> torch.Tensor:
+    """The DoRA delta for training: ``compose_train(lora, base, dora_scale(magnitude, norm), scale)``.
+
+    Same values and gradients as that composition (``norm`` is treated as a constant), but with ``impl="triton"``
+    the scale ``g`` is formed inside one autograd node instead of a graph of small ops: per adapted layer that saves
+    the host the bookkeeping of about five autograd nodes in the forward and as many in the backward, which is what
+    limits a training step when the GPU work per layer is small (benchmarks/NOTES.md, "Host cost").
+
+    Args:
+        lora: ``[..., cols]`` LoRA branch output (unscaled).
+        base: ``[..., cols]`` base layer output, same dtype as ``lora``.
+        magnitude: ``[cols]`` DoRA magnitude vector m (any supported float dtype); gets ``d_m`` if it requires grad.
+        norm: ``[cols]`` row norms ``‖W + s·B·A‖`` (e.g. from :func:`factored_norm`), detached.
+        scale: the LoRA scale s, a Python number.
+        impl: ``"eager"``, ``"triton"`` or ``"auto"`` (the plan of op ``compose_train``).
+        config: launch configs for ``impl="triton"`` (default :data:`DEFAULT_COMPOSE_TRAIN_CONFIG`).
+
+    Returns:
+        Tensor of ``base``'s shape and dtype, differentiable with respect to ``lora``, ``base`` and ``magnitude``.
+    """
+    check_tensor("magnitude", magnitude, ndim=1)
+    check_tensor("norm", norm, ndim=1)
+    if magnitude.shape != norm.shape:
+        raise ValueError(f"magnitude {tuple(magnitude.shape)} and norm {tuple(norm.shape)} must have one shape")
+    check_same_device(magnitude=magnitude, norm=norm)
+    s = check_compose_inputs(lora, base, magnitude, scale)
+    if impl == "auto" and not is_compiling():
+        from dora_tune.dispatch.runtime import auto
+
+        cols = base.shape[-1]
+        chosen = auto("compose_train", (base.numel() // max(cols, 1), cols), base.dtype, base.device)
+        impl, config = chosen.impl, config or chosen.config
+    if impl != "triton" or is_compiling():  # eager, or torch.compile's custom op: the composition as written
+        return compose_train(lora, base, dora_scale(magnitude, norm), s, impl=impl, config=config)
+    require_triton(base.device)
+    if config is not None and not isinstance(config, ComposeTrainConfig):
+        raise TypeError(f"config must be a ComposeTrainConfig, got {type(config).__name__}")
+    return _DoraComposeTrainFn.apply(lora, base, magnitude, norm.detach(), s, config or DEFAULT_COMPOSE_TRAIN_CONFIG)

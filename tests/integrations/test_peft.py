@@ -88,14 +88,16 @@ def calls(monkeypatch):
     from dora_tune.dispatch import layer
 
     counts = {"factored_norm": 0, "compose_train": 0, "compose": 0}
-    for module, name in [(dp, "factored_norm"), (dp, "compose_train"), (dp, "compose"), (layer, "factored_norm")]:
-        real = getattr(module, name)
+    wrapped = [(dp, "factored_norm", "factored_norm"), (dp, "dora_compose_train", "compose_train"),
+               (dp, "compose", "compose"), (layer, "factored_norm", "factored_norm")]  # fmt: skip
+    for module, attr, name in wrapped:
+        real = getattr(module, attr)
 
         def wrapper(*a, _real=real, _name=name, **k):
             counts[_name] += 1
             return _real(*a, **k)
 
-        monkeypatch.setattr(module, name, wrapper)
+        monkeypatch.setattr(module, attr, wrapper)
     return counts
 
 

@@ -7,6 +7,8 @@ from dora_tune.kernels import (
     compose_config_space,
     compose_reference,
     compose_train,
+    dora_compose_train,
+    dora_scale,
 )
 
 from conftest import relerr
@@ -125,6 +127,91 @@ def test_compose_train_bad_input():
         compose_train(lora, base, g, 1.0, impl="triton", config=object())
     with pytest.raises(ValueError, match="impl must be one of"):
         compose_train(lora, base, g, 1.0, impl="nope")
+
+
+# ---------------------------------------------------------------- dora_compose_train: g = dora_scale(m, n) inside
+
+
+def make_mn(cols, device, seed, m_dtype, zero_rows=()):
+    gen = torch.Generator().manual_seed(seed)
+    norm = (0.5 + torch.rand(cols, generator=gen)).float()
+    norm[list(zero_rows)] = 0.0
+    mag = (norm * (1 + 0.05 * torch.randn(cols, generator=gen))).to(m_dtype)
+    return mag.to(device), norm.to(device)
+
+
+def dora_ref_grads(lora, base, mag, norm, dout, scale):
+    """float64 reference: out and the gradients of lora, base and the magnitude (g = m/n, 1 where n = 0)."""
+    refs = [t.double().requires_grad_() for t in (lora, base, mag)]
+    n = norm.double()
+    g = torch.where(n > 0, refs[2] / torch.where(n > 0, n, 1.0), 1.0)
+    out = compose_reference(refs[0], refs[1], g, scale).reshape(base.shape)
+    return out, torch.autograd.grad(out, refs, dout.double())
+
+
+@pytest.mark.parametrize("impl", ["eager", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_dora_compose_train_grads(impl, dtype, shape, dev_for):
+    dev = dev_for(impl)
+    lora, base, _, dout = make(shape, dtype, dev, seed=shape[-1] + 7)
+    zero = (0,) if shape[-1] > 1 else ()
+    mag, norm = make_mn(shape[-1], dev, seed=len(shape), m_dtype=dtype, zero_rows=zero)
+    ins = [t.clone().requires_grad_() for t in (lora, base, mag)]
+    out = dora_compose_train(*ins, norm, 0.6, impl=impl)
+    got = torch.autograd.grad(out, ins, dout)
+    ref_out, ref_grads = dora_ref_grads(lora, base, mag, norm, dout, 0.6)
+    for gr, t in zip(got, ins, strict=True):
+        assert gr.shape == t.shape and gr.dtype == t.dtype
+    # eager rounds g to the activation dtype; the magnitude's gradient sums over rows in that dtype
+    tol = TOL[impl][dtype] * (3 if impl == "eager" and dtype != torch.float32 else 1)
+    errs = [relerr(out, ref_out)] + [relerr(a, b) for a, b in zip(got, ref_grads, strict=True)]
+    assert max(errs) <= tol, errs
+    if zero:  # g = 1 on a zero-norm row does not depend on m
+        assert got[2][0].item() == 0.0
+
+
+def test_dora_compose_train_matches_the_composition_bitwise(triton_device):
+    """Same kernels, same g: values and every gradient equal compose_train(·, dora_scale(m, n)) exactly."""
+    lora, base, _, dout = make((2, 33, 300), torch.bfloat16, triton_device, seed=21)
+    mag, norm = make_mn(300, triton_device, seed=2, m_dtype=torch.bfloat16, zero_rows=(5, 17))
+    a = [t.clone().requires_grad_() for t in (lora, base, mag)]
+    b = [t.clone().requires_grad_() for t in (lora, base, mag)]
+    out_a = dora_compose_train(*a, norm, 0.75, impl="triton")
+    out_b = compose_train(b[0], b[1], dora_scale(b[2], norm), 0.75, impl="triton")
+    assert torch.equal(out_a, out_b)
+    ga, gb = torch.autograd.grad(out_a, a, dout), torch.autograd.grad(out_b, b, dout)
+    assert all(torch.equal(x, y) for x, y in zip(ga, gb, strict=True))
+
+
+def test_dora_compose_train_partial_and_no_grad(triton_device):
+    lora, base, _, dout = make((9, 50), torch.float32, triton_device, seed=4)
+    mag, norm = make_mn(50, triton_device, seed=4, m_dtype=torch.float32)
+    out = dora_compose_train(lora, base, mag, norm, 0.5, impl="triton")  # nothing requires grad
+    assert not out.requires_grad
+    m = mag.clone().requires_grad_()
+    out = dora_compose_train(lora, base, m, norm, 0.5, impl="triton")
+    (dm,) = torch.autograd.grad(out, (m,), dout)
+    _, ref = dora_ref_grads(lora, base, mag, norm, dout, 0.5)
+    assert relerr(dm, ref[2]) <= 1e-6
+    lr = lora.clone().requires_grad_()
+    out = dora_compose_train(lr, base, mag, norm, 0.5, impl="triton")
+    assert out.grad_fn.saved_tensors[0] is None  # inner is written only when the magnitude needs a gradient
+
+
+def test_dora_compose_train_bad_input():
+    lora, base, _, _ = make((4, 8), torch.float32)
+    mag, norm = make_mn(8, "cpu", seed=0, m_dtype=torch.float32)
+    with pytest.raises(ValueError, match="must have one shape"):
+        dora_compose_train(lora, base, mag, norm[:4], 1.0)
+    with pytest.raises(ValueError, match="cols"):
+        dora_compose_train(lora, base, mag[:4], norm[:4], 1.0)
+    with pytest.raises(ValueError, match="1-D"):
+        dora_compose_train(lora, base, mag[None], norm, 1.0)
+    with pytest.raises(TypeError, match="ComposeTrainConfig"):
+        dora_compose_train(lora, base, mag, norm, 1.0, impl="triton", config=object())
+    with pytest.raises(ValueError, match="impl must be one of"):
+        dora_compose_train(lora, base, mag, norm, 1.0, impl="nope")
 
 
 @pytest.mark.gpu
