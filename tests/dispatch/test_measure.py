@@ -16,6 +16,7 @@ def test_cpu_measure_reports_ordered_quantiles():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_timing
 def test_cuda_measure_times_the_gpu_not_the_host():
     x = torch.randn(1 << 16, device="cuda")
     calls = []
@@ -33,6 +34,7 @@ def test_cuda_measure_times_the_gpu_not_the_host():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_timing
 def test_cuda_measure_matches_the_work():
     a = torch.randn(64 << 20, device="cuda")  # 256 MB read + 256 MB written: ~0.12 ms at ~4 TB/s
     res = measure(lambda: a.mul_(1.0), torch.device("cuda"), warmup_ms=5, rep_ms=20)
