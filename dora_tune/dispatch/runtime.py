@@ -131,6 +131,22 @@ class Dispatcher:
                     self._memo[key] = plan
         return plan
 
+    def reject(self, op: str, dims: tuple[int, ...], dtype: str, device: torch.device, failed: Plan, why: str) -> Plan:
+        """Replace the memoised plan ``failed`` for this key after it failed to launch (e.g. a config needing more
+        shared memory than the GPU has for these operand dtypes): the default config, or the torch implementation
+        when the default is what failed. Warns once; returns the new plan."""
+        forced = _FORCE.get() or self.env_force
+        default = _default_config(op)
+        if failed.impl == "triton" and failed.config != default:
+            plan = Plan("triton", default, "heuristic", f"{failed.source} plan failed ({why}); default config")
+        else:
+            plan = Plan(_TORCH_IMPL[op], None, "fallback", f"{failed.source} plan failed ({why}); torch implementation")
+        with self._lock:
+            self._memo[(op, dims, dtype, device, forced)] = plan
+        self._warn(f"{op} {dims} {dtype}: {failed.impl} {failed.config} failed to launch ({why}); using {plan.impl}"
+                   f"{' with the default config' if plan.config is not None else ''}")  # fmt: skip
+        return plan
+
     def plan_for_gpu(self, gpu_name: str, op: str, shape: dict[str, int], dtype: str) -> Plan:
         """Plan as if on a CUDA GPU named ``gpu_name`` with Triton available (for ``dora-tune lookup --gpu``)."""
         return self._resolve(op, _shape_key(op, shape), dtype, None, _FORCE.get() or self.env_force, gpu_name)
@@ -362,3 +378,10 @@ def plan(op: str, shape: dict[str, int], dtype: torch.dtype | str, device: torch
 def auto(op: str, dims: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Plan:
     """The kernels' ``impl="auto"`` hook: the process-wide plan for ``op`` (hot path, memoised)."""
     return default_dispatcher().plan_key(op, dims, _DTYPE_NAMES.get(dtype, str(dtype)), device)
+
+
+def auto_failed(
+    op: str, dims: tuple[int, ...], dtype: torch.dtype, device: torch.device, failed: Plan, why: str
+) -> Plan:
+    """The kernels' hook when a plan from :func:`auto` failed to launch: :meth:`Dispatcher.reject`."""
+    return default_dispatcher().reject(op, dims, _DTYPE_NAMES.get(dtype, str(dtype)), device, failed, why)

@@ -104,6 +104,11 @@ def _check_norm_inputs(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch
     return check_scale(scale)
 
 
+def _compute_dtype(weight: torch.Tensor, lora_A: torch.Tensor) -> torch.dtype:
+    """The dtype the fused kernel computes in: the promotion of W's and the adapters' dtypes."""
+    return torch.promote_types(weight.dtype, lora_A.dtype)
+
+
 def norm_reference(
     weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, dtype: torch.dtype = torch.float64
 ) -> torch.Tensor:
@@ -166,11 +171,18 @@ def factored_norm(
         from dora_tune.kernels.custom_ops import factored_norm_op
 
         return factored_norm_op(weight, lora_A, lora_B, s, impl, config)
+    chosen = None
     if impl == "auto":
         from dora_tune.dispatch.runtime import auto
 
-        chosen = auto("norm", (weight.shape[0], weight.shape[1], lora_A.shape[0]), weight.dtype, weight.device)
-        impl, config = chosen.impl, config or chosen.config
+        # keyed on the dtype the kernel computes in (fp32 adapters on a bf16 W compute in fp32: other configs fit)
+        dims, compute = (weight.shape[0], weight.shape[1], lora_A.shape[0]), _compute_dtype(weight, lora_A)
+        chosen = auto("norm", dims, compute, weight.device)
+        impl = chosen.impl
+        if config is None:
+            config = chosen.config
+        else:  # the caller's own config: its launch errors are the caller's to see
+            chosen = None
     with torch.no_grad():
         if impl == "dense":
             return norm_reference(weight, lora_A, lora_B, s, dtype=torch.float32)
@@ -184,5 +196,13 @@ def factored_norm(
                 return norm_factored_torch(weight, lora_A, lora_B, s)
             from dora_tune.kernels._norm_triton import factored_norm_triton
 
-            return factored_norm_triton(weight, lora_A, lora_B, s, config or DEFAULT_NORM_CONFIG)
+            try:
+                return factored_norm_triton(weight, lora_A, lora_B, s, config or DEFAULT_NORM_CONFIG)
+            except Exception as e:  # a planned config that cannot launch here must not break training
+                if chosen is None or type(e).__name__ != "OutOfResources":
+                    raise
+                from dora_tune.dispatch.runtime import auto_failed
+
+                auto_failed("norm", dims, compute, weight.device, chosen, str(e).split(".")[0])
+                return factored_norm(weight, lora_A, lora_B, s)  # the new plan: the default config, then torch
     raise ValueError(f"impl must be one of {IMPLS} or 'auto', got {impl!r}")

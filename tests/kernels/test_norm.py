@@ -131,6 +131,52 @@ def test_auto_picks_torch_on_cpu():
     assert torch.equal(factored_norm(W, A, B, 1.0), factored_norm(W, A, B, 1.0, impl="factored_torch"))
 
 
+def test_planned_config_that_cannot_launch_falls_back(triton_device, monkeypatch):
+    """A config from the dispatcher that fails to launch (out of shared memory for these operand dtypes) costs one
+    warning: the memoised plan becomes the default config (then the torch path), and the result is right."""
+    from triton.runtime.errors import OutOfResources
+
+    from dora_tune.dispatch import runtime
+    from dora_tune.kernels import DEFAULT_NORM_CONFIG, _norm_triton
+
+    W, A, B = make(40, 70, 6, torch.bfloat16, triton_device, seed=4)
+    A32, B32 = A.float(), B.float()  # fp32 adapters on a bf16 W: PEFT's default autocast_adapter_dtype
+    big = NormConfig(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4, split_k=1)
+    d = runtime.Dispatcher(None, use_shipped=False, force_env="")
+    key = ("norm", (40, 70, 6), "fp32", W.device, None)  # keyed on the compute dtype, not W's
+    d._memo[key] = runtime.Plan("triton", big, "model", "test")
+    monkeypatch.setattr(runtime, "_DEFAULT", d)
+    real, launched = _norm_triton.factored_norm_triton, []
+
+    def launch(weight, lora_A, lora_B, scale, config):
+        launched.append(config)
+        if config != DEFAULT_NORM_CONFIG:
+            raise OutOfResources(376832, 232448, "shared memory")
+        return real(weight, lora_A, lora_B, scale, config)
+
+    monkeypatch.setattr(_norm_triton, "factored_norm_triton", launch)
+    ref = norm_reference(W, A32, B32, 0.7)
+    with pytest.warns(RuntimeWarning, match="failed to launch"):
+        got = factored_norm(W, A32, B32, 0.7)
+    assert relerr(got, ref) <= TOL["triton"] and launched == [big, DEFAULT_NORM_CONFIG]
+    assert d._memo[key].config == DEFAULT_NORM_CONFIG and d._memo[key].source == "heuristic"
+    factored_norm(W, A32, B32, 0.7)  # the new plan is memoised: no second failure
+    assert launched == [big, DEFAULT_NORM_CONFIG, DEFAULT_NORM_CONFIG]
+    # the default failing too → the torch implementation
+    d._memo[key] = runtime.Plan("triton", DEFAULT_NORM_CONFIG, "heuristic", "test")
+
+    def no_smem(*args):
+        raise OutOfResources(1, 0, "shared memory")
+
+    monkeypatch.setattr(_norm_triton, "factored_norm_triton", no_smem)
+    with pytest.warns(RuntimeWarning, match="failed to launch"):
+        got = factored_norm(W, A32, B32, 0.7)
+    assert relerr(got, ref) <= TOL["factored_torch"] and d._memo[key].impl == "factored_torch"
+    # an explicit config's launch error reaches the caller
+    with pytest.raises(OutOfResources):
+        factored_norm(W, A32, B32, 0.7, impl="triton", config=big)
+
+
 # ---------------------------------------------------------------- GPU (realistic shapes, real compiler)
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
