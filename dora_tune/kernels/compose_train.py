@@ -178,39 +178,23 @@ def compose_train(
 
 
 class _DoraComposeTrainFn(torch.autograd.Function):
-    """:class:`_ComposeTrainFn`'s kernels with ``g = dora_scale(m, n)`` formed inside: one autograd node for the whole
-    DoRA delta (no graph of small ops for ``g``; ``d_m`` from ``d_g`` by :func:`dora_scale_backward`)."""
+    """:class:`_ComposeTrainFn` with ``g = dora_scale(m, n)`` formed inside: one autograd node for the whole DoRA
+    delta (no graph of small ops for ``g``). ``magnitude`` sits where ``g`` sits in :class:`_ComposeTrainFn`, so its
+    forward and backward run unchanged on this node's context; ``d_m`` follows from ``d_g`` by
+    :func:`dora_scale_backward`. ``norm`` (a detached ``[d_out]`` vector) is kept on the context."""
 
     @staticmethod
     def forward(
         ctx: Any, lora: torch.Tensor, base: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, scale: float,
         config: Any,
     ) -> Any:  # fmt: skip
-        from dora_tune.kernels._compose_triton import compose_fwd_triton
-
-        need_dm = ctx.needs_input_grad[2]
-        g = dora_scale(magnitude, norm)
-        out, inner = compose_fwd_triton(
-            as_rows("lora", lora), as_rows("base", base), g, scale, config.fwd, write_inner=need_dm
-        )
-        ctx.save_for_backward(inner, g, norm)
-        ctx.scale, ctx.config, ctx.lora_dtype, ctx.m_dtype = scale, config, lora.dtype, magnitude.dtype
-        return out if base.dim() == 2 else out.view(base.shape)
+        ctx.norm, ctx.m_dtype = norm, magnitude.dtype
+        return _ComposeTrainFn.forward(ctx, lora, base, dora_scale(magnitude, norm), scale, config)
 
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor) -> Any:
-        from dora_tune.kernels._compose_triton import compose_bwd_triton
-
-        inner, g, norm = ctx.saved_tensors
-        need_dlora, need_dbase, need_dm = ctx.needs_input_grad[:3]
-        dlora, dbase, dg = compose_bwd_triton(
-            as_rows("dout", dout), inner, g, ctx.scale, ctx.config.bwd,
-            lora_dtype=ctx.lora_dtype, need_dlora=need_dlora, need_dbase=need_dbase, need_dg=need_dm,
-        )  # fmt: skip
-        if dout.dim() != 2:
-            dlora = None if dlora is None else dlora.view(dout.shape)
-            dbase = None if dbase is None else dbase.view(dout.shape)
-        dm = None if dg is None else dora_scale_backward(dg, norm).to(ctx.m_dtype)
+        dlora, dbase, dg, _, _ = _ComposeTrainFn.backward(ctx, dout)
+        dm = None if dg is None else dora_scale_backward(dg, ctx.norm).to(ctx.m_dtype)
         return dlora, dbase, dm, None, None, None
 
 
