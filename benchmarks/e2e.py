@@ -51,6 +51,7 @@ import argparse
 import copy
 import dataclasses
 import gc
+import hashlib
 import inspect
 import json
 import math
@@ -691,6 +692,11 @@ def environment(args: argparse.Namespace) -> dict:
                                            timeout=10).stdout.strip() or None  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         env["git_commit"] = None
+    # a copy of a working tree (the device machine's) can carry a stale HEAD: the code itself, hashed, says what ran
+    digest = hashlib.sha256()
+    for f in sorted((REPO / "dora_tune").rglob("*.py")):
+        digest.update(f.relative_to(REPO).as_posix().encode() + b"\0" + f.read_bytes())
+    env["dora_tune_source_sha256"] = digest.hexdigest()[:16]
     return env
 
 
