@@ -51,7 +51,8 @@ def make_estimator(name: str, spec: FeatureSpec, n_samples: int, *, seed: int = 
     * ``extra_trees``: ``ExtraTreesRegressor`` (200 trees, leaves of 1), deterministic for a seed;
     * ``hist_gb``: ``HistGradientBoostingRegressor`` (300 rounds, leaves of ≥ n/10 up to 20 samples);
     * ``knn``: standardised features, ``KNeighborsRegressor`` (5 neighbours or fewer, distance weights);
-    * ``linear_trees``: :class:`LinearTrees`, a power law in bytes and FLOPs plus extra trees on what it leaves.
+    * ``linear_trees``: :class:`LinearTrees`, a power law in bytes and FLOPs plus extra trees on what it leaves,
+      the configs' effects fitted relative to each shape's fastest measured time.
     """
     if name == "extra_trees":
         from sklearn.ensemble import ExtraTreesRegressor
@@ -74,7 +75,10 @@ def make_estimator(name: str, spec: FeatureSpec, n_samples: int, *, seed: int = 
         )
     if name == "linear_trees":
         names = spec.names()
-        return LinearTrees([names.index("log2_bytes"), names.index("log2_flops")], seed=seed)
+        shape_columns = [i for i, n in enumerate(names) if not n.startswith(("log2_cfg_", "grid_"))]
+        return LinearTrees(
+            [names.index("log2_bytes"), names.index("log2_flops")], seed=seed, shape_columns=shape_columns
+        )
     raise ValueError(f"unknown estimator {name!r}; expected one of {list(ESTIMATORS)}")
 
 
@@ -89,16 +93,26 @@ class LinearTrees:
     trees add the config effects and what the trend misses. Follows the scikit-learn ``fit``/``predict`` protocol
     (scikit-learn is imported in :meth:`fit`).
 
+    With ``shape_columns`` (the features that depend on the shape alone) and other columns besides, the fit has
+    two parts, so the trees that rank configs see no differences between shapes: a :class:`LinearTrees` over the
+    shape columns predicts each shape's fastest time (``min ln t`` of its rows; one row a shape), and extra trees
+    over every feature predict ``ln t`` minus that minimum of its shape. The prediction is their sum, an absolute
+    time still (implementations are compared by it).
+
     Args:
         columns: indices of the trend's inputs in the feature matrix (``log2_bytes`` and ``log2_flops``).
         seed: the trees' random seed.
         alpha: the ridge penalty (on standardised inputs).
+        shape_columns: indices of the shape-only features (the trend's inputs among them); empty: one part.
     """
 
-    def __init__(self, columns: Sequence[int], *, seed: int = 0, alpha: float = 1e-2) -> None:
+    def __init__(
+        self, columns: Sequence[int], *, seed: int = 0, alpha: float = 1e-2, shape_columns: Sequence[int] = ()
+    ) -> None:
         self.columns = list(columns)
         self.seed = seed
         self.alpha = alpha
+        self.shape_columns = list(shape_columns)
 
     def fit(self, x: np.ndarray, y: np.ndarray) -> LinearTrees:
         """Fit on features ``x [n, f]`` and targets ``y [n]`` (ln µs)."""
@@ -107,6 +121,18 @@ class LinearTrees:
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
+        if self.shape_columns and len(self.shape_columns) < x.shape[1]:
+            xs = x[:, self.shape_columns]
+            shapes, first, group = np.unique(xs, axis=0, return_index=True, return_inverse=True)
+            group = group.ravel()
+            fastest = np.full(len(shapes), np.inf)
+            np.minimum.at(fastest, group, y)
+            trend = [self.shape_columns.index(c) for c in self.columns]
+            self.shape_model_: LinearTrees | None = LinearTrees(trend, seed=self.seed, alpha=self.alpha)
+            self.shape_model_.fit(xs[first], fastest)
+            self.trees_ = ExtraTreesRegressor(n_estimators=100, random_state=self.seed).fit(x, y - fastest[group])
+            return self
+        self.shape_model_ = None
         self.floor_ = x[:, self.columns].min(axis=0)
         self.linear_ = make_pipeline(StandardScaler(), Ridge(alpha=self.alpha)).fit(x[:, self.columns], y)
         residual = y - self.linear_.predict(x[:, self.columns])
@@ -115,6 +141,8 @@ class LinearTrees:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Predicted ln µs ``[n]`` of features ``x [n, f]``."""
+        if self.shape_model_ is not None:
+            return self.shape_model_.predict(x[:, self.shape_columns]) + self.trees_.predict(x)
         return self.linear_.predict(np.maximum(x[:, self.columns], self.floor_)) + self.trees_.predict(x)
 
 

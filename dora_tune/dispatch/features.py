@@ -9,6 +9,9 @@ vectors hold, in order (:meth:`FeatureSpec.names`):
 * ``dtype_bf16``, ``dtype_fp16``, ``dtype_fp32``: one-hot;
 * ``log2_cfg_<key>`` of each numeric config value (nested compose_train configs flattened to ``fwd_*``/``bwd_*``;
   a key the config lacks gives 0);
+* for a layout with a launch grid (:data:`LAUNCH_GRIDS`: the norm's Triton kernel), ``grid_<name>_log2_programs``
+  and ``grid_<name>_wave_eff``: the programs the config launches at the shape and the share of the SM slots of the
+  waves they take (``programs ÷ (ceil(programs / SMs) · SMs)``; log sizes alone cannot show a partial last wave);
 * GPU: ``gpu_sm_count``, ``gpu_log2_memory`` (bytes), ``gpu_bandwidth_tbs`` and ``gpu_l2_mb`` from
   :data:`KNOWN_GPUS` (0 for an unknown GPU), ``gpu_unknown`` (1 when the GPU is not in the table).
 
@@ -86,6 +89,32 @@ def flatten_config(config: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+LAUNCH_GRIDS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "norm": (("main", ("block_m", "block_n", "block_k", "split_k")),),
+}
+"""The launch grids with features, per op: ``(name, the flattened config keys the grid needs)``; a layout gets a
+grid's features when its config keys hold all of them (the Triton implementation; configless ones have none).
+compose and compose_train have none: their grid features lowered neither CV regret (benchmarks/NOTES.md)."""
+
+
+def _cdiv(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return -(-a // b)
+
+
+def launch_programs(op: str, grid: str, dims: Mapping[str, np.ndarray], cfg: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Programs (int64 ``[n]``) of the launch grid ``grid`` of ``op`` for shape dimensions ``dims`` and flattened
+    config values ``cfg`` (int64 arrays of one entry a row, config values ≥ 1).
+
+    The norm's main kernel launches ``cdiv(d_out, block_m) · cdiv(r, block_n) · S`` programs, with
+    ``S = cdiv(d_in, k_per_split)`` K ranges of ``k_per_split = cdiv(cdiv(d_in, split_k), block_k) · block_k``.
+    """
+    if op == "norm" and grid == "main":
+        o, i, r = dims["d_out"], dims["d_in"], dims["r"]
+        k_per_split = _cdiv(_cdiv(i, cfg["split_k"]), cfg["block_k"]) * cfg["block_k"]
+        return _cdiv(o, cfg["block_m"]) * _cdiv(r, cfg["block_n"]) * _cdiv(i, k_per_split)
+    raise ValueError(f"no launch grid {grid!r} for {op!r}")
+
+
 def _log2(v: float) -> float:
     """log2 of a positive value; 0 for 0 or less (a missing or zero config value)."""
     return math.log2(v) if v > 0 else 0.0
@@ -98,6 +127,11 @@ class FeatureSpec:
     op: str
     impl: str
     config_keys: tuple[str, ...]
+
+    @property
+    def grids(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """The launch grids (:data:`LAUNCH_GRIDS`) whose config keys this layout has."""
+        return tuple(g for g in LAUNCH_GRIDS.get(self.op, ()) if set(g[1]) <= set(self.config_keys))
 
     @classmethod
     def for_configs(cls, op: str, impl: str, configs: Iterable[Mapping[str, Any]]) -> FeatureSpec:
@@ -118,6 +152,7 @@ class FeatureSpec:
             "log2_intensity",
             *(f"dtype_{d}" for d in DTYPE_NAMES),
             *(f"log2_cfg_{k}" for k in self.config_keys),
+            *(f"grid_{g}_{part}" for g, _ in self.grids for part in ("log2_programs", "wave_eff")),
             "gpu_sm_count",
             "gpu_log2_memory",
             "gpu_bandwidth_tbs",
@@ -141,6 +176,8 @@ class FeatureSpec:
         head_rows: list[list[float]] = []
         cfgs: dict[int, int] = {}
         cfg_rows: list[list[float]] = []
+        head_dims: list[tuple[int, ...]] = []  # per distinct (shape, dtype): the dimensions
+        cfg_values: list[list[float]] = []  # per distinct config: its values (0 where missing)
         head_idx = np.empty(len(rows), dtype=np.intp)
         cfg_idx = np.empty(len(rows), dtype=np.intp)
         for i, (shape, dtype, config) in enumerate(rows):
@@ -156,18 +193,53 @@ class FeatureSpec:
                 nbytes, flops = op_bytes(self.op, sd, dtype), op_flops(self.op, sd)
                 head = [*(_log2(d) for d in dims), _log2(nbytes), _log2(flops), math.log2(flops / nbytes)]
                 head_rows.append(head + [float(dtype == d) for d in DTYPE_NAMES])
+                head_dims.append(dims)
                 h = heads[(dims, dtype)] = len(head_rows) - 1
             c = cfgs.get(id(config))
             if c is None:
                 flat = flatten_config(config)
-                cfg_rows.append([_log2(flat.get(k, 0.0)) for k in self.config_keys])
+                cfg_values.append([flat.get(k, 0.0) for k in self.config_keys])
+                cfg_rows.append([_log2(v) for v in cfg_values[-1]])
                 c = cfgs[id(config)] = len(cfg_rows) - 1
             head_idx[i], cfg_idx[i] = h, c
         n_head = len(keys) + 3 + len(DTYPE_NAMES)
         head_m = np.asarray(head_rows, dtype=np.float64).reshape(len(head_rows), n_head)
         cfg_m = np.asarray(cfg_rows, dtype=np.float64).reshape(len(cfg_rows), len(self.config_keys))
         gpu = np.broadcast_to(np.asarray(gpu_features(env), dtype=np.float64), (len(rows), 5))
-        return np.hstack([head_m[head_idx], cfg_m[cfg_idx], gpu])
+        launch = self._launch(head_dims, cfg_values, head_idx, cfg_idx, env.sm_count)
+        return np.hstack([head_m[head_idx], cfg_m[cfg_idx], launch, gpu])
+
+    def _launch(
+        self,
+        head_dims: Sequence[tuple[int, ...]],
+        cfg_values: Sequence[Sequence[float]],
+        head_idx: np.ndarray,
+        cfg_idx: np.ndarray,
+        sm_count: int,
+    ) -> np.ndarray:
+        """The launch-grid block ``[n, 2 · len(grids)]``: per grid log2 programs and wave efficiency (one program
+        an SM; 1 on a GPU of unknown SM count); 0s in a row whose config lacks a value the grid needs."""
+        n, grids = len(head_idx), self.grids
+        out = np.zeros((n, 2 * len(grids)))
+        if not grids or n == 0:
+            return out
+        keys = OP_SHAPE_KEYS[self.op]
+        d = np.asarray(head_dims, dtype=np.int64).reshape(-1, len(keys))[head_idx]
+        c = np.rint(np.asarray(cfg_values, dtype=np.float64)).astype(np.int64)
+        c = c.reshape(-1, len(self.config_keys))[cfg_idx]
+        dims = {k: d[:, j] for j, k in enumerate(keys)}
+        for gi, (name, need) in enumerate(grids):
+            cols = [self.config_keys.index(k) for k in need]
+            ok = np.all(c[:, cols] >= 1, axis=1)
+            cfg = {k: np.maximum(c[:, j], 1) for k, j in zip(need, cols, strict=True)}
+            programs = np.maximum(launch_programs(self.op, name, dims, cfg), 1)
+            if sm_count > 0:
+                wave = programs / (_cdiv(programs, np.int64(sm_count)) * sm_count)
+            else:
+                wave = np.ones(n)
+            out[:, 2 * gi] = np.where(ok, np.log2(programs), 0.0)
+            out[:, 2 * gi + 1] = np.where(ok, wave, 0.0)
+        return out
 
     def vector(self, shape: Mapping[str, int], dtype: str, config: Mapping[str, Any], env: EnvInfo) -> np.ndarray:
         """The feature vector ``[len(names())]`` of one call (see :meth:`matrix`)."""

@@ -76,6 +76,27 @@ def test_features_layout_and_gpu_table():
         spec.vector({"rows": 8}, "bf16", {}, H200)
 
 
+def test_norm_launch_grid_features():
+    # d_in 27648, d_out 5120, r 128, 128×128 tiles: split_k 3 → 40·1·3 = 120 programs, one wave of 132 SMs at 91 %
+    configs = [{"block_m": 128, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": 3, "split_k": k}
+               for k in (1, 2, 3, 4)]  # fmt: skip
+    spec = FeatureSpec.for_configs("norm", "triton", configs)
+    names = spec.names()
+    assert names[names.index("log2_cfg_split_k") + 1 : names.index("gpu_sm_count")] == [
+        "grid_main_log2_programs", "grid_main_wave_eff"]  # fmt: skip
+    shape = {"d_out": 5120, "d_in": 27648, "r": 128}
+    x = spec.matrix([(shape, "bf16", c) for c in configs], H200)
+    programs = 2 ** x[:, names.index("grid_main_log2_programs")]
+    assert programs == pytest.approx([40, 80, 120, 160])
+    assert x[:, names.index("grid_main_wave_eff")] == pytest.approx([40 / 132, 80 / 132, 120 / 132, 160 / 264])
+    # an unknown SM count gives wave efficiency 1; a config lacking a grid key gives 0s; configless layouts: none
+    cpu = dataclasses.replace(H200, sm_count=0)
+    assert spec.vector(shape, "bf16", configs[0], cpu)[names.index("grid_main_wave_eff")] == 1
+    assert spec.vector(shape, "bf16", {"block_m": 64}, H200)[names.index("grid_main_log2_programs")] == 0
+    for op, impl, cfg in (("norm", "dense", {}), ("compose", "triton", {"block_r": 1, "block_c": 128})):
+        assert not any(n.startswith("grid_") for n in FeatureSpec.for_configs(op, impl, [cfg]).names())
+
+
 # ------------------------------------------------------------------------------------------ decision tables
 
 
