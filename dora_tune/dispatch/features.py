@@ -9,9 +9,10 @@ vectors hold, in order (:meth:`FeatureSpec.names`):
 * ``dtype_bf16``, ``dtype_fp16``, ``dtype_fp32``: one-hot;
 * ``log2_cfg_<key>`` of each numeric config value (nested compose_train configs flattened to ``fwd_*``/``bwd_*``;
   a key the config lacks gives 0);
-* for a layout with a launch grid (:data:`LAUNCH_GRIDS`: the norm's Triton kernel), ``grid_<name>_log2_programs``
-  and ``grid_<name>_wave_eff``: the programs the config launches at the shape and the share of the SM slots of the
-  waves they take (``programs ÷ (ceil(programs / SMs) · SMs)``; log sizes alone cannot show a partial last wave);
+* for a layout with a launch grid (:data:`LAUNCH_GRIDS`: the norm's Triton kernel), ``grid_<name>_log2_programs``,
+  ``grid_<name>_wave_eff`` and ``grid_<name>_log2_loop_iters``: the programs the config launches at the shape, the
+  share of the SM slots of the waves they take (``programs ÷ (ceil(programs / SMs) · SMs)``; log sizes alone cannot
+  show a partial last wave) and the trip count of each program's main loop;
 * GPU: ``gpu_sm_count``, ``gpu_log2_memory`` (bytes), ``gpu_bandwidth_tbs`` and ``gpu_l2_mb`` from
   :data:`KNOWN_GPUS` (0 for an unknown GPU), ``gpu_unknown`` (1 when the GPU is not in the table).
 
@@ -97,21 +98,28 @@ grid's features when its config keys hold all of them (the Triton implementation
 compose and compose_train have none: their grid features lowered neither CV regret (benchmarks/NOTES.md)."""
 
 
+_GRID_PARTS = ("log2_programs", "wave_eff", "log2_loop_iters")
+
+
 def _cdiv(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return -(-a // b)
 
 
-def launch_programs(op: str, grid: str, dims: Mapping[str, np.ndarray], cfg: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Programs (int64 ``[n]``) of the launch grid ``grid`` of ``op`` for shape dimensions ``dims`` and flattened
-    config values ``cfg`` (int64 arrays of one entry a row, config values ≥ 1).
+def launch_geometry(
+    op: str, grid: str, dims: Mapping[str, np.ndarray], cfg: Mapping[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Programs and main-loop trips per program (int64 ``[n]`` each) of the launch grid ``grid`` of ``op`` for shape
+    dimensions ``dims`` and flattened config values ``cfg`` (int64 arrays of one entry a row, config values ≥ 1).
 
     The norm's main kernel launches ``cdiv(d_out, block_m) · cdiv(r, block_n) · S`` programs, with
-    ``S = cdiv(d_in, k_per_split)`` K ranges of ``k_per_split = cdiv(cdiv(d_in, split_k), block_k) · block_k``.
+    ``S = cdiv(d_in, k_per_split)`` K ranges of ``k_per_split = cdiv(cdiv(d_in, split_k), block_k) · block_k``; each
+    program loops ``k_per_split / block_k`` times over its K range.
     """
     if op == "norm" and grid == "main":
         o, i, r = dims["d_out"], dims["d_in"], dims["r"]
         k_per_split = _cdiv(_cdiv(i, cfg["split_k"]), cfg["block_k"]) * cfg["block_k"]
-        return _cdiv(o, cfg["block_m"]) * _cdiv(r, cfg["block_n"]) * _cdiv(i, k_per_split)
+        programs = _cdiv(o, cfg["block_m"]) * _cdiv(r, cfg["block_n"]) * _cdiv(i, k_per_split)
+        return programs, k_per_split // cfg["block_k"]
     raise ValueError(f"no launch grid {grid!r} for {op!r}")
 
 
@@ -152,7 +160,7 @@ class FeatureSpec:
             "log2_intensity",
             *(f"dtype_{d}" for d in DTYPE_NAMES),
             *(f"log2_cfg_{k}" for k in self.config_keys),
-            *(f"grid_{g}_{part}" for g, _ in self.grids for part in ("log2_programs", "wave_eff")),
+            *(f"grid_{g}_{part}" for g, _ in self.grids for part in _GRID_PARTS),
             "gpu_sm_count",
             "gpu_log2_memory",
             "gpu_bandwidth_tbs",
@@ -217,10 +225,11 @@ class FeatureSpec:
         cfg_idx: np.ndarray,
         sm_count: int,
     ) -> np.ndarray:
-        """The launch-grid block ``[n, 2 · len(grids)]``: per grid log2 programs and wave efficiency (one program
-        an SM; 1 on a GPU of unknown SM count); 0s in a row whose config lacks a value the grid needs."""
-        n, grids = len(head_idx), self.grids
-        out = np.zeros((n, 2 * len(grids)))
+        """The launch-grid block ``[n, 3 · len(grids)]``: per grid log2 programs, wave efficiency (one program an
+        SM; 1 on a GPU of unknown SM count) and log2 main-loop trips; 0s in a row whose config lacks a value the
+        grid needs."""
+        n, grids, k = len(head_idx), self.grids, len(_GRID_PARTS)
+        out = np.zeros((n, k * len(grids)))
         if not grids or n == 0:
             return out
         keys = OP_SHAPE_KEYS[self.op]
@@ -232,13 +241,15 @@ class FeatureSpec:
             cols = [self.config_keys.index(k) for k in need]
             ok = np.all(c[:, cols] >= 1, axis=1)
             cfg = {k: np.maximum(c[:, j], 1) for k, j in zip(need, cols, strict=True)}
-            programs = np.maximum(launch_programs(self.op, name, dims, cfg), 1)
+            programs, trips = launch_geometry(self.op, name, dims, cfg)
+            programs = np.maximum(programs, 1)
             if sm_count > 0:
                 wave = programs / (_cdiv(programs, np.int64(sm_count)) * sm_count)
             else:
                 wave = np.ones(n)
-            out[:, 2 * gi] = np.where(ok, np.log2(programs), 0.0)
-            out[:, 2 * gi + 1] = np.where(ok, wave, 0.0)
+            out[:, k * gi] = np.where(ok, np.log2(programs), 0.0)
+            out[:, k * gi + 1] = np.where(ok, wave, 0.0)
+            out[:, k * gi + 2] = np.where(ok, np.log2(np.maximum(trips, 1)), 0.0)
         return out
 
     def vector(self, shape: Mapping[str, int], dtype: str, config: Mapping[str, Any], env: EnvInfo) -> np.ndarray:

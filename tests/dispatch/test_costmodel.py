@@ -83,12 +83,13 @@ def test_norm_launch_grid_features():
     spec = FeatureSpec.for_configs("norm", "triton", configs)
     names = spec.names()
     assert names[names.index("log2_cfg_split_k") + 1 : names.index("gpu_sm_count")] == [
-        "grid_main_log2_programs", "grid_main_wave_eff"]  # fmt: skip
+        "grid_main_log2_programs", "grid_main_wave_eff", "grid_main_log2_loop_iters"]  # fmt: skip
     shape = {"d_out": 5120, "d_in": 27648, "r": 128}
     x = spec.matrix([(shape, "bf16", c) for c in configs], H200)
     programs = 2 ** x[:, names.index("grid_main_log2_programs")]
     assert programs == pytest.approx([40, 80, 120, 160])
     assert x[:, names.index("grid_main_wave_eff")] == pytest.approx([40 / 132, 80 / 132, 120 / 132, 160 / 264])
+    assert 2 ** x[:, names.index("grid_main_log2_loop_iters")] == pytest.approx([432, 216, 144, 108])  # K / 64 / S
     # an unknown SM count gives wave efficiency 1; a config lacking a grid key gives 0s; configless layouts: none
     cpu = dataclasses.replace(H200, sm_count=0)
     assert spec.vector(shape, "bf16", configs[0], cpu)[names.index("grid_main_wave_eff")] == 1
