@@ -483,16 +483,9 @@ class ShapeOutcome:
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON types (configs left out but the best one's, to keep stored metrics small)."""
-        return {
-            "shape": self.shape,
-            "best_impl": self.best_impl,
-            "best_config": self.best_config,
-            "best_us": self.best_us,
-            "model_impl": self.model_impl,
-            "model_us": self.model_us,
-            "crossover_impl": self.crossover_impl,
-            "crossover_us": self.crossover_us,
-        }
+        out = asdict(self)
+        del out["model_config"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -515,17 +508,9 @@ class CVReport:
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON types (what :func:`fit` stores as the model's metrics, under ``"cv"``)."""
-        return {
-            "op": self.op,
-            "dtype": self.dtype,
-            "estimator": self.estimator,
-            "n_splits": self.n_splits,
-            "n_trials": self.n_trials,
-            "model": self.model.to_json(),
-            "crossover": self.crossover.to_json(),
-            "model_paired": self.model_paired.to_json(),
-            "shapes": [s.to_json() for s in self.shapes],
-        }
+        out = asdict(self)
+        out["shapes"] = [s.to_json() for s in self.shapes]
+        return out
 
 
 def cross_validate(

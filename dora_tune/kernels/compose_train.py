@@ -31,10 +31,10 @@ from dora_tune.kernels._common import (
 from dora_tune.kernels.compose import (
     DEFAULT_COMPOSE_CONFIG,
     ComposeConfig,
+    _dora_scale,
     check_compose_inputs,
     compose_config_space,
     compose_formula,
-    dora_scale,
     dora_scale_backward,
     g_vector,
 )
@@ -189,7 +189,7 @@ class _DoraComposeTrainFn(torch.autograd.Function):
         config: Any,
     ) -> Any:  # fmt: skip
         ctx.norm, ctx.m_dtype = norm, magnitude.dtype
-        return _ComposeTrainFn.forward(ctx, lora, base, dora_scale(magnitude, norm), scale, config)
+        return _ComposeTrainFn.forward(ctx, lora, base, _dora_scale(magnitude, norm), scale, config)
 
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor) -> Any:
@@ -232,7 +232,7 @@ def dora_compose_train(
     if magnitude.shape != norm.shape:
         raise ValueError(f"magnitude {tuple(magnitude.shape)} and norm {tuple(norm.shape)} must have one shape")
     check_same_device(magnitude=magnitude, norm=norm)
-    s = check_compose_inputs(lora, base, magnitude, scale)
+    s = check_compose_inputs(lora, base, magnitude, scale)  # magnitude in g's place: [cols] on base's device
     if impl == "auto" and not is_compiling():
         from dora_tune.dispatch.runtime import auto
 
@@ -240,7 +240,7 @@ def dora_compose_train(
         chosen = auto("compose_train", (base.numel() // max(cols, 1), cols), base.dtype, base.device)
         impl, config = chosen.impl, config or chosen.config
     if impl != "triton" or is_compiling():  # eager, or torch.compile's custom op: the composition as written
-        return compose_train(lora, base, dora_scale(magnitude, norm), s, impl=impl, config=config)
+        return compose_train(lora, base, _dora_scale(magnitude, norm), s, impl=impl, config=config)
     require_triton(base.device)
     if config is not None and not isinstance(config, ComposeTrainConfig):
         raise TypeError(f"config must be a ComposeTrainConfig, got {type(config).__name__}")

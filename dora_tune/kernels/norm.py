@@ -199,7 +199,9 @@ def factored_norm(
             try:
                 return factored_norm_triton(weight, lora_A, lora_B, s, config or DEFAULT_NORM_CONFIG)
             except Exception as e:  # a planned config that cannot launch here must not break training
-                if chosen is None or type(e).__name__ != "OutOfResources":
+                from triton.runtime.errors import OutOfResources
+
+                if chosen is None or not isinstance(e, OutOfResources):
                     raise
                 from dora_tune.dispatch.runtime import auto_failed
 
