@@ -87,20 +87,13 @@ def _rows_cols(t: torch.Tensor) -> tuple[int, int]:
 
 def _norm_impl(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, impl: str,
                config: str) -> torch.Tensor:  # fmt: skip
-    from dora_tune.kernels.norm import norm_factored_torch, norm_reference
+    # the eager function itself (not traced when the op runs): the same planning on the compute dtype and the same
+    # fallback when a planned config cannot launch
+    from dora_tune.kernels.norm import factored_norm
 
-    name, cfg = _resolve("norm", impl, config, (weight.shape[0], weight.shape[1], lora_A.shape[0]), weight)
-    with torch.no_grad():
-        if name == "dense":
-            return norm_reference(weight, lora_A, lora_B, scale, dtype=torch.float32).contiguous()
-        if name == "factored_torch" or lora_A.shape[0] == 0 or weight.shape[1] == 0:
-            return norm_factored_torch(weight, lora_A, lora_B, scale)
-        if name == "triton":
-            require_triton(weight.device)
-            from dora_tune.kernels._norm_triton import factored_norm_triton
-
-            return factored_norm_triton(weight, lora_A, lora_B, scale, cfg or _default("norm"))
-    raise ValueError(f"dora_tune::factored_norm: unknown impl {name!r}")
+    if impl not in ("auto", *_NORM_IMPLS):
+        raise ValueError(f"dora_tune::factored_norm: unknown impl {impl!r}")
+    return factored_norm(weight, lora_A, lora_B, scale, impl=impl, config=_parse("norm", config) if config else None)
 
 
 def _compose_impl(lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, scale: float, impl: str,

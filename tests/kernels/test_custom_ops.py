@@ -192,3 +192,22 @@ def test_compiled_functions_match_eager(triton_device):
         assert max(relerr(a, b) for a, b in zip(gg, gw, strict=True)) <= 1e-5
         with torch.no_grad():
             assert relerr(ce(x, W, A, B, m), want) <= 1e-6
+
+
+def test_norm_op_plans_like_the_eager_call(triton_device, monkeypatch):
+    """dora_tune::factored_norm plans on the compute dtype (fp32 adapters on a bf16 W: fp32), as the eager call."""
+    from dora_tune.dispatch import runtime
+
+    gen = torch.Generator().manual_seed(1)
+    W = torch.randn(24, 40, generator=gen).to(torch.bfloat16).to(triton_device)
+    A, B = (torch.randn(*s, generator=gen).to(triton_device) for s in ((5, 40), (24, 5)))
+    cfg = NormConfig(block_m=64, block_n=32, block_k=64, num_warps=4, num_stages=3, split_k=2)
+    d = runtime.Dispatcher(None, use_shipped=False, force_env="")
+    d._memo[("norm", (24, 40, 5), "fp32", W.device, None)] = runtime.Plan("triton", cfg, "model", "test")
+    monkeypatch.setattr(runtime, "_DEFAULT", d)
+    seen = []
+    monkeypatch.setattr(runtime.Dispatcher, "_resolve", lambda *a, **k: seen.append(a) or runtime.Plan(
+        "factored_torch", None, "fallback", "test"))  # fmt: skip
+    got = co.factored_norm_op(W, A, B, 0.5, "auto", None)
+    assert seen == []  # the memoised fp32 plan was used, no other key was resolved
+    assert relerr(got, norm_reference(W, A, B, 0.5)) <= 1e-5
