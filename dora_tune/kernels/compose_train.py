@@ -35,7 +35,6 @@ from dora_tune.kernels.compose import (
     check_compose_inputs,
     compose_config_space,
     compose_formula,
-    dora_scale_backward,
     g_vector,
 )
 
@@ -180,21 +179,26 @@ def compose_train(
 class _DoraComposeTrainFn(torch.autograd.Function):
     """:class:`_ComposeTrainFn` with ``g = dora_scale(m, n)`` formed inside: one autograd node for the whole DoRA
     delta (no graph of small ops for ``g``). ``magnitude`` sits where ``g`` sits in :class:`_ComposeTrainFn`, so its
-    forward and backward run unchanged on this node's context; ``d_m`` follows from ``d_g`` by
-    :func:`dora_scale_backward`. ``norm`` (a detached ``[d_out]`` vector) is kept on the context."""
+    forward and backward run unchanged on this node's context. ``g`` and ``d_m`` (from ``d_g``) come from one Triton
+    launch each (:mod:`~dora_tune.kernels._scale_triton`: the formulas of :func:`_dora_scale` and
+    :func:`dora_scale_backward`, bitwise). ``norm`` (a detached ``[d_out]`` vector) is kept on the context."""
 
     @staticmethod
     def forward(
         ctx: Any, lora: torch.Tensor, base: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, scale: float,
         config: Any,
     ) -> Any:  # fmt: skip
+        from dora_tune.kernels._scale_triton import dora_scale_fwd_triton
+
         ctx.norm, ctx.m_dtype = norm, magnitude.dtype
-        return _ComposeTrainFn.forward(ctx, lora, base, _dora_scale(magnitude, norm), scale, config)
+        return _ComposeTrainFn.forward(ctx, lora, base, dora_scale_fwd_triton(magnitude, norm), scale, config)
 
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor) -> Any:
+        from dora_tune.kernels._scale_triton import dora_scale_bwd_triton
+
         dlora, dbase, dg, _, _ = _ComposeTrainFn.backward(ctx, dout)
-        dm = None if dg is None else dora_scale_backward(dg, ctx.norm).to(ctx.m_dtype)
+        dm = None if dg is None else dora_scale_bwd_triton(dg, ctx.norm, ctx.m_dtype)
         return dlora, dbase, dm, None, None, None
 
 

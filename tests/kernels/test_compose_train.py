@@ -171,10 +171,15 @@ def test_dora_compose_train_grads(impl, dtype, shape, dev_for):
         assert got[2][0].item() == 0.0
 
 
-def test_dora_compose_train_matches_the_composition_bitwise(triton_device):
+@pytest.mark.parametrize(
+    "where", ["triton_device", pytest.param("cuda", marks=pytest.mark.gpu)], ids=["interpreter-or-cuda", "gpu"]
+)
+def test_dora_compose_train_matches_the_composition_bitwise(where, request):
     """Same kernels, same g: values and every gradient equal compose_train(·, dora_scale(m, n)) exactly."""
-    lora, base, _, dout = make((2, 33, 300), torch.bfloat16, triton_device, seed=21)
-    mag, norm = make_mn(300, triton_device, seed=2, m_dtype=torch.bfloat16, zero_rows=(5, 17))
+    dev = request.getfixturevalue("triton_device") if where == "triton_device" else "cuda"
+    cols = 300 if where == "triton_device" else 4100
+    lora, base, _, dout = make((2, 33, cols), torch.bfloat16, dev, seed=21)
+    mag, norm = make_mn(cols, dev, seed=2, m_dtype=torch.bfloat16, zero_rows=(5, 17))
     a = [t.clone().requires_grad_() for t in (lora, base, mag)]
     b = [t.clone().requires_grad_() for t in (lora, base, mag)]
     out_a = dora_compose_train(*a, norm, 0.75, impl="triton")
@@ -182,6 +187,35 @@ def test_dora_compose_train_matches_the_composition_bitwise(triton_device):
     assert torch.equal(out_a, out_b)
     ga, gb = torch.autograd.grad(out_a, a, dout), torch.autograd.grad(out_b, b, dout)
     assert all(torch.equal(x, y) for x, y in zip(ga, gb, strict=True))
+
+
+@pytest.mark.parametrize("m_dtype", DTYPES)
+@pytest.mark.parametrize("cols", [1, 1023, 1025, 4099])
+@pytest.mark.parametrize(
+    "where", ["triton_device", pytest.param("cuda", marks=pytest.mark.gpu)], ids=["interpreter-or-cuda", "gpu"]
+)
+def test_scale_kernels_are_the_torch_formulas(where, cols, m_dtype, request):
+    """The fused node's g and d_m launches: bitwise the torch formulas (_dora_scale, dora_scale_backward rounded
+    to m's dtype), and the float64 definition within rounding; zero and NaN norms follow the zero-norm policy."""
+    from dora_tune.kernels._scale_triton import dora_scale_bwd_triton, dora_scale_fwd_triton
+    from dora_tune.kernels.compose import _dora_scale, dora_scale_backward
+
+    dev = request.getfixturevalue("triton_device") if where == "triton_device" else "cuda"
+    zero = (0, cols // 2) if cols > 1 else (0,)
+    mag, norm = make_mn(cols, dev, seed=cols, m_dtype=m_dtype, zero_rows=zero)
+    if cols > 2:
+        norm[1] = float("nan")
+    dg = torch.randn(cols, generator=torch.Generator().manual_seed(cols + 1)).to(dev)
+    g, dm = dora_scale_fwd_triton(mag, norm), dora_scale_bwd_triton(dg, norm, m_dtype)
+    assert g.dtype == torch.float32 and dm.dtype == m_dtype and g.shape == dm.shape == (cols,)
+    assert torch.equal(g, _dora_scale(mag, norm))
+    assert torch.equal(dm, dora_scale_backward(dg, norm).to(m_dtype))
+    n = norm.double()
+    ok = n > 0
+    g_ref = torch.where(ok, mag.double() / torch.where(ok, n, 1.0), 1.0)
+    dm_ref = torch.where(ok, dg.double() / torch.where(ok, n, 1.0), 0.0)
+    assert relerr(g, g_ref) <= 1e-7 and relerr(dm, dm_ref) <= TOL["triton"][m_dtype]
+    assert (g[list(zero)] == 1).all() and (dm[list(zero)] == 0).all()
 
 
 def test_dora_compose_train_partial_and_no_grad(triton_device):
