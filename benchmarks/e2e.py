@@ -25,7 +25,10 @@ not exactly 1). Variants, each on ``--tokens`` tokens (batch 1):
       on the torch implementations, whose backward is C++ autograd — (b) − (d) is what the fused kernels and their
       Python autograd nodes change;
   (e) ``dora_tune_compiled`` (only when asked for) (b) under ``torch.compile`` (the DoRA ops are custom ops in the
-      graph; one compiled backward instead of a Python autograd node per layer). Compile time is in the JSON.
+      graph; one compiled backward instead of a Python autograd node per layer). Compile time is in the JSON;
+  (f) ``dora_tune_cudagraphs`` (only when asked for) (b) under ``torch.compile(mode="reduce-overhead")``: the
+      compiled graphs are replayed as CUDA graphs, so no Python or launch cost per layer remains on the host;
+  (g) ``peft_dora_compiled`` (only when asked for) (a) under ``torch.compile``: what compiling alone gives PEFT.
 
 Per variant: forward time in training mode with autograd recording (the training forward), forward time in eval
 mode under ``torch.no_grad()`` (inference), forward+backward time (gradients set to None before every repetition
@@ -81,7 +84,10 @@ VARIANTS = {
     "lora": "(c) PEFT LoRA",
     "dora_tune_eager": "(d) (b), torch impls",
     "dora_tune_compiled": "(e) (b), torch.compile",
+    "dora_tune_cudagraphs": "(f) (b), compiled, CUDA graphs",
+    "peft_dora_compiled": "(g) (a), torch.compile",
 }
+DT_VARIANTS = {"dora_tune", "dora_tune_eager", "dora_tune_compiled", "dora_tune_cudagraphs"}  # need enable()
 DEFAULT_VARIANTS = ("peft_dora", "dora_tune", "lora")  # (d) on request: it separates kernel time from host cost
 GRAD_KINDS = {"lora_A": "grad lora_A", "lora_B": "grad lora_B", "lora_magnitude_vector": "grad magnitude"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -479,6 +485,16 @@ def run_model(key: str, spec: Spec, args: argparse.Namespace, dt_peft: ModuleTyp
             caps[name] = capture(model, batch)
         report_variant(key, name, out["variants"][name])
 
+    def compiled_variant(name: str, model: torch.nn.Module, **compile_kwargs: Any) -> None:
+        t0 = time.perf_counter()
+        compiled = torch.compile(model, **compile_kwargs)
+        try:
+            variant(name, compiled, keep=False)
+        finally:
+            out.setdefault("compile_and_measure_s", {})[name] = round(time.perf_counter() - t0, 1)
+            del compiled
+            torch._dynamo.reset()
+
     def dora_tune(model: torch.nn.Module) -> None:
         assert dt_peft is not None
         from dora_tune.dispatch import force
@@ -492,12 +508,9 @@ def run_model(key: str, spec: Spec, args: argparse.Namespace, dt_peft: ModuleTyp
                 with force("eager"):
                     variant("dora_tune_eager", model, keep=False)
             if "dora_tune_compiled" in want:  # one compiled backward instead of a Python node per layer
-                t0 = time.perf_counter()
-                compiled = torch.compile(model)
-                variant("dora_tune_compiled", compiled, keep=False)
-                out["compile_and_measure_s"] = round(time.perf_counter() - t0, 1)
-                del compiled
-                torch._dynamo.reset()
+                compiled_variant("dora_tune_compiled", model)
+            if "dora_tune_cudagraphs" in want:  # ... replayed as CUDA graphs: no host cost per layer
+                compiled_variant("dora_tune_cudagraphs", model, mode="reduce-overhead")
         finally:
             dt_disable(dt_peft, model)
         if "peft_dora" in caps:  # disable() must give PEFT's path back: the no-grad logits of (a) again
@@ -509,7 +522,7 @@ def run_model(key: str, spec: Spec, args: argparse.Namespace, dt_peft: ModuleTyp
             if not err <= args.tol_out:
                 out["failures"].append(f"after disable(), no-grad logits differ from (a) by {err:.2e}")
 
-    if {"peft_dora", "dora_tune", "dora_tune_eager", "dora_tune_compiled"} & set(want):
+    if ({"peft_dora", "peft_dora_compiled"} | DT_VARIANTS) & set(want):
         built: list[torch.nn.Module] = []
 
         def build_dora() -> None:
@@ -528,7 +541,9 @@ def run_model(key: str, spec: Spec, args: argparse.Namespace, dt_peft: ModuleTyp
                 attempt("fp32 reference", lambda: reference(model))
             if "peft_dora" in want:
                 attempt("variant peft_dora", lambda: variant("peft_dora", model, keep=True))
-            if {"dora_tune", "dora_tune_eager", "dora_tune_compiled"} & set(want):
+            if "peft_dora_compiled" in want:
+                attempt("variant peft_dora_compiled", lambda: compiled_variant("peft_dora_compiled", model))
+            if DT_VARIANTS & set(want):
                 attempt("variant dora_tune", lambda: dora_tune(model))
             del model
         release()
@@ -760,7 +775,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    dt_peft = load_dt_peft() if {"dora_tune", "dora_tune_eager", "dora_tune_compiled"} & set(args.variants) else None
+    dt_peft = load_dt_peft() if DT_VARIANTS & set(args.variants) else None
     t0 = time.time()
     res: dict[str, Any] = {
         "env": environment(args),
