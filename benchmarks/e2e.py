@@ -28,7 +28,8 @@ not exactly 1). Variants, each on ``--tokens`` tokens (batch 1):
       graph; one compiled backward instead of a Python autograd node per layer). Compile time is in the JSON;
   (f) ``dora_tune_cudagraphs`` (only when asked for) (b) under ``torch.compile(mode="reduce-overhead")``: the
       compiled graphs are replayed as CUDA graphs, so no Python or launch cost per layer remains on the host;
-  (g) ``peft_dora_compiled`` (only when asked for) (a) under ``torch.compile``: what compiling alone gives PEFT.
+  (g) ``peft_dora_compiled`` (only when asked for) (a) under ``torch.compile``: what compiling alone gives PEFT;
+  (h) ``peft_dora_cudagraphs`` (only when asked for) (a) under ``torch.compile(mode="reduce-overhead")``.
 
 Per variant: forward time in training mode with autograd recording (the training forward), forward time in eval
 mode under ``torch.no_grad()`` (inference), forward+backward time (gradients set to None before every repetition
@@ -86,6 +87,7 @@ VARIANTS = {
     "dora_tune_compiled": "(e) (b), torch.compile",
     "dora_tune_cudagraphs": "(f) (b), compiled, CUDA graphs",
     "peft_dora_compiled": "(g) (a), torch.compile",
+    "peft_dora_cudagraphs": "(h) (a), compiled, CUDA graphs",
 }
 DT_VARIANTS = {"dora_tune", "dora_tune_eager", "dora_tune_compiled", "dora_tune_cudagraphs"}  # need enable()
 DEFAULT_VARIANTS = ("peft_dora", "dora_tune", "lora")  # (d) on request: it separates kernel time from host cost
@@ -522,7 +524,7 @@ def run_model(key: str, spec: Spec, args: argparse.Namespace, dt_peft: ModuleTyp
             if not err <= args.tol_out:
                 out["failures"].append(f"after disable(), no-grad logits differ from (a) by {err:.2e}")
 
-    if ({"peft_dora", "peft_dora_compiled"} | DT_VARIANTS) & set(want):
+    if ({"peft_dora", "peft_dora_compiled", "peft_dora_cudagraphs"} | DT_VARIANTS) & set(want):
         built: list[torch.nn.Module] = []
 
         def build_dora() -> None:
@@ -543,6 +545,11 @@ def run_model(key: str, spec: Spec, args: argparse.Namespace, dt_peft: ModuleTyp
                 attempt("variant peft_dora", lambda: variant("peft_dora", model, keep=True))
             if "peft_dora_compiled" in want:
                 attempt("variant peft_dora_compiled", lambda: compiled_variant("peft_dora_compiled", model))
+            if "peft_dora_cudagraphs" in want:
+                attempt(
+                    "variant peft_dora_cudagraphs",
+                    lambda: compiled_variant("peft_dora_cudagraphs", model, mode="reduce-overhead"),
+                )
             if DT_VARIANTS & set(want):
                 attempt("variant dora_tune", lambda: dora_tune(model))
             del model
