@@ -300,6 +300,35 @@ def test_every_estimator_fits_and_predicts(known_trials, estimator):
     assert result.choose({"rows": 64, "cols": 512})[0] == "eager"
 
 
+def test_linear_trees_focus_by_op_and_weighted_fit():
+    import numpy as np
+
+    specs = {op: FeatureSpec.for_configs(op, "triton", [{"block_r": 1}]) for op in ("compose", "compose_train", "norm")}
+    focus = {op: cm.make_estimator("linear_trees", spec, 10).focus for op, spec in specs.items()}
+    assert focus == {"compose": 0.1, "compose_train": None, "norm": 0.1} == {op: cm.TREE_FOCUS.get(op) for op in focus}
+
+    # two shapes (column 0) × four configs (column 1): the config trees get weights (t_min / t)^(1/focus) per shape
+    from sklearn.ensemble import ExtraTreesRegressor
+
+    x = np.array([[s, c] for s in (1.0, 2.0) for c in (0.0, 1.0, 2.0, 3.0)])
+    rel = np.array([0.0, 0.05, 0.5, 1.0] * 2)  # ln t − ln t_min of each row
+    y = x[:, 0] + rel
+    seen = []
+    real_fit = ExtraTreesRegressor.fit
+
+    def spy(self, X, Y, sample_weight=None):
+        if len(X) == len(x):  # the config trees (the shape model fits one row a shape)
+            seen.append(sample_weight)
+        return real_fit(self, X, Y, sample_weight=sample_weight)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ExtraTreesRegressor, "fit", spy)
+        for f in (None, 0.1):
+            model = cm.LinearTrees([0], shape_columns=[0], focus=f).fit(x, y)
+            assert np.argmin(model.predict(x[:4])) == 0 and np.allclose(model.predict(x), y, atol=1e-9)
+    assert len(seen) == 2 and seen[0] is None and np.allclose(seen[1], np.exp(-rel / 0.1))
+
+
 def test_fit_rejects_bad_input(known_trials):
     with pytest.raises(ValueError, match="op"):
         cm.fit_op(known_trials, "matmul", "bf16")
