@@ -61,6 +61,7 @@ __all__ = ["DoraTuneHandle", "disable", "enable", "is_enabled"]
 
 _FLAG = "_dora_tune_enabled"  # instance attribute: this layer was enabled by enable(model)
 _CACHE = "_dora_tune_norm_cache"  # instance attribute: the eval-mode NormCache
+_VERDICT = "_dora_tune_verdict"  # instance attribute: (call key, _why_not's answer) of the last call checked
 _REQUIRED = ("lora_A", "lora_B", "scaling", "base_layer")
 _KNOWN = frozenset((*_REQUIRED, "base_result", "adapter_name"))
 
@@ -69,7 +70,7 @@ _ORIG: dict[type, tuple[bool, Any]] = {}  # patched class → (had its own forwa
 _STATE = {"global": False}
 _PEFT: dict[str, Any] = {}  # "forward": PEFT's DoraLinearLayer.forward, as found by the first enable()
 _ENABLED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # layers flagged by enable(model)
-_CACHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # layers holding a NormCache
+_CACHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # layers holding a NormCache or a verdict
 _SAID: set[str] = set()
 
 
@@ -152,6 +153,7 @@ def disable() -> None:
         _ENABLED.clear()
         for m in list(_CACHED):
             m.__dict__.pop(_CACHE, None)
+            m.__dict__.pop(_VERDICT, None)
         _CACHED.clear()
 
 
@@ -275,6 +277,51 @@ def _why_not(self: nn.Module, x: Any, kwargs: dict[str, Any]) -> str | None:
     return None
 
 
+def _tensor_key(t: Any) -> tuple:
+    """What :func:`_why_not` checks of a tensor argument: type, dtype, device, rank and last dimension."""
+    if not isinstance(t, torch.Tensor):
+        return (type(t),)
+    return type(t), t.dtype, t.device, t.dim(), t.shape[-1] if t.dim() else None
+
+
+def _module_key(m: Any) -> tuple:
+    """What :func:`_why_not` checks of a module argument: its identity and type, and each parameter's and buffer's
+    (or ``None``'s) type, dtype, device and shape."""
+    if not isinstance(m, nn.Module):
+        return id(m), type(m)
+    tensors = (*m._parameters.items(), *m._buffers.items())
+    return id(m), type(m), *((n, type(t), t.dtype, t.device, t.shape) if t is not None else (n,)
+                             for n, t in tensors)  # fmt: skip
+
+
+def _call_key(self: nn.Module, x: Any, kwargs: dict[str, Any]) -> tuple:
+    """Everything :func:`_why_not`'s answer depends on, cheaper to build and compare than the checks themselves
+    (module attribute lookups and ``hasattr`` misses are slow)."""
+    scaling, base_result = kwargs.get("scaling"), kwargs.get("base_result")
+    return (
+        tuple(kwargs),
+        type(scaling),
+        scaling if type(scaling) in (int, float) else id(scaling),  # never a tensor: == must give a bool
+        getattr(self, "fan_in_fan_out", False),
+        _tensor_key(x),
+        None if base_result is None else _tensor_key(base_result),
+        _module_key(self),
+        *(_module_key(kwargs.get(n)) for n in ("lora_A", "lora_B", "base_layer")),
+    )
+
+
+def _checked_why_not(self: nn.Module, x: Any, kwargs: dict[str, Any]) -> str | None:
+    """:func:`_why_not`, remembered per layer while the call's key (:func:`_call_key`) stays the same."""
+    key = _call_key(self, x, kwargs)
+    last = self.__dict__.get(_VERDICT)
+    if last is not None and last[0] == key:
+        return last[1]
+    why = _why_not(self, x, kwargs)
+    self.__dict__[_VERDICT] = (key, why)
+    _CACHED.add(self)
+    return why
+
+
 def _norm(self: nn.Module, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
     if self.training or torch.compiler.is_compiling():
         return factored_norm(W, A, B, scale)
@@ -292,7 +339,7 @@ def _dora_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -
         return orig(self, x, *args, **kwargs)
     if getattr(self, "_kwargs", None):  # PEFT < 0.13 initialises the magnitude on the first forward
         return orig(self, x, **kwargs)
-    why = _why_not(self, x, kwargs)
+    why = _checked_why_not(self, x, kwargs)
     if why is not None:
         _say(why)
         return orig(self, x, **kwargs)

@@ -281,6 +281,38 @@ def test_biased_lora_B_keeps_peft_path(calls):
     assert torch.equal(got[0], want[0])
 
 
+def test_eligibility_is_checked_once_until_the_call_changes(calls, monkeypatch):
+    """The per-call checks run once per layer and again only when something they look at changes (here a bias put
+    on lora_B in place, then taken off; an input dtype dora-tune does not take)."""
+    pm = mixed_model(target_modules=["lin"])
+    lin = pm.base_model.model.lin
+    checks = []
+    real = dp._why_not
+    monkeypatch.setattr(dp, "_why_not", lambda *a: checks.append(1) or real(*a))
+    ids = torch.randint(0, 50, (3, 9), generator=torch.Generator().manual_seed(0))
+    dp.enable(pm)
+    for _ in range(3):
+        run(pm, ids)
+    assert len(checks) == 1 and calls["compose_train"] == 3
+    lin.lora_B["default"].bias = nn.Parameter(torch.ones(24))  # in place: same module, one more parameter
+    with pytest.warns(RuntimeWarning, match="lora_bias"):
+        run(pm, ids)
+    run(pm, ids)
+    assert len(checks) == 2 and calls["compose_train"] == 3
+    lin.lora_B["default"].bias = None
+    run(pm, ids)
+    assert len(checks) == 3 and calls["compose_train"] == 4
+    layer = lin.lora_magnitude_vector["default"]
+    kwargs = {"lora_A": lin.lora_A["default"], "lora_B": lin.lora_B["default"], "scaling": 0.5,
+              "base_layer": lin.base_layer}  # fmt: skip
+    x = torch.randn(2, 16)
+    assert dp._checked_why_not(layer, x, kwargs) is None
+    assert "plain float tensor" in dp._checked_why_not(layer, x.double(), kwargs)
+    assert "scaling" in dp._checked_why_not(layer, x, {**kwargs, "scaling": torch.tensor([0.5, 1.0])})
+    dp.disable()
+    assert dp._VERDICT not in layer.__dict__
+
+
 def test_zero_norm_rows_stay_finite(calls):
     pm = mixed_model(target_modules=["lin"])
     lin = pm.base_model.model.lin
