@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from typing import Any
 
 import torch
 from torch.compiler import is_compiling
@@ -78,12 +79,17 @@ def dora_scale(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[d_out]`` float32 ``g``; differentiable with respect to ``magnitude`` only.
     """
+    check_scale_inputs(magnitude, norm)
+    return _dora_scale(magnitude, norm)
+
+
+def check_scale_inputs(magnitude: object, norm: object) -> None:
+    """Validate :func:`dora_scale`'s arguments: 1-D float tensors of one shape on one device."""
     check_tensor("magnitude", magnitude, ndim=1)
     check_tensor("norm", norm, ndim=1)
     check_same_device(magnitude=magnitude, norm=norm)
     if magnitude.shape != norm.shape:
         raise ValueError(f"magnitude {tuple(magnitude.shape)} and norm {tuple(norm.shape)} must have one shape")
-    return _dora_scale(magnitude, norm)
 
 
 def _dora_scale(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
@@ -120,6 +126,18 @@ def check_compose_inputs(lora: object, base: object, g: object, scale: object) -
     return check_scale(scale)
 
 
+def resolve_impl(op: str, base: torch.Tensor, impl: str, config: Any) -> tuple[str, Any]:
+    """``(impl, config)`` of a compose-family call: ``impl="auto"`` asks the dispatcher for ``op`` at ``base``'s
+    rows × cols, dtype and device (the caller's own ``config`` wins over the plan's); anything else passes through."""
+    if impl != "auto":
+        return impl, config
+    from dora_tune.dispatch.runtime import auto
+
+    cols = base.shape[-1]
+    chosen = auto(op, (base.numel() // max(cols, 1), cols), base.dtype, base.device)
+    return chosen.impl, config or chosen.config
+
+
 def g_vector(g: torch.Tensor) -> torch.Tensor:
     """``g`` as a contiguous ``[cols]`` vector (a view when it already is one)."""
     return g if (g.dim() == 1 and g.is_contiguous()) else g.reshape(-1).contiguous()
@@ -152,12 +170,7 @@ def compose(
         from dora_tune.kernels.custom_ops import compose_op
 
         return compose_op(lora, base, g, s, impl, config)
-    if impl == "auto":
-        from dora_tune.dispatch.runtime import auto
-
-        cols = base.shape[-1]
-        chosen = auto("compose", (base.numel() // max(cols, 1), cols), base.dtype, base.device)
-        impl, config = chosen.impl, config or chosen.config
+    impl, config = resolve_impl("compose", base, impl, config)
     with torch.no_grad():
         if impl == "eager":
             return compose_formula(lora, base, g_vector(g).to(base.dtype), s)

@@ -20,22 +20,17 @@ from typing import Any
 import torch
 from torch.compiler import is_compiling
 
-from dora_tune.kernels._common import (
-    KernelConfig,
-    as_rows,
-    check_same_device,
-    check_tensor,
-    config_field,
-    require_triton,
-)
+from dora_tune.kernels._common import KernelConfig, as_rows, config_field, require_triton
 from dora_tune.kernels.compose import (
     DEFAULT_COMPOSE_CONFIG,
     ComposeConfig,
     _dora_scale,
     check_compose_inputs,
+    check_scale_inputs,
     compose_config_space,
     compose_formula,
     g_vector,
+    resolve_impl,
 )
 
 IMPLS: tuple[str, ...] = ("eager", "triton")
@@ -160,12 +155,7 @@ def compose_train(
         from dora_tune.kernels.custom_ops import compose_train_op
 
         return compose_train_op(lora, base, g, s, impl, config)
-    if impl == "auto":
-        from dora_tune.dispatch.runtime import auto
-
-        cols = base.shape[-1]
-        chosen = auto("compose_train", (base.numel() // max(cols, 1), cols), base.dtype, base.device)
-        impl, config = chosen.impl, config or chosen.config
+    impl, config = resolve_impl("compose_train", base, impl, config)
     if impl == "eager":
         return compose_formula(lora, base, (g if g.dim() == 1 else g.reshape(-1)).to(base.dtype), s)
     if impl == "triton":
@@ -231,18 +221,10 @@ def dora_compose_train(
     Returns:
         Tensor of ``base``'s shape and dtype, differentiable with respect to ``lora``, ``base`` and ``magnitude``.
     """
-    check_tensor("magnitude", magnitude, ndim=1)
-    check_tensor("norm", norm, ndim=1)
-    if magnitude.shape != norm.shape:
-        raise ValueError(f"magnitude {tuple(magnitude.shape)} and norm {tuple(norm.shape)} must have one shape")
-    check_same_device(magnitude=magnitude, norm=norm)
+    check_scale_inputs(magnitude, norm)
     s = check_compose_inputs(lora, base, magnitude, scale)  # magnitude in g's place: [cols] on base's device
-    if impl == "auto" and not is_compiling():
-        from dora_tune.dispatch.runtime import auto
-
-        cols = base.shape[-1]
-        chosen = auto("compose_train", (base.numel() // max(cols, 1), cols), base.dtype, base.device)
-        impl, config = chosen.impl, config or chosen.config
+    if not is_compiling():
+        impl, config = resolve_impl("compose_train", base, impl, config)
     if impl != "triton" or is_compiling():  # eager, or torch.compile's custom op: the composition as written
         return compose_train(lora, base, _dora_scale(magnitude, norm), s, impl=impl, config=config)
     require_triton(base.device)
