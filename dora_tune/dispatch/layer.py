@@ -169,10 +169,7 @@ class DoRALinear(nn.Module):
         out_dtype = base.dtype
         dt = torch.promote_types(lora.dtype, base.dtype)
         lora_c, base_c = lora.to(dt), base.to(dt)
-        if torch.is_grad_enabled():
-            delta = dora_compose_train(lora_c, base_c, self.magnitude, norm, self.scale)
-        else:
-            delta = compose(lora_c, base_c, dora_scale(self.magnitude, norm), self.scale)
+        delta = dora_delta(lora_c, base_c, self.magnitude, norm, self.scale)
         if dropped:  # PEFT: the un-dropped base output passes through unscaled
             return (F.linear(x, W, bias) + delta).to(out_dtype)
         out = base_c + delta
@@ -201,6 +198,18 @@ class DoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, alpha={self.alpha:g}, "
                 f"scale={self.scale:g}, dropout={self.dropout_p:g}, use_rslora={self.use_rslora}, "
                 f"bias={self.base_layer.bias is not None}")  # fmt: skip
+
+
+def dora_delta(
+    lora: torch.Tensor, base: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """The DoRA delta ``(g−1)·base + g·(s·lora)``, ``g = m / norm``, as a layer computes it (``impl="auto"``):
+    :func:`~dora_tune.kernels.dora_compose_train` when autograd records (one node, gradients to lora, base and m),
+    else :func:`~dora_tune.kernels.compose` of :func:`~dora_tune.kernels.dora_scale`. ``lora``/``base``
+    ``[..., d_out]`` of one dtype, ``magnitude``/``norm`` ``[d_out]``; the result has ``base``'s shape and dtype."""
+    if torch.is_grad_enabled():
+        return dora_compose_train(lora, base, magnitude, norm, scale)
+    return compose(lora, base, dora_scale(magnitude, norm), scale)
 
 
 class NormCache:

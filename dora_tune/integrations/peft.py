@@ -53,8 +53,8 @@ except ImportError as e:  # pragma: no cover - depends on the installed PEFT
         f"{getattr(peft, '__version__', '?')}: pip install -U 'dora-tune[peft]'"
     ) from e
 
-from dora_tune.dispatch.layer import NormCache
-from dora_tune.kernels import compose, dora_compose_train, dora_scale, factored_norm
+from dora_tune.dispatch.layer import NormCache, dora_delta
+from dora_tune.kernels import factored_norm
 from dora_tune.kernels._common import SUPPORTED_DTYPES
 
 __all__ = ["DoraTuneHandle", "disable", "enable", "is_enabled"]
@@ -355,6 +355,4 @@ def _dora_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -
     else:  # PEFT: x·Wᵀ of the input it was given (dropped out when dropout is active)
         base = F.linear(x, W.to(x.dtype))
     dt = torch.promote_types(lora.dtype, base.dtype)
-    if torch.is_grad_enabled():
-        return dora_compose_train(lora.to(dt), base.to(dt), self.weight, norm, scale)
-    return compose(lora.to(dt), base.to(dt), dora_scale(self.weight, norm), scale)
+    return dora_delta(lora.to(dt), base.to(dt), self.weight, norm, scale)

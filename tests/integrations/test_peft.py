@@ -88,8 +88,8 @@ def calls(monkeypatch):
     from dora_tune.dispatch import layer
 
     counts = {"factored_norm": 0, "compose_train": 0, "compose": 0}
-    wrapped = [(dp, "factored_norm", "factored_norm"), (dp, "dora_compose_train", "compose_train"),
-               (dp, "compose", "compose"), (layer, "factored_norm", "factored_norm")]  # fmt: skip
+    wrapped = [(dp, "factored_norm", "factored_norm"), (layer, "dora_compose_train", "compose_train"),
+               (layer, "compose", "compose"), (layer, "factored_norm", "factored_norm")]  # fmt: skip
     for module, attr, name in wrapped:
         real = getattr(module, attr)
 
