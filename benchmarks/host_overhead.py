@@ -41,6 +41,8 @@ def _empty_fn(a, b, c, d, e, f, n0, n1, n2, n3, n4, s, BLOCK: tl.constexpr):
 
 def host_us(fn: Callable[[], object], calls: int, batches: int) -> dict:
     """Median / min host µs per call of ``fn`` with the GPU held by a spin kernel (see the module docstring)."""
+    from dora_tune.dispatch.profiler import spin_cycles_per_ms
+
     for _ in range(5):
         fn()
     torch.cuda.synchronize()
@@ -49,13 +51,7 @@ def host_us(fn: Callable[[], object], calls: int, batches: int) -> dict:
         fn()
     torch.cuda.synchronize()
     est_s = time.perf_counter() - t0
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    torch.cuda._sleep(1 << 20)
-    end.record()
-    torch.cuda.synchronize()
-    cycles_per_ms = (1 << 20) / max(start.elapsed_time(end), 1e-6)
-    spin = int(cycles_per_ms * (3 * est_s * 1e3 + 1.0))
+    spin = int(spin_cycles_per_ms() * (3 * est_s * 1e3 + 1.0))
     per = []
     for _ in range(batches):
         torch.cuda._sleep(spin)

@@ -71,6 +71,20 @@ MIN_REPS = 10
 _FLUSH_BYTES = 256 << 20  # L2 flush buffer, as triton.testing.do_bench
 
 
+def spin_cycles_per_ms() -> float:
+    """Cycles of ``torch.cuda._sleep`` a millisecond on the current CUDA device: the fastest of three 2²¹-cycle
+    spins (an idle GPU starts at a low clock, and a spin sized from that rate would run short at full clock)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    rate = 0.0
+    for _ in range(3):
+        start.record()
+        torch.cuda._sleep(1 << 21)
+        end.record()
+        torch.cuda.synchronize()
+        rate = max(rate, (1 << 21) / max(start.elapsed_time(end), 1e-6))
+    return rate
+
+
 def gpu_times(fn: Callable[[], Any], *, warmup_ms: float, rep_ms: float) -> list[float]:
     """GPU time of each timed call of ``fn`` on the current CUDA device, in ms.
 
@@ -82,14 +96,7 @@ def gpu_times(fn: Callable[[], Any], *, warmup_ms: float, rep_ms: float) -> list
     machine two runs of the same sweep disagreed by 1.16–1.50× in regret (benchmarks/NOTES.md, "Timing").
     """
     flush = torch.empty(_FLUSH_BYTES, dtype=torch.int8, device="cuda")
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    cycles_per_ms = 0.0
-    for _ in range(3):  # the fastest of 3: an idle GPU starts at a low clock, and a spin sized then runs short
-        start.record()
-        torch.cuda._sleep(1 << 21)
-        end.record()
-        torch.cuda.synchronize()
-        cycles_per_ms = max(cycles_per_ms, (1 << 21) / max(start.elapsed_time(end), 1e-6))
+    cycles_per_ms = spin_cycles_per_ms()
     host_ms = 0.0
     for _ in range(3):  # the host's enqueue time of one call
         t0 = time.perf_counter()
