@@ -19,6 +19,20 @@ from dora_tune.cli._common import db_option, open_db
 @click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["bf16", "fp16", "fp32"]), help="default bf16")
 @click.option("--warmup", "warmup_ms", default=5.0, show_default=True, help="warm-up per trial, ms")
 @click.option("--rep", "rep_ms", default=20.0, show_default=True, help="timed repetitions per trial, ms")
+@click.option(
+    "--confirm-top",
+    default=8,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="re-time each shape's N fastest trials together at the end (0: not at all)",
+)
+@click.option(
+    "--confirm-reps",
+    default=200,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="timed calls each confirmed trial holds",
+)
 @click.option("--progress/--no-progress", default=True, help="progress bar with ETA")
 @click.option("--jobs", default=8, show_default=True, help="processes compiling Triton kernels before timing (0: none)")
 def profile(
@@ -33,12 +47,16 @@ def profile(
     dtypes: tuple[str, ...],
     warmup_ms: float,
     rep_ms: float,
+    confirm_top: int,
+    confirm_reps: int,
     progress: bool,
     jobs: int,
 ) -> None:
     """Time every op × implementation × config × shape × dtype and record each trial (failures too).
 
-    Resumable: a second run measures only what is missing; Ctrl-C keeps everything measured so far. Without a CUDA
+    Then each shape's fastest trials are re-timed together with more calls (--confirm-top, --confirm-reps), so the
+    best of near-equal configs is not a matter of luck. Resumable: a second run measures only what is missing (and
+    confirms what is not yet confirmed); Ctrl-C keeps everything measured so far. Without a CUDA
     GPU, '--gpu auto' profiles the CPU implementations over a small set and records the environment as CPU.
     """
     from dora_tune.dispatch.env import environment, resolve_device
@@ -60,7 +78,8 @@ def profile(
     with open_db(db_location) as db:
         click.echo(f"database: {db.location}")
         summary = run_profile(db, device, env, shapes, dtypes=dtypes or ("bf16",), impls=impls or None,
-                              warmup_ms=warmup_ms, rep_ms=rep_ms, progress=progress, jobs=jobs)  # fmt: skip
+                              warmup_ms=warmup_ms, rep_ms=rep_ms, progress=progress, jobs=jobs,
+                              confirm_top=confirm_top, confirm_reps=confirm_reps)  # fmt: skip
     if summary.warm_launches or summary.warm_error:
         click.echo(f"compiled ahead: {summary.warm_launches} launches in {summary.warm_seconds:.0f} s"
                    + (f" (warming failed: {summary.warm_error})" if summary.warm_error else ""))  # fmt: skip
@@ -68,6 +87,10 @@ def profile(
         f"{env.gpu_name}: measured {summary.measured} trials ({summary.failed} failed or invalid) in "
         f"{summary.seconds:.0f} s; {summary.skipped} were already in the database."
     )
+    if summary.confirmed or summary.confirm_failed:
+        click.echo(f"confirmed: re-timed {summary.confirmed} of the fastest trials ({confirm_reps} calls each)"
+                   + (f"; {summary.confirm_failed} shapes failed, first: {summary.confirm_error}"
+                      if summary.confirm_failed else ""))  # fmt: skip
     if summary.interrupted:
         click.echo("interrupted: every trial measured so far is kept; run the same command again to resume.")
         raise SystemExit(130)

@@ -20,7 +20,7 @@ import dataclasses
 import json
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -32,6 +32,10 @@ from dora_tune.kernels.compose_train import DEFAULT_COMPOSE_TRAIN_CONFIG
 
 #: forward configs of compose_train's stage one taken from the same shape's compose measurements.
 TRAIN_FWD_SHORTLIST = 6
+#: trials of a shape (any implementation) the confirmation stage re-times: its fastest this many.
+CONFIRM_TOP = 8
+#: timed calls each confirmed trial holds; a trial with fewer among its shape's fastest is re-timed.
+CONFIRM_REPS = 200
 
 
 @dataclasses.dataclass
@@ -47,6 +51,9 @@ class ProfileSummary:
     warm_launches: int = 0
     warm_seconds: float = 0.0
     warm_error: str | None = None
+    confirmed: int = 0
+    confirm_failed: int = 0
+    confirm_error: str | None = None  # the first failure's text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +92,42 @@ def spin_cycles_per_ms() -> float:
     return rate
 
 
+class _CudaTimer:
+    """Times calls of one ``fn`` on the current CUDA device as :func:`gpu_times` describes: calling the timer with
+    ``n`` runs ``n`` timed calls, each after a spin sized to the host's enqueue time and an L2 flush, and returns
+    their GPU times in ms."""
+
+    def __init__(self, fn: Callable[[], Any], flush: torch.Tensor, cycles_per_ms: float) -> None:
+        self.fn, self.flush = fn, flush
+        self.host_ms = 0.0
+        for _ in range(3):  # the host's enqueue time of one call
+            t0 = time.perf_counter()
+            fn()
+            self.host_ms = max(self.host_ms, (time.perf_counter() - t0) * 1e3)
+            torch.cuda.synchronize()
+        self.spin = int(cycles_per_ms * (1.5 * self.host_ms + 0.05))
+
+    def __call__(self, n: int) -> list[float]:
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        for s, e in zip(starts, ends, strict=True):
+            torch.cuda._sleep(self.spin)
+            self.flush.zero_()
+            s.record()
+            self.fn()
+            e.record()
+        torch.cuda.synchronize()
+        return [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
+
+    def step_ms(self) -> float:
+        """GPU time of one loop step (spin, flush and the call), from three timed calls."""
+        return statistics.median(self(3)) + 1.5 * self.host_ms + 0.1
+
+    def warm(self, warmup_ms: float, step_ms: float) -> None:
+        for _ in range(max(1, int(warmup_ms / step_ms))):
+            self.fn()
+
+
 def gpu_times(fn: Callable[[], Any], *, warmup_ms: float, rep_ms: float) -> list[float]:
     """GPU time of each timed call of ``fn`` on the current CUDA device, in ms.
 
@@ -96,32 +139,49 @@ def gpu_times(fn: Callable[[], Any], *, warmup_ms: float, rep_ms: float) -> list
     machine two runs of the same sweep disagreed by 1.16–1.50× in regret (benchmarks/NOTES.md, "Timing").
     """
     flush = torch.empty(_FLUSH_BYTES, dtype=torch.int8, device="cuda")
-    cycles_per_ms = spin_cycles_per_ms()
-    host_ms = 0.0
-    for _ in range(3):  # the host's enqueue time of one call
-        t0 = time.perf_counter()
-        fn()
-        host_ms = max(host_ms, (time.perf_counter() - t0) * 1e3)
-        torch.cuda.synchronize()
-    spin = int(cycles_per_ms * (1.5 * host_ms + 0.05))
+    timer = _CudaTimer(fn, flush, spin_cycles_per_ms())
+    step = timer.step_ms()
+    timer.warm(warmup_ms, step)
+    return timer(max(MIN_REPS, int(rep_ms / step)))
 
-    def timed(n: int) -> list[float]:
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        for s, e in zip(starts, ends, strict=True):
-            torch.cuda._sleep(spin)
-            flush.zero_()
-            s.record()
+
+def interleaved_times(
+    fns: Sequence[Callable[[], Any]], device: torch.device, *, reps: int, rounds: int = 4, warmup_ms: float = 5.0
+) -> list[list[float]]:
+    """``reps`` timed calls of each of ``fns``, in µs, taken in ``rounds`` rounds that visit every function in turn,
+    so that a drift of the machine (clocks, temperature, other work) during the run touches them all alike.
+
+    On CUDA each call is timed as by :func:`gpu_times` (GPU time, L2 flushed, the host kept out by a spin); on the
+    CPU by the wall clock. Returns one list of times per function, in the order of ``fns``.
+    """
+    if reps < 1 or rounds < 1:
+        raise ValueError(f"reps and rounds must be ≥ 1, got {reps} and {rounds}")
+    rounds = min(rounds, reps)
+    per_round = [reps // rounds + (i < reps % rounds) for i in range(rounds)]
+    out: list[list[float]] = [[] for _ in fns]
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            flush = torch.empty(_FLUSH_BYTES, dtype=torch.int8, device="cuda")
+            cycles = spin_cycles_per_ms()
+            timers = [_CudaTimer(fn, flush, cycles) for fn in fns]
+            for t in timers:
+                t.warm(warmup_ms, t.step_ms())
+            for n in per_round:
+                for i, t in enumerate(timers):
+                    out[i] += [ms * 1e3 for ms in t(n)]
+        return out
+    for fn in fns:
+        t_end = time.perf_counter() + warmup_ms / 1e3
+        fn()
+        while time.perf_counter() < t_end:
             fn()
-            e.record()
-        torch.cuda.synchronize()
-        return [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
-
-    est = statistics.median(timed(3))
-    per_call = est + 1.5 * host_ms + 0.1  # GPU time of one loop step: spin, flush and the call
-    for _ in range(max(1, int(warmup_ms / per_call))):
-        fn()
-    return timed(max(MIN_REPS, int(rep_ms / per_call)))
+    for n in per_round:
+        for i, fn in enumerate(fns):
+            for _ in range(n):
+                t0 = time.perf_counter()
+                fn()
+                out[i].append((time.perf_counter() - t0) * 1e6)
+    return out
 
 
 def measure(fn: Callable[[], Any], device: torch.device, *, warmup_ms: float, rep_ms: float) -> TrialResult:
@@ -232,6 +292,113 @@ def _task_configs(db: TuningDB, env: EnvInfo, task: _Task) -> Iterator[str]:
                     yield canonical_json(c)
 
 
+def _env_id(db: TuningDB, env: EnvInfo) -> int | None:
+    """The row id of ``env`` in ``db`` (None: not stored)."""
+    return next((e.id for e in db.environments(gpu=env.gpu_name) if e.info == env), None)
+
+
+def confirm_candidates(
+    db: TuningDB,
+    env: EnvInfo,
+    device: torch.device,
+    op: str,
+    dtype: str,
+    shape: dict[str, int],
+    *,
+    impls: tuple[str, ...] | None = None,
+    top: int = CONFIRM_TOP,
+    reps: int = CONFIRM_REPS,
+) -> list[tuple[Impl, TrialRow]]:
+    """The trials the confirmation stage re-times at one shape: among the ``top`` fastest "ok" trials of ``env``
+    (every implementation that runs on ``device``, at its current version), those with fewer than ``reps`` timed
+    calls."""
+    env_id = _env_id(db, env)
+    if env_id is None or top < 1:
+        return []
+    cands = []
+    for impl in registry()[op]:
+        if impl.runs_on(device) and not (impls and impl.name not in impls):
+            cands += [(impl, t) for t in _ok_trials(db, env, impl, dtype, shape) if t.env_id == env_id]
+    cands.sort(key=lambda c: c[1].median_us)
+    return [(impl, t) for impl, t in cands[:top] if t.reps < reps]
+
+
+def confirm_shape(
+    db: TuningDB,
+    env: EnvInfo,
+    device: torch.device,
+    op: str,
+    dtype: str,
+    shape: dict[str, int],
+    *,
+    impls: tuple[str, ...] | None = None,
+    top: int = CONFIRM_TOP,
+    reps: int = CONFIRM_REPS,
+    warmup_ms: float = 5.0,
+    max_passes: int = 3,
+) -> int:
+    """Re-time the fastest trials of one shape until its ``top`` fastest each hold ≥ ``reps`` timed calls.
+
+    The sweep gives each trial a short budget (``rep_ms``); for calls of a few µs, or configs within a few per cent of
+    each other, that leaves the fastest trial partly a matter of luck (the minimum of many noisy medians is biased
+    low), and the cost model is fitted and scored against it. This re-times the candidates together —
+    :func:`interleaved_times`, ``reps`` calls each, the candidates taken in turn so that drift touches them alike —
+    and replaces their rows (the peak memory measured by the sweep is kept). A trial the new times move into the top
+    is re-timed in a further pass (at most ``max_passes``). Rows are written once a pass's timing is over, so an
+    interruption loses at most that pass, never a row.
+
+    Returns:
+        the number of trials re-timed.
+    """
+    done = 0
+    inputs = None
+    for _ in range(max_passes):
+        pending = confirm_candidates(db, env, device, op, dtype, shape, impls=impls, top=top, reps=reps)
+        if not pending:
+            break
+        if inputs is None:
+            inputs = make_inputs(op, shape, dtype, device)
+        fns = [impl.runner(inputs, t.config) for impl, t in pending]
+        times = interleaved_times(fns, device, reps=reps, warmup_ms=warmup_ms)
+        for (impl, t), ts in zip(pending, times, strict=True):
+            med, p20, p80 = _quantiles(ts)
+            result = TrialResult("ok", med, p20, p80, len(ts), t.peak_mem_bytes)
+            db.record_trial(env, op, impl.name, impl.version, shape, dtype, t.config, result)
+        done += len(pending)
+    return done
+
+
+def _warm_confirm(
+    db: TuningDB,
+    env: EnvInfo,
+    device: torch.device,
+    groups: list[tuple[str, str, dict[str, int]]],
+    impls: tuple[str, ...] | None,
+    top: int,
+    reps: int,
+    jobs: int,
+    summary: ProfileSummary,
+) -> None:
+    """Compile the Triton configs the confirmation stage will re-time, in ``jobs`` processes (a database profiled
+    on another machine holds none of them in this machine's Triton cache)."""
+    from dora_tune.dispatch.warm import warm_compile
+
+    tasks = []
+    for op, dtype, shape in groups:
+        by_impl: dict[str, list[str]] = {}
+        found = {}
+        for impl, t in confirm_candidates(db, env, device, op, dtype, shape, impls=impls, top=top, reps=reps):
+            by_impl.setdefault(impl.name, []).append(canonical_json(t.config))
+            found[impl.name] = impl
+        tasks += [_Task(op, found[name], dtype, shape, tuple(cfgs)) for name, cfgs in by_impl.items()]
+    try:
+        launches, seconds = warm_compile(tasks, device, jobs, stage_two=False)
+        summary.warm_launches += launches
+        summary.warm_seconds += seconds
+    except Exception as e:  # warming only saves time
+        summary.warm_error = summary.warm_error or f"{type(e).__name__}: {e}"
+
+
 def profile(
     db: TuningDB,
     device: torch.device,
@@ -245,10 +412,15 @@ def profile(
     progress: bool = True,
     jobs: int = 0,
     on_trial: Callable[[], None] | None = None,
+    confirm_top: int = CONFIRM_TOP,
+    confirm_reps: int = CONFIRM_REPS,
 ) -> ProfileSummary:
     """Measure what is missing from ``db`` for ``env`` and record every trial. See the module docstring.
 
-    ``jobs > 0`` compiles the Triton configs first in that many processes (:mod:`dora_tune.dispatch.warm`).
+    ``jobs > 0`` compiles the Triton configs first in that many processes (:mod:`dora_tune.dispatch.warm`). Then
+    each shape's ``confirm_top`` fastest trials are re-timed to ``confirm_reps`` calls each (:func:`confirm_shape`;
+    ``confirm_top=0``: not at all) — also on a run that had nothing left to sweep, which is how a database
+    profiled before the stage existed gets it.
     """
     from rich.progress import (
         BarColumn,
@@ -303,6 +475,25 @@ def profile(
                     if on_trial is not None:
                         on_trial()
                 del inputs
+            groups = [(op, dt, sh) for op, op_shapes in shapes.items() for dt in dtypes for sh in op_shapes]
+            if confirm_top > 0 and groups and jobs > 0 and device.type == "cuda":
+                _warm_confirm(db, env, device, groups, impls, confirm_top, confirm_reps, jobs, summary)
+            if confirm_top > 0 and groups:
+                cid = bar.add_task("confirming each shape's fastest", total=len(groups))
+                for op, dtype, shape in groups:
+                    try:
+                        summary.confirmed += confirm_shape(
+                            db, env, device, op, dtype, shape, impls=impls, top=confirm_top, reps=confirm_reps,
+                            warmup_ms=warmup_ms,
+                        )  # fmt: skip
+                    except KeyboardInterrupt:
+                        raise
+                    except Exception as e:  # the sweep's rows stay as they were; the next run tries again
+                        summary.confirm_failed += 1
+                        summary.confirm_error = summary.confirm_error or f"{op} {shape}: {type(e).__name__}: {e}"
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                    bar.advance(cid)
         except KeyboardInterrupt:
             summary.interrupted = True
     summary.seconds = time.time() - t0

@@ -32,15 +32,16 @@ def proxy_shape(op: str, shape: dict[str, int]) -> dict[str, int]:
     return {"rows": small(shape["rows"], 64, 16), "cols": small(shape["cols"], 2048, 16)}
 
 
-def warm_items(tasks: Iterable) -> list[tuple[str, str, str, str, str]]:
-    """``(op, impl, dtype, proxy shape JSON, config JSON)`` for every Triton config of the profiler's tasks."""
+def warm_items(tasks: Iterable, *, stage_two: bool = True) -> list[tuple[str, str, str, str, str]]:
+    """``(op, impl, dtype, proxy shape JSON, config JSON)`` for every Triton config of the profiler's tasks (and,
+    with ``stage_two``, compose_train's second-stage configs)."""
     items: set[tuple[str, str, str, str, str]] = set()
     for t in tasks:
         if t.impl.name != "triton" or not t.configs:
             continue
         proxy = json.dumps(proxy_shape(t.op, t.shape), sort_keys=True)
         configs = list(t.configs)
-        if t.op == "compose_train":  # stage two's backward configs, paired with any forward
+        if t.op == "compose_train" and stage_two:  # stage two's backward configs, paired with any forward
             configs += [json.dumps(c, sort_keys=True) for c in train_bwd_stage(json.loads(configs[0])["fwd"])]
         items.update((t.op, t.impl.name, t.dtype, proxy, c) for c in configs)
     return sorted(items)
@@ -66,10 +67,11 @@ def run_items(items: list[tuple[str, str, str, str, str]], device: str) -> int:
     return done
 
 
-def warm_compile(tasks: Iterable, device: torch.device, jobs: int) -> tuple[int, float]:
-    """Compile every Triton config of ``tasks`` in ``jobs`` processes; returns (launches, seconds)."""
+def warm_compile(tasks: Iterable, device: torch.device, jobs: int, *, stage_two: bool = True) -> tuple[int, float]:
+    """Compile every Triton config of ``tasks`` (see :func:`warm_items`) in ``jobs`` processes; returns (launches,
+    seconds)."""
     t0 = time.time()
-    items = warm_items(tasks)
+    items = warm_items(tasks, stage_two=stage_two)
     if not items:
         return 0, 0.0
     dev = str(device)

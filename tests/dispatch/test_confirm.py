@@ -1,0 +1,124 @@
+"""The profiler's confirmation stage: each shape's fastest trials are re-timed together with more calls."""
+
+import dataclasses
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dora_tune.autotune_db import TrialResult, TuningDB
+from dora_tune.cli import cli
+from dora_tune.dispatch import profiler
+from dora_tune.dispatch.env import environment
+from dora_tune.dispatch.registry import registry
+
+CPU = torch.device("cpu")
+SHAPE = {"d_out": 48, "d_in": 64, "r": 4}
+
+
+def impl(name):
+    return next(i for i in registry()["norm"] if i.name == name)
+
+
+def fake(db, env, name, median_us, reps=3, peak=None):
+    """A stored norm trial of ``name`` at SHAPE with made-up figures."""
+    i = impl(name)
+    res = TrialResult("ok", median_us, median_us, median_us, reps, peak)
+    db.record_trial(env, "norm", i.name, i.version, SHAPE, "bf16", {}, res)
+
+
+def stored(db):
+    return {t.impl: t for t in db.trials(op="norm")}
+
+
+def test_interleaved_times_gives_each_function_its_calls_in_order():
+    calls = []
+    fns = [lambda: (calls.append("slow"), time.sleep(0.0004)), lambda: (calls.append("fast"), time.sleep(0.0001))]
+    slow, fast = profiler.interleaved_times(fns, CPU, reps=9, rounds=3, warmup_ms=0)
+    assert len(slow) == len(fast) == 9
+    assert min(slow) >= 400 and min(fast) >= 100 and sorted(fast)[4] < sorted(slow)[4]
+    timed = calls[-18:]  # after the warm-up calls: three rounds of 3 + 3, taken in turn
+    assert timed == (["slow"] * 3 + ["fast"] * 3) * 3
+    assert [len(t) for t in profiler.interleaved_times(fns, CPU, reps=2, rounds=5, warmup_ms=0)] == [2, 2]
+    with pytest.raises(ValueError, match="reps and rounds"):
+        profiler.interleaved_times(fns, CPU, reps=0)
+
+
+def test_confirm_retimes_only_the_fastest_and_keeps_their_peak_memory(tmp_path):
+    env = environment(CPU)
+    with TuningDB.open(str(tmp_path / "t.sqlite")) as db:
+        fake(db, env, "dense", 1e6, peak=1234)  # recorded as the slowest
+        fake(db, env, "factored_torch", 1e-3, peak=4321)  # the fastest, with a time no CPU reaches
+        n = profiler.confirm_shape(db, env, CPU, "norm", "bf16", SHAPE, top=1, reps=20, warmup_ms=0)
+        rows = stored(db)
+        assert n == 1
+        f = rows["factored_torch"]
+        assert f.reps == 20 and f.median_us > 1 and f.p20_us <= f.median_us <= f.p80_us and f.peak_mem_bytes == 4321
+        assert rows["dense"].reps == 3 and rows["dense"].median_us == 1e6  # not among the fastest: untouched
+        # everything confirmed: a second call re-times nothing
+        assert profiler.confirm_shape(db, env, CPU, "norm", "bf16", SHAPE, top=1, reps=20, warmup_ms=0) == 0
+
+
+def test_a_trial_the_new_times_move_into_the_top_is_retimed_too(tmp_path):
+    env = environment(CPU)
+    with TuningDB.open(str(tmp_path / "t.sqlite")) as db:
+        fake(db, env, "dense", 1e-3)  # fastest on record; its real time is far longer
+        fake(db, env, "factored_torch", 2e-3)  # becomes the fastest on record once dense is re-timed
+        n = profiler.confirm_shape(db, env, CPU, "norm", "bf16", SHAPE, top=1, reps=10, warmup_ms=0)
+        assert n == 2 and all(t.reps == 10 for t in stored(db).values())
+        fake(db, env, "dense", 1e-3)
+        fake(db, env, "factored_torch", 2e-3)
+        n = profiler.confirm_shape(db, env, CPU, "norm", "bf16", SHAPE, top=1, reps=10, warmup_ms=0, max_passes=1)
+        assert n == 1 and stored(db)["factored_torch"].reps == 3  # one pass: the newcomer waits for the next run
+
+
+def test_confirm_leaves_other_environments_and_unrun_impls_alone(tmp_path):
+    env = environment(CPU)
+    other = dataclasses.replace(env, torch="0.0.1")  # same machine, another torch: its own trials
+    with TuningDB.open(str(tmp_path / "t.sqlite")) as db:
+        fake(db, other, "dense", 1e-3)
+        assert profiler.confirm_shape(db, env, CPU, "norm", "bf16", SHAPE, reps=10, warmup_ms=0) == 0
+        fake(db, env, "dense", 1e-3)
+        assert profiler.confirm_shape(db, env, CPU, "norm", "bf16", SHAPE, reps=10, impls=("triton",)) == 0
+        assert profiler.confirm_shape(db, env, CPU, "norm", "bf16", SHAPE, reps=10, top=0) == 0
+        assert profiler.confirm_shape(db, env, CPU, "norm", "bf16", SHAPE, reps=10, warmup_ms=0) == 1
+        by_env = {t.env_id: t.reps for t in db.trials(op="norm")}
+        assert sorted(by_env.values()) == [3, 10]
+
+
+def test_profile_cli_confirms_and_reports_it(tmp_path):
+    db_path = str(tmp_path / "t.sqlite")
+    shapes = tmp_path / "s.json"
+    shapes.write_text('{"norm": [{"d_out": 40, "d_in": 48, "r": 4}]}')
+    base = ["profile", "--gpu", "cpu", "--db", db_path, "--shapes", str(shapes), "--rep", "0.01", "--warmup", "0",
+            "--no-progress"]  # fmt: skip
+    res = CliRunner().invoke(cli, [*base, "--confirm-top", "0"], catch_exceptions=False)
+    assert res.exit_code == 0 and "confirmed" not in res.output, res.output
+    with TuningDB.open(db_path, readonly=True) as db:
+        assert all(t.reps < 30 for t in db.trials())
+    res = CliRunner().invoke(cli, [*base, "--confirm-top", "1", "--confirm-reps", "30"], catch_exceptions=False)
+    assert res.exit_code == 0 and "measured 0 trials" in res.output, res.output
+    assert "re-timed 1 of the fastest trials (30 calls each)" in res.output
+    with TuningDB.open(db_path, readonly=True) as db:
+        assert sorted(t.reps for t in db.trials())[-1] == 30
+
+
+def test_cli_defaults_are_the_profilers():
+    params = {p.name: p.default for p in cli.commands["profile"].params}
+    assert params["confirm_top"] == profiler.CONFIRM_TOP and params["confirm_reps"] == profiler.CONFIRM_REPS
+
+
+@pytest.mark.gpu
+@pytest.mark.gpu_timing
+def test_cuda_interleaved_times_are_gpu_times_of_each_function():
+    big = torch.randn(64 << 20, device="cuda")  # 512 MB of traffic: ~0.12 ms
+    small = torch.randn(1 << 10, device="cuda")
+
+    def host_bound():  # 2 ms of host time around a few µs of GPU work
+        time.sleep(0.002)
+        small.mul_(1.0)
+
+    t_big, t_small = profiler.interleaved_times([lambda: big.mul_(1.0), host_bound], torch.device("cuda"), reps=20)
+    assert len(t_big) == len(t_small) == 20
+    assert 60 < sorted(t_big)[10] < 1000 and sorted(t_small)[10] < 200
