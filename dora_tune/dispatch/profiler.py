@@ -99,6 +99,8 @@ class _CudaTimer:
 
     def __init__(self, fn: Callable[[], Any], flush: torch.Tensor, cycles_per_ms: float) -> None:
         self.fn, self.flush = fn, flush
+        fn()  # the first call may compile or load kernels: not the host time of a call
+        torch.cuda.synchronize()
         self.host_ms = 0.0
         for _ in range(3):  # the host's enqueue time of one call
             t0 = time.perf_counter()
@@ -189,8 +191,6 @@ def measure(fn: Callable[[], Any], device: torch.device, *, warmup_ms: float, re
     allocated before; on the CPU a wall-clock loop."""
     if device.type == "cuda":
         with torch.cuda.device(device):
-            fn()
-            torch.cuda.synchronize()
             times = gpu_times(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
             med, p20, p80 = _quantiles(times)
             torch.cuda.reset_peak_memory_stats()

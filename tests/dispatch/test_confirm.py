@@ -122,3 +122,21 @@ def test_cuda_interleaved_times_are_gpu_times_of_each_function():
     t_big, t_small = profiler.interleaved_times([lambda: big.mul_(1.0), host_bound], torch.device("cuda"), reps=20)
     assert len(t_big) == len(t_small) == 20
     assert 60 < sorted(t_big)[10] < 1000 and sorted(t_small)[10] < 200
+
+
+@pytest.mark.gpu
+@pytest.mark.gpu_timing
+def test_cuda_interleaved_times_do_not_count_a_slow_first_call_as_host_time():
+    x = torch.randn(1 << 10, device="cuda")
+    calls = []
+
+    def compiles_first():  # like a Triton kernel's first launch: one long call, then a fast one each time
+        if not calls:
+            time.sleep(1.0)
+        calls.append(1)
+        x.mul_(1.0)
+
+    t0 = time.perf_counter()
+    (times,) = profiler.interleaved_times([compiles_first], torch.device("cuda"), reps=20, warmup_ms=0)
+    assert time.perf_counter() - t0 < 5  # a spin sized by the first call would hold each of 20 calls for 1.5 s
+    assert len(times) == 20 and sorted(times)[10] < 100
