@@ -1,0 +1,71 @@
+"""Leave-shapes-out CV regret of the cost model over several fit seeds, for one or more tuning databases (CPU only).
+
+One seed's figures move by ~0.002 in geomean and by one shape's worth in max (the trees' randomness), so
+comparisons of data or model changes use the mean over seeds. For every (database, op) it prints each seed's
+geomean / max and their mean, and writes them to ``--out``::
+
+    python3 benchmarks/cv_seeds.py --db before=old.sqlite --db after=dora_tune/caches/nvidia-h200.sqlite \\
+        --op compose_train --op norm --seeds 3 --out benchmarks/results/h200-cv-confirm.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dora_tune.autotune_db import TuningDB
+from dora_tune.dispatch import costmodel
+
+
+def cv_over_seeds(path: str, gpu: str, op: str, dtype: str, seeds: int) -> dict:
+    """Each seed's CV regret (geomean, max) of ``op`` on the database at ``path``, and the geometric mean of the
+    geomeans and the mean of the maxima."""
+    with TuningDB.open(path, readonly=True) as db:
+        env = db.environments(gpu=gpu)[0].info
+        trials = db.trials(gpu=gpu, op=op)
+    runs = []
+    for seed in range(seeds):
+        t0 = time.time()
+        r = costmodel.cross_validate(trials, op, dtype, env=env, seed=seed)
+        runs.append({"seed": seed, "geomean": r.model.regret_geomean, "max": r.model.regret_max,
+                     "crossover_geomean": r.crossover.regret_geomean, "seconds": time.time() - t0})  # fmt: skip
+    return {
+        "runs": runs,
+        "mean_geomean": math.exp(sum(math.log(x["geomean"]) for x in runs) / len(runs)),
+        "mean_max": sum(x["max"] for x in runs) / len(runs),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--db", action="append", required=True, help="NAME=PATH (repeatable)")
+    ap.add_argument("--op", action="append", required=True, choices=["norm", "compose", "compose_train"])
+    ap.add_argument("--gpu", default="h200")
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    out: dict = {"date": datetime.now(timezone.utc).isoformat(), "seeds": args.seeds, "results": {}}
+    for item in args.db:
+        name, _, path = item.partition("=")
+        if not path:
+            ap.error(f"--db needs NAME=PATH, got {item!r}")
+        for op in args.op:
+            res = cv_over_seeds(path, args.gpu, op, args.dtype, args.seeds)
+            out["results"].setdefault(name, {"path": path})[op] = res
+            per_seed = ", ".join(f"{x['geomean']:.4f} / {x['max']:.3f}" for x in res["runs"])
+            print(f"{name:10s} {op:14s} {per_seed}  mean {res['mean_geomean']:.4f} / {res['mean_max']:.3f}",
+                  flush=True)  # fmt: skip
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
