@@ -12,6 +12,10 @@ forward of stage one. Stage one tries the :data:`TRAIN_FWD_SHORTLIST` fastest co
 (and the default one) where ``compose`` was measured for that shape and dtype, every forward config otherwise: the
 training forward is that kernel plus one more store, and the shortlist cuts compose_train's sweep of the default
 set by 38 %. Every trial of both stages is a real measurement of the full training step.
+
+A run ends with a confirmation stage (:func:`confirm_shape`): each shape's :data:`CONFIRM_TOP` fastest trials are
+re-timed together, interleaved, to :data:`CONFIRM_REPS` calls each, so that the best of near-equal configs — and
+what the cost model is fitted and scored against — is not the luckiest of many short measurements.
 """
 
 from __future__ import annotations
