@@ -33,6 +33,11 @@ from dora_tune.cli._common import db_option, open_db
     type=click.IntRange(min=1),
     help="timed calls each confirmed trial holds",
 )
+@click.option(
+    "--confirm-only",
+    is_flag=True,
+    help="no sweep: only confirm (default shapes: every shape this machine has in the database)",
+)
 @click.option("--progress/--no-progress", default=True, help="progress bar with ETA")
 @click.option("--jobs", default=8, show_default=True, help="processes compiling Triton kernels before timing (0: none)")
 def profile(
@@ -49,6 +54,7 @@ def profile(
     rep_ms: float,
     confirm_top: int,
     confirm_reps: int,
+    confirm_only: bool,
     progress: bool,
     jobs: int,
 ) -> None:
@@ -75,20 +81,32 @@ def profile(
     if cpu:
         click.echo(f"No CUDA GPU selected: profiling the CPU implementations; trials are recorded under "
                    f"'{env.gpu_name}'.")  # fmt: skip
+    given = bool(models or ranks or tokens or shapes_file)
     with open_db(db_location) as db:
         click.echo(f"database: {db.location}")
+        if confirm_only and not given:
+            from dora_tune.dispatch.profiler import measured_shapes
+
+            shapes, measured_dtypes = measured_shapes(db, env)
+            shapes = {op: s for op, s in shapes.items() if not ops or op in ops}
+            dtypes = dtypes or measured_dtypes
+            click.echo("confirming the measured shapes: "
+                       + (", ".join(f"{op} {len(s)}" for op, s in shapes.items()) or "none"))  # fmt: skip
         summary = run_profile(db, device, env, shapes, dtypes=dtypes or ("bf16",), impls=impls or None,
                               warmup_ms=warmup_ms, rep_ms=rep_ms, progress=progress, jobs=jobs,
-                              confirm_top=confirm_top, confirm_reps=confirm_reps)  # fmt: skip
+                              confirm_top=confirm_top, confirm_reps=confirm_reps,
+                              confirm_only=confirm_only)  # fmt: skip
     if summary.warm_launches or summary.warm_error:
         click.echo(f"compiled ahead: {summary.warm_launches} launches in {summary.warm_seconds:.0f} s"
                    + (f" (warming failed: {summary.warm_error})" if summary.warm_error else ""))  # fmt: skip
-    click.echo(
-        f"{env.gpu_name}: measured {summary.measured} trials ({summary.failed} failed or invalid) in "
-        f"{summary.seconds:.0f} s; {summary.skipped} were already in the database."
-    )
-    if summary.confirmed or summary.confirm_failed:
+    if not confirm_only:
+        click.echo(
+            f"{env.gpu_name}: measured {summary.measured} trials ({summary.failed} failed or invalid) in "
+            f"{summary.seconds:.0f} s; {summary.skipped} were already in the database."
+        )
+    if summary.confirmed or summary.confirm_failed or confirm_only:
         click.echo(f"confirmed: re-timed {summary.confirmed} of the fastest trials ({confirm_reps} calls each)"
+                   + (f" in {summary.seconds:.0f} s" if confirm_only else "")
                    + (f"; {summary.confirm_failed} shapes failed, first: {summary.confirm_error}"
                       if summary.confirm_failed else ""))  # fmt: skip
     if summary.interrupted:

@@ -119,6 +119,9 @@ class LinearTrees:
         focus: the weights' scale in ln t (two-part fit only); None: every row weighs the same.
     """
 
+    n_trees = 100
+    """Trees in each extra-trees part."""
+
     def __init__(
         self,
         columns: Sequence[int],
@@ -152,14 +155,14 @@ class LinearTrees:
             self.shape_model_.fit(xs[first], fastest)
             relative = y - fastest[group]
             weight = None if self.focus is None else np.exp(-relative / self.focus)
-            self.trees_ = ExtraTreesRegressor(n_estimators=100, random_state=self.seed)
+            self.trees_ = ExtraTreesRegressor(n_estimators=self.n_trees, random_state=self.seed)
             self.trees_.fit(x, relative, sample_weight=weight)
             return self
         self.shape_model_ = None
         self.floor_ = x[:, self.columns].min(axis=0)
         self.linear_ = make_pipeline(StandardScaler(), Ridge(alpha=self.alpha)).fit(x[:, self.columns], y)
         residual = y - self.linear_.predict(x[:, self.columns])
-        self.trees_ = ExtraTreesRegressor(n_estimators=100, random_state=self.seed).fit(x, residual)
+        self.trees_ = ExtraTreesRegressor(n_estimators=self.n_trees, random_state=self.seed).fit(x, residual)
         return self
 
     def predict(self, x: np.ndarray) -> np.ndarray:

@@ -372,6 +372,20 @@ def confirm_shape(
     return done
 
 
+def measured_shapes(db: TuningDB, env: EnvInfo) -> tuple[dict[str, list[dict[str, int]]], tuple[str, ...]]:
+    """The shapes (per op, in the database's order) and dtypes of ``env``'s "ok" trials in ``db``: what
+    ``confirm_only`` re-times when no shape set is given."""
+    env_id = _env_id(db, env)
+    shapes: dict[str, dict[str, dict[str, int]]] = {}
+    dtypes: dict[str, None] = {}
+    if env_id is not None:
+        for t in db.trials(gpu=env.gpu_name, status="ok"):
+            if t.env_id == env_id and t.op in registry():
+                shapes.setdefault(t.op, {}).setdefault(canonical_json(t.shape), t.shape)
+                dtypes.setdefault(t.dtype)
+    return {op: list(v.values()) for op, v in shapes.items()}, tuple(dtypes)
+
+
 def _warm_confirm(
     db: TuningDB,
     env: EnvInfo,
@@ -418,13 +432,14 @@ def profile(
     on_trial: Callable[[], None] | None = None,
     confirm_top: int = CONFIRM_TOP,
     confirm_reps: int = CONFIRM_REPS,
+    confirm_only: bool = False,
 ) -> ProfileSummary:
     """Measure what is missing from ``db`` for ``env`` and record every trial. See the module docstring.
 
     ``jobs > 0`` compiles the Triton configs first in that many processes (:mod:`dora_tune.dispatch.warm`). Then
     each shape's ``confirm_top`` fastest trials are re-timed to ``confirm_reps`` calls each (:func:`confirm_shape`;
     ``confirm_top=0``: not at all) — also on a run that had nothing left to sweep, which is how a database
-    profiled before the stage existed gets it.
+    profiled before the stage existed gets it. ``confirm_only``: no sweep, only that stage.
     """
     from rich.progress import (
         BarColumn,
@@ -437,8 +452,10 @@ def profile(
 
     t0 = time.time()
     summary = ProfileSummary(env)
-    tasks, todo, summary.skipped = plan(db, env, device, shapes, dtypes=dtypes, impls=impls)
-    if jobs > 0 and device.type == "cuda":
+    tasks, todo = [], 0
+    if not confirm_only:
+        tasks, todo, summary.skipped = plan(db, env, device, shapes, dtypes=dtypes, impls=impls)
+    if tasks and jobs > 0 and device.type == "cuda":
         from dora_tune.dispatch.warm import warm_compile
 
         try:
@@ -448,7 +465,7 @@ def profile(
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("ETA"), TimeRemainingColumn())  # fmt: skip
     with Progress(*columns, disable=not progress, transient=False) as bar:
-        pid = bar.add_task(f"profiling on {env.gpu_name}", total=todo)
+        pid = bar.add_task(f"profiling on {env.gpu_name}", total=todo, visible=not confirm_only)
         try:
             for task in tasks:
                 if task.op == "compose_train" and task.impl.name == "triton":  # compose may be measured by now

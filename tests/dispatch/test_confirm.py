@@ -140,3 +140,29 @@ def test_cuda_interleaved_times_do_not_count_a_slow_first_call_as_host_time():
     (times,) = profiler.interleaved_times([compiles_first], torch.device("cuda"), reps=20, warmup_ms=0)
     assert time.perf_counter() - t0 < 5  # a spin sized by the first call would hold each of 20 calls for 1.5 s
     assert len(times) == 20 and sorted(times)[10] < 100
+
+
+def test_confirm_only_retimes_the_measured_shapes_without_sweeping(tmp_path):
+    db_path = str(tmp_path / "t.sqlite")
+    env = environment(CPU)
+    with TuningDB.open(db_path) as db:
+        fake(db, env, "factored_torch", 1e-3)  # one measured norm shape, one implementation of two
+        fake(db, dataclasses.replace(env, torch="0.0.1"), "dense", 1e-3)  # another environment's: not this machine's
+    res = CliRunner().invoke(cli, ["profile", "--gpu", "cpu", "--db", db_path, "--confirm-only", "--confirm-reps",
+                                   "15", "--warmup", "0", "--no-progress"], catch_exceptions=False)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "confirming the measured shapes: norm 1" in res.output and "re-timed 1 of the fastest" in res.output
+    assert "measured" not in res.output.replace("measured shapes", "")  # no sweep line
+    with TuningDB.open(db_path, readonly=True) as db:
+        trials = db.trials()
+    assert len(trials) == 2  # dense was not swept in
+    assert sorted(t.reps for t in trials) == [3, 15]
+
+
+def test_measured_shapes_lists_this_machines_shapes_and_dtypes(tmp_path):
+    env = environment(CPU)
+    with TuningDB.open(str(tmp_path / "t.sqlite")) as db:
+        assert profiler.measured_shapes(db, env) == ({}, ())
+        fake(db, env, "dense", 5.0)
+        fake(db, env, "factored_torch", 6.0)
+        assert profiler.measured_shapes(db, env) == ({"norm": [SHAPE]}, ("bf16",))
