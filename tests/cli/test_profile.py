@@ -113,6 +113,8 @@ def test_show_gpus_and_cache_commands(tmp_path, monkeypatch):
                "--warmup", "0", "--no-progress").exit_code == 0  # fmt: skip
     res = run("show", "--db", db_path, "--op", "norm")
     assert res.exit_code == 0 and "best per shape (2 rows)" in res.output
+    assert "p80/p20" in res.output and "calls" in res.output
+    assert res.output.count("│ 200 ") == 2  # each best trial confirmed: 200 timed calls
     res = run("show", "--db", db_path, "--trials", "--shape", "d_out=32,d_in=48,r=4")
     assert res.exit_code == 0 and "trials (2 rows)" in res.output
     assert run("show", "--db", db_path, "--shape", "d_out32").exit_code == 2
