@@ -12,7 +12,9 @@ implementation+config of each is measured. This script then asks, for every shap
 and reports each pick's regret = its measured time ÷ the best measured time of that shape (geomean and max per op).
 
 On the GPU, ``--measure`` first times the picks the sweep did not cover (compose_train's two-stage sweep measures
-only part of its forward × backward space) and records them in the verification database::
+only part of its forward × backward space), each shape's together with its best trial, and records them in the
+verification database (the sweep's own confirmation stage has re-timed each shape's fastest trials; an older
+verification database gets that from ``--confirm-only``)::
 
     dora-tune profile --gpu auto --shapes benchmarks/verify_shapes.json --db verify.sqlite
     python3 benchmarks/verify_dispatch.py --db tuning.sqlite --verify verify.sqlite --measure
@@ -84,31 +86,43 @@ def measured(verify_path: str, gpu: str, dtype: str) -> dict[tuple[str, str], di
 
 
 def measure_missing(db_path: str, verify_path: str, gpu: str, dtype: str) -> int:
-    """Time every pick the verification sweep lacks (CUDA) and record it; returns how many were measured."""
+    """Time every pick the verification sweep lacks (CUDA) and record it; returns how many were measured.
+
+    Each shape's missing picks are timed together with the shape's fastest measured trial — interleaved,
+    :data:`~dora_tune.dispatch.profiler.CONFIRM_REPS` calls each, as the profiler's confirmation stage does — and
+    both are recorded, so that a pick and the best it is scored against come from the same machine and minutes (two
+    machines of the pool can differ by a few per cent on calls of a few µs; benchmarks/NOTES.md).
+    """
     import torch
 
     from dora_tune.dispatch.env import environment
-    from dora_tune.dispatch.profiler import measure
+    from dora_tune.dispatch.profiler import CONFIRM_REPS, interleaved_times, trial_result
     from dora_tune.dispatch.registry import make_inputs
 
     device = torch.device("cuda")
     env = environment(device)
     have = measured(verify_path, gpu, dtype)
+    impls = {(op, i.name): i for op, v in registry().items() for i in v}
     n = 0
     with TuningDB.open(verify_path) as vdb:
         for op, s_json in sorted(have):
             shape = json.loads(s_json)
-            inputs = None
             chosen = picks(db_path, gpu, dtype, op, shape)
-            for impl_name, cfg in (chosen[w] for w in WHO if w in chosen):
-                if (impl_name, canonical_json(cfg)) in have[(op, s_json)]:
-                    continue
-                impl = next(i for i in registry()[op] if i.name == impl_name)
-                inputs = inputs or make_inputs(op, shape, dtype, device)
-                res = measure(impl.runner(inputs, cfg), device, warmup_ms=5, rep_ms=20)
-                vdb.record_trial(env, op, impl.name, impl.version, shape, dtype, cfg, res)
-                have[(op, s_json)][(impl_name, canonical_json(cfg))] = res.median_us or math.inf
-                n += 1
+            missing = {(i, canonical_json(c)) for i, c in (chosen[w] for w in WHO if w in chosen)}
+            missing -= set(have[(op, s_json)])
+            if not missing:
+                continue
+            best = min(have[(op, s_json)], key=have[(op, s_json)].get)
+            pairs = [best, *sorted(missing)]
+            inputs = make_inputs(op, shape, dtype, device)
+            fns = [impls[(op, name)].runner(inputs, json.loads(cfg)) for name, cfg in pairs]
+            peak = {(t.impl, canonical_json(t.config)): t.peak_mem_bytes
+                    for t in vdb.trials(gpu=gpu, op=op, dtype=dtype, shape=shape)}  # fmt: skip
+            for (name, cfg), ts in zip(pairs, interleaved_times(fns, device, reps=CONFIRM_REPS), strict=True):
+                impl, res = impls[(op, name)], trial_result(ts, peak.get((name, cfg)))
+                vdb.record_trial(env, op, impl.name, impl.version, shape, dtype, json.loads(cfg), res)
+                have[(op, s_json)][(name, cfg)] = res.median_us
+            n += len(missing)
     return n
 
 

@@ -77,6 +77,12 @@ def _quantiles(xs: list[float]) -> tuple[float, float, float]:
     return statistics.median(xs), q[1], q[7]
 
 
+def trial_result(times_us: Sequence[float], peak_mem_bytes: int | None = None) -> TrialResult:
+    """An "ok" :class:`TrialResult` of timed calls (µs): their median, p20 and p80 and their count."""
+    med, p20, p80 = _quantiles(list(times_us))
+    return TrialResult("ok", med, p20, p80, len(times_us), peak_mem_bytes)
+
+
 #: fewest timed calls of a CUDA trial.
 MIN_REPS = 10
 _FLUSH_BYTES = 256 << 20  # L2 flush buffer, as triton.testing.do_bench
@@ -365,9 +371,9 @@ def confirm_shape(
         fns = [impl.runner(inputs, t.config) for impl, t in pending]
         times = interleaved_times(fns, device, reps=reps, warmup_ms=warmup_ms)
         for (impl, t), ts in zip(pending, times, strict=True):
-            med, p20, p80 = _quantiles(ts)
-            result = TrialResult("ok", med, p20, p80, len(ts), t.peak_mem_bytes)
-            db.record_trial(env, op, impl.name, impl.version, shape, dtype, t.config, result)
+            db.record_trial(
+                env, op, impl.name, impl.version, shape, dtype, t.config, trial_result(ts, t.peak_mem_bytes)
+            )
         done += len(pending)
     return done
 
