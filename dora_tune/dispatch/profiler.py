@@ -202,13 +202,12 @@ def measure(fn: Callable[[], Any], device: torch.device, *, warmup_ms: float, re
     if device.type == "cuda":
         with torch.cuda.device(device):
             times = gpu_times(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
-            med, p20, p80 = _quantiles(times)
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
             fn()
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - before
-        return TrialResult("ok", med * 1e3, p20 * 1e3, p80 * 1e3, len(times), int(peak))
+        return trial_result([ms * 1e3 for ms in times], int(peak))
     fn()
     t_end = time.perf_counter() + warmup_ms / 1e3
     while time.perf_counter() < t_end:
@@ -219,8 +218,7 @@ def measure(fn: Callable[[], Any], device: torch.device, *, warmup_ms: float, re
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e6)
-    med, p20, p80 = _quantiles(times)
-    return TrialResult("ok", med, p20, p80, len(times), None)
+    return trial_result(times)
 
 
 def _failure(e: BaseException) -> TrialResult:
