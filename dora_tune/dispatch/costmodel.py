@@ -40,7 +40,8 @@ MIN_SHAPES = 3
 TREE_FOCUS: dict[str, float] = {"compose": 0.1, "norm": 0.1}
 """Per op, the ``focus`` of ``linear_trees``' config trees (:class:`LinearTrees`); an op not listed weighs every
 trial the same. Chosen on leave-shapes-out regret over fit seeds and on the held-out shapes (``caches/README.md``);
-compose_train's regret was worse with it (CV 1.016 / 1.090 against 1.014 / 1.077)."""
+compose_train's regret was worse with it (CV 1.016 / 1.090 against 1.014 / 1.077; on the confirmed trials, mean over
+fit seeds 0–2, 1.0130 / 1.103 against 1.0105 / 1.053)."""
 
 CROSSOVER_TRAIN_MIN_COLS = 2048
 CROSSOVER_TRAIN_MIN_ELEMS = 2048 * 6144
