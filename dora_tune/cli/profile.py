@@ -28,7 +28,7 @@ from dora_tune.cli._common import db_option, open_db
 )
 @click.option(
     "--confirm-reps",
-    default=200,
+    default=100,
     show_default=True,
     type=click.IntRange(min=1),
     help="timed calls each confirmed trial holds",
@@ -39,7 +39,12 @@ from dora_tune.cli._common import db_option, open_db
     help="no sweep: only confirm (default shapes: every shape this machine has in the database)",
 )
 @click.option("--progress/--no-progress", default=True, help="progress bar with ETA")
-@click.option("--jobs", default=8, show_default=True, help="processes compiling Triton kernels before timing (0: none)")
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=0),
+    default=None,
+    help="processes compiling Triton kernels before timing (0: none)  [default: the CPUs, at most 16]",
+)
 def profile(
     gpu: str,
     db_location: str | None,
@@ -56,7 +61,7 @@ def profile(
     confirm_reps: int,
     confirm_only: bool,
     progress: bool,
-    jobs: int,
+    jobs: int | None,
 ) -> None:
     """Time every op × implementation × config × shape × dtype and record each trial (failures too).
 
@@ -68,6 +73,7 @@ def profile(
     from dora_tune.dispatch.env import environment, resolve_device
     from dora_tune.dispatch.profiler import profile as run_profile
     from dora_tune.dispatch.shapes import ShapeError, build_shape_set
+    from dora_tune.dispatch.warm import default_jobs
 
     try:
         device = resolve_device(gpu)
@@ -81,6 +87,8 @@ def profile(
     if cpu:
         click.echo(f"No CUDA GPU selected: profiling the CPU implementations; trials are recorded under "
                    f"'{env.gpu_name}'.")  # fmt: skip
+    if jobs is None:
+        jobs = default_jobs()
     given = bool(models or ranks or tokens or shapes_file)
     with open_db(db_location) as db:
         click.echo(f"database: {db.location}")

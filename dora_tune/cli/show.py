@@ -33,7 +33,7 @@ def show(
     """Best implementation and config per (GPU, op, shape, dtype), or every trial with --trials.
 
     Each row shows the median time, the spread of the timed calls (p80 / p20) and how many calls were timed (a
-    confirmed trial holds at least ``profile --confirm-reps``, 200 by default).
+    confirmed trial holds at least ``profile --confirm-reps``, 100 by default).
     """
     from rich.console import Console
     from rich.table import Table

@@ -38,8 +38,9 @@ from dora_tune.kernels.compose_train import DEFAULT_COMPOSE_TRAIN_CONFIG
 TRAIN_FWD_SHORTLIST = 6
 #: trials of a shape (any implementation) the confirmation stage re-times: its fastest this many.
 CONFIRM_TOP = 8
-#: timed calls each confirmed trial holds; a trial with fewer among its shape's fastest is re-timed.
-CONFIRM_REPS = 200
+#: timed calls each confirmed trial holds; a trial with fewer among its shape's fastest is re-timed. 100 (not 200)
+#: keeps the default set within 10 minutes on one H200: at 200 the stage took ~4.4 of ~11 (benchmarks/NOTES.md).
+CONFIRM_REPS = 100
 
 
 @dataclasses.dataclass

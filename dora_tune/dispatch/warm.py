@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import multiprocessing as mp
+import os
 import time
 from collections.abc import Iterable
 
@@ -65,6 +66,21 @@ def run_items(items: list[tuple[str, str, str, str, str]], device: str) -> int:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return done
+
+
+MAX_DEFAULT_JOBS = 16
+"""Compile processes used when none are asked for: one a CPU, at most this many (each holds a CUDA context)."""
+
+
+def default_jobs() -> int:
+    """Compile processes for ``dora-tune profile`` when ``--jobs`` is not given: the CPUs this process may use, at
+    most :data:`MAX_DEFAULT_JOBS` (on the 16-core H200 machine the default set's kernels compiled in 27 s with 14
+    processes and 51 s with 8: benchmarks/NOTES.md)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(MAX_DEFAULT_JOBS, cpus))
 
 
 def warm_compile(tasks: Iterable, device: torch.device, jobs: int, *, stage_two: bool = True) -> tuple[int, float]:

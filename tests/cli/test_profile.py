@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from dora_tune.autotune_db import TuningDB
 from dora_tune.cli import cli
+from dora_tune.dispatch.profiler import CONFIRM_REPS
 
 
 def shapes_file(tmp_path, n_norm=2, n_comp=2):
@@ -114,7 +115,7 @@ def test_show_gpus_and_cache_commands(tmp_path, monkeypatch):
     res = run("show", "--db", db_path, "--op", "norm")
     assert res.exit_code == 0 and "best per shape (2 rows)" in res.output
     assert "p80/p20" in res.output and "calls" in res.output
-    assert res.output.count("│ 200 ") == 2  # each best trial confirmed: 200 timed calls
+    assert res.output.count(f"│ {CONFIRM_REPS} ") == 2  # each best trial confirmed: CONFIRM_REPS timed calls
     res = run("show", "--db", db_path, "--trials", "--shape", "d_out=32,d_in=48,r=4")
     assert res.exit_code == 0 and "trials (2 rows)" in res.output
     assert run("show", "--db", db_path, "--shape", "d_out32").exit_code == 2
@@ -147,3 +148,22 @@ def test_newer_schema_is_refused_by_commands(tmp_path):
     con.close()
     res = CliRunner().invoke(cli, ["show", "--db", db_path])
     assert res.exit_code == 1 and "newer" in res.output and "Traceback" not in res.output
+
+
+def test_profile_jobs_default_to_the_cpus_and_reject_negatives(tmp_path, monkeypatch):
+    from dora_tune.dispatch import profiler, warm
+
+    seen = []
+
+    def fake_profile(db, device, env, shapes, **kw):
+        seen.append(kw["jobs"])
+        return profiler.ProfileSummary(env)
+
+    monkeypatch.setattr(profiler, "profile", fake_profile)
+    monkeypatch.setattr(warm, "default_jobs", lambda: 5)
+    base = ["profile", "--gpu", "cpu", "--db", str(tmp_path / "t.sqlite"), "--shapes", shapes_file(tmp_path)]
+    assert run(*base).exit_code == 0
+    assert run(*base, "--jobs", "0").exit_code == 0
+    assert seen == [5, 0]
+    res = CliRunner().invoke(cli, [*base, "--jobs", "-1"])
+    assert res.exit_code == 2 and "-1" in res.output

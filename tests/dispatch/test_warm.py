@@ -2,9 +2,10 @@ import json
 
 import torch
 
+from dora_tune.dispatch import warm
 from dora_tune.dispatch.profiler import _Task
 from dora_tune.dispatch.registry import registry
-from dora_tune.dispatch.warm import proxy_shape, warm_compile, warm_items
+from dora_tune.dispatch.warm import default_jobs, proxy_shape, warm_compile, warm_items
 
 
 def test_proxy_keeps_what_triton_specialises_on():
@@ -39,3 +40,17 @@ def test_warm_compile_runs_in_processes(triton_device):
     # Under the CPU interpreter nothing compiles, but the same path runs: items are launched in 2 worker processes.
     n, _ = warm_compile(_tasks(), torch.device(triton_device), jobs=2)
     assert n == 4
+
+
+def test_default_jobs_is_the_usable_cpus_capped(monkeypatch):
+    monkeypatch.setattr(warm.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert default_jobs() == warm.MAX_DEFAULT_JOBS == 16
+    monkeypatch.setattr(warm.os, "sched_getaffinity", lambda pid: {3, 5}, raising=False)
+    assert default_jobs() == 2
+
+    def no_affinity(pid):
+        raise OSError("not supported")
+
+    monkeypatch.setattr(warm.os, "sched_getaffinity", no_affinity, raising=False)
+    monkeypatch.setattr(warm.os, "cpu_count", lambda: None)
+    assert default_jobs() == 1
