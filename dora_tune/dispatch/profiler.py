@@ -39,7 +39,7 @@ TRAIN_FWD_SHORTLIST = 6
 #: trials of a shape (any implementation) the confirmation stage re-times: its fastest this many.
 CONFIRM_TOP = 8
 #: timed calls each confirmed trial holds; a trial with fewer among its shape's fastest is re-timed. 100 (not 200)
-#: keeps the default set within 10 minutes on one H200: at 200 the stage took ~4.4 of ~11 (benchmarks/NOTES.md).
+#: is meant to keep the default set within 10 minutes on one H200: at 200 the stage took ~3.4 of ~11 (NOTES.md).
 CONFIRM_REPS = 100
 
 
