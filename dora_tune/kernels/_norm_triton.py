@@ -8,7 +8,8 @@ Launches:
 2. ``_norm_main_kernel``: one pass over W. A program owns ``BLOCK_M`` rows of W, ``BLOCK_N`` columns of U and one of
    ``SPLIT_K`` ranges of d_in. Its K loop accumulates ``U`` on the tensor cores (fp32 accumulator) and, in the
    first r-tile only, ``‖W_i‖²``; its epilogue forms ``2s·Σ_j B_ij U_ij`` (linear in U, so K-split partials add up)
-   and, in the first K-split only, ``s²·Σ_j B_ij (B·G)_ij`` by a short K loop over r. For bf16, G is split in
+   and ``s²·Σ_j B_ij (B·G)_ij`` by a short K loop over r, whose range the K-splits share (each takes a slice of r:
+   the sum is linear in it too, and no split carries the whole epilogue). For bf16, G is split in
    registers into ``G_hi = bf16(G)`` and ``G_lo = bf16(G − G_hi)`` (≈16 significant bits, relative error ≤ 2⁻¹⁸)
    so that ``B·G`` runs on the tensor cores; otherwise it is an fp32 (tf32x3) dot.
 3. With one tile along r and K the program writes the norm itself; otherwise ``_norm_finish_kernel`` adds the
@@ -133,6 +134,7 @@ def _norm_main_kernel(
     d_in,
     r,
     k_per_split,
+    r_per_split,
     stride_wm,
     stride_wk,
     stride_ar,
@@ -185,13 +187,16 @@ def _norm_main_kernel(
     bf = b.to(tl.float32)
     partial = wsq + 2.0 * scale * tl.sum(bf * acc, axis=1)
 
-    # Epilogue 2 (first K-split only): s²·Σ_j B_ij (B·G)_ij, with B·G by a short K loop over r.
-    if pid_s == 0:
+    # Epilogue 2: s²·Σ_j B_ij (B·G)_ij, with B·G by a short K loop over r. The K-splits share that loop (split s
+    # takes the r range [s·r_per_split, (s+1)·r_per_split), linear again), so no program carries all of it.
+    kr_lo = pid_s * r_per_split
+    kr_hi = tl.minimum(kr_lo + r_per_split, r)
+    if kr_lo < kr_hi:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         offs_kr = tl.arange(0, BLOCK_KR)
-        for k in tl.range(0, r, BLOCK_KR, num_stages=2):
+        for k in tl.range(kr_lo, kr_hi, BLOCK_KR, num_stages=2):
             kr = k + offs_kr
-            kr_ok = kr < r
+            kr_ok = kr < kr_hi
             bk = tl.load(b_ptr + b_off + kr[None, :] * stride_br, mask=m_ok[:, None] & kr_ok[None, :], other=0.0)
             g = tl.load(g_ptr + kr[:, None] * r + offs_n[None, :], mask=kr_ok[:, None] & n_ok[None, :], other=0.0)
             if SPLIT_G:
@@ -282,12 +287,13 @@ def factored_norm_triton(
     T = triton.cdiv(r, bn)
     k_per_split = triton.cdiv(triton.cdiv(d_in, config.split_k), bk) * bk
     S = triton.cdiv(d_in, k_per_split)
+    r_per_split = triton.cdiv(triton.cdiv(r, S), _BLOCK_KR) * _BLOCK_KR
     single = T * S == 1
     partials = out if single else torch.empty((T * S, d_out), device=dev, dtype=torch.float32)
     grid = (triton.cdiv(d_out, bm) * T * S,)
     _norm_main_kernel[grid](
         weight, lora_A, lora_B, G, partials, out,
-        d_out, d_in, r, k_per_split,
+        d_out, d_in, r, k_per_split, r_per_split,
         weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
         scale,
         SPLIT_K=S, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_KR=_BLOCK_KR, EVEN_K=(d_in % bk == 0),
