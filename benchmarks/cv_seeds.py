@@ -2,7 +2,8 @@
 
 One seed's figures move by ~0.002 in geomean and by one shape's worth in max (the trees' randomness), so
 comparisons of data or model changes use the mean over seeds. For every (database, op) it prints each seed's
-geomean / max and their mean, and writes them to ``--out``::
+geomean / max and their mean — for the ops that race (``RACE_OPS``: the norm) also the race's (the fastest measured
+of the model's shortlist: what the dispatcher runs) — and writes them to ``--out``::
 
     python3 benchmarks/cv_seeds.py --db before=old.sqlite --db after=dora_tune/caches/nvidia-h200.sqlite \\
         --op compose_train --op norm --seeds 3 --out benchmarks/results/h200-cv-confirm.json
@@ -36,11 +37,17 @@ def cv_over_seeds(path: str, gpu: str, op: str, dtype: str, seeds: int) -> dict:
         r = costmodel.cross_validate(trials, op, dtype, env=env, seed=seed)
         runs.append({"seed": seed, "geomean": r.model.regret_geomean, "max": r.model.regret_max,
                      "crossover_geomean": r.crossover.regret_geomean, "seconds": time.time() - t0})  # fmt: skip
-    return {
+        if r.race is not None:  # the ops that race their shortlist at first use: what the dispatcher runs
+            runs[-1] |= {"race_geomean": r.race.regret_geomean, "race_max": r.race.regret_max}
+    out = {
         "runs": runs,
         "mean_geomean": math.exp(sum(math.log(x["geomean"]) for x in runs) / len(runs)),
         "mean_max": sum(x["max"] for x in runs) / len(runs),
     }
+    if all("race_geomean" in x for x in runs):
+        out["mean_race_geomean"] = math.exp(sum(math.log(x["race_geomean"]) for x in runs) / len(runs))
+        out["mean_race_max"] = sum(x["race_max"] for x in runs) / len(runs)
+    return out
 
 
 def main() -> None:
@@ -61,7 +68,9 @@ def main() -> None:
             res = cv_over_seeds(path, args.gpu, op, args.dtype, args.seeds)
             out["results"].setdefault(name, {"path": path})[op] = res
             per_seed = ", ".join(f"{x['geomean']:.4f} / {x['max']:.3f}" for x in res["runs"])
-            print(f"{name:10s} {op:14s} {per_seed}  mean {res['mean_geomean']:.4f} / {res['mean_max']:.3f}",
+            race = (f"  race mean {res['mean_race_geomean']:.4f} / {res['mean_race_max']:.3f}"
+                    if "mean_race_geomean" in res else "")  # fmt: skip
+            print(f"{name:10s} {op:14s} {per_seed}  mean {res['mean_geomean']:.4f} / {res['mean_max']:.3f}{race}",
                   flush=True)  # fmt: skip
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")

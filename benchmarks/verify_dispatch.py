@@ -10,6 +10,12 @@ implementation+config of each is measured. This script then asks, for every shap
   runs: the model where its cross-validation beats the crossover, else the crossover) picks,
 
 and reports each pick's regret = its measured time ÷ the best measured time of that shape (geomean and max per op).
+For the ops that race their shortlist at first use (``RACE_OPS``: the norm) it adds
+
+* **race_ideal** — the fastest measured config of the dispatcher's shortlist (a race without timing noise), and,
+  with ``--race`` on the GPU,
+* **race** — what :meth:`Dispatcher.settle` actually keeps after timing the shortlist on fresh inputs of the shape
+  (its pick is scored by the verification sweep's time for that config, like every other pick).
 
 On the GPU, ``--measure`` first times the picks the sweep did not cover (compose_train's two-stage sweep measures
 only part of its forward × backward space), each shape's together with its best trial, and records them in the
@@ -73,6 +79,38 @@ def picks(db_path: str, gpu: str, dtype: str, op: str, shape: dict[str, int]) ->
     plan = _dispatcher(db_path).plan_for_gpu(table.gpu_name if table else gpu, op, shape, dtype)
     out["dispatcher"] = (plan.impl, _config_dict(plan.config))
     out["dispatcher_source"] = plan.source
+    if plan.race:
+        out["shortlist"] = [(plan.impl, _config_dict(c)) for c in plan.race]
+    return out
+
+
+def _norm_run(kernel: Any, x: dict[str, Any], cfg: Any) -> Any:
+    return kernel(x["W"], x["A"], x["B"], x["s"], cfg)
+
+
+def race_runs(db_path: str, verify_path: str, gpu: str, dtype: str) -> dict[str, dict[str, Any]]:
+    """On the GPU: for every verification shape of an op that races, the config :meth:`Dispatcher.settle` keeps
+    after timing the shortlist on fresh inputs, and its detail line (the race's times). Keyed by "op shape-json"."""
+    import torch
+
+    from dora_tune.dispatch.registry import make_inputs
+    from dora_tune.kernels._norm_triton import factored_norm_triton
+
+    device = torch.device("cuda")
+    dispatcher = Dispatcher(db_path, use_shipped=False, force_env="", race=True)
+    out = {}
+    for op, s_json in sorted(measured(verify_path, gpu, dtype)):
+        if op != "norm":
+            continue
+        shape = json.loads(s_json)
+        x = make_inputs(op, shape, dtype, device)
+        dims = (shape["d_out"], shape["d_in"], shape["r"])
+        plan = dispatcher.plan_key(op, dims, dtype, device)
+        run = functools.partial(_norm_run, factored_norm_triton, x)
+        settled = dispatcher.settle(op, dims, dtype, device, plan, run)
+        out[f"{op} {s_json}"] = {"impl": settled.impl, "config": _config_dict(settled.config), "source": plan.source,
+                                 "shortlist": len(plan.race), "detail": settled.detail}  # fmt: skip
+        print(f"  race {op} {dims}: {settled.detail}", flush=True)
     return out
 
 
@@ -126,10 +164,13 @@ def measure_missing(db_path: str, verify_path: str, gpu: str, dtype: str) -> int
     return n
 
 
-def report(db_path: str, verify_path: str, gpu: str, dtype: str) -> dict[str, Any]:
-    """Per op and chooser: regret geomean and max over the verification shapes, and every shape's detail."""
+def report(
+    db_path: str, verify_path: str, gpu: str, dtype: str, races: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Per op and chooser: regret geomean and max over the verification shapes, and every shape's detail
+    (``races``: :func:`race_runs`' output, scored as the "race" chooser)."""
     times = measured(verify_path, gpu, dtype)
-    result: dict[str, Any] = {"shapes": [], "summary": {}}
+    result: dict[str, Any] = {"shapes": [], "summary": {}, "races": races or {}}
     per: dict[tuple[str, str], list[float]] = defaultdict(list)
     for op, s_json in sorted(times, key=lambda k: (k[0], json.loads(k[1]).get("cols", 0))):
         shape = json.loads(s_json)
@@ -138,6 +179,14 @@ def report(db_path: str, verify_path: str, gpu: str, dtype: str) -> dict[str, An
         row: dict[str, Any] = {"op": op, "shape": shape, "best": [best_key[0], json.loads(best_key[1]), t[best_key]]}
         chosen = picks(db_path, gpu, dtype, op, shape)
         row["dispatcher_source"] = chosen.pop("dispatcher_source")
+        shortlist = chosen.pop("shortlist", None)
+        if shortlist:
+            timed = [(t[key], pair) for pair in shortlist if (key := (pair[0], canonical_json(pair[1]))) in t]
+            if len(timed) == len(shortlist):
+                chosen["race_ideal"] = min(timed, key=lambda p: p[0])[1]
+        run = (races or {}).get(f"{op} {s_json}")
+        if run is not None:
+            chosen["race"] = (run["impl"], run["config"])
         for who, (impl, cfg) in chosen.items():
             us = t.get((impl, canonical_json(cfg)))
             row[who] = {"impl": impl, "config": cfg, "us": us, "regret": None if us is None else us / t[best_key]}
@@ -161,11 +210,13 @@ def main() -> None:
     ap.add_argument("--gpu", default="NVIDIA H200")
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--measure", action="store_true", help="first time the picks the sweep lacks (needs CUDA)")
+    ap.add_argument("--race", action="store_true", help="run the dispatcher's race at each norm shape (needs CUDA)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "h200-verify-dispatch.json"))
     args = ap.parse_args()
     if args.measure:
         print(f"measured {measure_missing(args.db, args.verify, args.gpu, args.dtype)} missing picks")
-    res = report(args.db, args.verify, args.gpu, args.dtype)
+    races = race_runs(args.db, args.verify, args.gpu, args.dtype) if args.race else None
+    res = report(args.db, args.verify, args.gpu, args.dtype, races)
     for op, by in res["summary"].items():
         cells = "  ".join(f"{w} {v['regret_geomean']:.3f}/{v['regret_max']:.3f} (n={v['n_shapes']})" for w, v in
                           sorted(by.items()))  # fmt: skip
@@ -173,7 +224,7 @@ def main() -> None:
     for row in res["shapes"]:
         dims = " ".join(f"{k}={v}" for k, v in row["shape"].items())
         regs = " ".join(f"{w}={row[w]['impl']}:{row[w]['regret']:.2f}" if row.get(w) and row[w]["regret"] else
-                        f"{w}=unmeasured" for w in WHO)  # fmt: skip
+                        f"{w}=unmeasured" for w in (*WHO, "race_ideal", "race") if w in row or w in WHO)  # fmt: skip
         print(f"  {row['op']:14s} {dims:28s} best {row['best'][0]} {row['best'][2]:8.1f} µs  {regs}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))

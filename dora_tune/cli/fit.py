@@ -10,7 +10,7 @@ import click
 from dora_tune.cli._common import db_option, open_db
 
 _COLUMNS = ("op", "dtype", "gpu", "trials", "shapes", "estimator", "model top-1 (impl)", "model regret geo / max",
-            "crossover top-1 (impl)", "crossover regret geo / max", "crossover excluded",
+            "dispatch regret geo / max", "crossover top-1 (impl)", "crossover regret geo / max", "crossover excluded",
             "model on crossover's shapes", "used at run time")  # fmt: skip
 
 
@@ -27,13 +27,16 @@ def _regret(geo: float | None, mx: float | None) -> str:
 
 
 def _cv_row(op: str, dtype: str, gpu: str, n_trials: int, n_shapes: int, estimator: str, cv: dict[str, Any]) -> list:
-    """One table row from a CV report's JSON (``CVReport.to_json()``: its ``model``, ``crossover`` and
-    ``model_paired`` parts)."""
+    """One table row from a CV report's JSON (``CVReport.to_json()``: its ``model``, ``crossover``,
+    ``model_paired`` and ``race`` parts). "dispatch" is what the dispatcher runs at a shape it has not measured: the
+    race among the model's shortlist for the ops that race (``RACE_OPS``), the model's choice for the others."""
     from dora_tune.dispatch.decisions import beats_crossover
 
     m, x, p = cv["model"], cv["crossover"], cv["model_paired"]
+    d = cv.get("race") or m
     return [op, dtype, gpu, str(n_trials), str(n_shapes), estimator,
             _top1(m), _regret(m["regret_geomean"], m["regret_max"]),
+            _regret(d["regret_geomean"], d["regret_max"]) + (" (race)" if cv.get("race") else ""),
             _top1(x), _regret(x["regret_geomean"], x["regret_max"]), str(x["excluded"]),
             _regret(p["regret_geomean"], p["regret_max"]),
             "yes" if beats_crossover(cv) else "no (loses to the crossover)"]  # fmt: skip
@@ -74,7 +77,8 @@ def fit(db_location: str | None, gpu: str | None, estimator: str) -> None:
         )
     rows = []
     for s in summaries:
-        cv = {"model": s.model.to_json(), "crossover": s.crossover.to_json(), "model_paired": s.model_paired.to_json()}
+        cv = {"model": s.model.to_json(), "crossover": s.crossover.to_json(), "model_paired": s.model_paired.to_json(),
+              "race": None if s.race is None else s.race.to_json()}  # fmt: skip
         rows.append(_cv_row(s.op, s.dtype, s.gpu_name, s.n_trials, s.n_shapes, s.estimator, cv))
     _print_table("leave-shapes-out cross-validation: cost model vs fixed crossover", rows)
     total = sum(s.fit_seconds for s in summaries)

@@ -50,6 +50,10 @@ def lookup(
     config = "-" if plan.config is None else plan.config.as_dict()
     click.echo(f"{op} {','.join(f'{k}={v}' for k, v in shape.items())} {dtype}: {plan.impl} {config}")
     click.echo(f"source: {plan.source} — {plan.detail}")
+    if plan.race:
+        click.echo(f"raced at the first call (fastest kept), on the call's own inputs: {len(plan.race)} configs")
+        for c in plan.race:
+            click.echo(f"  {c.as_dict()}")
     if gpu_name is None:
         click.echo("(no CUDA GPU here: pass --gpu NAME to see what a GPU model would run)")
     else:

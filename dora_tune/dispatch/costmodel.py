@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from dora_tune.autotune_db import EnvInfo, TrialRow, TuningDB, canonical_json
-from dora_tune.dispatch.decisions import DecisionTable
+from dora_tune.dispatch.decisions import RACE_OPS, DecisionTable, race_shortlist
 from dora_tune.dispatch.features import DTYPE_NAMES, FeatureSpec
 from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
 
@@ -507,6 +507,7 @@ class ShapeOutcome:
     model_us: float | None
     crossover_impl: str
     crossover_us: float | None  # None: the crossover's choice was not measured at this shape
+    race_us: float | None = None  # the fastest of the model's shortlist (ops of RACE_OPS; None: not raced)
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON types (configs left out but the best one's, to keep stored metrics small)."""
@@ -520,7 +521,9 @@ class CVReport:
     """Leave-shapes-out cross-validation of the cost model against the fixed crossover, on the same shapes.
 
     ``model`` is scored on every held-out shape, ``crossover`` on those where its choice was measured, and
-    ``model_paired`` is the model on exactly the crossover's shapes (the like-for-like comparison).
+    ``model_paired`` is the model on exactly the crossover's shapes (the like-for-like comparison). For the ops of
+    :data:`~dora_tune.dispatch.decisions.RACE_OPS`, ``race`` scores what the dispatcher runs there: the fastest
+    measured of the model's shortlist (:func:`race_shortlist`); None for the other ops.
     """
 
     op: str
@@ -532,6 +535,7 @@ class CVReport:
     crossover: Metrics
     model_paired: Metrics
     shapes: list[ShapeOutcome] = field(default_factory=list)
+    race: Metrics | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON types (what :func:`fit` stores as the model's metrics, under ``"cv"``)."""
@@ -593,6 +597,7 @@ def _cv_data(data: _Data, n_splits: int, estimator: str, seed: int) -> CVReport:
         crossover=_metrics(shapes, "crossover"),
         model_paired=_metrics([s for s in shapes if s.crossover_us is not None], "model"),
         shapes=shapes,
+        race=_metrics(shapes, "race") if op in RACE_OPS else None,
     )
 
 
@@ -603,6 +608,12 @@ def _score_shape(fold: FitResult, data: _Data, idx: Sequence[int]) -> ShapeOutco
     best = min(rows, key=lambda t: t.median_us)
     pred = fold.predict_log_us([(t.shape, t.impl, t.config) for t in rows])
     model = None if np.all(np.isnan(pred)) else rows[int(np.nanargmin(pred))]
+    race_us = None
+    if model is not None and data.op in RACE_OPS:
+        ranked = [rows[i] for i in np.argsort(np.where(np.isnan(pred), np.inf, pred), kind="stable")]
+        shortlist = [(t.impl, t.config) for t in ranked[: RACE_OPS[data.op]]]
+        raced = race_shortlist(shortlist)
+        race_us = min(t.median_us for t, pair in zip(ranked, shortlist, strict=False) if pair in raced)
     x_impl, x_row = _crossover_row(data.op, rows)
     return ShapeOutcome(
         shape=dict(shape),
@@ -614,6 +625,7 @@ def _score_shape(fold: FitResult, data: _Data, idx: Sequence[int]) -> ShapeOutco
         model_us=None if model is None else model.median_us,
         crossover_impl=x_impl,
         crossover_us=None if x_row is None else x_row.median_us,
+        race_us=race_us,
     )
 
 
@@ -626,10 +638,12 @@ def _crossover_row(op: str, rows: Sequence[TrialRow]) -> tuple[str, TrialRow | N
 
 
 def _metrics(shapes: Sequence[ShapeOutcome], who: str) -> Metrics:
-    """Aggregate the model's (``who="model"``) or the crossover's figures over the scored shapes."""
+    """Aggregate the model's (``who="model"``), the race's (``"race"``; its implementation is the model's) or the
+    crossover's figures over the scored shapes."""
     outcomes, excluded = [], 0
     for s in shapes:
-        t, impl = (s.model_us, s.model_impl) if who == "model" else (s.crossover_us, s.crossover_impl)
+        t, impl = {"model": (s.model_us, s.model_impl), "race": (s.race_us, s.model_impl),
+                   "crossover": (s.crossover_us, s.crossover_impl)}[who]  # fmt: skip
         if t is None:
             excluded += 1
             continue
@@ -670,6 +684,17 @@ def _best_data(data: _Data) -> list[Measured]:
     return [Measured(dict(data.shapes[s]), t.impl, t.config, t.median_us) for s, t in sorted(best.items())]
 
 
+def _ranked_data(data: _Data, k: int) -> dict[tuple[int, ...], list[tuple[str, dict[str, Any]]]]:
+    """Shape key → its ``k`` fastest measured (impl, config), fastest first."""
+    by_shape: dict[int, list[TrialRow]] = defaultdict(list)
+    for t, s in zip(data.rows, data.shape_index, strict=True):
+        by_shape[s].append(t)
+    return {
+        _shape_key(data.op, data.shapes[s]): [(t.impl, t.config) for t in sorted(rows, key=lambda t: t.median_us)[:k]]
+        for s, rows in by_shape.items()
+    }
+
+
 def grid_axis(values: Sequence[int]) -> list[int]:
     """Bucket centres covering ``values``: every ``2^k`` and ``3·2^(k−1)`` (≈ half-octave steps) from the power of 2
     at or below the smallest value to the one at or above the largest, plus the values themselves."""
@@ -692,8 +717,11 @@ def compile_decisions(
     shapes_seen: Sequence[Measured],
     *,
     planned: Sequence[Mapping[str, int]] | None = None,
+    shortlist: int = 1,
+    measured_ranked: Mapping[tuple[int, ...], Sequence[tuple[str, dict[str, Any]]]] | None = None,
 ) -> DecisionTable:
-    """Evaluate the cost model on a grid of shape buckets and keep each grid point's argmin (impl, config).
+    """Evaluate the cost model on a grid of shape buckets and keep each grid point's argmin (impl, config) — and,
+    with ``shortlist`` > 1, the next ``shortlist − 1`` candidates as its runners-up.
 
     The axes (:func:`grid_axis`) cover the measured shapes and the ``planned`` ones (default: the profiler's default
     set of ``op``, rows 1–32768, cols 512–28672, d 512–28672, r 8–768), in steps of about half an octave, and
@@ -705,6 +733,8 @@ def compile_decisions(
         op, dtype, gpu_name, impl_versions: recorded in the table.
         shapes_seen: the fastest measured pair per shape (:func:`measured_best`).
         planned: more shapes the grid must cover.
+        shortlist: candidates a cell holds (its decision and the runners-up), by predicted time; at a measured grid
+            point by measured time (``measured_ranked``: shape key → its measured pairs, fastest first).
     """
     if planned is None:
         from dora_tune.dispatch.shapes import default_shapes
@@ -718,6 +748,11 @@ def compile_decisions(
     grid = [dict(zip(keys, p, strict=True)) for p in _product([axes[k] for k in keys])]
     measured = {_shape_key(op, m.shape): (m.impl, m.config) for m in shapes_seen}
     cells: list[tuple[str, dict] | None] = [measured.get(_shape_key(op, g)) for g in grid]
+    runners: list[tuple[tuple[str, dict], ...]] = [() for _ in grid]
+    for i, g in enumerate(grid):
+        ranked = (measured_ranked or {}).get(_shape_key(op, g))
+        if cells[i] is not None and ranked:
+            runners[i] = tuple((impl, dict(c)) for impl, c in ranked[1:shortlist])
     todo = [i for i, c in enumerate(cells) if c is None]
     # every candidate of every grid point still to decide, predicted per implementation in one batch
     cands = {i: models.candidates(grid[i]) for i in todo}
@@ -726,8 +761,9 @@ def compile_decisions(
     pos = 0
     for i in todo:
         n = len(cands[i])
-        j = int(np.argmin(pred[pos : pos + n]))
-        cells[i] = cands[i][j]
+        order = np.argsort(pred[pos : pos + n], kind="stable")[:shortlist]
+        cells[i] = cands[i][int(order[0])]
+        runners[i] = tuple((cands[i][int(j)][0], dict(cands[i][int(j)][1])) for j in order[1:])
         pos += n
     return DecisionTable(
         op=op,
@@ -736,6 +772,7 @@ def compile_decisions(
         impl_versions=dict(impl_versions),
         axes=axes,
         cells=[(impl, dict(c)) for impl, c in cells],
+        runners_up=runners if shortlist > 1 else [],
     )
 
 
@@ -765,6 +802,7 @@ class FitSummary:
     model_paired: Metrics
     fit_seconds: float
     n_cells: int
+    race: Metrics | None = None  # the dispatcher's race among the model's shortlist (ops of RACE_OPS)
 
 
 def fit(
@@ -812,7 +850,9 @@ def fit(
         t0 = time.perf_counter()
         result = _fit_data(data, estimator, 0)
         cv = _cv_data(data, n_splits, estimator, 0)
-        table = compile_decisions(result, op, dtype, env.gpu_name, result.impl_versions, _best_data(data))
+        k = RACE_OPS.get(op, 1)
+        table = compile_decisions(result, op, dtype, env.gpu_name, result.impl_versions, _best_data(data),
+                                  shortlist=k, measured_ranked=_ranked_data(data, k) if k > 1 else None)  # fmt: skip
         seconds = time.perf_counter() - t0
         metrics = {
             "n_trials": result.n_trials,
@@ -835,6 +875,7 @@ def fit(
                 model_paired=cv.model_paired,
                 fit_seconds=seconds,
                 n_cells=len(table.cells),
+                race=cv.race,
             )
         )
     return out

@@ -7,6 +7,10 @@ run-time path can load it cheaply.
 
 Lookup: every shape dimension snaps to the nearest bucket centre of its axis in log2 space (values outside an axis
 are clamped to its ends), and the cell at those centres holds the decision.
+
+For the ops of :data:`RACE_OPS` a cell also holds runners-up: the next candidates by predicted time (or, at a
+measured grid point, by measured time). At run time the dispatcher times the cell's shortlist once, on the call's
+own inputs, and keeps the fastest (:mod:`dora_tune.dispatch.runtime`, "race").
 """
 
 from __future__ import annotations
@@ -14,13 +18,21 @@ from __future__ import annotations
 import itertools
 import math
 from bisect import bisect_left
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
 
-FORMAT = 1
-"""Version of :meth:`DecisionTable.to_json`'s layout (``"format"`` key)."""
+FORMAT = 2
+"""Version of :meth:`DecisionTable.to_json`'s layout (``"format"`` key); :meth:`DecisionTable.from_json` also
+reads format 1 (no runners-up)."""
+
+RACE_OPS: dict[str, int] = {"norm": 3}
+"""Ops whose decisions are raced at first use, and the size of each cell's shortlist (the decision plus its
+runners-up). Only the norm: its shapes are the weights', fixed for a whole run (one race per layer shape), its call
+is a pure function of tensors the call already has (no memory for the race but the timer's), and its config
+landscape has cliffs between split-K values that the cost model ranks within ~2 % of each other (NOTES.md, "Race")."""
 
 _DTYPES = ("bf16", "fp16", "fp32")
 
@@ -39,6 +51,8 @@ class DecisionTable:
         cells: ``(impl, config)`` per grid point, flattened row-major over the axes (the last axis varies fastest),
             so ``len(cells)`` is the product of the axis lengths. Configs are shared with the table: do not mutate
             what :meth:`lookup` returns.
+        runners_up: per grid point, the candidates that follow its decision, fastest first (empty tuples, or an
+            empty list for a table without any).
     """
 
     op: str
@@ -47,12 +61,14 @@ class DecisionTable:
     impl_versions: dict[str, str]
     axes: dict[str, list[int]]
     cells: list[tuple[str, dict]]
+    runners_up: list[tuple[tuple[str, dict], ...]] = field(default_factory=list)
     # lookup helpers derived from ``axes``: per axis (shape key, geometric midpoints between neighbours, stride)
     _index: tuple[tuple[str, tuple[float, ...], int], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         """Check the structure (ValueError, as :meth:`from_json`) and precompute the lookup helpers."""
         _validate(self.op, self.dtype, self.gpu_name, self.impl_versions, self.axes, self.cells)
+        _validate_runners_up(self.runners_up, len(self.cells))
         index = []
         stride = len(self.cells)
         for key in OP_SHAPE_KEYS[self.op]:
@@ -74,6 +90,18 @@ class DecisionTable:
         Raises:
             ValueError: a shape key of the op is missing.
         """
+        return self.cells[self._cell(shape)]
+
+    def shortlist(self, shape: dict[str, int]) -> list[tuple[str, dict]]:
+        """The decision of the grid point nearest ``shape`` (as :meth:`lookup`) followed by its runners-up.
+
+        Raises:
+            ValueError: a shape key of the op is missing.
+        """
+        i = self._cell(shape)
+        return [self.cells[i], *(self.runners_up[i] if self.runners_up else ())]
+
+    def _cell(self, shape: dict[str, int]) -> int:
         flat = 0
         try:
             for key, mids, stride in self._index:
@@ -81,25 +109,29 @@ class DecisionTable:
         except KeyError as e:
             keys = list(OP_SHAPE_KEYS[self.op])
             raise ValueError(f"a {self.op} shape needs the keys {keys}, got {sorted(shape)}") from e
-        return self.cells[flat]
+        return flat
 
     def to_json(self) -> dict[str, Any]:
         """The table as plain JSON types.
 
-        Layout: ``{"format": 1, "op", "dtype", "gpu_name", "impl_versions", "axes": {key: [ints]},
-        "choices": [[impl, config], ...], "cells": [index into choices, ...]}``: the distinct decisions are stored
-        once (``choices``, in order of first use) and ``cells`` holds an index per grid point.
+        Layout: ``{"format": 2, "op", "dtype", "gpu_name", "impl_versions", "axes": {key: [ints]},
+        "choices": [[impl, config], ...], "cells": [index into choices, ...], "runners_up": [[index, ...], ...]}``:
+        the distinct decisions are stored once (``choices``, in order of first use), ``cells`` holds an index per
+        grid point and ``runners_up`` a list of indices per grid point (or is empty: no runners-up).
         """
         palette: dict[tuple[str, str], int] = {}
         choices: list[list[Any]] = []
-        cells: list[int] = []
-        for impl, config in self.cells:
+
+        def index(impl: str, config: dict) -> int:
             key = (impl, _config_key(config))
             i = palette.get(key)
             if i is None:
                 i = palette[key] = len(choices)
                 choices.append([impl, config])
-            cells.append(i)
+            return i
+
+        cells = [index(impl, config) for impl, config in self.cells]
+        runners_up = [[index(impl, config) for impl, config in r] for r in self.runners_up]
         return {
             "format": FORMAT,
             "op": self.op,
@@ -109,6 +141,7 @@ class DecisionTable:
             "axes": {k: list(self.axes[k]) for k in OP_SHAPE_KEYS[self.op]},
             "choices": choices,
             "cells": cells,
+            "runners_up": runners_up,
         }
 
     @classmethod
@@ -122,12 +155,15 @@ class DecisionTable:
         """
         if not isinstance(data, dict):
             raise ValueError(f"a decision table must be a JSON object, got {type(data).__name__}")
+        fmt = data.get("format")
+        if fmt not in (1, FORMAT) or isinstance(fmt, bool):
+            raise ValueError(f"decision table format {fmt!r} is not supported (expected 1 or {FORMAT})")
         expected = {"format", "op", "dtype", "gpu_name", "impl_versions", "axes", "choices", "cells"}
+        if fmt == FORMAT:
+            expected.add("runners_up")
         if set(data) != expected:
             missing, extra = sorted(expected - set(data)), sorted(set(data) - expected)
             raise ValueError(f"decision table keys: missing {missing}, unexpected {extra}")
-        if data["format"] != FORMAT or isinstance(data["format"], bool):
-            raise ValueError(f"decision table format {data['format']!r} is not supported (expected {FORMAT})")
         choices, cells = data["choices"], data["cells"]
         if not isinstance(choices, list):
             raise ValueError(f"decision table 'choices' must be a list, got {type(choices).__name__}")
@@ -136,11 +172,23 @@ class DecisionTable:
                 raise ValueError(f"decision table choice {i} must be a [impl, config] pair, got {c!r}")
         if not isinstance(cells, list):
             raise ValueError(f"decision table 'cells' must be a list, got {type(cells).__name__}")
-        decoded = []
-        for i, c in enumerate(cells):
-            if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < len(choices):
-                raise ValueError(f"decision table cell {i} must index one of the {len(choices)} choices, got {c!r}")
-            decoded.append(tuple(choices[c]))
+
+        palette = [tuple(c) for c in choices]  # shared by the cells using them (validated once each, see _validate)
+
+        def decode(indices: list, where: Callable[[int], str]) -> list[tuple]:
+            out = []
+            for j, c in enumerate(indices):
+                if type(c) is not int or not 0 <= c < len(palette):  # not a bool, not a float
+                    raise ValueError(f"decision table {where(j)} must index one of the {len(palette)} choices, "
+                                     f"got {c!r}")  # fmt: skip
+                out.append(palette[c])
+            return out
+
+        decoded = decode(cells, lambda j: f"cell {j}")
+        runners_up = data.get("runners_up", [])
+        if not isinstance(runners_up, list) or not all(isinstance(r, list) for r in runners_up):
+            raise ValueError(f"decision table 'runners_up' must be a list of lists, got {runners_up!r:.80}")
+        runners = [tuple(decode(r, lambda j, i=i: f"runner-up of cell {i}")) for i, r in enumerate(runners_up)]
         axes = data["axes"]
         if not isinstance(axes, dict):
             raise ValueError(f"decision table 'axes' must be an object, got {type(axes).__name__}")
@@ -154,6 +202,7 @@ class DecisionTable:
             impl_versions=dict(impl_versions),
             axes={k: list(v) if isinstance(v, list) else v for k, v in axes.items()},
             cells=decoded,
+            runners_up=runners,
         )
 
 
@@ -192,7 +241,11 @@ def _validate(op: Any, dtype: Any, gpu_name: Any, impl_versions: Any, axes: Any,
     if not isinstance(cells, list) or len(cells) != n:
         got = len(cells) if isinstance(cells, list) else type(cells).__name__
         raise ValueError(f"decision table needs {n} cells (the product of the axis lengths), got {got}")
+    seen: set[int] = set()  # cells decoded from JSON share their palette's tuples: check each object once
     for i, cell in enumerate(cells):
+        if id(cell) in seen:
+            continue
+        seen.add(id(cell))
         if not isinstance(cell, tuple) or len(cell) != 2:
             raise ValueError(f"decision table cell {i} must be an (impl, config) pair, got {cell!r}")
         impl, config = cell
@@ -200,6 +253,33 @@ def _validate(op: Any, dtype: Any, gpu_name: Any, impl_versions: Any, axes: Any,
             raise ValueError(f"decision table cell {i}: impl must be a non-empty str, got {impl!r}")
         if not isinstance(config, dict):
             raise ValueError(f"decision table cell {i}: config must be a dict, got {config!r}")
+
+
+def race_shortlist(shortlist: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """What the dispatcher races of a shortlist (decision first, then its runners-up): the decision and the
+    runners-up of the same implementation (configs of one kernel, timed on the call's own inputs)."""
+    if not shortlist:
+        return []
+    impl = shortlist[0][0]
+    return [pair for pair in shortlist if pair[0] == impl]
+
+
+def _validate_runners_up(runners_up: Any, n_cells: int) -> None:
+    """ValueError unless ``runners_up`` is empty or holds one tuple of ``(impl, config)`` pairs per cell."""
+    if not isinstance(runners_up, list) or (runners_up and len(runners_up) != n_cells):
+        got = len(runners_up) if isinstance(runners_up, list) else type(runners_up).__name__
+        raise ValueError(f"decision table runners_up must be empty or hold one entry per cell ({n_cells}), got {got}")
+    seen: set[int] = set()  # shared pair objects (decoded from JSON) are checked once
+    for i, entry in enumerate(runners_up):
+        if not isinstance(entry, tuple):
+            raise ValueError(f"decision table runners-up of cell {i} must be a tuple, got {entry!r}")
+        for pair in entry:
+            if id(pair) in seen:
+                continue
+            seen.add(id(pair))
+            if (not isinstance(pair, tuple) or len(pair) != 2 or not isinstance(pair[0], str) or not pair[0]
+                    or not isinstance(pair[1], dict)):  # fmt: skip
+                raise ValueError(f"decision table runner-up of cell {i} must be an (impl, config) pair, got {pair!r}")
 
 
 def beats_crossover(cv: dict[str, Any]) -> bool:

@@ -9,6 +9,16 @@ Resolution order for ``(op, shape, dtype, device)``:
    ``cols ≥ 2048`` and ``rows·cols ≥ 2048·6144``; the fused norm always (default configs);
 4. **fallback** — the torch implementation (always the case without CUDA + Triton).
 
+**Race** (the ops of :data:`~dora_tune.dispatch.decisions.RACE_OPS`: the norm): a model plan carries the decision
+table's shortlist for its cell (the decision and its runners-up of the same implementation, 3 in all). At the
+first call with that key the kernel hands the dispatcher a closure over its own inputs, and :meth:`Dispatcher.settle`
+times the shortlisted configs on them — interleaved rounds of GPU time with the L2 flushed, as the profiler times a
+trial (:func:`~dora_tune.dispatch.profiler.interleaved_times`), ~10–50 ms once the kernels are compiled — and
+memoises the fastest, so later calls are plain lookups again. Not raced (the decision is kept): with
+``DORA_TUNE_RACE=0`` or ``Dispatcher(race=False)``, with ``torch.use_deterministic_algorithms(True)`` (the choice
+would depend on timing), or while a CUDA graph is being captured (that call only). The race costs a transient
+256 MB flush buffer; out of memory there, the decision is kept. Measured shapes are never raced.
+
 Every config read from a database is validated before it can reach a kernel. A missing, corrupt, truncated or
 foreign database, a stale kernel version or an invalid config never raises here: the dispatcher warns once, says
 why in :meth:`Dispatcher.explain` (and ``dora-tune lookup``), and falls through to the next source.
@@ -26,18 +36,22 @@ import dataclasses
 import functools
 import json
 import os
+import statistics
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dora_tune.autotune_db.models import canonical_json
+from dora_tune.dispatch.decisions import RACE_OPS, race_shortlist
 from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
 
 _TORCH_IMPL = {"norm": "factored_torch", "compose": "eager", "compose_train": "eager"}
+#: timed calls of each shortlisted config in a race, the rounds they are taken in, and the warm-up per config (ms)
+RACE_REPS, RACE_ROUNDS, RACE_WARMUP_MS = 30, 3, 2.0
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 SOURCES = ("measured", "model", "heuristic", "fallback")
 _FORCE: contextvars.ContextVar[str | None] = contextvars.ContextVar("dora_tune_force", default=None)
@@ -47,13 +61,16 @@ _FORCE: contextvars.ContextVar[str | None] = contextvars.ContextVar("dora_tune_f
 class Plan:
     """What to run: ``impl`` with ``config`` (a validated config object, or None for torch implementations).
 
-    ``source`` is one of :data:`SOURCES`; ``detail`` says which database, trial or rule decided.
+    ``source`` is one of :data:`SOURCES`; ``detail`` says which database, trial or rule decided. ``race`` holds the
+    validated configs of ``impl`` to time at the first call (``config`` first; empty: nothing to race) — see
+    :meth:`Dispatcher.settle`.
     """
 
     impl: str
     config: Any
     source: str
     detail: str
+    race: tuple[Any, ...] = ()
 
 
 @contextlib.contextmanager
@@ -94,11 +111,19 @@ class _Tables:
 class Dispatcher:
     """Plans with an explicit, thread-safe memo. ``db`` is the user DB location (default: the usual one)."""
 
-    def __init__(self, db: str | None = None, *, use_shipped: bool = True, force_env: str | None = None) -> None:
+    def __init__(
+        self,
+        db: str | None = None,
+        *,
+        use_shipped: bool = True,
+        force_env: str | None = None,
+        race: bool | None = None,
+    ) -> None:
         self.db = db
         self.use_shipped = use_shipped
         self._lock = threading.Lock()
         self._memo: dict[tuple, Plan] = {}
+        self._racing: set[tuple] = set()
         self._tables: dict[str, _Tables] = {}
         self._warned: set[str] = set()
         self._notes: list[str] = []
@@ -110,6 +135,12 @@ class Dispatcher:
         else:
             self.env_force = None
             self._warn(f"DORA_TUNE_FORCE={env_force!r} is not 'eager' or 'triton'; ignored")
+        if race is None:
+            env_race = os.environ.get("DORA_TUNE_RACE", "")
+            race = env_race.strip().lower() not in ("0", "false", "no", "off")
+            if env_race.strip().lower() not in ("", "0", "1", "false", "true", "no", "yes", "off", "on"):
+                self._warn(f"DORA_TUNE_RACE={env_race!r} is not 0 or 1; racing stays on")
+        self.race = race
 
     # ------------------------------------------------------------------ public
     def plan(self, op: str, shape: dict[str, int], dtype: torch.dtype | str, device: torch.device | str) -> Plan:
@@ -146,6 +177,75 @@ class Dispatcher:
         self._warn(f"{op} {dims} {dtype}: {failed.impl} {failed.config} failed to launch ({why}); using {plan.impl}"
                    f"{' with the default config' if plan.config is not None else ''}")  # fmt: skip
         return plan
+
+    def settle(
+        self, op: str, dims: tuple[int, ...], dtype: str, device: torch.device, plan: Plan, run: Callable[[Any], Any]
+    ) -> Plan:
+        """Race ``plan``'s shortlist (:attr:`Plan.race`) once and memoise the fastest config for this key.
+
+        ``run(config)`` launches the op with ``config`` on the caller's own inputs (it must have no side effect the
+        caller would see). A config that fails to launch drops out; if none launches, :meth:`reject` decides. Not
+        raced — the plan's own decision is kept — under deterministic algorithms, while a CUDA graph is captured
+        (this call only, nothing memoised), while another thread races the same key (likewise), or when timing fails
+        (e.g. out of memory for the flush buffer; warns once). Returns the plan to run, without a shortlist.
+        """
+        if not plan.race:
+            return plan
+        forced = _FORCE.get() or self.env_force
+        key = (op, dims, dtype, device, forced)
+        single = dataclasses.replace(plan, race=())
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return single
+        with self._lock:
+            current = self._memo.get(key)
+            if current is not None and not current.race:
+                return current  # another thread settled it
+            if key in self._racing:
+                return single
+            self._racing.add(key)
+        try:
+            settled = self._race(op, dims, dtype, device, plan, single, run)
+        finally:
+            with self._lock:
+                self._racing.discard(key)
+        with self._lock:
+            self._memo[key] = settled
+        return settled
+
+    def _race(
+        self, op: str, dims: tuple[int, ...], dtype: str, device: torch.device, plan: Plan, single: Plan,
+        run: Callable[[Any], Any],
+    ) -> Plan:  # fmt: skip
+        if torch.are_deterministic_algorithms_enabled():
+            return dataclasses.replace(single, detail=f"{plan.detail}; not raced (deterministic algorithms are on)")
+        from triton.runtime.errors import OutOfResources
+
+        ok, dropped = [], []
+        for cfg in plan.race:
+            try:
+                run(cfg)  # compiles it; a config that cannot launch here drops out
+            except OutOfResources as e:
+                dropped.append(f"{cfg} ({str(e).split('.')[0]})")
+                continue
+            ok.append(cfg)
+        if not ok:
+            return self.reject(op, dims, dtype, device, single, "no shortlisted config launches: " + "; ".join(dropped))
+        if len(ok) == 1:
+            return dataclasses.replace(single, config=ok[0], detail=f"{plan.detail}; the only shortlisted config "
+                                       "that launches here")  # fmt: skip
+        from dora_tune.dispatch.profiler import interleaved_times
+
+        try:
+            times = interleaved_times([functools.partial(run, cfg) for cfg in ok], device, reps=RACE_REPS,
+                                      rounds=RACE_ROUNDS, warmup_ms=RACE_WARMUP_MS)  # fmt: skip
+        except torch.cuda.OutOfMemoryError as e:
+            self._warn(f"{op} {dims} {dtype}: not raced, out of memory for the timer ({str(e).splitlines()[0]}); "
+                       "keeping the model's decision")  # fmt: skip
+            return dataclasses.replace(single, detail=f"{plan.detail}; not raced (out of memory)")
+        medians = [statistics.median(t) for t in times]
+        best = min(range(len(ok)), key=medians.__getitem__)
+        raced = ", ".join(f"{_short(c)} {us:.1f} µs" for c, us in zip(ok, medians, strict=True))
+        return dataclasses.replace(single, config=ok[best], detail=f"{plan.detail}; raced at first use: {raced}")
 
     def plan_for_gpu(self, gpu_name: str, op: str, shape: dict[str, int], dtype: str) -> Plan:
         """Plan as if on a CUDA GPU named ``gpu_name`` with Triton available (for ``dora-tune lookup --gpu``)."""
@@ -194,16 +294,24 @@ class Dispatcher:
                     parsed = self._parse(impls[name], json.loads(cfg), f"{origin} DB")
                     if parsed is not _INVALID:
                         return Plan(name, parsed, "measured", f"{origin} DB: {us:.1f} µs for this exact shape")
-        # 2. model decisions
+        # 2. model decisions (with the cell's shortlist to race, for the ops that race)
         for origin in ("user", "shipped"):
             table = tables.models.get((origin, op, dtype))
             if table is None:
                 continue
-            name, cfg = table.lookup(dict(zip(_shape_keys(op), dims, strict=True)))
+            shortlist = table.shortlist(dict(zip(_shape_keys(op), dims, strict=True)))
+            name, cfg = shortlist[0]
             if name in allowed and name in impls:
                 parsed = self._parse(impls[name], cfg, f"{origin} model")
                 if parsed is not _INVALID:
-                    return Plan(name, parsed, "model", f"{origin} DB decision table ({table.gpu_name})")
+                    race: tuple[Any, ...] = ()
+                    if self.race and op in RACE_OPS and len(shortlist) > 1:
+                        more = [
+                            self._parse(impls[name], c, f"{origin} model") for _, c in race_shortlist(shortlist)[1:]
+                        ]
+                        race = (parsed, *(c for c in more if c is not _INVALID and c != parsed))
+                    return Plan(name, parsed, "model", f"{origin} DB decision table ({table.gpu_name})",
+                                race if len(race) > 1 else ())  # fmt: skip
         # 3. the fixed crossover
         if forced == "eager":
             return Plan(torch_impl, None, "fallback", "forced: torch implementation")
@@ -289,6 +397,13 @@ class Dispatcher:
 
 
 _INVALID = object()
+
+
+def _short(config: Any) -> str:
+    """A config in a few characters for plan details (its field values, in order)."""
+    values = config.as_dict().values() if hasattr(config, "as_dict") else [config]
+    return "/".join(str(v) for v in values)
+
 
 _CROSSOVER_TEXT = {
     "norm": "fixed rule: fused norm whenever Triton and CUDA are available",
@@ -378,6 +493,13 @@ def plan(op: str, shape: dict[str, int], dtype: torch.dtype | str, device: torch
 def auto(op: str, dims: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Plan:
     """The kernels' ``impl="auto"`` hook: the process-wide plan for ``op`` (hot path, memoised)."""
     return default_dispatcher().plan_key(op, dims, _DTYPE_NAMES.get(dtype, str(dtype)), device)
+
+
+def auto_settle(
+    op: str, dims: tuple[int, ...], dtype: torch.dtype, device: torch.device, plan: Plan, run: Callable[[Any], Any]
+) -> Plan:
+    """The kernels' hook when a plan from :func:`auto` has a shortlist: :meth:`Dispatcher.settle`."""
+    return default_dispatcher().settle(op, dims, _DTYPE_NAMES.get(dtype, str(dtype)), device, plan, run)
 
 
 def auto_failed(

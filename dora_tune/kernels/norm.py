@@ -178,6 +178,14 @@ def factored_norm(
         # keyed on the dtype the kernel computes in (fp32 adapters on a bf16 W compute in fp32: other configs fit)
         dims, compute = (weight.shape[0], weight.shape[1], lora_A.shape[0]), _compute_dtype(weight, lora_A)
         chosen = auto("norm", dims, compute, weight.device)
+        if chosen.race and config is None and lora_A.shape[0] and weight.shape[1]:
+            # first call of a model plan with a shortlist: time it on these inputs, keep the fastest (dispatch docs)
+            from dora_tune.dispatch.runtime import auto_settle
+            from dora_tune.kernels._norm_triton import factored_norm_triton
+
+            with torch.no_grad():
+                chosen = auto_settle("norm", dims, compute, weight.device, chosen,
+                                     lambda cfg: factored_norm_triton(weight, lora_A, lora_B, s, cfg))  # fmt: skip
         impl = chosen.impl
         if config is None:
             config = chosen.config

@@ -12,6 +12,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import dora_tune
@@ -134,6 +135,41 @@ def test_decision_table_json_round_trip():
             assert back.lookup({"rows": rows, "cols": cols}) == t.lookup({"rows": rows, "cols": cols})
 
 
+def test_runners_up_round_trip_shortlist_and_format_1():
+    t = small_table()
+    runners = [(("triton", {"block_r": 2}),), (), (), (("eager", {}), ("triton", {"block_r": 8})), (), ()]
+    t2 = DecisionTable(t.op, t.dtype, t.gpu_name, t.impl_versions, t.axes, t.cells, runners)
+    data = json.loads(json.dumps(t2.to_json()))
+    assert data["format"] == 2
+    assert data["choices"][-1] == ["triton", {"block_r": 2}]  # runners-up share the palette
+    assert data["runners_up"] == [[3], [], [], [0, 1], [], []]
+    back = DecisionTable.from_json(data)
+    assert back == t2
+    assert back.shortlist({"rows": 1, "cols": 512}) == [("eager", {}), ("triton", {"block_r": 2})]
+    assert back.shortlist({"rows": 4, "cols": 2048}) == [("eager", {}), ("eager", {}), ("triton", {"block_r": 8})]
+    assert back.shortlist({"rows": 16, "cols": 512}) == [("triton", {"block_r": 1})]
+    assert back.lookup({"rows": 4, "cols": 2048}) == ("eager", {})  # the decision alone, as before
+    # a table without runners-up stores an empty list, and a format-1 table (written before they existed) reads
+    assert t.to_json()["runners_up"] == []
+    old = {k: v for k, v in t.to_json().items() if k != "runners_up"} | {"format": 1}
+    assert DecisionTable.from_json(old) == t and DecisionTable.from_json(old).shortlist({"rows": 1, "cols": 1}) == [
+        ("eager", {})
+    ]
+    with pytest.raises(ValueError, match="one entry per cell"):
+        DecisionTable(t.op, t.dtype, t.gpu_name, t.impl_versions, t.axes, t.cells, [()])
+    with pytest.raises(ValueError, match=r"\(impl, config\) pair"):
+        DecisionTable(t.op, t.dtype, t.gpu_name, t.impl_versions, t.axes, t.cells, [(("triton", 8),)] + [()] * 5)
+
+
+def test_race_shortlist_keeps_the_decisions_implementation():
+    from dora_tune.dispatch.decisions import race_shortlist
+
+    a, b, c = ("triton", {"k": 1}), ("factored_torch", {}), ("triton", {"k": 2})
+    assert race_shortlist([a, b, c]) == [a, c]
+    assert race_shortlist([b, a]) == [b]
+    assert race_shortlist([]) == []
+
+
 def _broken(path: str, value) -> dict:
     data = small_table().to_json()
     node = data
@@ -156,7 +192,13 @@ def _broken(path: str, value) -> dict:
         ("op", "matmul", "op must be"),
         ("dtype", "int8", "dtype must be"),
         ("gpu_name", "", "gpu_name"),
-        ("format", 2, "format"),
+        ("format", 3, "format"),
+        ("format", 1, "unexpected"),  # format 1 has no runners-up
+        ("runners_up", KeyError, "missing"),
+        ("runners_up", "x", "list of lists"),
+        ("runners_up", [[0]], "one entry per cell"),
+        ("runners_up", [[], [], [], [], [], [9]], "runner-up of cell 5 must index"),
+        ("runners_up", [[], [], [], [], [], [True]], "runner-up of cell 5 must index"),
         ("cells", [0, 0, 1], "needs 6 cells"),
         ("cells", [0, 0, 1, 0, 2, 9], "cell 5 must index"),
         ("cells", [0, 0, 1, 0, 2, "2"], "cell 5 must index"),
@@ -239,6 +281,42 @@ def test_model_recovers_a_known_crossover(known_trials):
     flips = [r * c for r in table.axes["rows"] for c in table.axes["cols"]
              if table.lookup({"rows": r, "cols": c})[0] == "triton"]  # fmt: skip
     assert 1.5e5 < min(flips) < 1.5e6
+
+
+def test_race_metrics_score_the_fastest_of_the_shortlist(known_trials, monkeypatch):
+    base = cm.cross_validate(known_trials, "compose_train", "bf16")
+    assert base.race is None  # compose_train does not race
+    monkeypatch.setattr(cm, "RACE_OPS", {"compose_train": 3})
+    rep = cm.cross_validate(known_trials, "compose_train", "bf16")
+    assert rep.model == base.model
+    assert rep.race is not None and rep.race.n_shapes == rep.model.n_shapes
+    for s in rep.shapes:
+        assert s.best_us <= s.race_us <= s.model_us
+    assert rep.race.regret_geomean <= rep.model.regret_geomean and rep.race.regret_max <= rep.model.regret_max
+    assert rep.to_json()["race"]["n_shapes"] == rep.race.n_shapes
+    monkeypatch.setattr(cm, "RACE_OPS", {"compose_train": 1})  # a shortlist of one is the model's choice
+    one = cm.cross_validate(known_trials, "compose_train", "bf16")
+    assert one.race == one.model
+
+
+def test_compiled_runners_up_follow_prediction_and_measurement(known_trials):
+    data = cm._prepare(known_trials, "compose_train", "bf16", None)
+    result = cm._fit_data(data, cm.DEFAULT_ESTIMATOR, 0)
+    ranked = cm._ranked_data(data, 3)
+    table = cm.compile_decisions(result, "compose_train", "bf16", "G", result.impl_versions, cm._best_data(data),
+                                 shortlist=3, measured_ranked=ranked)  # fmt: skip
+    assert len(table.runners_up) == len(table.cells)
+    for key, pairs in ranked.items():  # measured grid points: their measured order
+        shape = dict(zip(("rows", "cols"), key, strict=True))
+        assert table.shortlist(shape) == [(i, dict(c)) for i, c in pairs]
+    unmeasured = {"rows": 3 * 2**9, "cols": 3 * 2**10}
+    assert tuple(unmeasured.values()) not in ranked
+    cands = result.candidates(unmeasured)
+    pred = result.predict_log_us([(unmeasured, i, c) for i, c in cands])
+    expected = [(cands[j][0], dict(cands[j][1])) for j in np.argsort(pred, kind="stable")[:3]]
+    assert table.shortlist(unmeasured) == expected
+    assert cm.compile_decisions(result, "compose_train", "bf16", "G", result.impl_versions,
+                                cm._best_data(data)).runners_up == []  # fmt: skip
 
 
 def test_crossover_metrics_on_a_hand_made_case():

@@ -1,4 +1,5 @@
 import threading
+import time
 import warnings
 
 import pytest
@@ -228,3 +229,137 @@ def test_table_that_loses_to_the_crossover_is_not_used(tmp_path, shipped):
     p = d.plan_for_gpu(H200.gpu_name, "compose_train", {"rows": 3000, "cols": 3000}, "bf16")
     assert p.source == "heuristic"
     assert any("loses to the fixed crossover" in n for n in d.explain(H200.gpu_name))
+
+
+# ------------------------------------------------------------------------------------------ race (norm shortlist)
+NORM_SHAPE = {"d_out": 1000, "d_in": 3000, "r": 48}
+NORM_CFGS = [dict(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=4, split_k=k) for k in (3, 1, 4)]
+
+
+def _norm_table_db(path, runners):
+    from dora_tune.dispatch.decisions import DecisionTable
+
+    versions = {i.name: i.version for i in registry()["norm"]}
+    axes = {"d_out": [512, 2048], "d_in": [4096], "r": [32, 64]}
+    cells = [("triton", NORM_CFGS[0])] * 4
+    table = DecisionTable("norm", "bf16", GPU, versions, axes, cells, [tuple(("triton", c) for c in runners)] * 4)
+    with TuningDB.open(path) as db:
+        db.save_model(ENV, "norm", "bf16", "linear_trees", table.to_json(), {"cv": {}})
+
+
+def test_model_plan_carries_the_validated_shortlist(tmp_path, shipped):
+    from dora_tune.kernels import NormConfig
+
+    user = str(tmp_path / "user.sqlite")
+    bad = dict(NORM_CFGS[1], block_m=100)  # not a power of two: dropped with a warning
+    _norm_table_db(user, [NORM_CFGS[1], bad, NORM_CFGS[2]])
+    with pytest.warns(RuntimeWarning, match="invalid norm/triton config"):
+        p = Dispatcher(user, force_env="").plan_for_gpu(GPU, "norm", NORM_SHAPE, "bf16")
+    assert (p.impl, p.source, p.config) == ("triton", "model", NormConfig(**NORM_CFGS[0]))
+    assert p.race == (NormConfig(**NORM_CFGS[0]), NormConfig(**NORM_CFGS[1]), NormConfig(**NORM_CFGS[2]))
+    assert Dispatcher(user, force_env="", race=False).plan_for_gpu(GPU, "norm", NORM_SHAPE, "bf16").race == ()
+    _norm_table_db(user, [])  # no runners-up: nothing to race
+    assert Dispatcher(user, force_env="").plan_for_gpu(GPU, "norm", NORM_SHAPE, "bf16").race == ()
+
+
+def test_race_switch_from_the_environment(monkeypatch):
+    monkeypatch.setenv("DORA_TUNE_RACE", "0")
+    assert Dispatcher(force_env="").race is False
+    monkeypatch.setenv("DORA_TUNE_RACE", "1")
+    assert Dispatcher(force_env="").race is True
+    monkeypatch.setenv("DORA_TUNE_RACE", "maybe")
+    with pytest.warns(RuntimeWarning, match="DORA_TUNE_RACE"):
+        assert Dispatcher(force_env="").race is True
+
+
+def _race_setup(d, device="cpu"):
+    """A memoised model plan with a 3-config shortlist for NORM_SHAPE, and a runner whose time depends on the
+    config (split_k 1 the fastest), counting its calls."""
+    from dora_tune.dispatch.runtime import Plan
+    from dora_tune.kernels import NormConfig
+
+    cfgs = tuple(NormConfig(**c) for c in NORM_CFGS)
+    plan = Plan("triton", cfgs[0], "model", "test table", cfgs)
+    dims, dev = tuple(NORM_SHAPE.values()), torch.device(device)
+    d._memo[("norm", dims, "bf16", dev, None)] = plan
+    calls = []
+
+    def run(cfg):
+        calls.append(cfg.split_k)
+        t_end = time.perf_counter() + {1: 0.0, 3: 0.002, 4: 0.001}[cfg.split_k]
+        while time.perf_counter() < t_end:
+            pass
+
+    return plan, dims, dev, run, calls
+
+
+def test_settle_keeps_the_fastest_and_memoises_it():
+    d = Dispatcher(force_env="")
+    plan, dims, dev, run, calls = _race_setup(d)
+    settled = d.settle("norm", dims, "bf16", dev, plan, run)
+    assert settled.config.split_k == 1 and settled.race == () and settled.source == "model"
+    assert "raced at first use" in settled.detail and "µs" in settled.detail
+    assert d.plan_key("norm", dims, "bf16", dev) is settled  # the hot path now returns the winner
+    n = len(calls)
+    assert n >= 3 * 30
+    assert d.settle("norm", dims, "bf16", dev, plan, run) is settled and len(calls) == n  # raced once
+
+
+def test_settle_drops_configs_that_cannot_launch_and_falls_back_when_none_can():
+    from triton.runtime.errors import OutOfResources
+
+    d = Dispatcher(force_env="")
+    plan, dims, dev, run, _calls = _race_setup(d)
+
+    def fails_on_split_1(cfg):
+        if cfg.split_k == 1:
+            raise OutOfResources(300000, 232448, "shared memory")
+        run(cfg)
+
+    settled = d.settle("norm", dims, "bf16", dev, plan, fails_on_split_1)
+    assert settled.config.split_k == 4  # the fastest of those that launch
+
+    d = Dispatcher(force_env="")
+    plan, dims, dev, run, _calls = _race_setup(d)
+
+    def never(cfg):
+        raise OutOfResources(300000, 232448, "shared memory")
+
+    with pytest.warns(RuntimeWarning, match="failed to launch"):
+        settled = d.settle("norm", dims, "bf16", dev, plan, never)
+    assert settled.source == "heuristic" and settled.race == ()  # the default config (reject), memoised
+    assert d.plan_key("norm", dims, "bf16", dev) is settled
+
+
+def test_settle_does_not_race_under_deterministic_algorithms_or_graph_capture(monkeypatch):
+    d = Dispatcher(force_env="")
+    plan, dims, dev, run, calls = _race_setup(d)
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        settled = d.settle("norm", dims, "bf16", dev, plan, run)
+    finally:
+        torch.use_deterministic_algorithms(old)
+    assert settled.config == plan.config and calls == [] and "deterministic" in settled.detail
+    assert d.plan_key("norm", dims, "bf16", dev) is settled
+
+    d = Dispatcher(force_env="")
+    plan, dims, cuda, run, calls = _race_setup(d, "cuda")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    settled = d.settle("norm", dims, "bf16", cuda, plan, run)
+    assert settled.config == plan.config and settled.race == () and calls == []
+    assert d._memo[("norm", dims, "bf16", cuda, None)] is plan  # not settled: a later eager call races
+
+
+def test_settle_keeps_the_decision_when_the_timer_runs_out_of_memory(monkeypatch):
+    import dora_tune.dispatch.profiler as profiler
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 256 MiB")
+
+    monkeypatch.setattr(profiler, "interleaved_times", oom)
+    d = Dispatcher(force_env="")
+    plan, dims, dev, run, _calls = _race_setup(d)
+    with pytest.warns(RuntimeWarning, match="not raced, out of memory"):
+        settled = d.settle("norm", dims, "bf16", dev, plan, run)
+    assert settled.config == plan.config and settled.race == ()

@@ -216,3 +216,37 @@ def test_gpu_norm_config_type_is_checked():
     W, A, B = make(64, 64, 8, torch.bfloat16, "cuda")
     out = factored_norm(W, A, B, 1.0, impl="triton", config=NormConfig(64, 32, 32, 4, 2, 3))
     assert relerr(out, norm_reference(W, A, B, 1.0)) <= 1e-5
+
+
+@pytest.mark.gpu
+def test_gpu_auto_races_the_models_shortlist(tmp_path):
+    # An unmeasured shape whose model cell holds a 3-config shortlist: the first auto call times the three on its own
+    # inputs and memoises the fastest; the result is the reference's either way.
+    from dora_tune.autotune_db import TuningDB
+    from dora_tune.dispatch import runtime
+    from dora_tune.dispatch.decisions import DecisionTable
+    from dora_tune.dispatch.env import environment
+    from dora_tune.dispatch.registry import registry
+
+    env = environment(torch.device("cuda"))
+    cfgs = [dict(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=s, split_k=k) for s, k in
+            ((4, 3), (3, 1), (4, 4))]  # fmt: skip
+    versions = {i.name: i.version for i in registry()["norm"]}
+    table = DecisionTable("norm", "bf16", env.gpu_name, versions, {"d_out": [1024], "d_in": [1024], "r": [256]},
+                          [("triton", cfgs[0])], [(("triton", cfgs[1]), ("triton", cfgs[2]))])  # fmt: skip
+    user = str(tmp_path / "user.sqlite")
+    with TuningDB.open(user) as db:
+        db.save_model(env, "norm", "bf16", "linear_trees", table.to_json(), {"cv": {}})
+    d = runtime.Dispatcher(user, use_shipped=False, force_env="", race=True)
+    runtime.reset_default_dispatcher(d)
+    try:
+        W, A, B = make(1000, 1024, 200, torch.bfloat16, "cuda", seed=11)
+        dims, dev = (1000, 1024, 200), W.device  # the kernels key their plans by the tensors' device
+        assert len(d.plan_key("norm", dims, "bf16", dev).race) == 3
+        assert relerr(factored_norm(W, A, B, 0.5), norm_reference(W, A, B, 0.5)) <= 1e-5
+        plan = d.plan_key("norm", dims, "bf16", dev)
+        assert plan.source == "model" and plan.race == () and "raced at first use" in plan.detail
+        assert plan.config.as_dict() in cfgs
+        assert relerr(factored_norm(W, A, B, 0.5), norm_reference(W, A, B, 0.5)) <= 1e-5
+    finally:
+        runtime.reset_default_dispatcher(None)
