@@ -522,8 +522,8 @@ class CVReport:
 
     ``model`` is scored on every held-out shape, ``crossover`` on those where its choice was measured, and
     ``model_paired`` is the model on exactly the crossover's shapes (the like-for-like comparison). For the ops of
-    :data:`~dora_tune.dispatch.decisions.RACE_OPS`, ``race`` scores what the dispatcher runs there: the fastest
-    measured of the model's shortlist (:func:`race_shortlist`); None for the other ops.
+    :data:`~dora_tune.dispatch.decisions.RACE_OPS` on a CUDA GPU, ``race`` scores what the dispatcher runs there: the
+    fastest measured of the model's shortlist (:func:`race_shortlist`); None otherwise.
     """
 
     op: str
@@ -597,8 +597,14 @@ def _cv_data(data: _Data, n_splits: int, estimator: str, seed: int) -> CVReport:
         crossover=_metrics(shapes, "crossover"),
         model_paired=_metrics([s for s in shapes if s.crossover_us is not None], "model"),
         shapes=shapes,
-        race=_metrics(shapes, "race") if op in RACE_OPS else None,
+        race=_metrics(shapes, "race") if _races(data) else None,
     )
+
+
+def _races(data: _Data) -> bool:
+    """Whether the dispatcher races this op's shortlist where these trials were measured (ops of ``RACE_OPS``, on a
+    CUDA GPU: without one every op runs its torch implementation, nothing is raced)."""
+    return data.op in RACE_OPS and data.env.kind == "cuda"
 
 
 def _score_shape(fold: FitResult, data: _Data, idx: Sequence[int]) -> ShapeOutcome:
@@ -609,7 +615,7 @@ def _score_shape(fold: FitResult, data: _Data, idx: Sequence[int]) -> ShapeOutco
     pred = fold.predict_log_us([(t.shape, t.impl, t.config) for t in rows])
     model = None if np.all(np.isnan(pred)) else rows[int(np.nanargmin(pred))]
     race_us = None
-    if model is not None and data.op in RACE_OPS:
+    if model is not None and _races(data):
         ranked = [rows[i] for i in np.argsort(np.where(np.isnan(pred), np.inf, pred), kind="stable")]
         shortlist = [(t.impl, t.config) for t in ranked[: RACE_OPS[data.op]]]
         raced = race_shortlist(shortlist)

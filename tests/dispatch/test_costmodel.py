@@ -294,6 +294,8 @@ def test_race_metrics_score_the_fastest_of_the_shortlist(known_trials, monkeypat
         assert s.best_us <= s.race_us <= s.model_us
     assert rep.race.regret_geomean <= rep.model.regret_geomean and rep.race.regret_max <= rep.model.regret_max
     assert rep.to_json()["race"]["n_shapes"] == rep.race.n_shapes
+    cpu = EnvInfo("cpu", "CPU (x86_64)", "", 0, 0, "", "", "", "", "")
+    assert cm.cross_validate(known_trials, "compose_train", "bf16", env=cpu).race is None  # nothing races on a CPU
     monkeypatch.setattr(cm, "RACE_OPS", {"compose_train": 1})  # a shortlist of one is the model's choice
     one = cm.cross_validate(known_trials, "compose_train", "bf16")
     assert one.race == one.model
