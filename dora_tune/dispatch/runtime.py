@@ -144,8 +144,11 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ public
     def plan(self, op: str, shape: dict[str, int], dtype: torch.dtype | str, device: torch.device | str) -> Plan:
-        """The plan for ``op`` at ``shape`` (``OP_SHAPE_KEYS[op]``) in ``dtype`` on ``device``."""
+        """The plan for ``op`` at ``shape`` (``OP_SHAPE_KEYS[op]``) in ``dtype`` on ``device`` ("cuda" means the
+        current CUDA device, keyed by its index as the kernels key their plans: by their tensors' device)."""
         dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
+            dev = torch.device("cuda", torch.cuda.current_device())
         dname = dtype if isinstance(dtype, str) else _DTYPE_NAMES.get(dtype, str(dtype))
         return self.plan_key(op, _shape_key(op, shape), dname, dev)
 

@@ -363,3 +363,16 @@ def test_settle_keeps_the_decision_when_the_timer_runs_out_of_memory(monkeypatch
     with pytest.warns(RuntimeWarning, match="not raced, out of memory"):
         settled = d.settle("norm", dims, "bf16", dev, plan, run)
     assert settled.config == plan.config and settled.race == ()
+
+
+def test_plan_keys_cuda_by_the_current_index(monkeypatch):
+    # plan(..., "cuda") and the kernels (tensor.device = cuda:N) share one memo entry, hence one race
+    seen = []
+    d = Dispatcher(force_env="")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(d, "plan_key", lambda op, dims, dtype, device: seen.append(device))
+    d.plan("compose", SHAPE, torch.bfloat16, "cuda")
+    d.plan("compose", SHAPE, torch.bfloat16, "cuda:0")
+    d.plan("compose", SHAPE, torch.bfloat16, "cpu")
+    assert seen == [torch.device("cuda", 1), torch.device("cuda", 0), torch.device("cpu")]
