@@ -616,10 +616,9 @@ def _score_shape(fold: FitResult, data: _Data, idx: Sequence[int]) -> ShapeOutco
     model = None if np.all(np.isnan(pred)) else rows[int(np.nanargmin(pred))]
     race_us = None
     if model is not None and _races(data):
-        ranked = [rows[i] for i in np.argsort(np.where(np.isnan(pred), np.inf, pred), kind="stable")]
-        shortlist = [(t.impl, t.config) for t in ranked[: RACE_OPS[data.op]]]
-        raced = race_shortlist(shortlist)
-        race_us = min(t.median_us for t, pair in zip(ranked, shortlist, strict=False) if pair in raced)
+        order = np.argsort(np.where(np.isnan(pred), np.inf, pred), kind="stable")[: RACE_OPS[data.op]]
+        raced = race_shortlist([(rows[i].impl, rows[i].config) for i in order])
+        race_us = min(rows[i].median_us for i in order if (rows[i].impl, rows[i].config) in raced)
     x_impl, x_row = _crossover_row(data.op, rows)
     return ShapeOutcome(
         shape=dict(shape),

@@ -243,16 +243,24 @@ def _validate(op: Any, dtype: Any, gpu_name: Any, impl_versions: Any, axes: Any,
         raise ValueError(f"decision table needs {n} cells (the product of the axis lengths), got {got}")
     seen: set[int] = set()  # cells decoded from JSON share their palette's tuples: check each object once
     for i, cell in enumerate(cells):
-        if id(cell) in seen:
-            continue
-        seen.add(id(cell))
-        if not isinstance(cell, tuple) or len(cell) != 2:
-            raise ValueError(f"decision table cell {i} must be an (impl, config) pair, got {cell!r}")
-        impl, config = cell
-        if not isinstance(impl, str) or not impl:
-            raise ValueError(f"decision table cell {i}: impl must be a non-empty str, got {impl!r}")
-        if not isinstance(config, dict):
-            raise ValueError(f"decision table cell {i}: config must be a dict, got {config!r}")
+        _check_pair(cell, f"cell {i}", seen)
+
+
+def _check_pair(pair: Any, where: str, seen: set[int]) -> None:
+    """ValueError unless ``pair`` is an ``(impl, config)`` tuple: a non-empty str and a dict. Objects whose id is in
+    ``seen`` were checked already; ``pair``'s id is added."""
+    if id(pair) in seen:
+        return
+    seen.add(id(pair))
+    if not isinstance(pair, tuple) or len(pair) != 2:
+        why = "must be a 2-tuple"
+    elif not isinstance(pair[0], str) or not pair[0]:
+        why = "impl must be a non-empty str"
+    elif not isinstance(pair[1], dict):
+        why = "config must be a dict"
+    else:
+        return
+    raise ValueError(f"decision table {where} is not an (impl, config) pair: {why}, got {pair!r}")
 
 
 def race_shortlist(shortlist: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
@@ -274,12 +282,7 @@ def _validate_runners_up(runners_up: Any, n_cells: int) -> None:
         if not isinstance(entry, tuple):
             raise ValueError(f"decision table runners-up of cell {i} must be a tuple, got {entry!r}")
         for pair in entry:
-            if id(pair) in seen:
-                continue
-            seen.add(id(pair))
-            if (not isinstance(pair, tuple) or len(pair) != 2 or not isinstance(pair[0], str) or not pair[0]
-                    or not isinstance(pair[1], dict)):  # fmt: skip
-                raise ValueError(f"decision table runner-up of cell {i} must be an (impl, config) pair, got {pair!r}")
+            _check_pair(pair, f"runner-up of cell {i}", seen)
 
 
 def beats_crossover(cv: dict[str, Any]) -> bool:
