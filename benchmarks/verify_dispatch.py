@@ -10,15 +10,17 @@ implementation+config of each is measured. This script then asks, for every shap
   runs: the model where its cross-validation beats the crossover, else the crossover) picks,
 
 and reports each pick's regret = its measured time ÷ the best measured time of that shape (geomean and max per op).
-For the ops that race their shortlist at first use (``RACE_OPS``: the norm) it adds
+For the ops that race their shortlist at first use (``RACE_OPS``: the norm, compose_train) it adds
 
 * **race_ideal** — the fastest measured config of the dispatcher's shortlist (a race without timing noise), and,
   with ``--race`` on the GPU,
 * **race** — what :meth:`Dispatcher.settle` actually keeps after timing the shortlist on fresh inputs of the shape
-  (its pick is scored by the verification sweep's time for that config, like every other pick).
+  (its pick is scored by the verification sweep's time for that config, like every other pick; compose_train races
+  once per decision-table cell, so a shape whose cell another shape raced first takes that winner, as in training).
 
 On the GPU, ``--measure`` first times the picks the sweep did not cover (compose_train's two-stage sweep measures
-only part of its forward × backward space), each shape's together with its best trial, and records them in the
+only part of its forward × backward space; the shortlists included), each shape's together with its best trial, and
+records them in the
 verification database (the sweep's own confirmation stage has re-timed each shape's fastest trials; an older
 verification database gets that from ``--confirm-only``)::
 
@@ -88,26 +90,37 @@ def _norm_run(kernel: Any, x: dict[str, Any], cfg: Any) -> Any:
     return kernel(x["W"], x["A"], x["B"], x["s"], cfg)
 
 
+def _race_runner(op: str, x: dict[str, Any]) -> Any:
+    """The runner the kernels hand :meth:`Dispatcher.settle` for ``op`` on inputs ``x`` (:func:`make_inputs`)."""
+    if op == "norm":
+        from dora_tune.kernels._norm_triton import factored_norm_triton
+
+        return functools.partial(_norm_run, factored_norm_triton, x)
+    from dora_tune.kernels.compose_train import race_step
+
+    return race_step(x["lora"], x["base"], x["g"], x["s"])
+
+
 def race_runs(db_path: str, verify_path: str, gpu: str, dtype: str) -> dict[str, dict[str, Any]]:
     """On the GPU: for every verification shape of an op that races, the config :meth:`Dispatcher.settle` keeps
     after timing the shortlist on fresh inputs, and its detail line (the race's times). Keyed by "op shape-json"."""
     import torch
 
+    from dora_tune.dispatch.decisions import RACE_OPS
     from dora_tune.dispatch.registry import make_inputs
-    from dora_tune.kernels._norm_triton import factored_norm_triton
+    from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
 
-    device = torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())  # as the kernels key their plans (tensor.device)
     dispatcher = Dispatcher(db_path, use_shipped=False, force_env="", race=True)
     out = {}
     for op, s_json in sorted(measured(verify_path, gpu, dtype)):
-        if op != "norm":
+        if op not in RACE_OPS:
             continue
         shape = json.loads(s_json)
         x = make_inputs(op, shape, dtype, device)
-        dims = (shape["d_out"], shape["d_in"], shape["r"])
+        dims = tuple(shape[k] for k in OP_SHAPE_KEYS[op])
         plan = dispatcher.plan_key(op, dims, dtype, device)
-        run = functools.partial(_norm_run, factored_norm_triton, x)
-        settled = dispatcher.settle(op, dims, dtype, device, plan, run)
+        settled = dispatcher.settle(op, dims, dtype, device, plan, _race_runner(op, x))
         out[f"{op} {s_json}"] = {"impl": settled.impl, "config": _config_dict(settled.config), "source": plan.source,
                                  "shortlist": len(plan.race), "detail": settled.detail}  # fmt: skip
         print(f"  race {op} {dims}: {settled.detail}", flush=True)
@@ -147,6 +160,7 @@ def measure_missing(db_path: str, verify_path: str, gpu: str, dtype: str) -> int
             shape = json.loads(s_json)
             chosen = picks(db_path, gpu, dtype, op, shape)
             missing = {(i, canonical_json(c)) for i, c in (chosen[w] for w in WHO if w in chosen)}
+            missing |= {(i, canonical_json(c)) for i, c in chosen.get("shortlist", ())}
             missing -= set(have[(op, s_json)])
             if not missing:
                 continue
@@ -210,7 +224,8 @@ def main() -> None:
     ap.add_argument("--gpu", default="NVIDIA H200")
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--measure", action="store_true", help="first time the picks the sweep lacks (needs CUDA)")
-    ap.add_argument("--race", action="store_true", help="run the dispatcher's race at each norm shape (needs CUDA)")
+    ap.add_argument("--race", action="store_true",
+                    help="run the dispatcher's race at each shape of a racing op (needs CUDA)")  # fmt: skip
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "h200-verify-dispatch.json"))
     args = ap.parse_args()
     if args.measure:

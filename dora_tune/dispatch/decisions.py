@@ -28,11 +28,18 @@ FORMAT = 2
 """Version of :meth:`DecisionTable.to_json`'s layout (``"format"`` key); :meth:`DecisionTable.from_json` also
 reads format 1 (no runners-up)."""
 
-RACE_OPS: dict[str, int] = {"norm": 3}
+RACE_OPS: dict[str, int] = {"norm": 3, "compose_train": 3}
 """Ops whose decisions are raced at first use, and the size of each cell's shortlist (the decision plus its
-runners-up). Only the norm: its shapes are the weights', fixed for a whole run (one race per layer shape), its call
-is a pure function of tensors the call already has (no memory for the race but the timer's), and its config
-landscape has cliffs between split-K values that the cost model ranks within ~2 % of each other (NOTES.md, "Race")."""
+runners-up). The norm: its shapes are the weights', fixed for a whole run (one race per layer shape), its call is a
+pure function of tensors the call already has, and its config landscape has cliffs between split-K values that the
+cost model ranks within ~2 % of each other. compose_train: its forward × backward configs lie within a few per cent
+of each other at most shapes, more than the model resolves; its shapes follow the token count, so one race serves
+a whole decision-table cell (:data:`RACE_PER_CELL`). NOTES.md, "Race"."""
+
+RACE_PER_CELL: frozenset[str] = frozenset({"compose_train"})
+"""Ops of :data:`RACE_OPS` whose race is shared by every shape of a decision-table cell (the first shape of the cell
+to run is timed; the others take its winner): ops whose shapes follow the batch's token count, which may change
+every step. The other ops race once per exact shape."""
 
 _DTYPES = ("bf16", "fp16", "fp32")
 
@@ -90,7 +97,7 @@ class DecisionTable:
         Raises:
             ValueError: a shape key of the op is missing.
         """
-        return self.cells[self._cell(shape)]
+        return self.cells[self.cell_index(shape)]
 
     def shortlist(self, shape: dict[str, int]) -> list[tuple[str, dict]]:
         """The decision of the grid point nearest ``shape`` (as :meth:`lookup`) followed by its runners-up.
@@ -98,10 +105,15 @@ class DecisionTable:
         Raises:
             ValueError: a shape key of the op is missing.
         """
-        i = self._cell(shape)
+        i = self.cell_index(shape)
         return [self.cells[i], *(self.runners_up[i] if self.runners_up else ())]
 
-    def _cell(self, shape: dict[str, int]) -> int:
+    def cell_index(self, shape: dict[str, int]) -> int:
+        """Index (into :attr:`cells`) of the grid point nearest ``shape``, as :meth:`lookup` finds it.
+
+        Raises:
+            ValueError: a shape key of the op is missing.
+        """
         flat = 0
         try:
             for key, mids, stride in self._index:

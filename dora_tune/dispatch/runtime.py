@@ -9,15 +9,18 @@ Resolution order for ``(op, shape, dtype, device)``:
    ``cols ≥ 2048`` and ``rows·cols ≥ 2048·6144``; the fused norm always (default configs);
 4. **fallback** — the torch implementation (always the case without CUDA + Triton).
 
-**Race** (the ops of :data:`~dora_tune.dispatch.decisions.RACE_OPS`: the norm): a model plan carries the decision
-table's shortlist for its cell (the decision and its runners-up of the same implementation, 3 in all). At the
-first call with that key the kernel hands the dispatcher a closure over its own inputs, and :meth:`Dispatcher.settle`
-times the shortlisted configs on them — interleaved rounds of GPU time with the L2 flushed, as the profiler times a
-trial (:func:`~dora_tune.dispatch.profiler.interleaved_times`), ~10–50 ms once the kernels are compiled — and
-memoises the fastest, so later calls are plain lookups again. Not raced (the decision is kept): with
-``DORA_TUNE_RACE=0`` or ``Dispatcher(race=False)``, with ``torch.use_deterministic_algorithms(True)`` (the choice
-would depend on timing), or while a CUDA graph is being captured (that call only). The race costs a transient
-256 MB flush buffer; out of memory there, the decision is kept. Measured shapes are never raced.
+**Race** (the ops of :data:`~dora_tune.dispatch.decisions.RACE_OPS`: the norm and compose_train): a model plan
+carries the decision table's shortlist for its cell (the decision and its runners-up of the same implementation, 3
+in all). At the first call with that key the kernel hands the dispatcher a closure over its own inputs, and
+:meth:`Dispatcher.settle` times the shortlisted configs on them — interleaved rounds of GPU time with the L2 flushed,
+as the profiler times a trial (:func:`~dora_tune.dispatch.profiler.interleaved_times`), ~10–100 ms once the kernels
+are compiled — and memoises the fastest, so later calls are plain lookups again. The norm races once per exact
+shape; compose_train, whose shapes follow the token count, once per decision-table cell
+(:data:`~dora_tune.dispatch.decisions.RACE_PER_CELL`: the other shapes of the cell take the winner without timing).
+Not raced (the decision is kept): with ``DORA_TUNE_RACE=0`` or ``Dispatcher(race=False)``, with
+``torch.use_deterministic_algorithms(True)`` (the choice would depend on timing), or while a CUDA graph is being
+captured (that call only). The race costs a transient 256 MB flush buffer plus the outputs of the timed calls;
+out of memory there, the decision is kept (one warning). Measured shapes are never raced.
 
 Every config read from a database is validated before it can reach a kernel. A missing, corrupt, truncated or
 foreign database, a stale kernel version or an invalid config never raises here: the dispatcher warns once, says
@@ -46,7 +49,7 @@ from typing import Any
 import torch
 
 from dora_tune.autotune_db.models import canonical_json
-from dora_tune.dispatch.decisions import RACE_OPS, race_shortlist
+from dora_tune.dispatch.decisions import RACE_OPS, RACE_PER_CELL, race_shortlist
 from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
 
 _TORCH_IMPL = {"norm": "factored_torch", "compose": "eager", "compose_train": "eager"}
@@ -63,7 +66,8 @@ class Plan:
 
     ``source`` is one of :data:`SOURCES`; ``detail`` says which database, trial or rule decided. ``race`` holds the
     validated configs of ``impl`` to time at the first call (``config`` first; empty: nothing to race) — see
-    :meth:`Dispatcher.settle`.
+    :meth:`Dispatcher.settle`. ``race_cell`` names the decision-table cell whose shapes share that race (empty: the
+    race is this shape's alone).
     """
 
     impl: str
@@ -71,6 +75,7 @@ class Plan:
     source: str
     detail: str
     race: tuple[Any, ...] = ()
+    race_cell: tuple[Any, ...] = ()
 
 
 @contextlib.contextmanager
@@ -124,6 +129,7 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._memo: dict[tuple, Plan] = {}
         self._racing: set[tuple] = set()
+        self._cell_wins: dict[tuple, Plan] = {}  # race cell key → the plan its race kept (RACE_PER_CELL ops)
         self._tables: dict[str, _Tables] = {}
         self._warned: set[str] = set()
         self._notes: list[str] = []
@@ -187,15 +193,18 @@ class Dispatcher:
         """Race ``plan``'s shortlist (:attr:`Plan.race`) once and memoise the fastest config for this key.
 
         ``run(config)`` launches the op with ``config`` on the caller's own inputs (it must have no side effect the
-        caller would see). A config that fails to launch drops out; if none launches, :meth:`reject` decides. Not
-        raced — the plan's own decision is kept — under deterministic algorithms, while a CUDA graph is captured
-        (this call only, nothing memoised), while another thread races the same key (likewise), or when timing fails
-        (e.g. out of memory for the flush buffer; warns once). Returns the plan to run, without a shortlist.
+        caller would see). A config that fails to launch drops out; if none launches, :meth:`reject` decides. A plan
+        with a :attr:`Plan.race_cell` whose cell was raced already (at another shape) takes that race's result
+        without timing. Not raced — the plan's own decision is kept — under deterministic algorithms, while a CUDA
+        graph is captured (this call only, nothing memoised), while another thread races the same key or cell
+        (likewise), or when the timed calls run out of memory (warns once). Returns the plan to run, without a
+        shortlist.
         """
         if not plan.race:
             return plan
         forced = _FORCE.get() or self.env_force
         key = (op, dims, dtype, device, forced)
+        cell = (op, dtype, device, forced, plan.race_cell) if plan.race_cell else None
         single = dataclasses.replace(plan, race=())
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return single
@@ -203,52 +212,63 @@ class Dispatcher:
             current = self._memo.get(key)
             if current is not None and not current.race:
                 return current  # another thread settled it
-            if key in self._racing:
+            won = self._cell_wins.get(cell) if cell else None
+            if won is not None:
+                self._memo[key] = won
+                return won
+            if (cell or key) in self._racing:
                 return single
-            self._racing.add(key)
+            self._racing.add(cell or key)
         try:
-            settled = self._race(op, dims, dtype, device, plan, single, run)
+            settled, timed = self._race(op, dims, dtype, device, plan, single, run)
         finally:
             with self._lock:
-                self._racing.discard(key)
+                self._racing.discard(cell or key)
+        if cell and timed:
+            settled = dataclasses.replace(settled, detail=f"{settled.detail} (at {dims}; shared by its table cell)")
         with self._lock:
             self._memo[key] = settled
+            if cell and timed:  # a race that did not run (deterministic, out of memory) leaves the cell open
+                self._cell_wins[cell] = settled
         return settled
 
     def _race(
         self, op: str, dims: tuple[int, ...], dtype: str, device: torch.device, plan: Plan, single: Plan,
         run: Callable[[Any], Any],
-    ) -> Plan:  # fmt: skip
+    ) -> tuple[Plan, bool]:  # fmt: skip
+        """The plan to keep, and whether the race ran (False: not raced, the decision kept)."""
         if torch.are_deterministic_algorithms_enabled():
-            return dataclasses.replace(single, detail=f"{plan.detail}; not raced (deterministic algorithms are on)")
+            detail = f"{plan.detail}; not raced (deterministic algorithms are on)"
+            return dataclasses.replace(single, detail=detail), False
         from triton.runtime.errors import OutOfResources
 
-        ok, dropped = [], []
-        for cfg in plan.race:
-            try:
-                run(cfg)  # compiles it; a config that cannot launch here drops out
-            except OutOfResources as e:
-                dropped.append(f"{cfg} ({str(e).split('.')[0]})")
-                continue
-            ok.append(cfg)
-        if not ok:
-            return self.reject(op, dims, dtype, device, single, "no shortlisted config launches: " + "; ".join(dropped))
-        if len(ok) == 1:
-            return dataclasses.replace(single, config=ok[0], detail=f"{plan.detail}; the only shortlisted config "
-                                       "that launches here")  # fmt: skip
         from dora_tune.dispatch.profiler import interleaved_times
 
+        ok, dropped = [], []
         try:
+            for cfg in plan.race:
+                try:
+                    run(cfg)  # compiles it; a config that cannot launch here drops out
+                except OutOfResources as e:
+                    dropped.append(f"{cfg} ({str(e).split('.')[0]})")
+                    continue
+                ok.append(cfg)
+            if not ok:
+                why = "no shortlisted config launches: " + "; ".join(dropped)
+                return self.reject(op, dims, dtype, device, single, why), True
+            if len(ok) == 1:
+                return dataclasses.replace(single, config=ok[0], detail=f"{plan.detail}; the only shortlisted "
+                                           "config that launches here"), True  # fmt: skip
             times = interleaved_times([functools.partial(run, cfg) for cfg in ok], device, reps=RACE_REPS,
                                       rounds=RACE_ROUNDS, warmup_ms=RACE_WARMUP_MS)  # fmt: skip
         except torch.cuda.OutOfMemoryError as e:
-            self._warn(f"{op} {dims} {dtype}: not raced, out of memory for the timer ({str(e).splitlines()[0]}); "
+            self._warn(f"{op} {dims} {dtype}: not raced, out of memory while racing ({str(e).splitlines()[0]}); "
                        "keeping the model's decision")  # fmt: skip
-            return dataclasses.replace(single, detail=f"{plan.detail}; not raced (out of memory)")
+            return dataclasses.replace(single, detail=f"{plan.detail}; not raced (out of memory)"), False
         medians = [statistics.median(t) for t in times]
         best = min(range(len(ok)), key=medians.__getitem__)
         raced = ", ".join(f"{_short(c)} {us:.1f} µs" for c, us in zip(ok, medians, strict=True))
-        return dataclasses.replace(single, config=ok[best], detail=f"{plan.detail}; raced at first use: {raced}")
+        return dataclasses.replace(single, config=ok[best], detail=f"{plan.detail}; raced at first use: {raced}"), True
 
     def plan_for_gpu(self, gpu_name: str, op: str, shape: dict[str, int], dtype: str) -> Plan:
         """Plan as if on a CUDA GPU named ``gpu_name`` with Triton available (for ``dora-tune lookup --gpu``)."""
@@ -263,6 +283,7 @@ class Dispatcher:
         with self._lock:
             self._memo.clear()
             self._tables.clear()
+            self._cell_wins.clear()
 
     # ------------------------------------------------------------------ resolution
     def _resolve(
@@ -302,7 +323,8 @@ class Dispatcher:
             table = tables.models.get((origin, op, dtype))
             if table is None:
                 continue
-            shortlist = table.shortlist(dict(zip(_shape_keys(op), dims, strict=True)))
+            shape = dict(zip(_shape_keys(op), dims, strict=True))
+            shortlist = table.shortlist(shape)
             name, cfg = shortlist[0]
             if name in allowed and name in impls:
                 parsed = self._parse(impls[name], cfg, f"{origin} model")
@@ -313,8 +335,10 @@ class Dispatcher:
                             self._parse(impls[name], c, f"{origin} model") for _, c in race_shortlist(shortlist)[1:]
                         ]
                         race = (parsed, *(c for c in more if c is not _INVALID and c != parsed))
-                    return Plan(name, parsed, "model", f"{origin} DB decision table ({table.gpu_name})",
-                                race if len(race) > 1 else ())  # fmt: skip
+                    race = race if len(race) > 1 else ()
+                    # RACE_PER_CELL ops: one race per cell of this table (settle adds op, dtype and device)
+                    cell = (origin, table.cell_index(shape)) if race and op in RACE_PER_CELL else ()
+                    return Plan(name, parsed, "model", f"{origin} DB decision table ({table.gpu_name})", race, cell)
         # 3. the fixed crossover
         if forced == "eager":
             return Plan(torch_impl, None, "fallback", "forced: torch implementation")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -126,15 +127,25 @@ def check_compose_inputs(lora: object, base: object, g: object, scale: object) -
     return check_scale(scale)
 
 
-def resolve_impl(op: str, base: torch.Tensor, impl: str, config: Any) -> tuple[str, Any]:
+def resolve_impl(
+    op: str, base: torch.Tensor, impl: str, config: Any, race: Callable[[], Callable[[Any], Any]] | None = None
+) -> tuple[str, Any]:
     """``(impl, config)`` of a compose-family call: ``impl="auto"`` asks the dispatcher for ``op`` at ``base``'s
-    rows × cols, dtype and device (the caller's own ``config`` wins over the plan's); anything else passes through."""
+    rows × cols, dtype and device (the caller's own ``config`` wins over the plan's); anything else passes through.
+
+    ``race``: for ops that race a model plan's shortlist at first use, a factory of the runner
+    :meth:`~dora_tune.dispatch.runtime.Dispatcher.settle` times (called only when a race is due)."""
     if impl != "auto":
         return impl, config
     from dora_tune.dispatch.runtime import auto
 
     cols = base.shape[-1]
-    chosen = auto(op, (base.numel() // max(cols, 1), cols), base.dtype, base.device)
+    dims = (base.numel() // max(cols, 1), cols)
+    chosen = auto(op, dims, base.dtype, base.device)
+    if chosen.race and config is None and race is not None and base.numel():
+        from dora_tune.dispatch.runtime import auto_settle
+
+        chosen = auto_settle(op, dims, base.dtype, base.device, chosen, race())
     return chosen.impl, config or chosen.config
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -91,6 +92,24 @@ def compose_train_config_space() -> list[ComposeTrainConfig]:
     return [ComposeTrainConfig(f, b) for f, b in itertools.product(compose_config_space(), compose_bwd_config_space())]
 
 
+def race_step(lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, scale: float) -> Callable[[Any], Any]:
+    """The runner the dispatcher's race times for a ``compose_train`` call (:meth:`Dispatcher.settle`): with a
+    :class:`ComposeTrainConfig`, the fused forward on the call's own ``lora``, ``base`` and ``g`` (writing ``inner``),
+    then the fused backward producing all three gradients, with ``base`` standing in for ``d_out`` (the kernels' time
+    does not depend on the values; nothing is allocated for it) — the GPU work of a profiled ``compose_train`` trial.
+    Its outputs are the race's own; the caller's tensors are only read."""
+    from dora_tune.kernels._compose_triton import compose_bwd_triton, compose_fwd_triton
+
+    lora2, base2, gvec = as_rows("lora", lora), as_rows("base", base), g_vector(g)
+
+    def run(config: ComposeTrainConfig) -> Any:
+        _, inner = compose_fwd_triton(lora2, base2, gvec, scale, config.fwd, write_inner=True)
+        return compose_bwd_triton(base2, inner, gvec, scale, config.bwd, lora_dtype=lora2.dtype, need_dlora=True,
+                                  need_dbase=True, need_dg=True)  # fmt: skip
+
+    return run
+
+
 class _ComposeTrainFn(torch.autograd.Function):
     """Fused forward/backward. Inputs are validated by :func:`compose_train`; views are made here, where autograd
     is off and they cost nothing."""
@@ -155,7 +174,7 @@ def compose_train(
         from dora_tune.kernels.custom_ops import compose_train_op
 
         return compose_train_op(lora, base, g, s, impl, config)
-    impl, config = resolve_impl("compose_train", base, impl, config)
+    impl, config = resolve_impl("compose_train", base, impl, config, lambda: race_step(lora, base, g.detach(), s))
     if impl == "eager":
         return compose_formula(lora, base, (g if g.dim() == 1 else g.reshape(-1)).to(base.dtype), s)
     if impl == "triton":
@@ -224,7 +243,13 @@ def dora_compose_train(
     check_scale_inputs(magnitude, norm)
     s = check_compose_inputs(lora, base, magnitude, scale)  # magnitude in g's place: [cols] on base's device
     if not is_compiling():
-        impl, config = resolve_impl("compose_train", base, impl, config)
+
+        def race() -> Callable[[Any], Any]:
+            from dora_tune.kernels._scale_triton import dora_scale_fwd_triton
+
+            return race_step(lora, base, dora_scale_fwd_triton(magnitude, norm), s)
+
+        impl, config = resolve_impl("compose_train", base, impl, config, race)
     if impl != "triton" or is_compiling():  # eager, or torch.compile's custom op: the composition as written
         return compose_train(lora, base, _dora_scale(magnitude, norm), s, impl=impl, config=config)
     require_triton(base.device)

@@ -59,15 +59,12 @@ def _parse(op: str, text: str) -> Any:
     return cls.from_dict(json.loads(text))
 
 
-def _resolve(op: str, impl: str, config: str, dims: tuple[int, ...], t: torch.Tensor) -> tuple[str, Any]:
-    """``(impl, config object or None)`` for a run of ``op``: ``"auto"`` asks the dispatcher (at run time)."""
-    cfg = _parse(op, config) if config else None
-    if impl == "auto":
-        from dora_tune.dispatch.runtime import auto
+def _resolve(op: str, impl: str, config: str, t: torch.Tensor, race: Any = None) -> tuple[str, Any]:
+    """``(impl, config object or None)`` for a run of ``op`` at ``t``'s rows × cols: ``"auto"`` asks the dispatcher
+    (at run time; ``race`` as :func:`~dora_tune.kernels.compose.resolve_impl`'s)."""
+    from dora_tune.kernels.compose import resolve_impl
 
-        chosen = auto(op, dims, t.dtype, t.device)
-        return chosen.impl, cfg or chosen.config
-    return impl, cfg
+    return resolve_impl(op, t, impl, _parse(op, config) if config else None, race)
 
 
 def _default(op: str) -> Any:
@@ -75,11 +72,6 @@ def _default(op: str) -> Any:
 
     return {"norm": DEFAULT_NORM_CONFIG, "compose": DEFAULT_COMPOSE_CONFIG,
             "compose_train": DEFAULT_COMPOSE_TRAIN_CONFIG}[op]  # fmt: skip
-
-
-def _rows_cols(t: torch.Tensor) -> tuple[int, int]:
-    cols = t.shape[-1]
-    return t.numel() // max(cols, 1), cols
 
 
 # ----------------------------------------------------------------------------------------------- implementations
@@ -100,7 +92,7 @@ def _compose_impl(lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, scale
                   config: str) -> torch.Tensor:  # fmt: skip
     from dora_tune.kernels.compose import compose_formula, g_vector
 
-    name, cfg = _resolve("compose", impl, config, _rows_cols(base), base)
+    name, cfg = _resolve("compose", impl, config, base)
     with torch.no_grad():
         if name == "eager":
             return compose_formula(lora, base, g.reshape(-1).to(base.dtype), scale).contiguous()
@@ -118,8 +110,9 @@ def _compose_impl(lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, scale
 def _train_fwd_impl(lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, scale: float, write_inner: bool,
                     impl: str, config: str) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     from dora_tune.kernels.compose import compose_formula, g_vector
+    from dora_tune.kernels.compose_train import race_step
 
-    name, cfg = _resolve("compose_train", impl, config, _rows_cols(base), base)
+    name, cfg = _resolve("compose_train", impl, config, base, lambda: race_step(lora, base, g, scale))
     with torch.no_grad():
         if name == "eager":
             out = compose_formula(lora, base, g.reshape(-1).to(base.dtype), scale).contiguous()
@@ -144,7 +137,7 @@ def _train_bwd_impl(dout: torch.Tensor, inner: torch.Tensor, g: torch.Tensor, sc
 
     if need_dg and inner.shape != dout.shape:
         raise ValueError("dora_tune::compose_train_bwd: d_g needs `inner` (compose_train_fwd with write_inner=True)")
-    name, cfg = _resolve("compose_train", impl, config, _rows_cols(dout), dout)
+    name, cfg = _resolve("compose_train", impl, config, dout)
     empty = dout.new_empty(0)
     with torch.no_grad():
         if name == "eager":

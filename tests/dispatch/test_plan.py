@@ -365,6 +365,101 @@ def test_settle_keeps_the_decision_when_the_timer_runs_out_of_memory(monkeypatch
     assert settled.config == plan.config and settled.race == ()
 
 
+TRAIN_CFGS = [{"fwd": FAST, "bwd": {"block_r": 4, "block_c": c, "row_iters": 4, "num_warps": 4}} for c in
+              (512, 1024, 2048)]  # fmt: skip
+
+
+def _train_table_db(path):
+    """A compose_train table of two cells (rows 1024 and 8192, cols 4096), each with the 3-config shortlist."""
+    from dora_tune.dispatch.decisions import DecisionTable
+
+    versions = {i.name: i.version for i in registry()["compose_train"]}
+    runners = [(("triton", TRAIN_CFGS[1]), ("triton", TRAIN_CFGS[2]))] * 2
+    table = DecisionTable("compose_train", "bf16", GPU, versions, {"rows": [1024, 8192], "cols": [4096]},
+                          [("triton", TRAIN_CFGS[0])] * 2, runners)  # fmt: skip
+    with TuningDB.open(path) as db:
+        db.save_model(ENV, "compose_train", "bf16", "linear_trees", table.to_json(), {"cv": {}})
+
+
+def test_compose_train_races_once_per_table_cell(tmp_path, shipped, monkeypatch):
+    # compose_train's shapes follow the token count: the first shape of a cell is raced, the cell's other shapes take
+    # its winner untimed; another cell races on its own; a race that could not run leaves its cell open
+    import dora_tune.dispatch.profiler as profiler
+    from dora_tune.kernels import ComposeTrainConfig
+
+    user = str(tmp_path / "user.sqlite")
+    _train_table_db(user)
+    d, dev = Dispatcher(user, force_env=""), torch.device("cpu")
+    plans = {rows: d.plan_for_gpu(GPU, "compose_train", {"rows": rows, "cols": 4096}, "bf16")
+             for rows in (2000, 2100, 2500, 6000)}  # fmt: skip
+    cfgs = tuple(ComposeTrainConfig.from_dict(c) for c in TRAIN_CFGS)
+    assert all(p.source == "model" and p.race == cfgs for p in plans.values())
+    assert plans[2000].race_cell == plans[2100].race_cell == plans[2500].race_cell != plans[6000].race_cell
+    calls = []
+
+    def run(cfg):  # block_c 1024 the fastest
+        calls.append(cfg.bwd.block_c)
+        t_end = time.perf_counter() + {512: 0.002, 1024: 0.0, 2048: 0.001}[cfg.bwd.block_c]
+        while time.perf_counter() < t_end:
+            pass
+
+    def settle(rows):
+        return d.settle("compose_train", (rows, 4096), "bf16", dev, plans[rows], run)
+
+    real = profiler.interleaved_times
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+
+    monkeypatch.setattr(profiler, "interleaved_times", oom)
+    with pytest.warns(RuntimeWarning, match="not raced, out of memory"):
+        assert settle(2500).config == cfgs[0]  # the decision kept, for this shape only
+    monkeypatch.setattr(profiler, "interleaved_times", real)
+    first = settle(2000)
+    assert first.config == cfgs[1] and "raced at first use" in first.detail and "(2000, 4096)" in first.detail
+    n = len(calls)
+    assert n >= 3 * 30
+    second = settle(2100)
+    assert second is first and len(calls) == n  # same cell: the winner, untimed
+    assert d._memo[("compose_train", (2100, 4096), "bf16", dev, None)] is first  # the hot path has it now
+    assert d._memo[("compose_train", (2500, 4096), "bf16", dev, None)].config == cfgs[0]  # memoised before
+    other = settle(6000)
+    assert other.config == cfgs[1] and other is not first and len(calls) > n  # another cell: its own race
+    # the norm races per exact shape: no cell
+    _norm_table_db(user, NORM_CFGS[1:])
+    assert Dispatcher(user, force_env="").plan_for_gpu(GPU, "norm", NORM_SHAPE, "bf16").race_cell == ()
+    d.clear()
+    assert d._cell_wins == {}
+
+
+def test_compose_family_asks_for_the_race_runner_only_when_a_race_is_due(monkeypatch):
+    from dora_tune.dispatch import runtime
+    from dora_tune.kernels import compose_train, dora_compose_train
+    from dora_tune.kernels.compose import compose_formula
+
+    cfg = ComposeConfig(**FAST)
+    shortlist = runtime.Plan("triton", cfg, "model", "t", (cfg, cfg))
+    settled = runtime.Plan("eager", None, "model", "t; raced")
+    seen = []
+    monkeypatch.setattr(runtime, "auto", lambda op, dims, dtype, device: shortlist)
+    monkeypatch.setattr(runtime, "auto_settle",
+                        lambda op, dims, dtype, device, plan, run: seen.append((op, dims, run)) or settled)  # fmt: skip
+    g = torch.Generator().manual_seed(3)
+    lora, base = torch.randn(3, 5, 16, generator=g), torch.randn(3, 5, 16, generator=g)
+    m, n = torch.rand(16, generator=g) + 0.5, torch.rand(16, generator=g) + 0.5
+    out = compose_train(lora, base, m / n, 0.5)
+    torch.testing.assert_close(out, compose_formula(lora, base, m / n, 0.5))
+    out = dora_compose_train(lora, base, m, n, 0.5)
+    torch.testing.assert_close(out, compose_formula(lora, base, m / n, 0.5))
+    assert [(op, dims) for op, dims, _ in seen] == [("compose_train", (15, 16))] * 2
+    assert all(callable(run) for _, _, run in seen)
+    seen.clear()
+    monkeypatch.setattr(runtime, "auto", lambda op, dims, dtype, device: settled)  # no shortlist: no race
+    compose_train(lora, base, m / n, 0.5)
+    dora_compose_train(lora, base, m, n, 0.5)
+    assert seen == []
+
+
 def test_plan_keys_cuda_by_the_current_index(monkeypatch):
     # plan(..., "cuda") and the kernels (tensor.device = cuda:N) share one memo entry, hence one race
     seen = []
