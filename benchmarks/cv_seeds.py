@@ -2,8 +2,8 @@
 
 One seed's figures move by ~0.002 in geomean and by one shape's worth in max (the trees' randomness), so
 comparisons of data or model changes use the mean over seeds. For every (database, op) it prints each seed's
-geomean / max and their mean — for the ops that race (``RACE_OPS``: the norm) also the race's (the fastest measured
-of the model's shortlist: what the dispatcher runs) — and writes them to ``--out``::
+geomean / max and their mean — for the ops that race (``RACE_OPS``: the norm, compose_train) also the race's (the
+fastest measured of the model's shortlist: what the dispatcher runs) — and writes them to ``--out``::
 
     python3 benchmarks/cv_seeds.py --db before=old.sqlite --db after=dora_tune/caches/nvidia-h200.sqlite \\
         --op compose_train --op norm --seeds 3 --out benchmarks/results/h200-cv-confirm.json

@@ -4,6 +4,8 @@ The variable must be set before Triton decorates the kernels; dora_tune imports 
 setting it here (before any test imports them) is enough.
 """
 
+import contextlib
+import math
 import os
 
 import pytest
@@ -57,6 +59,35 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ---------------------------------------------------------------- a dispatcher whose one table cell races (GPU tests)
+
+
+@contextlib.contextmanager
+def racing_dispatcher(tmp_path, op: str, axes: dict, cfgs: list[dict]):
+    """The process-wide dispatcher, for the block, on a user DB holding one ``op`` bf16 decision table for this GPU:
+    every cell decides ``cfgs[0]`` (Triton) with ``cfgs[1:]`` as runners-up, racing on. Yields the dispatcher."""
+    from dora_tune.autotune_db import TuningDB
+    from dora_tune.dispatch import runtime
+    from dora_tune.dispatch.decisions import DecisionTable
+    from dora_tune.dispatch.env import environment
+    from dora_tune.dispatch.registry import registry
+
+    env = environment(torch.device("cuda"))
+    versions = {i.name: i.version for i in registry()[op]}
+    n = math.prod(len(v) for v in axes.values())
+    runners = [tuple(("triton", c) for c in cfgs[1:])] * n
+    table = DecisionTable(op, "bf16", env.gpu_name, versions, axes, [("triton", cfgs[0])] * n, runners)
+    user = str(tmp_path / "user.sqlite")
+    with TuningDB.open(user) as db:
+        db.save_model(env, op, "bf16", "linear_trees", table.to_json(), {"cv": {}})
+    d = runtime.Dispatcher(user, use_shipped=False, force_env="", race=True)
+    runtime.reset_default_dispatcher(d)
+    try:
+        yield d
+    finally:
+        runtime.reset_default_dispatcher(None)
 
 
 # ---------------------------------------------------------------- a tuning DB with a known crossover (cost model)

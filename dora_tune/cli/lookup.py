@@ -51,7 +51,8 @@ def lookup(
     click.echo(f"{op} {','.join(f'{k}={v}' for k, v in shape.items())} {dtype}: {plan.impl} {config}")
     click.echo(f"source: {plan.source} — {plan.detail}")
     if plan.race:
-        click.echo(f"raced at the first call (fastest kept), on the call's own inputs: {len(plan.race)} configs")
+        where = "of this table cell (shared by its shapes) " if plan.race_cell else ""
+        click.echo(f"raced at the first call {where}(fastest kept), on the call's own inputs: {len(plan.race)} configs")
         for c in plan.race:
             click.echo(f"  {c.as_dict()}")
     if gpu_name is None:

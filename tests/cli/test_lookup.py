@@ -31,6 +31,15 @@ def test_lookup_shows_the_norm_shortlist_raced_at_first_use(tmp_path):
     assert off.exit_code == 0 and "raced" not in off.output
 
 
+def test_lookup_shows_the_compose_train_shortlist_raced_once_per_cell(tmp_path):
+    res = run("lookup", "--op", "compose_train", "--rows", "3000", "--cols", "14336", "--gpu", "NVIDIA H200",
+              "--db", str(tmp_path / "none.sqlite"))  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "source: model — shipped DB decision table" in res.output
+    assert "raced at the first call of this table cell (shared by its shapes) (fastest kept)" in res.output
+    assert res.output.count("'row_iters'") == 4  # the plan's config and the three raced
+
+
 def test_lookup_unmeasured_shape_and_no_shipped(tmp_path):
     res = run("lookup", "--op", "compose_train", "--rows", "100", "--cols", "512", "--gpu", "NVIDIA H200",
               "--db", str(tmp_path / "none.sqlite"), "--no-shipped")  # fmt: skip

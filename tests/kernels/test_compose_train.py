@@ -11,7 +11,7 @@ from dora_tune.kernels import (
     dora_scale,
 )
 
-from conftest import relerr
+from conftest import racing_dispatcher, relerr
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1), (1, 37), (5, 37), (3, 4, 300), (70, 130)]
@@ -273,26 +273,10 @@ def test_gpu_auto_races_the_models_shortlist_once_per_cell(tmp_path):
     # Unmeasured shapes whose model cell holds a 3-config shortlist: the first auto call (compose_train, then
     # dora_compose_train at another shape of the same cell) times the three on its own inputs and memoises the
     # fastest for the cell; values and gradients are the reference's either way.
-    from dora_tune.autotune_db import TuningDB
-    from dora_tune.dispatch import runtime
-    from dora_tune.dispatch.decisions import DecisionTable
-    from dora_tune.dispatch.env import environment
-    from dora_tune.dispatch.registry import registry
-
-    env = environment(torch.device("cuda"))
     cfgs = [{"fwd": {"block_r": 4, "block_c": 512, "num_warps": 4},
              "bwd": {"block_r": br, "block_c": bc, "row_iters": it, "num_warps": 4}}
             for br, bc, it in ((8, 512, 8), (1, 2048, 1), (4, 1024, 16))]  # fmt: skip
-    versions = {i.name: i.version for i in registry()["compose_train"]}
-    runners = [(("triton", cfgs[1]), ("triton", cfgs[2]))]
-    table = DecisionTable("compose_train", "bf16", env.gpu_name, versions, {"rows": [3000], "cols": [3000]},
-                          [("triton", cfgs[0])], runners)  # fmt: skip
-    user = str(tmp_path / "user.sqlite")
-    with TuningDB.open(user) as db:
-        db.save_model(env, "compose_train", "bf16", "linear_trees", table.to_json(), {"cv": {}})
-    d = runtime.Dispatcher(user, use_shipped=False, force_env="", race=True)
-    runtime.reset_default_dispatcher(d)
-    try:
+    with racing_dispatcher(tmp_path, "compose_train", {"rows": [3000], "cols": [3000]}, cfgs) as d:
         lora, base, g, dout = make((2, 1001, 3003), torch.bfloat16, "cuda", seed=5)
         dims, dev = (2002, 3003), base.device
         assert len(d.plan_key("compose_train", dims, "bf16", dev).race) == 3
@@ -309,5 +293,3 @@ def test_gpu_auto_races_the_models_shortlist_once_per_cell(tmp_path):
         assert d.plan_key("compose_train", (1500, 4000), "bf16", dev) is plan
         ref = compose_reference(lora.double(), base.double(), mag.detach().double() / norm.double(), 0.5)
         assert relerr(out, ref.reshape(out.shape)) <= TOL["triton"][torch.bfloat16]
-    finally:
-        runtime.reset_default_dispatcher(None)

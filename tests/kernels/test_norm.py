@@ -3,7 +3,7 @@ import torch
 
 from dora_tune.kernels import NormConfig, factored_norm, norm_config_space, norm_reference
 
-from conftest import relerr
+from conftest import racing_dispatcher, relerr
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (d_out, d_in, r): rows = 1, r = 1, sizes that are not multiples of any block, r > every block_n.
@@ -222,24 +222,9 @@ def test_gpu_norm_config_type_is_checked():
 def test_gpu_auto_races_the_models_shortlist(tmp_path):
     # An unmeasured shape whose model cell holds a 3-config shortlist: the first auto call times the three on its own
     # inputs and memoises the fastest; the result is the reference's either way.
-    from dora_tune.autotune_db import TuningDB
-    from dora_tune.dispatch import runtime
-    from dora_tune.dispatch.decisions import DecisionTable
-    from dora_tune.dispatch.env import environment
-    from dora_tune.dispatch.registry import registry
-
-    env = environment(torch.device("cuda"))
     cfgs = [dict(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=s, split_k=k) for s, k in
             ((4, 3), (3, 1), (4, 4))]  # fmt: skip
-    versions = {i.name: i.version for i in registry()["norm"]}
-    table = DecisionTable("norm", "bf16", env.gpu_name, versions, {"d_out": [1024], "d_in": [1024], "r": [256]},
-                          [("triton", cfgs[0])], [(("triton", cfgs[1]), ("triton", cfgs[2]))])  # fmt: skip
-    user = str(tmp_path / "user.sqlite")
-    with TuningDB.open(user) as db:
-        db.save_model(env, "norm", "bf16", "linear_trees", table.to_json(), {"cv": {}})
-    d = runtime.Dispatcher(user, use_shipped=False, force_env="", race=True)
-    runtime.reset_default_dispatcher(d)
-    try:
+    with racing_dispatcher(tmp_path, "norm", {"d_out": [1024], "d_in": [1024], "r": [256]}, cfgs) as d:
         W, A, B = make(1000, 1024, 200, torch.bfloat16, "cuda", seed=11)
         dims, dev = (1000, 1024, 200), W.device  # the kernels key their plans by the tensors' device
         assert len(d.plan_key("norm", dims, "bf16", dev).race) == 3
@@ -248,5 +233,3 @@ def test_gpu_auto_races_the_models_shortlist(tmp_path):
         assert plan.source == "model" and plan.race == () and "raced at first use" in plan.detail
         assert plan.config.as_dict() in cfgs
         assert relerr(factored_norm(W, A, B, 0.5), norm_reference(W, A, B, 0.5)) <= 1e-5
-    finally:
-        runtime.reset_default_dispatcher(None)
