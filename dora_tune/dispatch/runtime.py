@@ -517,16 +517,24 @@ def plan(op: str, shape: dict[str, int], dtype: torch.dtype | str, device: torch
     return default_dispatcher().plan(op, shape, dtype, device)
 
 
-def auto(op: str, dims: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Plan:
-    """The kernels' ``impl="auto"`` hook: the process-wide plan for ``op`` (hot path, memoised)."""
-    return default_dispatcher().plan_key(op, dims, _DTYPE_NAMES.get(dtype, str(dtype)), device)
-
-
-def auto_settle(
-    op: str, dims: tuple[int, ...], dtype: torch.dtype, device: torch.device, plan: Plan, run: Callable[[Any], Any]
+def auto(
+    op: str,
+    dims: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    race: Callable[[], Callable[[Any], Any]] | None = None,
 ) -> Plan:
-    """The kernels' hook when a plan from :func:`auto` has a shortlist: :meth:`Dispatcher.settle`."""
-    return default_dispatcher().settle(op, dims, _DTYPE_NAMES.get(dtype, str(dtype)), device, plan, run)
+    """The kernels' ``impl="auto"`` hook: the process-wide plan for ``op`` (hot path, memoised).
+
+    ``race``: a factory of the runner :meth:`Dispatcher.settle` times on the caller's inputs (None: the caller cannot
+    race, e.g. it brought its own config). It is called only when the plan still has a shortlist — the first call of
+    a key whose model cell holds one — and the settled plan is returned."""
+    d = default_dispatcher()
+    name = _DTYPE_NAMES.get(dtype, str(dtype))
+    plan = d.plan_key(op, dims, name, device)
+    if plan.race and race is not None:
+        return d.settle(op, dims, name, device, plan, race())
+    return plan
 
 
 def auto_failed(

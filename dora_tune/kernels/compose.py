@@ -140,12 +140,8 @@ def resolve_impl(
     from dora_tune.dispatch.runtime import auto
 
     cols = base.shape[-1]
-    dims = (base.numel() // max(cols, 1), cols)
-    chosen = auto(op, dims, base.dtype, base.device)
-    if chosen.race and config is None and race is not None and base.numel():
-        from dora_tune.dispatch.runtime import auto_settle
-
-        chosen = auto_settle(op, dims, base.dtype, base.device, chosen, race())
+    race = race if config is None and base.numel() else None
+    chosen = auto(op, (base.numel() // max(cols, 1), cols), base.dtype, base.device, race)
     return chosen.impl, config or chosen.config
 
 

@@ -17,7 +17,9 @@ Implementations:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
+from typing import Any
 
 import torch
 from torch.compiler import is_compiling
@@ -144,6 +146,14 @@ def norm_factored_torch(
     return n2.clamp_min_(0.0).sqrt_()
 
 
+def _race_run(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, config: Any) -> Any:
+    """One norm launch with ``config`` for the dispatcher's first-use race (:meth:`Dispatcher.settle`)."""
+    from dora_tune.kernels._norm_triton import factored_norm_triton
+
+    with torch.no_grad():
+        return factored_norm_triton(weight, lora_A, lora_B, scale, config)
+
+
 def factored_norm(
     weight: torch.Tensor,
     lora_A: torch.Tensor,
@@ -177,15 +187,11 @@ def factored_norm(
 
         # keyed on the dtype the kernel computes in (fp32 adapters on a bf16 W compute in fp32: other configs fit)
         dims, compute = (weight.shape[0], weight.shape[1], lora_A.shape[0]), _compute_dtype(weight, lora_A)
-        chosen = auto("norm", dims, compute, weight.device)
-        if chosen.race and config is None and lora_A.shape[0] and weight.shape[1]:
-            # first call of a model plan with a shortlist: time it on these inputs, keep the fastest (dispatch docs)
-            from dora_tune.dispatch.runtime import auto_settle
-            from dora_tune.kernels._norm_triton import factored_norm_triton
-
-            with torch.no_grad():
-                chosen = auto_settle("norm", dims, compute, weight.device, chosen,
-                                     lambda cfg: factored_norm_triton(weight, lora_A, lora_B, s, cfg))  # fmt: skip
+        # the first call of a model plan with a shortlist times it on these inputs and keeps the fastest (dispatch)
+        race = None
+        if config is None and lora_A.shape[0] and weight.shape[1]:
+            race = lambda: functools.partial(_race_run, weight, lora_A, lora_B, s)  # noqa: E731
+        chosen = auto("norm", dims, compute, weight.device, race)
         impl = chosen.impl
         if config is None:
             config = chosen.config

@@ -173,7 +173,7 @@ def test_kernels_auto_goes_through_the_dispatcher(monkeypatch):
 
     seen = []
 
-    def fake_auto(op, dims, dtype, device):
+    def fake_auto(op, dims, dtype, device, race=None):
         seen.append((op, dims, dtype, device.type))
         return Plan("eager", None, "fallback", "test")
 
@@ -432,18 +432,28 @@ def test_compose_train_races_once_per_table_cell(tmp_path, shipped, monkeypatch)
     assert d._cell_wins == {}
 
 
-def test_compose_family_asks_for_the_race_runner_only_when_a_race_is_due(monkeypatch):
+def test_the_kernels_ask_for_the_race_runner_only_when_a_race_is_due(monkeypatch):
     from dora_tune.dispatch import runtime
-    from dora_tune.kernels import compose_train, dora_compose_train
+    from dora_tune.kernels import compose_train, dora_compose_train, factored_norm
     from dora_tune.kernels.compose import compose_formula
+    from dora_tune.kernels.norm import norm_reference
 
     cfg = ComposeConfig(**FAST)
     shortlist = runtime.Plan("triton", cfg, "model", "t", (cfg, cfg))
-    settled = runtime.Plan("eager", None, "model", "t; raced")
     seen = []
-    monkeypatch.setattr(runtime, "auto", lambda op, dims, dtype, device: shortlist)
-    monkeypatch.setattr(runtime, "auto_settle",
-                        lambda op, dims, dtype, device, plan, run: seen.append((op, dims, run)) or settled)  # fmt: skip
+
+    class Fake:  # the process-wide dispatcher: every plan has a shortlist; settling records the runner
+        plan = shortlist
+
+        def plan_key(self, op, dims, dtype, device):
+            return self.plan
+
+        def settle(self, op, dims, dtype, device, plan, run):
+            seen.append((op, dims, run))
+            return runtime.Plan("factored_torch" if op == "norm" else "eager", None, "model", "t; raced")
+
+    fake = Fake()
+    monkeypatch.setattr(runtime, "default_dispatcher", lambda: fake)
     g = torch.Generator().manual_seed(3)
     lora, base = torch.randn(3, 5, 16, generator=g), torch.randn(3, 5, 16, generator=g)
     m, n = torch.rand(16, generator=g) + 0.5, torch.rand(16, generator=g) + 0.5
@@ -451,10 +461,12 @@ def test_compose_family_asks_for_the_race_runner_only_when_a_race_is_due(monkeyp
     torch.testing.assert_close(out, compose_formula(lora, base, m / n, 0.5))
     out = dora_compose_train(lora, base, m, n, 0.5)
     torch.testing.assert_close(out, compose_formula(lora, base, m / n, 0.5))
-    assert [(op, dims) for op, dims, _ in seen] == [("compose_train", (15, 16))] * 2
+    W, A, B = torch.randn(16, 24, generator=g), torch.randn(4, 24, generator=g), torch.randn(16, 4, generator=g)
+    torch.testing.assert_close(factored_norm(W, A, B, 0.5), norm_reference(W, A, B, 0.5, dtype=torch.float32))
+    assert [(op, dims) for op, dims, _ in seen] == [("compose_train", (15, 16))] * 2 + [("norm", (16, 24, 4))]
     assert all(callable(run) for _, _, run in seen)
     seen.clear()
-    monkeypatch.setattr(runtime, "auto", lambda op, dims, dtype, device: settled)  # no shortlist: no race
+    fake.plan = runtime.Plan("eager", None, "model", "t")  # no shortlist: no race
     compose_train(lora, base, m / n, 0.5)
     dora_compose_train(lora, base, m, n, 0.5)
     assert seen == []
