@@ -1,6 +1,7 @@
 """The profiler's confirmation stage: each shape's fastest trials are re-timed together with more calls."""
 
 import dataclasses
+import re
 import time
 
 import pytest
@@ -99,7 +100,8 @@ def test_profile_cli_confirms_and_reports_it(tmp_path):
         assert all(t.reps < 30 for t in db.trials())
     res = CliRunner().invoke(cli, [*base, "--confirm-top", "1", "--confirm-reps", "30"], catch_exceptions=False)
     assert res.exit_code == 0 and "measured 0 trials" in res.output, res.output
-    assert "re-timed 1 of the fastest trials (30 calls each)" in res.output
+    # one re-timed trial, or both when the re-timed one fell behind the other (CPU timing noise; see the test above)
+    assert re.search(r"re-timed [12] of the fastest trials \(30 calls each\)", res.output), res.output
     with TuningDB.open(db_path, readonly=True) as db:
         assert sorted(t.reps for t in db.trials())[-1] == 30
 
