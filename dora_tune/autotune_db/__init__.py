@@ -6,24 +6,52 @@ folder), record trials with :meth:`TuningDB.record_trial`, query them with :meth
 :meth:`TuningDB.best`, store fitted cost models with :meth:`TuningDB.save_model` and read them with
 :meth:`TuningDB.models`, and move all of it between machines with :meth:`TuningDB.export` and :meth:`TuningDB.merge`.
 
-Importing this package opens nothing and imports no torch.
+Importing this package opens nothing and imports neither torch nor SQLAlchemy: the store (and SQLAlchemy) load at
+the first use of one of its names; :func:`~dora_tune.autotune_db.snapshot.read_snapshot` reads a SQLite file with
+the standard library alone.
 """
 
-from dora_tune.autotune_db.models import SCHEMA_VERSION, canonical_json
-from dora_tune.autotune_db.store import (
+from typing import TYPE_CHECKING, Any
+
+from dora_tune.autotune_db.common import (
+    SCHEMA_VERSION,
     DatabaseError,
-    EnvInfo,
-    EnvRow,
-    MergeStats,
-    ModelRow,
     SchemaError,
-    TrialResult,
-    TrialRow,
-    TuningDB,
+    canonical_json,
     default_db_location,
     gpu_slug,
-    to_url,
 )
+
+if TYPE_CHECKING:
+    from dora_tune.autotune_db.store import (
+        EnvInfo,
+        EnvRow,
+        MergeStats,
+        ModelRow,
+        TrialResult,
+        TrialRow,
+        TuningDB,
+        to_url,
+    )
+
+_FROM_STORE = frozenset(
+    {"EnvInfo", "EnvRow", "MergeStats", "ModelRow", "TrialResult", "TrialRow", "TuningDB", "to_url"}
+)
+
+
+def __getattr__(name: str) -> Any:
+    """The SQLAlchemy store's names, imported on first use (the run-time dispatcher reads SQLite without it)."""
+    if name in _FROM_STORE:
+        from dora_tune.autotune_db import store
+
+        return getattr(store, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The public names, the lazily imported ones included."""
+    return sorted(__all__)
+
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -11,15 +11,12 @@ Five tables:
 
 Shapes and configs are stored as canonical JSON text (:func:`canonical_json`) so that equal dicts always give
 equal strings and the unique key on ``trials`` works on any SQL backend. This module imports no torch and creates
-no engine.
+no engine. The schema version and the canonical JSON encoding live in :mod:`dora_tune.autotune_db.common`.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from datetime import datetime, timezone
-from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -36,43 +33,9 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-SCHEMA_VERSION = 2
-"""Layout version written to ``meta.schema_version``; bump it (and add a migration) when the tables change.
+from dora_tune.autotune_db.common import SCHEMA_VERSION, canonical_json
 
-1: meta, environments, implementations, trials. 2: + fitted_models."""
-
-
-def _check_jsonable(obj: Any, where: str) -> Any:
-    """Return ``obj`` with tuples turned into lists; raise TypeError/ValueError for what JSON cannot hold exactly."""
-    if obj is None or isinstance(obj, (bool, int, str)):
-        return obj
-    if isinstance(obj, float):
-        if not math.isfinite(obj):
-            raise ValueError(f"{where}: non-finite float {obj!r} has no JSON form")
-        return obj
-    if isinstance(obj, (list, tuple)):
-        return [_check_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
-    if isinstance(obj, dict):
-        out = {}
-        for k, v in obj.items():
-            if not isinstance(k, str):
-                raise TypeError(f"{where}: dict key {k!r} is a {type(k).__name__}, JSON keys must be str")
-            out[k] = _check_jsonable(v, f"{where}[{k!r}]")
-        return out
-    raise TypeError(f"{where}: {type(obj).__name__} value {obj!r} is not JSON-serialisable")
-
-
-def canonical_json(obj: Any) -> str:
-    """Encode ``obj`` as canonical JSON: keys sorted, no spaces (``{"K":4096,"N":128}``).
-
-    Equal dicts give equal strings whatever their key order, so the text can serve as part of a unique key.
-    Accepts None, bool, int, float, str, lists/tuples and dicts with str keys (nested freely).
-
-    Raises:
-        TypeError: a value JSON cannot represent (a set, an object, a non-str dict key ...).
-        ValueError: a NaN or infinite float.
-    """
-    return json.dumps(_check_jsonable(obj, "value"), sort_keys=True, separators=(",", ":"), allow_nan=False)
+__all__ = ["SCHEMA_VERSION", "Base", "Environment", "FittedModel", "Implementation", "Meta", "Trial", "canonical_json"]
 
 
 class UTCDateTime(TypeDecorator[datetime]):

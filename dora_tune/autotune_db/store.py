@@ -26,7 +26,6 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import quote, unquote
 
-import platformdirs
 from sqlalchemy import (
     Column,
     Connection,
@@ -51,8 +50,16 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from dora_tune.autotune_db.models import (
+from dora_tune.autotune_db.common import (
     SCHEMA_VERSION,
+    DatabaseError,
+    SchemaError,
+    check_readable,
+    default_db_location,
+    gpu_slug,
+    stored_schema_version,
+)
+from dora_tune.autotune_db.models import (
     Base,
     Environment,
     FittedModel,
@@ -61,28 +68,10 @@ from dora_tune.autotune_db.models import (
     Trial,
     canonical_json,
 )
-
-ENV_VAR = "DORA_TUNE_DB"
-"""Environment variable naming the default database (a file path or a SQLAlchemy URL)."""
+from dora_tune.autotune_db.snapshot import FASTEST_SQL
 
 STATUSES = ("ok", "failed", "oom", "invalid")
 """Allowed values of :attr:`TrialResult.status`."""
-
-_TABLES_V1 = frozenset({"meta", "environments", "implementations", "trials"})
-_TABLES: dict[int, frozenset[str]] = {1: _TABLES_V1, 2: _TABLES_V1 | {"fitted_models"}}
-"""The tables each schema version has (a database of that version missing one is not a dora-tune database)."""
-
-_OLDEST_READABLE = 1
-"""The oldest schema a read-only open serves as it is, without migrating: everything added since (the
-``fitted_models`` of schema 2) is optional and reads as absent."""
-
-
-class DatabaseError(Exception):
-    """The tuning database cannot be opened, read or written (missing file, not SQLite, read-only, corrupt ...)."""
-
-
-class SchemaError(DatabaseError):
-    """The database holds a layout this dora-tune cannot use (newer, too old, or not a dora-tune database)."""
 
 
 class _Conflict(DatabaseError):
@@ -90,24 +79,6 @@ class _Conflict(DatabaseError):
 
 
 # --------------------------------------------------------------------------------------------------- locations
-
-
-def gpu_slug(name: str) -> str:
-    """A GPU name as a lowercase slug: runs of non-alphanumerics become ``-`` ("NVIDIA H200" → "nvidia-h200")."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def default_db_location() -> str:
-    """Where the tuning database lives unless told otherwise.
-
-    ``$DORA_TUNE_DB`` (a file path or a SQLAlchemy URL) when set and non-empty, else ``tuning.sqlite`` in the
-    user cache directory of dora-tune (``platformdirs.user_cache_dir("dora-tune")``). The variable is read at
-    each call.
-    """
-    env = os.environ.get(ENV_VAR, "").strip()
-    if env:
-        return env
-    return os.path.join(platformdirs.user_cache_dir("dora-tune"), "tuning.sqlite")
 
 
 def to_url(path_or_url: str) -> str:
@@ -528,43 +499,22 @@ class TuningDB:
 
     def _read_version(self, conn: Connection) -> int | None:
         """The stored schema version; None for a database with no tables; SchemaError for a foreign database."""
-        display = self._target.display
         names = set(inspect(conn).get_table_names())
-        if not names:
-            return None
-        if "meta" not in names:
-            shown = ", ".join(sorted(names)[:5])
-            raise SchemaError(f"{display} is not a dora-tune database (tables {shown}; no meta table)")
-        raw = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar_one_or_none()
-        try:
-            version = int(raw) if raw is not None else None
-        except ValueError:
-            version = None
-        if version is None:
-            raise SchemaError(f"{display} is not a dora-tune database (no schema_version in its meta table)")
-        missing = _TABLES.get(version, frozenset()) - names
-        if missing:
-            raise SchemaError(f"{display} is not a dora-tune database (missing tables {', '.join(sorted(missing))})")
-        return version
+        raw = None
+        if "meta" in names:
+            raw = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar_one_or_none()
+        return stored_schema_version(names, raw, self._target.display)
 
     def _check_version(self, version: int) -> None:
-        """SchemaError unless ``version`` is current or can be migrated (only when writable)."""
+        """SchemaError unless ``version`` is current, can be read as it is (read-only) or migrated (writable)."""
         display = self._target.display
-        if version > SCHEMA_VERSION:
+        if self.readonly or version > SCHEMA_VERSION:
+            check_readable(version, display)
+        elif version < SCHEMA_VERSION and not all(v in _MIGRATIONS for v in range(version, SCHEMA_VERSION)):
             raise SchemaError(
-                f"{display} was written by a newer dora-tune (schema {version} > {SCHEMA_VERSION}); "
-                "upgrade dora-tune to read it"
+                f"{display} has schema {version}, too old for this dora-tune (schema {SCHEMA_VERSION}) and it "
+                "cannot be migrated; delete it (or point DORA_TUNE_DB elsewhere) and re-profile"
             )
-        if version < SCHEMA_VERSION:
-            if not all(v in _MIGRATIONS for v in range(version, SCHEMA_VERSION)):
-                raise SchemaError(
-                    f"{display} has schema {version}, too old for this dora-tune (schema {SCHEMA_VERSION}) and it "
-                    "cannot be migrated; delete it (or point DORA_TUNE_DB elsewhere) and re-profile"
-                )
-            if self.readonly and version < _OLDEST_READABLE:
-                raise SchemaError(
-                    f"{display} has schema {version} < {SCHEMA_VERSION}; open it writable once to migrate it"
-                )
 
     def close(self) -> None:
         """Close every connection. Further calls on this object raise DatabaseError."""
@@ -786,35 +736,33 @@ class TuningDB:
             return [_row(t, g, i) for t, g, i in s.execute(q).all()]
 
     def fastest_per_impl(self, gpu_name: str) -> list[tuple[str, str, str, str, str, str, float]]:
-        """For one GPU model (exact name), the fastest "ok" trial of each (op, implementation, version, shape, dtype):
-        plain tuples ``(op, impl, impl_version, shape JSON, dtype, config JSON, median_us)``, in no set order.
+        """For one GPU model (exact name), the fastest "ok" trial of each (environment, op, implementation, version,
+        shape, dtype): plain tuples ``(op, impl, impl_version, shape JSON, dtype, config JSON, median_us)``, in no
+        set order.
 
-        The run-time dispatcher's loader: one plain SQL scan (no ORM objects, no window sort) reduced in Python, so
-        10k trials load in milliseconds.
+        On SQLite the reduction runs in SQL (:data:`~dora_tune.autotune_db.snapshot.FASTEST_SQL`, shared with the
+        dispatcher's snapshot reader); elsewhere one plain scan (no ORM objects, no window sort) reduced in Python.
         """
         with self._session(write=False) as s:
             q = (
                 select(
                     Implementation.op, Implementation.name, Implementation.version, Trial.shape, Trial.dtype,
-                    Trial.config, Trial.median_us,
+                    Trial.config, Trial.median_us, Trial.env_id,
                 )
                 .join(Environment, Trial.env_id == Environment.id)
                 .join(Implementation, Trial.impl_id == Implementation.id)
                 .where(Environment.gpu_name == gpu_name, Trial.status == "ok", Trial.median_us.is_not(None))
             )  # fmt: skip
-            best: dict[tuple[str, str, str, str, str], tuple[str, str, str, str, str, str, float]] = {}
             conn = s.connection()
-            if conn.dialect.name == "sqlite":  # skip SQLAlchemy's per-row processing: plain DB-API tuples
-                compiled = q.compile(dialect=conn.dialect)
+            if conn.dialect.name == "sqlite":  # reduced in SQL, as the dispatcher's snapshot reader does
                 cursor = conn.connection.driver_connection.cursor()
-                rows = cursor.execute(str(compiled), [compiled.params[k] for k in compiled.positiontup]).fetchall()
-            else:
-                rows = s.execute(q).all()
-            for row in rows:
-                key = row[:5]
+                return [tuple(r) for r in cursor.execute(FASTEST_SQL, (gpu_name,)).fetchall()]
+            best: dict[tuple[Any, ...], tuple[str, str, str, str, str, str, float]] = {}
+            for row in s.execute(q).all():
+                key = (row[7], *row[:5])
                 old = best.get(key)
                 if old is None or row[6] < old[6]:
-                    best[key] = tuple(row)
+                    best[key] = tuple(row[:7])
             return list(best.values())
 
     def best(

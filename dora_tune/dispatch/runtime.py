@@ -37,6 +37,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import gc
 import json
 import os
 import statistics
@@ -48,7 +49,7 @@ from typing import Any
 
 import torch
 
-from dora_tune.autotune_db.models import canonical_json
+from dora_tune.autotune_db.common import canonical_json
 from dora_tune.dispatch.decisions import RACE_OPS, RACE_PER_CELL, race_shortlist
 from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
 
@@ -361,18 +362,20 @@ class Dispatcher:
         tables = self._tables.get(gpu_name)
         if tables is None:
             tables = _Tables(gpu_name, {}, {}, [])
-            self._read("user", self.db, tables)
-            if self.use_shipped:
-                path = shipped_cache_path(gpu_name)
-                if path.is_file():
-                    self._read("shipped", str(path), tables)
-                else:
-                    tables.notes.append(f"shipped cache: none for {gpu_name} ({path.name})")
+            with _gc_paused():
+                self._read("user", self.db, tables)
+                if self.use_shipped:
+                    path = shipped_cache_path(gpu_name)
+                    if path.is_file():
+                        self._read("shipped", str(path), tables)
+                    else:
+                        tables.notes.append(f"shipped cache: none for {gpu_name} ({path.name})")
             self._tables[gpu_name] = tables
         return tables
 
     def _read(self, origin: str, location: str | None, tables: _Tables) -> None:
-        from dora_tune.autotune_db import DatabaseError, TuningDB, default_db_location
+        from dora_tune.autotune_db.common import DatabaseError, default_db_location
+        from dora_tune.autotune_db.snapshot import read_snapshot
         from dora_tune.dispatch.registry import registry
 
         where = location or default_db_location()
@@ -381,9 +384,7 @@ class Dispatcher:
             return
         versions = {(op, i.name): i.version for op, v in registry().items() for i in v}
         try:
-            with TuningDB.open(where, readonly=True) as db:
-                rows = db.fastest_per_impl(tables.gpu_name)
-                models = db.models(gpu=tables.gpu_name) if hasattr(db, "models") else []
+            snapshot = read_snapshot(where, tables.gpu_name)
         except DatabaseError as e:
             self._warn(f"{origin} DB unusable, ignored: {e}")
             tables.notes.append(f"{origin} DB: unusable ({e})")
@@ -393,7 +394,7 @@ class Dispatcher:
             tables.notes.append(f"{origin} DB: unreadable ({type(e).__name__}: {e})")
             return
         used = stale = 0
-        for op, impl, version, shape_json, dtype, config_json, median_us in rows:
+        for op, impl, version, shape_json, dtype, config_json, median_us in snapshot.fastest:
             if versions.get((op, impl)) != version:
                 stale += 1
                 continue
@@ -404,8 +405,8 @@ class Dispatcher:
         if stale:
             self._warn(f"{origin} DB {where}: {stale} trials of other kernel versions ignored for {tables.gpu_name}")
         n_models = 0
-        for m in models:
-            table = _decision_table(m, versions, self, origin)
+        for stored in snapshot.tables:
+            table = _decision_table(stored, versions, self, origin)
             if table is not None:
                 tables.models[(origin, table.op, table.dtype)] = table
                 n_models += 1
@@ -421,6 +422,20 @@ class Dispatcher:
         if message not in self._warned:
             self._warned.add(message)
             warnings.warn(f"dora-tune dispatch: {message}", RuntimeWarning, stacklevel=3)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No automatic garbage collection inside: reading a cache allocates tens of thousands of short-lived tuples
+    (no cycles), enough to set off a full collection, which in a process holding torch walks every object (70–110
+    ms on a slow host against ~20 ms for the read itself). Collection resumes afterwards, unless it was off."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 _INVALID = object()
@@ -462,17 +477,19 @@ def _default_config(op: str) -> Any:
             "compose_train": DEFAULT_COMPOSE_TRAIN_CONFIG}[op]  # fmt: skip
 
 
-def _decision_table(row: Any, versions: dict, dispatcher: Dispatcher, origin: str) -> Any:
+def _decision_table(stored: tuple[str, str, str, str], versions: dict, dispatcher: Dispatcher, origin: str) -> Any:
+    """The usable decision table of one stored model ``(op, dtype, payload JSON, metrics JSON)``, else None (with a
+    warning when it is unreadable or fitted for other kernel versions, a note when it loses to the crossover)."""
+    from dora_tune.dispatch.decisions import DecisionTable, beats_crossover
+
+    op, dtype, payload, metrics = stored
     try:
-        from dora_tune.dispatch.decisions import DecisionTable
-
-        table = DecisionTable.from_json(row.payload)
+        table = DecisionTable.from_json(json.loads(payload))
+        wins = beats_crossover((json.loads(metrics) or {}).get("cv", {}))
     except Exception as e:
-        dispatcher._warn(f"{origin} DB: decision table for {row.op}/{row.dtype} unreadable, ignored ({e})")
+        dispatcher._warn(f"{origin} DB: decision table for {op}/{dtype} unreadable, ignored ({e})")
         return None
-    from dora_tune.dispatch.decisions import beats_crossover
-
-    if not beats_crossover((row.metrics or {}).get("cv", {})):
+    if not wins:
         dispatcher._note(f"{origin} DB: decision table for {table.op}/{table.dtype} loses to the fixed crossover in "
                          "cross-validation; not used")  # fmt: skip
         return None

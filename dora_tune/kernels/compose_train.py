@@ -244,10 +244,8 @@ def dora_compose_train(
     s = check_compose_inputs(lora, base, magnitude, scale)  # magnitude in g's place: [cols] on base's device
     if not is_compiling():
 
-        def race() -> Callable[[Any], Any]:
-            from dora_tune.kernels._scale_triton import dora_scale_fwd_triton
-
-            return race_step(lora, base, dora_scale_fwd_triton(magnitude, norm), s)
+        def race() -> Callable[[Any], Any]:  # g's values do not change the kernels' time: the torch formula
+            return race_step(lora, base, _dora_scale(magnitude.detach(), norm), s)
 
         impl, config = resolve_impl("compose_train", base, impl, config, race)
     if impl != "triton" or is_compiling():  # eager, or torch.compile's custom op: the composition as written

@@ -1,3 +1,4 @@
+import gc
 import threading
 import time
 import warnings
@@ -181,6 +182,30 @@ def test_kernels_auto_goes_through_the_dispatcher(monkeypatch):
     x = torch.randn(2, 3, 8)
     compose(x, x, torch.ones(8), 0.5)
     assert seen == [("compose", (6, 8), torch.float32, "cpu")]
+
+
+def test_loading_a_db_pauses_garbage_collection_and_restores_it(tmp_path, shipped, monkeypatch):
+    from dora_tune.autotune_db import snapshot
+
+    user = str(tmp_path / "user.sqlite")
+    add(user, ENV, "compose", "eager", SHAPE, {}, 1.0)
+    add(shipped, ENV, "compose", "eager", SHAPE, {}, 2.0)
+    real, collecting = snapshot.read_snapshot, []
+
+    def spy(location, gpu_name):
+        collecting.append(gc.isenabled())
+        return real(location, gpu_name)
+
+    monkeypatch.setattr(snapshot, "read_snapshot", spy)
+    assert gc.isenabled()
+    tables = Dispatcher(user, force_env="")._load(GPU)
+    assert collecting == [False, False] and gc.isenabled() and len(tables.measured) == 2  # both DBs read, paused
+    gc.disable()
+    try:
+        Dispatcher(user, force_env="")._load(GPU)
+        assert not gc.isenabled()  # left off as it was found
+    finally:
+        gc.enable()
 
 
 def test_importing_dispatch_is_light():
@@ -483,3 +508,28 @@ def test_plan_keys_cuda_by_the_current_index(monkeypatch):
     d.plan("compose", SHAPE, torch.bfloat16, "cuda:0")
     d.plan("compose", SHAPE, torch.bfloat16, "cpu")
     assert seen == [torch.device("cuda", 1), torch.device("cuda", 0), torch.device("cpu")]
+
+
+def test_shipped_cache_plans_the_same_through_sqlite_and_sqlalchemy():
+    """The dispatcher reads SQLite files with the standard library; the same file through its SQLAlchemy URL (the
+    store's reading) must give the same plan for every shape — measured ones, the model's and the crossover's."""
+    from pathlib import Path
+
+    import dora_tune
+    from dora_tune.autotune_db import to_url
+
+    cache = str(Path(dora_tune.__file__).parent / "caches" / "nvidia-h200.sqlite")
+    direct = Dispatcher(cache, use_shipped=False, force_env="")
+    via_url = Dispatcher(to_url(cache), use_shipped=False, force_env="")
+    gpu, sources = "NVIDIA H200", set()
+    sizes = (1, 100, 777, 2048, 4096, 5000, 8192, 11008, 16384, 32768)
+    shapes = [("norm", {"d_out": o, "d_in": i, "r": r}) for o in sizes[3:] for i in sizes[3:] for r in (8, 16, 64)]
+    shapes += [(op, {"rows": n, "cols": c}) for op in ("compose", "compose_train") for n in sizes for c in sizes[3:]]
+    for op, shape in shapes:
+        for dtype in ("bf16", "fp16"):
+            a, b = direct.plan_for_gpu(gpu, op, shape, dtype), via_url.plan_for_gpu(gpu, op, shape, dtype)
+            assert (a.impl, a.config, a.source, a.race, a.race_cell) == (b.impl, b.config, b.source, b.race,
+                                                                          b.race_cell), (op, shape, dtype)  # fmt: skip
+            sources.add(a.source)
+    assert sources == {"measured", "model", "heuristic"}
+    assert direct.explain(gpu) == [n.replace(to_url(cache), cache) for n in via_url.explain(gpu)]

@@ -1,6 +1,21 @@
+import hashlib
+import importlib
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
-from dora_tune.dispatch.registry import make_inputs, op_bytes, op_flops, registry, source_version, train_bwd_stage
+from dora_tune.dispatch.registry import (
+    _object_source,
+    make_inputs,
+    op_bytes,
+    op_flops,
+    registry,
+    source_version,
+    train_bwd_stage,
+)
 
 
 def test_registry_covers_every_op_and_impl():
@@ -21,6 +36,32 @@ def test_versions_follow_the_source():
     assert eager.version != triton.version  # the Triton one hashes its kernel module too
     assert source_version(("dora_tune.kernels.compose:compose_formula",)) == eager.version
     assert source_version(("dora_tune.kernels._compose_triton",)) == triton.version
+
+
+def test_versions_hash_what_inspect_reads_without_importing_triton():
+    """A version is the hash of each module file / each object's ``inspect.getsource`` text; the fast reads
+    (module files found without running them, a class cut from its file) must give exactly that text."""
+    for impls in registry().values():
+        for impl in impls:
+            h = hashlib.sha256()
+            for spec in impl.sources:
+                name, _, qualname = spec.partition(":")
+                module = importlib.import_module(name)
+                if qualname:
+                    obj = module
+                    for part in qualname.split("."):
+                        obj = getattr(obj, part)
+                    h.update(inspect.getsource(obj).encode())
+                else:
+                    h.update(Path(module.__file__).read_bytes())
+            assert impl.version == h.hexdigest()[:12], impl
+    kernels = importlib.import_module("dora_tune.kernels.compose_train")
+    assert _object_source(kernels, "_ComposeTrainFn") == inspect.getsource(kernels._ComposeTrainFn)
+    configs = importlib.import_module("dora_tune.kernels.compose")  # a decorated class: inspect's own reading
+    assert _object_source(configs, "ComposeConfig") == inspect.getsource(configs.ComposeConfig)
+    code = 'import sys; from dora_tune.dispatch.registry import registry; registry()["compose"][1].version; '
+    code += "print('triton' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
 
 
 def test_configs_parse_and_run_on_cpu():

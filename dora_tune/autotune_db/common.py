@@ -1,0 +1,127 @@
+"""What the SQLAlchemy store and the dispatcher's snapshot reader share: the schema version and its tables, the
+errors, the default location and the canonical JSON encoding.
+
+Standard library (and platformdirs) only, so that the run-time dispatcher can read a SQLite cache without importing
+SQLAlchemy. Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Any
+
+SCHEMA_VERSION = 2
+"""Layout version written to ``meta.schema_version``; bump it (and add a migration) when the tables change.
+
+1: meta, environments, implementations, trials. 2: + fitted_models."""
+
+_TABLES_V1 = frozenset({"meta", "environments", "implementations", "trials"})
+TABLES: dict[int, frozenset[str]] = {1: _TABLES_V1, 2: _TABLES_V1 | {"fitted_models"}}
+"""The tables each schema version has (a database of that version missing one is not a dora-tune database)."""
+
+OLDEST_READABLE = 1
+"""The oldest schema a read-only open serves as it is, without migrating: everything added since (the
+``fitted_models`` of schema 2) is optional and reads as absent."""
+
+ENV_VAR = "DORA_TUNE_DB"
+"""Environment variable naming the default database (a file path or a SQLAlchemy URL)."""
+
+
+class DatabaseError(Exception):
+    """The tuning database cannot be opened, read or written (missing file, not SQLite, read-only, corrupt ...)."""
+
+
+class SchemaError(DatabaseError):
+    """The database holds a layout this dora-tune cannot use (newer, too old, or not a dora-tune database)."""
+
+
+def gpu_slug(name: str) -> str:
+    """A GPU name as a lowercase slug: runs of non-alphanumerics become ``-`` ("NVIDIA H200" → "nvidia-h200")."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def default_db_location() -> str:
+    """Where the tuning database lives unless told otherwise.
+
+    ``$DORA_TUNE_DB`` (a file path or a SQLAlchemy URL) when set and non-empty, else ``tuning.sqlite`` in the
+    user cache directory of dora-tune (``platformdirs.user_cache_dir("dora-tune")``). The variable is read at
+    each call.
+    """
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env:
+        return env
+    import platformdirs
+
+    return os.path.join(platformdirs.user_cache_dir("dora-tune"), "tuning.sqlite")
+
+
+def stored_schema_version(tables: set[str], raw: str | None, display: str) -> int | None:
+    """The schema version of a database with these ``tables`` whose ``meta.schema_version`` reads ``raw`` (None
+    when absent); None for a database with no tables at all.
+
+    Raises:
+        SchemaError: tables but no ``meta`` table, no readable version, or a table of that version missing.
+    """
+    if not tables:
+        return None
+    if "meta" not in tables:
+        shown = ", ".join(sorted(tables)[:5])
+        raise SchemaError(f"{display} is not a dora-tune database (tables {shown}; no meta table)")
+    try:
+        version = int(raw) if raw is not None else None
+    except ValueError:
+        version = None
+    if version is None:
+        raise SchemaError(f"{display} is not a dora-tune database (no schema_version in its meta table)")
+    missing = TABLES.get(version, frozenset()) - tables
+    if missing:
+        raise SchemaError(f"{display} is not a dora-tune database (missing tables {', '.join(sorted(missing))})")
+    return version
+
+
+def check_readable(version: int, display: str) -> None:
+    """SchemaError unless a schema-``version`` database can be read as it is (not newer, not older than
+    :data:`OLDEST_READABLE`)."""
+    if version > SCHEMA_VERSION:
+        raise SchemaError(
+            f"{display} was written by a newer dora-tune (schema {version} > {SCHEMA_VERSION}); "
+            "upgrade dora-tune to read it"
+        )
+    if version < OLDEST_READABLE:
+        raise SchemaError(f"{display} has schema {version}, too old for this dora-tune to read (< {OLDEST_READABLE})")
+
+
+def _check_jsonable(obj: Any, where: str) -> Any:
+    """Return ``obj`` with tuples turned into lists; raise TypeError/ValueError for what JSON cannot hold exactly."""
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise ValueError(f"{where}: non-finite float {obj!r} has no JSON form")
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return [_check_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{where}: dict key {k!r} is a {type(k).__name__}, JSON keys must be str")
+            out[k] = _check_jsonable(v, f"{where}[{k!r}]")
+        return out
+    raise TypeError(f"{where}: {type(obj).__name__} value {obj!r} is not JSON-serialisable")
+
+
+def canonical_json(obj: Any) -> str:
+    """Encode ``obj`` as canonical JSON: keys sorted, no spaces (``{"K":4096,"N":128}``).
+
+    Equal dicts give equal strings whatever their key order, so the text can serve as part of a unique key.
+    Accepts None, bool, int, float, str, lists/tuples and dicts with str keys (nested freely).
+
+    Raises:
+        TypeError: a value JSON cannot represent (a set, an object, a non-str dict key ...).
+        ValueError: a NaN or infinite float.
+    """
+    return json.dumps(_check_jsonable(obj, "value"), sort_keys=True, separators=(",", ":"), allow_nan=False)
