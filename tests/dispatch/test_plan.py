@@ -95,6 +95,29 @@ def test_corrupt_or_truncated_db_falls_back(tmp_path, shipped, content):
     assert any("user DB" in n and "unusable" in n for n in d.explain(GPU))
 
 
+def test_a_db_sqlite_cannot_open_falls_back_with_one_warning(tmp_path, shipped, monkeypatch):
+    """What a WAL file in a read-only folder without its -shm, or a file without read permission, gives (the
+    suite may run as root, which permissions do not stop, so SQLite's refusal is simulated)."""
+    import sqlite3
+
+    from dora_tune.autotune_db import snapshot
+
+    user = str(tmp_path / "user.sqlite")
+    add(user, ENV, "compose", "eager", SHAPE, {}, 1.0)
+
+    def refuse(*args, **kwargs):
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(snapshot.sqlite3, "connect", refuse)
+    d = Dispatcher(user, force_env="")
+    with pytest.warns(RuntimeWarning, match="user DB unusable.*unable to open database file"):
+        p = d.plan_for_gpu(GPU, "compose", SHAPE, "bf16")
+    assert p.source == "heuristic"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert d.plan_for_gpu(GPU, "compose", {"rows": 7, "cols": 4096}, "bf16").source == "heuristic"
+
+
 def test_newer_schema_db_falls_back(tmp_path, shipped):
     import sqlite3
 
