@@ -41,7 +41,7 @@ def _empty_fn(a, b, c, d, e, f, n0, n1, n2, n3, n4, s, BLOCK: tl.constexpr):
 
 def host_us(fn: Callable[[], object], calls: int, batches: int) -> dict:
     """Median / min host µs per call of ``fn`` with the GPU held by a spin kernel (see the module docstring)."""
-    from dora_tune.dispatch.profiler import spin_cycles_per_ms
+    from dora_tune.dispatch.timing import spin_cycles_per_ms
 
     for _ in range(5):
         fn()

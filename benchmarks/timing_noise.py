@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dora_tune.dispatch.profiler import gpu_times
 from dora_tune.dispatch.registry import make_inputs, registry
+from dora_tune.dispatch.timing import gpu_times
 
 ITEMS = [  # (op, shape, impl, config index in the registry's space or None)
     ("norm", {"d_out": 4096, "d_in": 4096, "r": 16}, "triton", 0),

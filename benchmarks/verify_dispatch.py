@@ -147,8 +147,9 @@ def measure_missing(db_path: str, verify_path: str, gpu: str, dtype: str) -> int
     import torch
 
     from dora_tune.dispatch.env import environment
-    from dora_tune.dispatch.profiler import CONFIRM_REPS, interleaved_times, trial_result
+    from dora_tune.dispatch.profiler import CONFIRM_REPS, trial_result
     from dora_tune.dispatch.registry import make_inputs
+    from dora_tune.dispatch.timing import interleaved_times
 
     device = torch.device("cuda")
     env = environment(device)

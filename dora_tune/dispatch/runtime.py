@@ -13,7 +13,7 @@ Resolution order for ``(op, shape, dtype, device)``:
 carries the decision table's shortlist for its cell (the decision and its runners-up of the same implementation, 3
 in all). At the first call with that key the kernel hands the dispatcher a closure over its own inputs, and
 :meth:`Dispatcher.settle` times the shortlisted configs on them — interleaved rounds of GPU time with the L2 flushed,
-as the profiler times a trial (:func:`~dora_tune.dispatch.profiler.interleaved_times`), ~10–100 ms once the kernels
+as the profiler times a trial (:func:`~dora_tune.dispatch.timing.interleaved_times`), ~10–100 ms once the kernels
 are compiled — and memoises the fastest, so later calls are plain lookups again. The norm races once per exact
 shape; compose_train, whose shapes follow the token count, once per decision-table cell
 (:data:`~dora_tune.dispatch.decisions.RACE_PER_CELL`: the other shapes of the cell take the winner without timing).
@@ -243,7 +243,7 @@ class Dispatcher:
             return dataclasses.replace(single, detail=detail), False
         from triton.runtime.errors import OutOfResources
 
-        from dora_tune.dispatch.profiler import interleaved_times
+        from dora_tune.dispatch.timing import interleaved_times
 
         ok, dropped = [], []
         try:

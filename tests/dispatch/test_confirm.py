@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from dora_tune.autotune_db import TrialResult, TuningDB
 from dora_tune.cli import cli
-from dora_tune.dispatch import profiler
+from dora_tune.dispatch import profiler, timing
 from dora_tune.dispatch.env import environment
 from dora_tune.dispatch.registry import registry
 
@@ -36,14 +36,14 @@ def stored(db):
 def test_interleaved_times_gives_each_function_its_calls_in_order():
     calls = []
     fns = [lambda: (calls.append("slow"), time.sleep(0.0004)), lambda: (calls.append("fast"), time.sleep(0.0001))]
-    slow, fast = profiler.interleaved_times(fns, CPU, reps=9, rounds=3, warmup_ms=0)
+    slow, fast = timing.interleaved_times(fns, CPU, reps=9, rounds=3, warmup_ms=0)
     assert len(slow) == len(fast) == 9
     assert min(slow) >= 400 and min(fast) >= 100 and sorted(fast)[4] < sorted(slow)[4]
     timed = calls[-18:]  # after the warm-up calls: three rounds of 3 + 3, taken in turn
     assert timed == (["slow"] * 3 + ["fast"] * 3) * 3
-    assert [len(t) for t in profiler.interleaved_times(fns, CPU, reps=2, rounds=5, warmup_ms=0)] == [2, 2]
+    assert [len(t) for t in timing.interleaved_times(fns, CPU, reps=2, rounds=5, warmup_ms=0)] == [2, 2]
     with pytest.raises(ValueError, match="reps and rounds"):
-        profiler.interleaved_times(fns, CPU, reps=0)
+        timing.interleaved_times(fns, CPU, reps=0)
 
 
 def test_confirm_retimes_only_the_fastest_and_keeps_their_peak_memory(tmp_path):
@@ -121,7 +121,7 @@ def test_cuda_interleaved_times_are_gpu_times_of_each_function():
         time.sleep(0.002)
         small.mul_(1.0)
 
-    t_big, t_small = profiler.interleaved_times([lambda: big.mul_(1.0), host_bound], torch.device("cuda"), reps=20)
+    t_big, t_small = timing.interleaved_times([lambda: big.mul_(1.0), host_bound], torch.device("cuda"), reps=20)
     assert len(t_big) == len(t_small) == 20
     assert 60 < sorted(t_big)[10] < 1000 and sorted(t_small)[10] < 200
 
@@ -139,7 +139,7 @@ def test_cuda_interleaved_times_do_not_count_a_slow_first_call_as_host_time():
         x.mul_(1.0)
 
     t0 = time.perf_counter()
-    (times,) = profiler.interleaved_times([compiles_first], torch.device("cuda"), reps=20, warmup_ms=0)
+    (times,) = timing.interleaved_times([compiles_first], torch.device("cuda"), reps=20, warmup_ms=0)
     assert time.perf_counter() - t0 < 5  # a spin sized by the first call would hold each of 20 calls for 1.5 s
     assert len(times) == 20 and sorted(times)[10] < 100
 

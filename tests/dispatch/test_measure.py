@@ -6,7 +6,8 @@ import time
 import pytest
 import torch
 
-from dora_tune.dispatch.profiler import MIN_REPS, measure
+from dora_tune.dispatch.profiler import measure
+from dora_tune.dispatch.timing import MIN_REPS
 
 
 def test_cpu_measure_reports_ordered_quantiles():

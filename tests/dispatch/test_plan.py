@@ -400,12 +400,12 @@ def test_settle_does_not_race_under_deterministic_algorithms_or_graph_capture(mo
 
 
 def test_settle_keeps_the_decision_when_the_timer_runs_out_of_memory(monkeypatch):
-    import dora_tune.dispatch.profiler as profiler
+    import dora_tune.dispatch.timing as timing
 
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 256 MiB")
 
-    monkeypatch.setattr(profiler, "interleaved_times", oom)
+    monkeypatch.setattr(timing, "interleaved_times", oom)
     d = Dispatcher(force_env="")
     plan, dims, dev, run, _calls = _race_setup(d)
     with pytest.warns(RuntimeWarning, match="not raced, out of memory"):
@@ -432,7 +432,7 @@ def _train_table_db(path):
 def test_compose_train_races_once_per_table_cell(tmp_path, shipped, monkeypatch):
     # compose_train's shapes follow the token count: the first shape of a cell is raced, the cell's other shapes take
     # its winner untimed; another cell races on its own; a race that could not run leaves its cell open
-    import dora_tune.dispatch.profiler as profiler
+    import dora_tune.dispatch.timing as timing
     from dora_tune.kernels import ComposeTrainConfig
 
     user = str(tmp_path / "user.sqlite")
@@ -454,15 +454,15 @@ def test_compose_train_races_once_per_table_cell(tmp_path, shipped, monkeypatch)
     def settle(rows):
         return d.settle("compose_train", (rows, 4096), "bf16", dev, plans[rows], run)
 
-    real = profiler.interleaved_times
+    real = timing.interleaved_times
 
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
 
-    monkeypatch.setattr(profiler, "interleaved_times", oom)
+    monkeypatch.setattr(timing, "interleaved_times", oom)
     with pytest.warns(RuntimeWarning, match="not raced, out of memory"):
         assert settle(2500).config == cfgs[0]  # the decision kept, for this shape only
-    monkeypatch.setattr(profiler, "interleaved_times", real)
+    monkeypatch.setattr(timing, "interleaved_times", real)
     first = settle(2000)
     assert first.config == cfgs[1] and "raced at first use" in first.detail and "(2000, 4096)" in first.detail
     n = len(calls)
