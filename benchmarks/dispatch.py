@@ -105,6 +105,13 @@ def main() -> None:
         res["hot_auto_us"] = (
             timeit.timeit(lambda: auto("compose", (2048, 4096), torch.bfloat16, dev), number=n) / n * 1e6
         )
+        # the public plan(): a shape dict or tuple, the dtype and device as users write them
+        devname = "cuda" if torch.cuda.is_available() else "cpu"
+        shape = {"rows": 2048, "cols": 4096}
+        for label, args_ in (("dict", (shape, torch.bfloat16, devname)), ("tuple", ((2048, 4096), "bf16", devname))):
+            d.plan("compose", *args_)
+            t = timeit.timeit(lambda a=args_: d.plan("compose", *a), number=n) / n * 1e6
+            res[f"hot_plan_{label}_{devname}_us"] = t
         res["dict_get_us"] = timeit.timeit(lambda: d._memo.get(("x",)), number=n) / n * 1e6
         if args.shipped:
             loads = []

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from dora_tune.autotune_db.common import (
     SCHEMA_VERSION,
     DatabaseError,
+    MissingDatabaseError,
     SchemaError,
     canonical_json,
     default_db_location,
@@ -59,6 +60,7 @@ __all__ = [
     "EnvInfo",
     "EnvRow",
     "MergeStats",
+    "MissingDatabaseError",
     "ModelRow",
     "SchemaError",
     "TrialResult",

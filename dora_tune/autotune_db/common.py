@@ -34,6 +34,10 @@ class DatabaseError(Exception):
     """The tuning database cannot be opened, read or written (missing file, not SQLite, read-only, corrupt ...)."""
 
 
+class MissingDatabaseError(DatabaseError):
+    """A read-only open found no database file at the location (nothing has been profiled into it yet)."""
+
+
 class SchemaError(DatabaseError):
     """The database holds a layout this dora-tune cannot use (newer, too old, or not a dora-tune database)."""
 

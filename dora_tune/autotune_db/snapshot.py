@@ -15,7 +15,13 @@ import sqlite3
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from dora_tune.autotune_db.common import DatabaseError, SchemaError, check_readable, stored_schema_version
+from dora_tune.autotune_db.common import (
+    DatabaseError,
+    MissingDatabaseError,
+    SchemaError,
+    check_readable,
+    stored_schema_version,
+)
 
 FASTEST_SQL = """
 SELECT i.op, i.name, i.version, b.shape, b.dtype, b.config, b.median_us
@@ -69,7 +75,7 @@ def read_snapshot(location: str, gpu_name: str) -> Snapshot:
         return _via_sqlalchemy(location, gpu_name)
     path = os.path.abspath(os.path.expanduser(location))
     if not os.path.isfile(path):
-        raise DatabaseError(f"no tuning database at {path}")
+        raise MissingDatabaseError(f"no tuning database at {path}")
     try:
         conn = sqlite3.connect(f"file:{quote(path, safe='/')}?mode=ro", uri=True, timeout=5.0)
     except sqlite3.Error as e:

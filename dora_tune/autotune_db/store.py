@@ -53,6 +53,7 @@ from sqlalchemy.orm import Session
 from dora_tune.autotune_db.common import (
     SCHEMA_VERSION,
     DatabaseError,
+    MissingDatabaseError,
     SchemaError,
     check_readable,
     default_db_location,
@@ -448,7 +449,7 @@ class TuningDB:
         if target.path is not None:
             if readonly:
                 if not os.path.isfile(target.path):
-                    raise DatabaseError(f"no tuning database at {target.path}")
+                    raise MissingDatabaseError(f"no tuning database at {target.path}")
             else:
                 try:
                     os.makedirs(os.path.dirname(target.path), exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from importlib import resources
+from typing import Any
 
 import click
 
@@ -32,15 +33,35 @@ def cache_path(db_location: str | None) -> None:
 @cache.command("list")
 @db_option
 def cache_list(db_location: str | None) -> None:
-    """Environments in the tuning DB (with trial counts), and the shipped caches."""
-    with open_db(db_location, readonly=True) as db:
-        envs = db.environments()
-        click.echo(f"{db.location}: {len(envs)} environment(s)")
-        for e in envs:
-            click.echo(f"  {e.gpu_name} (sm {e.compute_capability or '-'}, torch {e.torch}, triton {e.triton}, "
-                       f"dora-tune {e.dora_tune}): {e.trials} trials")  # fmt: skip
+    """Environments in the tuning DB (with trial counts), and the shipped caches (with theirs).
+
+    A user database that does not exist yet is no error (a fresh machine): it says so and lists the shipped caches.
+    """
+    from dora_tune.autotune_db import MissingDatabaseError, default_db_location
+
+    try:
+        with open_db(db_location, readonly=True) as db:
+            click.echo(f"{db.location}: {_describe(db)}")
+    except click.ClickException as e:
+        if not isinstance(e.__cause__, MissingDatabaseError):
+            raise
+        where = db_location or default_db_location()
+        click.echo(f"{where}: no user database yet (`dora-tune profile` creates it)")
     files = shipped_caches()
-    click.echo(f"shipped caches: {', '.join(files) if files else 'none'}")
+    click.echo(f"shipped caches: {len(files) or 'none'}")
+    for path in files:
+        with open_db(path, readonly=True) as db:
+            click.echo(f"{path}: {_describe(db)}")
+
+
+def _describe(db: Any) -> str:
+    """One line a database, then one line an environment, indented."""
+    envs = db.environments()
+    lines = [f"{len(envs)} environment(s)"]
+    for e in envs:
+        versions = f"torch {e.torch}, triton {e.triton}, dora-tune {e.dora_tune}"
+        lines.append(f"  {e.gpu_name} (sm {e.compute_capability or '-'}, {versions}): {e.trials} trials")
+    return "\n".join(lines)
 
 
 @cache.command("export")

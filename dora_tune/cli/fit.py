@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Any
 
@@ -88,12 +89,24 @@ def fit(db_location: str | None, gpu: str | None, estimator: str) -> None:
 @click.command()
 @db_option
 @click.option("--gpu", default=None, help="only this GPU (name, slug or part of a name, e.g. h200)")
-@click.option("--out", default="crossover.png", show_default=True, type=click.Path(dir_okay=False),
-              help="where to write the plot (PNG)")  # fmt: skip
-def report(db_location: str | None, gpu: str | None, out: str) -> None:
+@click.option(
+    "--out",
+    default="crossover.png",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="where to write the plot (PNG; needs matplotlib: pip install 'dora-tune[plot]')",
+)
+@click.option("--no-plot", is_flag=True, help="print the figures only (no matplotlib needed)")
+def report(db_location: str | None, gpu: str | None, out: str, no_plot: bool) -> None:
     """Show the stored cross-validation figures (no refit) and plot each decision table's choice over the shape
     plane, with the measured shapes marked by their fastest implementation."""
     from dora_tune.dispatch.decisions import DecisionTable
+
+    if not no_plot and importlib.util.find_spec("matplotlib") is None:
+        raise click.ClickException(
+            "dora-tune report draws its plot with matplotlib, which is not installed: "
+            "pip install 'dora-tune[plot]' (or pass --no-plot to print the figures only)"
+        )
 
     with open_db(db_location, readonly=True) as db:
         models = db.models(gpu=gpu)
@@ -114,8 +127,9 @@ def report(db_location: str | None, gpu: str | None, out: str) -> None:
         met = m.metrics
         rows.append(_cv_row(m.op, m.dtype, m.gpu_name, met["n_trials"], met["n_shapes"], m.estimator, met["cv"]))
     _print_table("stored leave-shapes-out cross-validation: cost model vs fixed crossover", rows)
-    _plot(panels, out)
-    click.echo(f"wrote {out}")
+    if not no_plot:
+        _plot(panels, out)
+        click.echo(f"wrote {out}")
 
 
 _COLOURS = {"eager": "#1f77b4", "triton": "#ff7f0e", "dense": "#2ca02c", "factored_torch": "#d62728"}

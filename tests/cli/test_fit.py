@@ -83,3 +83,17 @@ def test_estimator_option_lists_the_library_estimators():
 
     option = next(p for p in fit.params if p.name == "estimator")
     assert sorted(option.type.choices) == sorted(ESTIMATORS) and option.default == DEFAULT_ESTIMATOR
+
+
+def test_report_without_matplotlib_says_which_extra_to_install(tmp_path, known_db, monkeypatch):
+    import importlib.util
+
+    assert run("fit", "--db", known_db).exit_code == 0
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    out = tmp_path / "x.png"
+    res = CliRunner().invoke(cli, ["report", "--db", known_db, "--out", str(out)])
+    assert res.exit_code == 1 and "pip install 'dora-tune[plot]'" in res.output and "--no-plot" in res.output
+    res = CliRunner().invoke(cli, ["report", "--db", known_db, "--no-plot"])  # the figures need no matplotlib
+    assert res.exit_code == 0 and "compose_train" in res.output and "wrote" not in res.output
+    assert not out.exists()

@@ -167,3 +167,23 @@ def test_profile_jobs_default_to_the_cpus_and_reject_negatives(tmp_path, monkeyp
     assert seen == [5, 0]
     res = CliRunner().invoke(cli, [*base, "--jobs", "-1"])
     assert res.exit_code == 2 and "-1" in res.output
+
+
+def test_cache_list_on_a_fresh_machine_lists_the_shipped_caches(tmp_path, monkeypatch):
+    from dora_tune.cli.cache import shipped_caches
+
+    missing = tmp_path / "none" / "tuning.sqlite"
+    monkeypatch.setenv("DORA_TUNE_DB", str(missing))
+    res = run("cache", "list")
+    assert res.exit_code == 0, res.output
+    assert f"{missing}: no user database yet" in res.output
+    shipped = shipped_caches()
+    assert shipped and f"shipped caches: {len(shipped)}" in res.output
+    for path in shipped:
+        with TuningDB.open(path, readonly=True) as db:
+            for e in db.environments():
+                assert f"{e.gpu_name} (sm {e.compute_capability}" in res.output and f"{e.trials} trials" in res.output
+    assert not missing.exists()  # listing creates nothing
+    (tmp_path / "bad.sqlite").write_text("not a database")
+    res = run("cache", "list", "--db", str(tmp_path / "bad.sqlite"))  # other errors still fail, in one line
+    assert res.exit_code == 1 and "Error:" in res.output

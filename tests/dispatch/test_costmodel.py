@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import pickle
@@ -21,6 +22,7 @@ from dora_tune.dispatch import costmodel as cm
 from dora_tune.dispatch.decisions import DecisionTable
 from dora_tune.dispatch.features import FeatureSpec, flatten_config, gpu_features, gpu_spec
 from dora_tune.dispatch.registry import registry
+from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
 from dora_tune.kernels import DEFAULT_COMPOSE_TRAIN_CONFIG
 
 from conftest import COLS, H200, ROWS, fill_known_crossover, ok
@@ -498,6 +500,31 @@ def test_fit_on_the_shipped_h200_cache(tmp_path):
     assert set(tables) == {"norm", "compose", "compose_train"}
     for b in best:  # measured shapes take their measured best
         assert tables[b.op].lookup(b.shape) == (b.impl, b.config), b
-    with TuningDB.open(str(CACHE), readonly=True) as shipped:  # the shipped tables are this fit's (seed 0)
-        stored = {m.op: m.payload for m in shipped.models(gpu="h200")}
-    assert stored == {m.op: m.payload for m in models}
+    # The shipped tables were fitted on another CPU. Linear algebra there (another OpenBLAS kernel) rounds the last
+    # bits differently, and extra trees' split choices amplify that, so a refit here need not reproduce the stored
+    # cells bit for bit. What holds on every CPU: the same grid, CV figures within a small tolerance of the stored
+    # ones, and every cell that differs a near-tie by the refit model's own prediction. Observed on an AMD EPYC
+    # against the Intel-fitted cache: compose 31 of 570 cells differ (≤ 1.002× predicted), norm 973 of 5415
+    # (≤ 1.07×, geomean 1.011), CV geomean within 0.002, max within 3 %; on the fitting CPU nothing differs.
+    with TuningDB.open(str(CACHE), readonly=True) as shipped:
+        stored = {m.op: m for m in shipped.models(gpu="h200")}
+        env = shipped.environments(gpu="h200")[0].info
+        trials = shipped.trials(gpu="h200", status="ok")
+    for m in models:
+        old, new = DecisionTable.from_json(stored[m.op].payload), DecisionTable.from_json(m.payload)
+        assert old.axes == new.axes and len(old.cells) == len(new.cells) and old.impl_versions == new.impl_versions
+        cv_old, cv_new = stored[m.op].metrics["cv"]["model"], m.metrics["cv"]["model"]
+        assert cv_new["n_shapes"] == cv_old["n_shapes"] and cv_new["excluded"] == cv_old["excluded"]
+        assert cv_new["regret_geomean"] == pytest.approx(cv_old["regret_geomean"], abs=0.005), m.op
+        assert cv_new["regret_max"] == pytest.approx(cv_old["regret_max"], rel=0.10), m.op
+        keys = OP_SHAPE_KEYS[m.op]
+        grid = [dict(zip(keys, p, strict=True)) for p in itertools.product(*(old.axes[k] for k in keys))]
+        differ = [i for i, (a, b) in enumerate(zip(old.cells, new.cells, strict=True)) if a != b]
+        assert len(differ) <= 0.3 * len(grid), (m.op, len(differ))
+        if not differ:
+            continue
+        refit = cm.fit_op([t for t in trials if t.op == m.op], m.op, m.dtype, env=env)
+        pairs = [(grid[i], *cells[i]) for i in differ for cells in (old.cells, new.cells)]
+        pred = refit.predict_log_us(pairs).reshape(-1, 2)
+        ratio = np.exp(pred[:, 0] - pred[:, 1])  # the stored pick's predicted time over the refit's pick's
+        assert ratio.max() <= 1.15 and np.exp(np.log(ratio).mean()) <= 1.03, (m.op, ratio.max())

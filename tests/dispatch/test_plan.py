@@ -163,6 +163,7 @@ def test_memoised_and_thread_safe(tmp_path, shipped, monkeypatch):
     real = d._read
     monkeypatch.setattr(d, "_read", lambda *a: (loads.append(a[0]), real(*a))[1])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: GPU)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(plan_mod, "_triton_ok", lambda: True)
     dev = torch.device("cuda", 0)  # never touched: the plan is pure bookkeeping
     results = []
@@ -556,3 +557,32 @@ def test_shipped_cache_plans_the_same_through_sqlite_and_sqlalchemy():
             sources.add(a.source)
     assert sources == {"measured", "model", "heuristic"}
     assert direct.explain(gpu) == [n.replace(to_url(cache), cache) for n in via_url.explain(gpu)]
+
+
+def test_public_plan_takes_a_dict_or_a_sequence_and_says_what_to_pass():
+    d = Dispatcher("/nonexistent/x.sqlite", force_env="")
+    by_dict = d.plan("compose_train", {"rows": 4096, "cols": 8192}, torch.bfloat16, "cpu")
+    assert d.plan("compose_train", (4096, 8192), torch.bfloat16, "cpu") is by_dict  # one memo entry
+    assert d.plan("compose_train", [4096, 8192], "bf16", torch.device("cpu")) is by_dict
+    norm = d.plan("norm", (4096, 1024, 16), "bf16", "cpu")
+    assert d.plan("norm", {"r": 16, "d_in": 1024, "d_out": 4096, "extra": 1}, "bf16", "cpu") is norm
+    assert d.plan("norm", (4096, 16, 1024), "bf16", "cpu") is not norm  # a sequence is read in OP_SHAPE_KEYS order
+    with pytest.raises(ValueError, match=r"lacks \['cols'\].*keys \['rows', 'cols'\]"):
+        d.plan("compose_train", {"rows": 4096}, "bf16", "cpu")
+    with pytest.raises(ValueError, match=r"has 1 dimensions; expected .* sequence of 2 ints"):
+        d.plan("compose_train", (4096,), "bf16", "cpu")
+    with pytest.raises(TypeError, match="must be a dict with keys"):
+        d.plan("compose_train", 4096, "bf16", "cpu")
+    with pytest.raises(TypeError, match="cols must be a positive int"):
+        d.plan("compose_train", (4096, 81.5), "bf16", "cpu")
+    with pytest.raises(ValueError, match="rows must be a positive int, got 0"):
+        d.plan("compose_train", {"rows": 0, "cols": 8}, "bf16", "cpu")
+    with pytest.raises(ValueError, match="unknown op 'nrom'"):
+        d.plan("nrom", (1, 2, 3), "bf16", "cpu")
+
+
+def test_public_plan_on_cuda_without_cuda_falls_back_to_torch():
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only case")
+    p = Dispatcher("/nonexistent/x.sqlite", force_env="").plan("compose_train", (4096, 8192), "bf16", "cuda")
+    assert (p.impl, p.source) == ("eager", "fallback") and "CUDA is not available" in p.detail

@@ -196,7 +196,7 @@ def test_gpu_norm(dtype, shape):
 @pytest.mark.gpu
 def test_gpu_norm_configs():
     # The whole space is checked under the interpreter (test_every_norm_config_is_correct); on the GPU, the
-    # block_k = 64, 8-warp part that benchmarks/kernels.py sweeps (each config compiles for tens of seconds).
+    # block_k = 64, 8-warp part that benchmarks/kernel_bench.py sweeps (each config compiles for tens of seconds).
     W, A, B = make(1000, 1024, 200, torch.bfloat16, "cuda", seed=5)
     ref = norm_reference(W, A, B, 0.5)
     for c in [c for c in norm_config_space(200) if c.block_k == 64 and c.num_warps == 8]:

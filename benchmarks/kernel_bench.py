@@ -1,6 +1,7 @@
 """Kernel benchmark on one CUDA GPU: ceilings, then every implementation of each op against its floor.
 
-Run:  python benchmarks/kernels.py [--quick] [--ops norm,compose,train] [--out benchmarks/results/h200-kernels.json]
+Run:  python benchmarks/kernel_bench.py [--quick] [--ops norm,compose,train]
+          [--out benchmarks/results/h200-kernels.json]
 
 For each shape it prints and records: time (``triton.testing.do_bench`` median, ms or µs), the floor
 (max(bytes / copy bandwidth, FLOPs / bf16 matmul rate), both measured at the start of the same run), achieved
@@ -370,7 +371,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON path (default: $OUT/h200-kernels.json or benchmarks/results)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("benchmarks/kernels.py needs a CUDA GPU")
+        sys.exit("benchmarks/kernel_bench.py needs a CUDA GPU")
     res = {
         "device": torch.cuda.get_device_name(0),
         "torch": torch.__version__,
