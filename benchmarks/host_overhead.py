@@ -108,9 +108,19 @@ def main() -> None:
 
         return f
 
+    from dora_tune.kernels._launch import lean
+    from dora_tune.kernels.dora_layer import dora_layer
+
+    x_in = torch.randn(rows, d, device=dev, dtype=bf16).requires_grad_()
+    base_out = torch.randn(rows, d, device=dev, dtype=bf16).requires_grad_()
     items: dict[str, Callable[[], object]] = {
         "torch_add_small": lambda: small + small,
         "triton_empty_launch_12_args": lambda: _empty[(1,)](*ptrs, 1, 2, 3, 4, 5, 1.0, BLOCK=16),
+        "triton_empty_launch_12_args_lean": lambda: lean(_empty)[(1,)](*ptrs, 1, 2, 3, 4, 5, 1.0, BLOCK=16),
+        "dora_layer_node_fwd_auto": lambda: dora_layer(x_in, W, A, B, mag, norm, s, base_result=base_out),
+        "dora_layer_node_fwd_bwd_auto": lambda: dora_layer(x_in, W, A, B, mag, norm, s, base_result=base_out).backward(
+            dout
+        ),
         "dispatch_auto_lookup": lambda: auto("compose", (rows, d), bf16, dev),
         "factored_norm_auto": lambda: factored_norm(W, A, B, s),
         "factored_norm_triton_direct": lambda: factored_norm_triton(W, A.detach(), B.detach(), s, DEFAULT_NORM_CONFIG),
@@ -164,6 +174,12 @@ def main() -> None:
         "shape": {"d": d, "rank": r, "tokens": rows, "dtype": "bf16"},
         "items": {},
     }
+    from dora_tune import DoRALinear
+
+    dl = DoRALinear(torch.nn.Linear(d, d, bias=False, device=dev, dtype=bf16), r=r, alpha=2 * r)
+    with torch.no_grad():
+        dl.lora_B.normal_(0, 0.01)
+    layer_items("dora_linear", dl)
     if "lora" in layers:
         layer_items("lora", layers["lora"])
     if "peft_dora" in layers:

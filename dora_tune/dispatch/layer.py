@@ -1,10 +1,10 @@
 """``DoRALinear``: a DoRA adapter around a frozen ``nn.Linear``, computed with dora-tune's dispatched kernels.
 
 Math (DESIGN.md §1): ``y = g ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + bias`` with ``g = m / ‖W + s·B·A‖_row`` (the norm detached).
-The norm comes from :func:`~dora_tune.kernels.factored_norm` (never building ``B·A``), ``g`` from
-:func:`~dora_tune.kernels.dora_scale` and the composition from :func:`~dora_tune.kernels.dora_compose_train` (grad
-enabled; ``compose_train`` with ``g`` formed inside its one autograd node) or :func:`~dora_tune.kernels.compose` (no
-grad), each with ``impl="auto"`` (the dispatcher's choice).
+The norm comes from :func:`~dora_tune.kernels.factored_norm` (never building ``B·A``), cached while W, A and B are
+unchanged (:class:`NormCache`: once per optimizer step in training); the rest of the layer is one autograd node,
+:func:`~dora_tune.kernels.dora_layer.dora_layer` (GEMMs, ``g`` and the fused compose), each with ``impl="auto"``
+(the dispatcher's choice).
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dora_tune.kernels import compose, dora_compose_train, dora_scale, factored_norm
+from dora_tune.kernels import dora_scale, factored_norm
 from dora_tune.kernels._common import SUPPORTED_DTYPES
+from dora_tune.kernels.dora_layer import dora_layer_unchecked
 
 _INITS = (True, False, "gaussian")
+DROPOUT_MODES = ("peft", "lora_only")
 
 
 class DoRALinear(nn.Module):
@@ -49,10 +51,19 @@ class DoRALinear(nn.Module):
     the LoRA branch then runs in it and the composition in the promoted dtype). Devices: CPU (torch
     implementations) and CUDA (the dispatcher picks Triton kernels and configs per shape).
 
-    In eval mode the norm is cached and reused until one of W, A or B changes (keyed on each tensor's identity,
-    storage and in-place version counter, so ``optimizer.step()``, ``load_state_dict`` and ``.copy_`` invalidate
-    it; a write through ``.data`` does not — call :meth:`clear_cache` after one). Training mode never caches, and
-    neither does a compiled forward (under ``torch.compile`` the norm is recomputed by the custom op each call).
+    The norm is cached and reused until one of W, A or B changes — in training too, where it is a constant between
+    optimizer steps (gradient-accumulation micro-steps and gradient-checkpointing recomputes reuse it) — keyed on
+    each tensor's identity, storage and in-place version counter, so ``optimizer.step()``, ``load_state_dict``,
+    ``.copy_``, ``zero_()`` and dtype/device moves invalidate it; a write through ``.data`` does not (call
+    :meth:`clear_cache` after one). The cached norm is bitwise the one a recomputation would give. A compiled
+    forward (``torch.compile``) does not cache: the norm's custom op runs every call.
+
+    ``dropout_mode``: ``"peft"`` (default) is PEFT's semantics above; ``"lora_only"`` (torchtune's) drops out the
+    LoRA branch's input only, ``y = g ⊙ (x·Wᵀ + s·dropout(x)·Aᵀ·Bᵀ) + bias``: a different model (not a faster PEFT)
+    whose training step needs no second base GEMM.
+
+    Training runs each layer's adapter as one autograd node (:func:`~dora_tune.kernels.dora_layer.dora_layer`:
+    LoRA GEMMs, scale and compose fused, one Triton launch each way besides the GEMMs).
     """
 
     def __init__(
@@ -65,6 +76,7 @@ class DoRALinear(nn.Module):
         use_rslora: bool = False,
         init_lora_weights: bool | str = True,
         dtype: torch.dtype | None = None,
+        dropout_mode: str = "peft",
     ) -> None:
         """Wrap ``base_layer`` (frozen in place) with a rank-``r`` DoRA adapter.
 
@@ -77,6 +89,7 @@ class DoRALinear(nn.Module):
             init_lora_weights: ``True`` (PEFT's default: A Kaiming-uniform, B = 0), ``"gaussian"`` (A ~ N(0, 1/r²),
                 B = 0) or ``False`` (A and B both random: not an identity at init; for tests).
             dtype: dtype of ``lora_A``, ``lora_B`` and ``magnitude`` (default: the base weight's).
+            dropout_mode: ``"peft"`` (PEFT's semantics) or ``"lora_only"`` (dropout on the LoRA branch only).
         """
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
@@ -95,6 +108,8 @@ class DoRALinear(nn.Module):
             raise ValueError(f"init_lora_weights must be one of {_INITS}, got {init_lora_weights!r}")
         if dtype is not None and dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
+        if dropout_mode not in DROPOUT_MODES:
+            raise ValueError(f"dropout_mode must be one of {DROPOUT_MODES}, got {dropout_mode!r}")
 
         self.base_layer = base_layer
         for p in base_layer.parameters(recurse=False):
@@ -106,6 +121,7 @@ class DoRALinear(nn.Module):
         self.use_rslora = bool(use_rslora)
         self.scale = self.alpha / (math.sqrt(r) if use_rslora else r)
         self.dropout_p = float(dropout)
+        self.dropout_mode = dropout_mode
         self.lora_dropout: nn.Module = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
         adtype = dtype or weight.dtype
         kw: dict[str, Any] = {"device": weight.device, "dtype": adtype}
@@ -144,38 +160,37 @@ class DoRALinear(nn.Module):
         """Forget the eval-mode norm (needed only after writing W, A or B through ``.data``)."""
         self._norm_cache.clear()
 
-    def train(self, mode: bool = True) -> DoRALinear:
-        """``nn.Module.train``; entering training mode also drops the eval-mode norm cache."""
-        if mode:
-            self.clear_cache()
-        return super().train(mode)
+    def _apply(self, fn: Any, recurse: bool = True) -> DoRALinear:
+        """``nn.Module._apply`` (``.to``, ``.cuda``, ``.half`` ...): the tensors move, the cached norm goes."""
+        self.clear_cache()
+        return super()._apply(fn, recurse)
 
     def weight_norm(self) -> torch.Tensor:
-        """``‖W + s·B·A‖_row``: float32 ``[out_features]``, detached (cached in eval mode, see the class doc)."""
+        """``‖W + s·B·A‖_row``: float32 ``[out_features]``, detached (cached, see the class doc)."""
         W, A, B = self.base_layer.weight, self.lora_A, self.lora_B
-        if self.training or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
             return factored_norm(W, A, B, self.scale)
         return self._norm_cache(W, A, B, self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in_features]`` → ``[..., out_features]`` in the base layer's output dtype (see the class doc)."""
         W, bias = self.base_layer.weight, self.base_layer.bias
-        A, B = self.lora_A, self.lora_B
         norm = self.weight_norm()
-        dropped = self.training and self.dropout_p > 0
-        x_l = self.lora_dropout(x) if dropped else x
-        lora = F.linear(F.linear(x_l.to(A.dtype), A), B)
-        base = F.linear(x_l, W)  # x·Wᵀ without the bias: DoRA scales only this
-        out_dtype = base.dtype
-        dt = torch.promote_types(lora.dtype, base.dtype)
-        lora_c, base_c = lora.to(dt), base.to(dt)
-        delta = dora_delta(lora_c, base_c, self.magnitude, norm, self.scale)
-        if dropped:  # PEFT: the un-dropped base output passes through unscaled
-            return (F.linear(x, W, bias) + delta).to(out_dtype)
-        out = base_c + delta
-        if bias is not None:
-            out.add_(bias)  # in place: keeps the dtype (no promotion to the bias dtype under autocast)
-        return out.to(out_dtype)
+        if not (self.training and self.dropout_p > 0):  # one node: base GEMM, LoRA GEMMs, scale and compose
+            return dora_layer_unchecked(
+                x, W, self.lora_A, self.lora_B, self.magnitude, norm, self.scale, bias, full=True
+            )
+        x_l = self.lora_dropout(x)
+        if self.dropout_mode == "lora_only":  # base of the input as it came, LoRA of the dropped-out input
+            base = F.linear(x, W)
+            m, s = self.magnitude, self.scale
+            return dora_layer_unchecked(
+                x_l, W, self.lora_A, self.lora_B, m, norm, s, bias, base, sub_bias=False, full=True
+            )
+        # PEFT: the un-dropped base output passes through unscaled; the DoRA delta acts on the dropped-out input
+        delta = dora_layer_unchecked(x_l, W, self.lora_A, self.lora_B, self.magnitude, norm, self.scale)
+        out = F.linear(x, W, bias)
+        return (out + delta).to(out.dtype)
 
     # ------------------------------------------------------------------------------------------- export
 
@@ -196,33 +211,26 @@ class DoRALinear(nn.Module):
     def extra_repr(self) -> str:
         """Sizes, rank, alpha, scale, dropout, rsLoRA and bias, for ``repr``."""
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, alpha={self.alpha:g}, "
-                f"scale={self.scale:g}, dropout={self.dropout_p:g}, use_rslora={self.use_rslora}, "
+                f"scale={self.scale:g}, dropout={self.dropout_p:g}, dropout_mode={self.dropout_mode}, "
+                f"use_rslora={self.use_rslora}, "
                 f"bias={self.base_layer.bias is not None}")  # fmt: skip
 
 
-def dora_delta(
-    lora: torch.Tensor, base: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """The DoRA delta ``(g−1)·base + g·(s·lora)``, ``g = m / norm``, as a layer computes it (``impl="auto"``):
-    :func:`~dora_tune.kernels.dora_compose_train` when autograd records (one node, gradients to lora, base and m),
-    else :func:`~dora_tune.kernels.compose` of :func:`~dora_tune.kernels.dora_scale`. ``lora``/``base``
-    ``[..., d_out]`` of one dtype, ``magnitude``/``norm`` ``[d_out]``; the result has ``base``'s shape and dtype."""
-    if torch.is_grad_enabled():
-        return dora_compose_train(lora, base, magnitude, norm, scale)
-    return compose(lora, base, dora_scale(magnitude, norm), scale)
-
-
 class NormCache:
-    """``factored_norm(W, A, B, s)`` remembered while W, A and B stay the same tensors with the same storage and
-    in-place version counter (``optimizer.step()``, ``load_state_dict`` and ``.copy_`` bump it; writes through
-    ``.data`` do not). Holds weak references only; copies and pickles start empty. A norm computed under
-    ``torch.inference_mode`` is reused only inside inference mode."""
+    """``factored_norm(W, A, B, s)`` remembered while W, A and B stay the same tensors with the same storage, dtype
+    and in-place version counter: ``optimizer.step()``, ``load_state_dict``, ``.copy_`` and ``zero_()`` bump the
+    counter, a dtype or device move (``module.to``) replaces the storage — and the layers clear their cache in
+    ``_apply`` too, so a storage freed and reused at the same address cannot alias. Writes through ``.data`` are
+    invisible (call :meth:`clear`). Holds weak references only; copies and pickles start empty. A norm computed
+    under ``torch.inference_mode`` is reused only inside inference mode. The norm is detached, so between optimizer
+    steps it is a constant: reusing it is exact (bitwise the recomputation: the kernels are deterministic)."""
 
-    __slots__ = ("_key", "_norm")
+    __slots__ = ("_inference", "_key", "_norm")
 
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._norm: torch.Tensor | None = None
+        self._inference = False
 
     def clear(self) -> None:
         """Forget the cached norm."""
@@ -230,19 +238,28 @@ class NormCache:
 
     def __call__(self, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
         """The float32 ``[d_out]`` norm, computed (``impl="auto"``) only when the tensors changed."""
-        key = (scale, *((weakref.ref(t), t.data_ptr(), t._version) for t in (W, A, B)))
-        old = self._key
+        key = self._key
         # a norm computed under inference_mode cannot take part in autograd later: reuse it only there
-        usable = old is not None and (not self._norm.is_inference() or torch.is_inference_mode_enabled())
-        if usable and old[0] == scale:
-            for (ref_a, ptr_a, ver_a), (ref_b, ptr_b, ver_b) in zip(old[1:], key[1:], strict=True):
-                t = ref_a()
-                if t is None or t is not ref_b() or ptr_a != ptr_b or ver_a != ver_b:
-                    break
-            else:
+        if key is not None and key[0] == scale and (not self._inference or torch.is_inference_mode_enabled()):
+            _, (rw, pw, vw, dw), (ra, pa, va, da), (rb, pb, vb, db) = key
+            if (
+                rw() is W
+                and W._version == vw
+                and ra() is A
+                and A._version == va
+                and rb() is B
+                and B._version == vb
+                and W.data_ptr() == pw
+                and A.data_ptr() == pa
+                and B.data_ptr() == pb
+                and W.dtype is dw
+                and A.dtype is da
+                and B.dtype is db
+            ):
                 return self._norm
         norm = factored_norm(W, A, B, scale)
-        self._key, self._norm = key, norm
+        self._key = (scale, *((weakref.ref(t), t.data_ptr(), t._version, t.dtype) for t in (W, A, B)))
+        self._norm, self._inference = norm, norm.is_inference()
         return norm
 
     def __getstate__(self) -> dict:

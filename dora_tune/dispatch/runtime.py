@@ -58,6 +58,8 @@ from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
 _TORCH_IMPL = {"norm": "factored_torch", "compose": "eager", "compose_train": "eager"}
 #: timed calls of each shortlisted config in a race, the rounds they are taken in, and the warm-up per config (ms)
 RACE_REPS, RACE_ROUNDS, RACE_WARMUP_MS = 30, 3, 2.0
+#: back-to-back calls of each shortlisted config whose wall time the race also takes (host included), per round
+RACE_WALL_CALLS = 10
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 SOURCES = ("measured", "model", "heuristic", "fallback")
 _FORCE: contextvars.ContextVar[str | None] = contextvars.ContextVar("dora_tune_force", default=None)
@@ -329,7 +331,7 @@ class Dispatcher:
             return dataclasses.replace(single, detail=detail), False
         from triton.runtime.errors import OutOfResources
 
-        from dora_tune.dispatch.timing import interleaved_times
+        from dora_tune.dispatch.timing import interleaved_times, wall_times
 
         ok, dropped = [], []
         try:
@@ -346,15 +348,20 @@ class Dispatcher:
             if len(ok) == 1:
                 return dataclasses.replace(single, config=ok[0], detail=f"{plan.detail}; the only shortlisted "
                                            "config that launches here"), True  # fmt: skip
-            times = interleaved_times([functools.partial(run, cfg) for cfg in ok], device, reps=RACE_REPS,
-                                      rounds=RACE_ROUNDS, warmup_ms=RACE_WARMUP_MS)  # fmt: skip
+            fns = [functools.partial(run, cfg) for cfg in ok]
+            times = interleaved_times(fns, device, reps=RACE_REPS, rounds=RACE_ROUNDS, warmup_ms=RACE_WARMUP_MS)
+            walls = wall_times(fns, device, calls=RACE_WALL_CALLS, rounds=RACE_ROUNDS)
         except torch.cuda.OutOfMemoryError as e:
             self._warn(f"{op} {dims} {dtype}: not raced, out of memory while racing ({str(e).splitlines()[0]}); "
                        "keeping the model's decision")  # fmt: skip
             return dataclasses.replace(single, detail=f"{plan.detail}; not raced (out of memory)"), False
         medians = [statistics.median(t) for t in times]
-        best = min(range(len(ok)), key=medians.__getitem__)
-        raced = ", ".join(f"{_short(c)} {us:.1f} µs" for c, us in zip(ok, medians, strict=True))
+        # what the step pays: the GPU time, or the wall time of back-to-back calls where the host is the bottleneck
+        costs = [max(gpu, wall) for gpu, wall in zip(medians, walls, strict=True)]
+        best = min(range(len(ok)), key=costs.__getitem__)
+        raced = ", ".join(
+            f"{_short(c)} gpu {us:.1f} / wall {w:.1f} µs" for c, us, w in zip(ok, medians, walls, strict=True)
+        )
         return dataclasses.replace(single, config=ok[best], detail=f"{plan.detail}; raced at first use: {raced}"), True
 
     def plan_for_gpu(self, gpu_name: str, op: str, shape: dict[str, int], dtype: str) -> Plan:

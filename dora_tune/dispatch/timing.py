@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["MIN_REPS", "gpu_times", "interleaved_times", "spin_cycles_per_ms"]
+__all__ = ["MIN_REPS", "gpu_times", "interleaved_times", "spin_cycles_per_ms", "wall_times"]
 
 #: fewest timed calls of a CUDA trial.
 MIN_REPS = 10
@@ -126,3 +126,23 @@ def interleaved_times(
                 fn()
                 out[i].append((time.perf_counter() - t0) * 1e6)
     return out
+
+
+def wall_times(fns: Sequence[Callable[[], Any]], device: torch.device, *, calls: int, rounds: int = 3) -> list[float]:
+    """Per function, the wall time of one call (µs) when ``calls`` calls run back to back — what a training step
+    pays for it, host included: the GPU is not held ahead, so a call whose launches cost the host more than its
+    kernels cost the GPU shows its host time, and a GPU-bound call its GPU time. The least of ``rounds`` rounds
+    (each visits every function in turn), synchronised before and after each batch."""
+    if calls < 1 or rounds < 1:
+        raise ValueError(f"calls and rounds must be ≥ 1, got {calls} and {rounds}")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync()
+            best[i] = min(best[i], (time.perf_counter() - t0) / calls * 1e6)
+    return best

@@ -7,12 +7,12 @@ PEFT adds to the base layer's output. ``base`` is ``base_result − bias`` when 
 inactive), else ``x·Wᵀ`` of the (dropped-out) ``x`` it was given — the semantics of every PEFT version since 0.12.
 
 :func:`enable` replaces that method so that, for the layers it covers, the norm is :func:`~dora_tune.kernels.
-factored_norm` (never building ``B·A``), ``g`` is :func:`~dora_tune.kernels.dora_scale` (rows with a zero norm get
-``g = 1`` instead of PEFT's inf/NaN) and the composition is :func:`~dora_tune.kernels.dora_compose_train` (grad
-enabled: ``compose_train`` with ``g`` formed inside one autograd node) or :func:`~dora_tune.kernels.compose` (no
-grad), all with ``impl="auto"``. Everything else — dropout, the LoRA
-matmuls through PEFT's own ``lora_A``/``lora_B`` modules, input casts, adapter selection, merging — stays PEFT's.
-In eval mode the norm is cached while W, A and B are unchanged (see :class:`~dora_tune.dispatch.layer.NormCache`).
+factored_norm` (never building ``B·A``), computed once while W, A and B are unchanged (once per optimizer step in
+training; :class:`~dora_tune.dispatch.layer.NormCache`), and the rest — the LoRA GEMMs through the adapters'
+weights, ``g = m / n`` (rows with a zero norm get ``g = 1`` instead of PEFT's inf/NaN), PEFT's bias subtraction and
+the composition — is ONE autograd node, :func:`~dora_tune.kernels.dora_layer.dora_layer` with ``impl="auto"``.
+Everything else — dropout, input casts, adapter selection, merging — stays PEFT's. ``enable(model,
+dropout_mode="lora_only")`` opts into dropout on the LoRA branch only (see :func:`enable`).
 
 Layers keep PEFT's own path (and dora-tune says so once per reason, with a ``RuntimeWarning``) when they are not a
 plain case: DoRA on Embedding or Conv layers, ``fan_in_fan_out`` (Conv1D-style) weights, quantised or otherwise
@@ -35,7 +35,6 @@ import weakref
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 try:
@@ -53,15 +52,17 @@ except ImportError as e:  # pragma: no cover - depends on the installed PEFT
         f"{getattr(peft, '__version__', '?')}: pip install -U 'dora-tune[peft]'"
     ) from e
 
-from dora_tune.dispatch.layer import NormCache, dora_delta
+from dora_tune.dispatch.layer import DROPOUT_MODES, NormCache
 from dora_tune.kernels import factored_norm
 from dora_tune.kernels._common import SUPPORTED_DTYPES
+from dora_tune.kernels.dora_layer import dora_layer_unchecked
 
 __all__ = ["DoraTuneHandle", "disable", "enable", "is_enabled"]
 
 _FLAG = "_dora_tune_enabled"  # instance attribute: this layer was enabled by enable(model)
 _CACHE = "_dora_tune_norm_cache"  # instance attribute: the eval-mode NormCache
 _VERDICT = "_dora_tune_verdict"  # instance attribute: (call key, _why_not's answer) of the last call checked
+_DROPOUT = "_dora_tune_dropout"  # instance attribute (dropout_mode="lora_only"): the LoRA dropout PEFT no longer sees
 _REQUIRED = ("lora_A", "lora_B", "scaling", "base_layer")
 _KNOWN = frozenset((*_REQUIRED, "base_result", "adapter_name"))
 
@@ -72,6 +73,8 @@ _PEFT: dict[str, Any] = {}  # "forward": PEFT's DoraLinearLayer.forward, as foun
 _ENABLED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # layers flagged by enable(model)
 _CACHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # layers holding a NormCache or a verdict
 _SAID: set[str] = set()
+# dropout_mode="lora_only": (the owner's lora_dropout ModuleDict, adapter name, DoRA layer holding the module)
+_SWAPPED: list[tuple[weakref.ref, str, nn.Module]] = []
 
 
 class DoraTuneHandle:
@@ -95,12 +98,17 @@ class DoraTuneHandle:
         return f"DoraTuneHandle({where})"
 
 
-def enable(model: nn.Module | None = None) -> DoraTuneHandle:
+def enable(model: nn.Module | None = None, *, dropout_mode: str = "peft") -> DoraTuneHandle:
     """Compute PEFT's DoRA Linear layers with dora-tune.
 
     Args:
         model: ``None`` patches globally: every PEFT DoRA Linear layer, existing and created later. A module (e.g. a
             ``PeftModel``) enables only the DoRA Linear layers inside it now.
+        dropout_mode: ``"peft"`` (default): PEFT's semantics exactly — with ``lora_dropout > 0`` in training the DoRA
+            delta is computed on the dropped-out input, which costs a second base GEMM. ``"lora_only"`` (needs a
+            ``model``): dropout acts on the LoRA branch only, ``y = g ⊙ (x·Wᵀ + s·dropout(x)·Aᵀ·Bᵀ) + bias``
+            (torchtune's choice) — a different model, not a faster PEFT. It moves each DoRA adapter's
+            ``lora_dropout`` module out of PEFT's sight (an ``nn.Identity`` stands in; :func:`disable` puts it back).
 
     Returns:
         A :class:`DoraTuneHandle` (usable as ``with enable(model): ...``).
@@ -108,7 +116,12 @@ def enable(model: nn.Module | None = None) -> DoraTuneHandle:
     Raises:
         RuntimeError: the installed PEFT's ``DoraLinearLayer.forward`` does not have the arguments this module
             relies on (the message names the PEFT version).
+        ValueError: an unknown ``dropout_mode``, or ``"lora_only"`` without a model.
     """
+    if dropout_mode not in DROPOUT_MODES:
+        raise ValueError(f"dropout_mode must be one of {DROPOUT_MODES}, got {dropout_mode!r}")
+    if dropout_mode == "lora_only" and model is None:
+        raise ValueError("dropout_mode='lora_only' needs the model (enable(model, dropout_mode='lora_only'))")
     with _LOCK:
         _check_peft_api()
         if model is None:
@@ -134,18 +147,52 @@ def enable(model: nn.Module | None = None) -> DoraTuneHandle:
         for m in layers:
             m.__dict__[_FLAG] = True
             _ENABLED.add(m)
+        _set_dropout_mode(model, dropout_mode)
         return DoraTuneHandle(model, len(layers))
+
+
+def _set_dropout_mode(model: nn.Module, mode: str) -> None:
+    """Move each DoRA adapter's LoRA dropout out of PEFT's sight (``"lora_only"``) or put it back (``"peft"``)."""
+    for owner in model.modules():
+        mags, drops = getattr(owner, "lora_magnitude_vector", None), getattr(owner, "lora_dropout", None)
+        if not isinstance(mags, nn.ModuleDict) or not isinstance(drops, nn.ModuleDict):
+            continue
+        for name, dora in mags.items():
+            if type(dora) is not DoraLinearLayer or name not in drops:
+                continue
+            held = dora.__dict__.get(_DROPOUT)
+            if mode == "lora_only" and held is None and not isinstance(drops[name], nn.Identity):
+                dora.__dict__[_DROPOUT] = drops[name]
+                drops[name] = nn.Identity()
+                _SWAPPED.append((weakref.ref(drops), name, dora))
+            elif mode == "peft" and held is not None:
+                drops[name] = held
+                del dora.__dict__[_DROPOUT]
+
+
+def _restore_dropouts() -> None:
+    for ref, name, dora in _SWAPPED:
+        drops, held = ref(), dora.__dict__.pop(_DROPOUT, None)
+        if drops is not None and held is not None:
+            drops[name] = held
+    _SWAPPED.clear()
 
 
 def disable() -> None:
     """Undo every :func:`enable`: PEFT's classes get their original methods back and no layer keeps a dora-tune
     flag or cache, so PEFT computes exactly what it computes without dora-tune. A no-op when nothing is enabled."""
     with _LOCK:
+        _restore_dropouts()
         for cls, (had_own, fwd) in _ORIG.items():
             if had_own:
                 cls.forward = fwd
             else:  # pragma: no cover - every patched PEFT class defines its own forward
                 delattr(cls, "forward")
+        if DoraLinearLayer in _ORIG:
+            if _PEFT.get("_apply") is not None:  # pragma: no cover - PEFT's class inherits nn.Module._apply
+                DoraLinearLayer._apply = _PEFT["_apply"]
+            else:
+                del DoraLinearLayer._apply
         _ORIG.clear()
         _STATE["global"] = False
         for m in list(_ENABLED):
@@ -187,6 +234,8 @@ def _install(*, shim_subclasses: bool) -> None:
         _ORIG[DoraLinearLayer] = ("forward" in DoraLinearLayer.__dict__, DoraLinearLayer.forward)
         _PEFT["forward"] = DoraLinearLayer.forward
         DoraLinearLayer.forward = _dora_forward
+        _PEFT["_apply"] = DoraLinearLayer.__dict__.get("_apply")
+        DoraLinearLayer._apply = _dora_apply
     if shim_subclasses:
         for cls in _subclasses(DoraLinearLayer):
             if cls not in _ORIG and "forward" in cls.__dict__:
@@ -323,13 +372,23 @@ def _checked_why_not(self: nn.Module, x: Any, kwargs: dict[str, Any]) -> str | N
 
 
 def _norm(self: nn.Module, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
-    if self.training or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         return factored_norm(W, A, B, scale)
     cache = self.__dict__.get(_CACHE)
     if cache is None:
         cache = self.__dict__[_CACHE] = NormCache()
         _CACHED.add(self)
     return cache(W, A, B, scale)
+
+
+def _dora_apply(self: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
+    """``nn.Module._apply`` of a DoRA layer while dora-tune is installed: a dtype or device move drops the norm
+    cache (its key holds storage addresses, which the move frees for reuse)."""
+    cache = self.__dict__.get(_CACHE)
+    if cache is not None:
+        cache.clear()
+    parent = _PEFT.get("_apply") or nn.Module._apply
+    return parent(self, fn, recurse)
 
 
 def _dora_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -342,17 +401,20 @@ def _dora_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -
     why = _checked_why_not(self, x, kwargs)
     if why is not None:
         _say(why)
+        dropout = self.__dict__.get(_DROPOUT)
+        if dropout is not None and self.training:  # PEFT's path keeps PEFT's dropout semantics
+            _say("dropout_mode='lora_only' does not apply to layers on PEFT's path: PEFT's dropout semantics there")
+            x, kwargs = dropout(x), {**kwargs, "base_result": None}
         return orig(self, x, **kwargs)
     lora_A, lora_B, base_layer = kwargs["lora_A"], kwargs["lora_B"], kwargs["base_layer"]
     scale = float(kwargs["scaling"])
-    W = base_layer.weight
-    norm = _norm(self, W, lora_A.weight, lora_B.weight, scale)
-    lora = lora_B(lora_A(x))
+    W, A, B = base_layer.weight, lora_A.weight, lora_B.weight
+    norm = _norm(self, W, A, B, scale)
     base_result = kwargs.get("base_result")
-    if base_result is not None:  # PEFT: the base layer's output without its bias
-        bias = getattr(base_layer, "bias", None)
-        base = base_result - bias if bias is not None else base_result
-    else:  # PEFT: x·Wᵀ of the input it was given (dropped out when dropout is active)
-        base = F.linear(x, W.to(x.dtype))
-    dt = torch.promote_types(lora.dtype, base.dtype)
-    return dora_delta(lora.to(dt), base.to(dt), self.weight, norm, scale)
+    bias = getattr(base_layer, "bias", None)
+    dropout = self.__dict__.get(_DROPOUT)
+    if dropout is not None and self.training:  # dropout_mode="lora_only": PEFT saw an Identity and passed base_result
+        x = dropout(x)
+    # PEFT: base_result is the base layer's output with its bias; without it (dropout active) the base is x·Wᵀ of
+    # the dropped-out input, computed inside the node
+    return dora_layer_unchecked(x, W, A, B, self.weight, norm, scale, bias, base_result, sub_bias=True, full=False)

@@ -1,3 +1,4 @@
+import functools
 import gc
 import threading
 import time
@@ -586,3 +587,28 @@ def test_public_plan_on_cuda_without_cuda_falls_back_to_torch():
         pytest.skip("checks the CPU-only case")
     p = Dispatcher("/nonexistent/x.sqlite", force_env="").plan("compose_train", (4096, 8192), "bf16", "cuda")
     assert (p.impl, p.source) == ("eager", "fallback") and "CUDA is not available" in p.detail
+
+
+def test_race_is_host_aware_the_lower_wall_time_wins_where_gpu_time_disagrees(monkeypatch):
+    from dora_tune.dispatch import timing
+
+    d = Dispatcher(force_env="")
+    plan, dims, dev, _run, _calls = _race_setup(d)
+    # GPU time says split_k 1 is fastest; but each of its calls keeps the host 1 ms (a launch-heavy path), so
+    # back-to-back it costs the step far more than the others' 5–6 µs of GPU time
+    gpu_us = {1: 2.0, 3: 6.0, 4: 5.0}
+    monkeypatch.setattr(
+        timing, "interleaved_times", lambda fns, *a, **k: [[gpu_us[f.args[0].split_k]] * 3 for f in fns]
+    )
+
+    def run(cfg):
+        t_end = time.perf_counter() + (0.001 if cfg.split_k == 1 else 0.0)
+        while time.perf_counter() < t_end:
+            pass
+
+    settled = d.settle("norm", dims, "bf16", dev, plan, run)
+    assert settled.config.split_k == 4, settled.detail
+    assert "gpu 2.0 / wall" in settled.detail  # both figures are reported
+    walls = timing.wall_times([functools.partial(run, c) for c in plan.race], dev, calls=5)
+    by_split = {c.split_k: w for c, w in zip(plan.race, walls, strict=True)}
+    assert by_split[1] > 900 and max(by_split[3], by_split[4]) < 500  # µs: the host-bound one shows its host time

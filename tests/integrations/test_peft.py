@@ -84,20 +84,26 @@ def clean(monkeypatch):
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts of dora-tune's kernels called by the integration."""
+    """Counts of dora-tune's kernels called by the integration: the norm, and the one-node layer with autograd
+    recording ("compose_train") or without ("compose")."""
     from dora_tune.dispatch import layer
 
     counts = {"factored_norm": 0, "compose_train": 0, "compose": 0}
-    wrapped = [(dp, "factored_norm", "factored_norm"), (layer, "dora_compose_train", "compose_train"),
-               (layer, "compose", "compose"), (layer, "factored_norm", "factored_norm")]  # fmt: skip
-    for module, attr, name in wrapped:
-        real = getattr(module, attr)
+    for module in (dp, layer):
+        real_norm = module.factored_norm
 
-        def wrapper(*a, _real=real, _name=name, **k):
-            counts[_name] += 1
+        def norm(*a, _real=real_norm, **k):
+            counts["factored_norm"] += 1
             return _real(*a, **k)
 
-        monkeypatch.setattr(module, attr, wrapper)
+        monkeypatch.setattr(module, "factored_norm", norm)
+    real_node = dp.dora_layer_unchecked
+
+    def node(*a, **k):
+        counts["compose_train" if torch.is_grad_enabled() else "compose"] += 1
+        return real_node(*a, **k)
+
+    monkeypatch.setattr(dp, "dora_layer_unchecked", node)
     return counts
 
 
@@ -133,7 +139,7 @@ def test_logits_and_adapter_grads_match_peft(dropout, mode, ids, calls):
         assert relerr(run(pm, ids)[0], want[0]) > 1e-3
 
 
-def test_no_grad_eval_uses_compose_and_caches_the_norm(ids, calls):
+def test_no_grad_eval_runs_the_node_and_caches_the_norm(ids, calls):
     pm = tiny_llama(0.1).eval()
     want = run(pm, ids, grad=False)[0]
     dp.enable(pm)
@@ -149,11 +155,11 @@ def test_no_grad_eval_uses_compose_and_caches_the_norm(ids, calls):
     assert calls["factored_norm"] == N_DORA + 1
     dp.disable()
     assert relerr(got2, run(pm, ids, grad=False)[0]) <= 1e-5
-    # training mode never caches
+    # training caches too (the norm is a constant between optimizer steps); disable() dropped the caches
     dp.enable(pm)
     pm.train()
     run(pm, ids), run(pm, ids)
-    assert calls["factored_norm"] == 3 * N_DORA + 1
+    assert calls["factored_norm"] == 2 * N_DORA + 1
 
 
 def test_disable_restores_peft_exactly(ids, calls):
@@ -420,3 +426,63 @@ def test_cuda_fp32_parity_with_dropout(mode, calls):
     got = run(pm, ids, grad=mode == "train")
     assert calls["compose_train" if mode == "train" else "compose"] == N_DORA
     assert_close(got, want, 1e-4)
+
+
+class FixedMask(nn.Module):
+    """A deterministic stand-in for dropout: multiplies by a fixed 0/2 mask (what dropout(p=0.5) draws)."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x):
+        return x * self.mask
+
+
+def test_lora_only_dropout_mode_against_float64_and_restored_by_disable():
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(
+        nn.Sequential(nn.Linear(16, 24)),
+        peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, use_dora=True, target_modules=["0"]),
+    )
+    perturb(pm)
+    lin = pm.base_model.model[0]
+    x = torch.randn(3, 16)
+    mask = (torch.rand(3, 16, generator=torch.Generator().manual_seed(4)) > 0.5).float() * 2
+    original = lin.lora_dropout["default"]
+    lin.lora_dropout["default"] = FixedMask(mask)
+    with pytest.raises(ValueError, match="needs the model"):
+        dp.enable(None, dropout_mode="lora_only")
+    with pytest.raises(ValueError, match="dropout_mode"):
+        dp.enable(pm, dropout_mode="base")
+    dp.enable(pm, dropout_mode="lora_only")
+    assert isinstance(lin.lora_dropout["default"], nn.Identity)  # out of PEFT's sight
+    pm.train()
+    got = pm(x)
+    W, b = lin.base_layer.weight.double(), lin.base_layer.bias.double()
+    A, B = lin.lora_A["default"].weight.double(), lin.lora_B["default"].weight.double()
+    m, s = lin.lora_magnitude_vector["default"].weight.double(), lin.scaling["default"]
+    g = m / torch.linalg.vector_norm(W + s * B @ A, dim=1)
+    want = g * (x.double() @ W.T + s * ((x.double() * mask) @ A.T) @ B.T) + b  # base of x, LoRA of the masked x
+    assert relerr(got, want) <= 1e-5
+    pm.eval()  # eval: no dropout, PEFT's model
+    dp.disable()
+    assert isinstance(lin.lora_dropout["default"], FixedMask)  # put back
+    want_eval = pm(x)
+    dp.enable(pm, dropout_mode="lora_only")
+    assert relerr(pm(x), want_eval) <= 1e-5
+    dp.disable()
+    lin.lora_dropout["default"] = original
+
+
+def test_a_dtype_move_drops_the_norm_cache(ids, calls):
+    pm = tiny_llama().eval()
+    dp.enable(pm)
+    first = run(pm, ids, grad=False)[0]
+    assert calls["factored_norm"] == N_DORA
+    pm.to(torch.bfloat16)  # the weights are rounded: a cached norm would be stale
+    pm.to(torch.float32)
+    got = run(pm, ids, grad=False)[0]
+    assert calls["factored_norm"] == 2 * N_DORA and relerr(got, first) > 1e-4
+    dp.disable()
+    assert relerr(got, run(pm, ids, grad=False)[0]) <= 1e-5

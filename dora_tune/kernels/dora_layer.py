@@ -1,0 +1,428 @@
+"""A whole DoRA layer's adapter as ONE autograd node: LoRA GEMMs, DoRA scale and compose, forward and backward.
+
+With ``g = m / n`` (``n`` the detached row norm, ``g = 1`` where ``n = 0``), ``u = x·Aᵀ``, ``lora = u·Bᵀ``::
+
+    base  = base_result − bias     (PEFT hands the base layer's output, bias included)   or   x·Wᵀ  (computed here)
+    delta = (g−1)·base + g·(s·lora)                          output="delta"  (what PEFT adds to the base output)
+    y     = base + delta + bias = g ⊙ (base + s·lora) + bias   output="full"   (the layer output, DoRALinear)
+
+Backward (``d`` the output gradient): ``d_lora = g·s·d``, ``d_base = (g − 1 + [full])·d``,
+``d_m = Σ_rows((s·lora + base) ⊙ d) / n``, then the LoRA GEMMs ``d_B = d_loraᵀ·u``, ``d_u = d_lora·B``,
+``d_A = d_uᵀ·x``, ``d_x = d_u·A (+ d_base·W when base was computed here)``; ``base_result`` gets ``d_base``.
+
+Why one node: in an eager training step the host pays per autograd node and per launch (several µs of Python
+each). PEFT's DoRA layer is ~15 small torch ops; the composed path (LoRA modules, a bias subtraction, the scale,
+the fused compose) is ~6 nodes and 4–5 launches. Here the forward is 2 GEMMs + 1 launch, the backward 4 GEMMs + 1
+or 2 launches, with the Triton kernels launched through :func:`~dora_tune.kernels._launch.lean`.
+
+Implementations: ``"triton"`` (:mod:`~dora_tune.kernels._dora_triton`) and ``"eager"`` (the same formulas in torch,
+still one node); ``"auto"`` asks the dispatcher for op ``compose_train`` (``compose`` without grad) at
+rows × d_out in ``base``'s dtype — the same memory traffic as the fused compose, so the tuned plans apply. The
+weight W must be frozen (a W that requires grad, autocast, or ``torch.compile`` take the composed multi-node path:
+:func:`dora_layer_composed`, same values).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.compiler import is_compiling
+
+from dora_tune.kernels._common import as_rows, check_same_device, check_scale, check_tensor, require_triton
+from dora_tune.kernels.compose import _dora_scale, check_scale_inputs, resolve_impl
+from dora_tune.kernels.compose_train import DEFAULT_COMPOSE_TRAIN_CONFIG, ComposeTrainConfig, race_step
+
+IMPLS: tuple[str, ...] = ("eager", "triton")
+OUTPUTS: tuple[str, ...] = ("delta", "full")
+
+
+def dora_layer_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    scale: float,
+    *,
+    bias: torch.Tensor | None = None,
+    base_result: torch.Tensor | None = None,
+    output: str = "delta",
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """:func:`dora_layer` evaluated in ``dtype`` (float64 for tests), differentiable; result in ``dtype``."""
+    x_, W = x.to(dtype), weight.to(dtype)
+    b = None if bias is None else bias.to(dtype)
+    if base_result is not None:
+        base = base_result.to(dtype) - (b if b is not None else 0)
+    else:
+        base = x_ @ W.t()
+    lora = (x_ @ lora_A.to(dtype).t()) @ lora_B.to(dtype).t()
+    n = norm.detach().to(dtype)
+    g = torch.where(n > 0, magnitude.to(dtype) / torch.where(n > 0, n, 1.0), 1.0)
+    delta = (g - 1) * base + g * (scale * lora)
+    if output == "delta":
+        return delta
+    return base + delta + (b if b is not None else 0)
+
+
+def _plan(base2: torch.Tensor, grad: bool, impl: str, config: Any, race: Callable[[], Any] | None) -> tuple[str, Any]:
+    """``(impl, ComposeTrainConfig or ComposeConfig or None)`` for a node over ``base2 [rows, d_out]``."""
+    return resolve_impl("compose_train" if grad else "compose", base2, impl, config, race if grad else None)
+
+
+def _fwd(
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    base_result2: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    m: torch.Tensor,
+    n: torch.Tensor,
+    scale: float,
+    sub_bias: bool,
+    full: bool,
+    impl: str,
+    config: Any,
+    write_inner: bool,
+    grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, str, Any]:
+    """The forward on ``[rows, ·]`` views, autograd off: ``(out, u, inner or None, W in x's dtype, impl, config)``."""
+    u = torch.mm(x2 if x2.dtype == lora_A.dtype else x2.to(lora_A.dtype), lora_A.t())
+    lora = torch.mm(u, lora_B.t())
+    Wx = weight if weight.dtype == x2.dtype else weight.to(x2.dtype)
+    sub_bias = sub_bias and base_result2 is not None and bias is not None
+    base = base_result2 if base_result2 is not None else torch.mm(x2, Wx.t())
+    # compose in the promoted dtype of the branches, as the composed path does; the full output in base's dtype
+    dt = torch.promote_types(lora.dtype, base.dtype)
+    out_dtype = base.dtype if full else dt
+    race = None
+    if impl == "auto" and config is None and grad:
+
+        def race() -> Callable[[Any], Any]:
+            return race_step(lora, base, _dora_scale(m, n), scale)
+
+    impl, config = _plan(base, grad, impl, config, race)
+    if impl == "triton":
+        from dora_tune.kernels._dora_triton import dora_fwd_triton
+
+        require_triton(base.device)
+        cfg = (config or DEFAULT_COMPOSE_TRAIN_CONFIG) if grad else config
+        fwd_cfg = cfg.fwd if isinstance(cfg, ComposeTrainConfig) else (cfg or DEFAULT_COMPOSE_TRAIN_CONFIG.fwd)
+        b = None if bias is None else bias.detach().contiguous()
+        out, inner = dora_fwd_triton(
+            lora,
+            base,
+            m.detach().contiguous(),
+            n,
+            b,
+            scale,
+            fwd_cfg,
+            sub_bias=sub_bias,
+            full=full,
+            write_inner=write_inner,
+            out_dtype=out_dtype,
+            inner_dtype=dt,
+        )
+        return out, u, inner, Wx, impl, cfg
+    if impl != "eager":
+        raise ValueError(f"impl must be one of {IMPLS} or 'auto', got {impl!r}")
+    lora, base = lora.to(dt), base.to(dt)
+    g = _dora_scale(m, n).to(dt)
+    if sub_bias:
+        base = base - bias
+    out = (g - 1) * base + g * (scale * lora)
+    if full:
+        out = base + out if bias is None else base + out + bias
+    inner = scale * lora + base if write_inner else None
+    return out.to(out_dtype), u, inner, Wx, impl, config
+
+
+class _DoraLayerFn(torch.autograd.Function):
+    """The one node. Inputs: ``x2 [rows, d_in]``, weight, bias, ``base_result2 [rows, d_out]`` or None, A, B, m, n
+    (float32, contiguous), scale, full, impl, config; checked by the caller."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x2: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        base_result2: torch.Tensor | None,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        magnitude: torch.Tensor,
+        norm: torch.Tensor,
+        scale: float,
+        sub_bias: bool,
+        full: bool,
+        impl: str,
+        config: Any,
+    ) -> torch.Tensor:
+        need_dm = ctx.needs_input_grad[6]
+        out, u, inner, Wx, impl, config = _fwd(
+            x2,
+            weight,
+            bias,
+            base_result2,
+            lora_A,
+            lora_B,
+            magnitude,
+            norm,
+            scale,
+            sub_bias,
+            full,
+            impl,
+            config,
+            need_dm,
+            True,
+        )
+        ctx.save_for_backward(x2, u, inner, Wx, lora_A, lora_B, magnitude, norm)
+        ctx.scale, ctx.full, ctx.impl, ctx.config = scale, full, impl, config
+        ctx.base_inside = base_result2 is None
+        ctx.sub_bias = sub_bias and base_result2 is not None and bias is not None
+        ctx.base_dtype = x2.dtype if base_result2 is None else base_result2.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor) -> Any:
+        x2, u, inner, Wx, A, B, m, n = ctx.saved_tensors
+        nx, _, nbias, nbase, nA, nB, nm = ctx.needs_input_grad[:7]
+        s, full = ctx.scale, ctx.full
+        d = dout if dout.stride(-1) == 1 else dout.contiguous()
+        need_dlora = nx or nA or nB
+        need_dbase = nbase or nbias or (nx and ctx.base_inside)
+        if ctx.impl == "triton":
+            from dora_tune.kernels._dora_triton import dora_bwd_triton
+
+            dlora, dbase, dm = dora_bwd_triton(
+                d,
+                inner,
+                m.detach(),
+                n,
+                s,
+                ctx.config.bwd,
+                full=full,
+                lora_dtype=u.dtype,
+                base_dtype=ctx.base_dtype,
+                m_dtype=m.dtype,
+                need_dlora=need_dlora,
+                need_dbase=need_dbase,
+                need_dm=nm,
+            )
+        else:
+            g = _dora_scale(m, n)
+            dlora = (g * s * d).to(u.dtype) if need_dlora else None
+            dbase = ((g if full else g - 1) * d).to(ctx.base_dtype) if need_dbase else None
+            dm = None
+            if nm:
+                ok = n > 0
+                dg = (inner.float() * d.float()).sum(dim=0)
+                dm = torch.where(ok, dg / torch.where(ok, n, 1.0), 0.0).to(m.dtype)
+        dx = dA = dB = dbias = None
+        if need_dlora:
+            if nB:
+                dB = torch.mm(dlora.t(), u)
+            if nx or nA:
+                du = torch.mm(dlora, B)
+                if nA:
+                    dA = torch.mm(du.t(), x2 if x2.dtype == du.dtype else x2.to(du.dtype))
+                if nx:
+                    dx = torch.mm(du, A).to(x2.dtype)
+        if nx and ctx.base_inside:
+            dxb = torch.mm(dbase if dbase.dtype == Wx.dtype else dbase.to(Wx.dtype), Wx)
+            dx = dxb if dx is None else dx + dxb
+        if nbias:  # rare: a trainable bias of the base layer
+            dbias = torch.zeros(d.shape[-1], device=d.device, dtype=torch.float32)
+            if full:
+                dbias += d.float().sum(dim=0)
+            if ctx.sub_bias:
+                dbias -= dbase.float().sum(dim=0)
+        dbase_result = dbase if nbase else None
+        if dbias is not None:
+            dbias = dbias.to(ctx.bias_dtype)
+        return dx, None, dbias, dbase_result, dA, dB, dm, None, None, None, None, None, None
+
+
+def check_dora_layer_inputs(
+    x: Any,
+    weight: Any,
+    lora_A: Any,
+    lora_B: Any,
+    magnitude: Any,
+    norm: Any,
+    scale: Any,
+    bias: Any = None,
+    base_result: Any = None,
+    output: str = "delta",
+) -> float:
+    """Validate :func:`dora_layer`'s arguments (``TypeError``/``ValueError`` naming the argument); return ``scale``."""
+    check_tensor("x", x)
+    check_tensor("weight", weight, ndim=2)
+    check_tensor("lora_A", lora_A, ndim=2)
+    check_tensor("lora_B", lora_B, ndim=2)
+    check_scale_inputs(magnitude, norm)
+    d_out, d_in = weight.shape
+    r = lora_A.shape[0]
+    if x.shape[-1] != d_in:
+        raise ValueError(f"x must be [..., d_in] with d_in={d_in} (weight {tuple(weight.shape)}), got {tuple(x.shape)}")
+    if tuple(lora_A.shape) != (r, d_in) or tuple(lora_B.shape) != (d_out, r):
+        raise ValueError(
+            f"lora_A must be [r, {d_in}] and lora_B [{d_out}, r], got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}"
+        )
+    if tuple(magnitude.shape) != (d_out,):
+        raise ValueError(f"magnitude and norm must be [d_out] = [{d_out}], got {tuple(magnitude.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        if tuple(bias.shape) != (d_out,):
+            raise ValueError(f"bias must be [d_out] = [{d_out}], got {tuple(bias.shape)}")
+    if base_result is not None:
+        check_tensor("base_result", base_result)
+        if tuple(base_result.shape) != (*x.shape[:-1], d_out):
+            raise ValueError(
+                f"base_result must be [..., d_out] = {(*x.shape[:-1], d_out)}, got {tuple(base_result.shape)}"
+            )
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    tensors = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B, "magnitude": magnitude, "norm": norm}
+    if bias is not None:
+        tensors["bias"] = bias
+    if base_result is not None:
+        tensors["base_result"] = base_result
+    check_same_device(**tensors)
+    return check_scale(scale)
+
+
+def dora_layer(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    scale: float,
+    *,
+    bias: torch.Tensor | None = None,
+    base_result: torch.Tensor | None = None,
+    base_includes_bias: bool = True,
+    output: str = "delta",
+    impl: str = "auto",
+    config: ComposeTrainConfig | None = None,
+) -> torch.Tensor:
+    """A DoRA layer's adapter in one autograd node (see the module docstring for the math).
+
+    Args:
+        x: ``[..., d_in]`` input of the LoRA branch (PEFT: the dropped-out input when dropout is active).
+        weight: ``[d_out, d_in]`` base weight W, frozen.
+        lora_A: ``[r, d_in]``; lora_B: ``[d_out, r]``; magnitude: ``[d_out]`` m; norm: ``[d_out]`` detached
+            ``‖W + s·B·A‖_row`` (e.g. :func:`~dora_tune.kernels.factored_norm`).
+        scale: the LoRA scale s, a Python number.
+        bias: ``[d_out]`` base-layer bias or None.
+        base_result: ``[..., d_out]`` the base layer's output (PEFT's ``base_result``); None: the base output
+            ``x·Wᵀ`` is computed here (and ``d_x`` gets its gradient).
+        base_includes_bias: ``base_result`` includes ``bias`` (PEFT's does), which is then subtracted here.
+        output: ``"delta"`` — ``(g−1)·base + g·s·lora`` in the promoted dtype of the branches — or ``"full"`` —
+            ``g ⊙ (base + s·lora) + bias`` in ``base``'s dtype.
+        impl: ``"eager"``, ``"triton"`` or ``"auto"`` (the plan of op ``compose_train`` at rows × d_out).
+        config: a :class:`ComposeTrainConfig` for ``impl="triton"``.
+
+    Returns:
+        ``[..., d_out]``, differentiable with respect to ``x``, ``base_result``, ``lora_A``, ``lora_B``,
+        ``magnitude`` and ``bias``.
+    """
+    s = check_dora_layer_inputs(x, weight, lora_A, lora_B, magnitude, norm, scale, bias, base_result, output)
+    if impl not in (*IMPLS, "auto"):
+        raise ValueError(f"impl must be one of {IMPLS} or 'auto', got {impl!r}")
+    if config is not None and not isinstance(config, ComposeTrainConfig):
+        raise TypeError(f"config must be a ComposeTrainConfig, got {type(config).__name__}")
+    sub = base_includes_bias and base_result is not None
+    return dora_layer_unchecked(
+        x, weight, lora_A, lora_B, magnitude, norm, s, bias, base_result, sub, output == "full", impl, config
+    )
+
+
+def dora_layer_unchecked(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None = None,
+    base_result: torch.Tensor | None = None,
+    sub_bias: bool = True,
+    full: bool = False,
+    impl: str = "auto",
+    config: ComposeTrainConfig | None = None,
+) -> torch.Tensor:
+    """:func:`dora_layer` without the argument checks: for layers that validated their tensors once (their shapes,
+    dtypes and devices are fixed while they stay the same tensors). ``sub_bias``: ``base_result`` includes ``bias``;
+    ``full``: the layer output instead of the delta."""
+    if is_compiling() or weight.requires_grad or torch.is_autocast_enabled():
+        return dora_layer_composed(x, weight, lora_A, lora_B, magnitude, norm, scale, bias, base_result, sub_bias, full)
+    lead = x.shape[:-1]
+    x2 = as_rows("x", x)
+    br2 = None if base_result is None else as_rows("base_result", base_result)
+    grad = torch.is_grad_enabled() and (
+        x.requires_grad
+        or lora_A.requires_grad
+        or lora_B.requires_grad
+        or magnitude.requires_grad
+        or (base_result is not None and base_result.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    )
+    n = norm.detach()
+    n = n if n.dtype == torch.float32 and n.is_contiguous() else n.float().contiguous()
+    if grad:
+        out = _DoraLayerFn.apply(
+            x2, weight, bias, br2, lora_A, lora_B, magnitude, n, scale, sub_bias, full, impl, config
+        )
+    else:
+        with torch.no_grad():
+            out = _fwd(
+                x2, weight, bias, br2, lora_A, lora_B, magnitude, n, scale, sub_bias, full, impl, config, False, False
+            )[0]
+    return out if len(lead) == 1 else out.view(*lead, out.shape[-1])
+
+
+def dora_layer_composed(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None,
+    base_result: torch.Tensor | None,
+    sub_bias: bool,
+    full: bool,
+) -> torch.Tensor:
+    """The same values through torch autograd and the compose ops (several nodes): under ``torch.compile`` (the
+    compose ops are custom ops there), autocast, or a trainable W."""
+    from dora_tune.kernels.compose import compose, dora_scale
+    from dora_tune.kernels.compose_train import dora_compose_train
+
+    lora = F.linear(F.linear(x.to(lora_A.dtype), lora_A), lora_B)
+    if base_result is not None:
+        base = base_result - bias if (sub_bias and bias is not None) else base_result
+    else:
+        base = F.linear(x, weight if weight.dtype == x.dtype else weight.to(x.dtype))
+    dt = torch.promote_types(lora.dtype, base.dtype)
+    lora_c, base_c = lora.to(dt), base.to(dt)
+    if torch.is_grad_enabled():
+        delta = dora_compose_train(lora_c, base_c, magnitude, norm, scale)
+    else:
+        delta = compose(lora_c, base_c, dora_scale(magnitude, norm), scale)
+    if not full:
+        return delta
+    out = base_c + delta
+    if bias is not None:
+        out = out + bias
+    return out.to(base.dtype)

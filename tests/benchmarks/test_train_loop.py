@@ -1,0 +1,81 @@
+"""The training-loop benchmark's CPU smoke runs (benchmarks/train_loop.py): one cell with every variant, a tiny grid."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "train_loop.py"
+VARIANTS = ("peft_dora", "dora_tune", "dora_linear", "lora")
+TINY = ["--device", "cpu", "--tiny", "--steps", "2", "--warmup", "1", "--rank", "4"]
+
+
+def run(out: Path, *extra: str, variants: tuple[str, ...] = VARIANTS) -> dict:
+    cmd = [sys.executable, str(SCRIPT), *TINY, "--variants", ",".join(variants), "--out", str(out), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny matmuls: one thread, no spinning pool on a busy machine
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_cpu_one_cell_every_variant_same_losses(tmp_path):
+    res = run(tmp_path / "x.json", "--accum", "2", "--tokens", "16")
+    assert res["ok"] and not res["errors"] and not res["grid"] and not res["skipped_cells"]
+    assert res["env"]["torch"] and "train_loop.py" in res["env"]["command"]
+    (cell,) = res["cells"]
+    assert (cell["tokens"], cell["rank"], cell["dropout"], cell["accum"]) == (16, 4, 0.0, 2)
+    v = cell["variants"]
+    assert set(v) == set(VARIANTS)
+    for name, r in v.items():
+        assert "error" not in r, (name, r)
+        times = [r["first_step_ms"], r["median_ms"], r["min_ms"], r["max_ms"], *r["steps_ms"]]
+        assert all(math.isfinite(t) and t > 0 for t in times), (name, times)
+        assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and len(r["steps_ms"]) == 2
+        assert len(r["losses"]) == (1 + 2) * 2 and all(math.isfinite(x) for x in r["losses"])  # every micro-step
+        assert r["peak_MiB"] is None  # CPU
+        assert r["speedup_vs_peft_dora"] == pytest.approx(v["peft_dora"]["median_ms"] / r["median_ms"])
+        assert r["vs_lora"] == pytest.approx(r["median_ms"] / v["lora"]["median_ms"])
+    assert v["peft_dora"]["loss_gap_vs_peft_dora"] is None
+    # same math, fp32, no dropout: only rounding separates dora-tune and DoRALinear from PEFT over the whole run ...
+    assert v["dora_tune"]["loss_gap_vs_peft_dora"] < 1e-4
+    assert v["dora_linear"]["loss_gap_vs_peft_dora"] < 1e-4
+    assert v["dora_tune"]["enabled_layers"] == 2 * 7  # 2 tiny layers, 7 projections each
+    # ... while plain LoRA is another model (no magnitude): the gap is measured, not assumed
+    assert v["lora"]["loss_gap_vs_peft_dora"] > 0
+    models = res["blocks"]["r4-p0"]["models"]
+    assert models["dora_linear"]["trainable_params"] == models["peft_dora"]["trainable_params"]
+    assert models["lora"]["trainable_params"] < models["peft_dora"]["trainable_params"]
+
+
+def test_cpu_grid_writes_every_cell(tmp_path):
+    grid = ["--grid", "--grid-tokens", "8,16", "--grid-ranks", "4", "--grid-dropouts", "0", "--grid-accums", "1"]
+    res = run(tmp_path / "grid.json", *grid)
+    assert res["ok"] and res["grid"] and not res["skipped_cells"]
+    assert [(c["tokens"], c["rank"], c["dropout"], c["accum"]) for c in res["cells"]] == [
+        (8, 4, 0.0, 1),
+        (16, 4, 0.0, 1),
+    ]
+    for cell in res["cells"]:
+        assert set(cell["variants"]) == set(VARIANTS)
+        assert all(r["median_ms"] > 0 for r in cell["variants"].values())
+        # at the initial weights DoRA computes LoRA's function (m = ‖W + s·B·A‖, so g = 1): every cell starts there
+        first = [r["losses"][0] for r in cell["variants"].values()]
+        assert max(first) - min(first) <= 1e-6 * abs(first[0])
+    assert set(res["blocks"]) == {"r4-p0"} and set(res["blocks"]["r4-p0"]["models"]) == set(VARIANTS)
+
+
+def test_cpu_grid_cells_start_from_the_same_weights(tmp_path):
+    # two cells on the same batches: a model reused across cells must reload its initial adapters and a fresh AdamW
+    grid = ["--grid", "--grid-tokens", "16,16", "--grid-ranks", "4", "--grid-dropouts", "0", "--grid-accums", "1"]
+    res = run(tmp_path / "again.json", *grid, variants=("peft_dora", "dora_tune"))
+    first, second = res["cells"]
+    for v in ("peft_dora", "dora_tune"):
+        assert first["variants"][v]["losses"] == second["variants"][v]["losses"]
+        assert first["variants"][v]["losses"][0] != first["variants"][v]["losses"][-1]  # it trains

@@ -1,0 +1,130 @@
+"""The one-node DoRA layer (dora_layer): values and every gradient against a float64 reference."""
+
+import pytest
+import torch
+
+from dora_tune.kernels import ComposeBwdConfig, ComposeConfig, ComposeTrainConfig
+from dora_tune.kernels.dora_layer import dora_layer, dora_layer_reference
+
+from conftest import relerr
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (lead dims, d_in, d_out, r): rows = 1, a 3-D input, d_out not a multiple of any block
+SHAPES = [((1,), 24, 40, 4), ((2, 5), 24, 37, 3), ((70,), 48, 130, 8)]
+# outputs and gradients are rounded to the dtype; GEMMs in the dtype (fp32 accumulation)
+TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+MODES = [("delta", True, True), ("delta", False, False), ("full", False, True), ("full", False, False)]
+
+
+def make(lead, d_in, d_out, r, dtype, device, seed=0, zero_rows=()):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, std=1.0):
+        return (std * torch.randn(*shape, generator=gen)).to(dtype).to(device)
+
+    W = rnd(d_out, d_in, std=d_in**-0.5)
+    A = rnd(r, d_in, std=d_in**-0.5)
+    B = rnd(d_out, r, std=0.3 * r**-0.5)
+    for j in zero_rows:
+        W[j] = 0
+        B[j] = 0
+    s = 1.5
+    n = torch.linalg.vector_norm(W.double() + s * (B.double() @ A.double()), dim=1).float()
+    m = (n.double() * (1 + 0.1 * torch.randn(d_out, generator=gen, dtype=torch.float64).to(device))).to(dtype)
+    bias = rnd(d_out)
+    x = rnd(*lead, d_in)
+    dout = rnd(*lead, d_out)
+    return x, W, A, B, m, n, bias, s, dout
+
+
+def run(impl, x, W, A, B, m, n, bias, s, dout, output, with_base_result, with_bias, needs_m=True, config=None):
+    """Values and gradients of dora_layer and of the float64 reference, same inputs; returns both."""
+    b = bias if with_bias else None
+    leaves = {"x": x, "A": A, "B": B}
+    if needs_m:
+        leaves["m"] = m
+    if with_base_result:
+        leaves["base_result"] = torch.nn.functional.linear(x, W, b)
+    got_in = {k: v.detach().clone().requires_grad_() for k, v in leaves.items()}
+    ref_in = {k: v.detach().double().requires_grad_() for k, v in leaves.items()}
+    outs = []
+    for ins, fn, kw in ((got_in, dora_layer, {"impl": impl, "config": config}), (ref_in, dora_layer_reference, {})):
+        mm = ins.get("m", m if fn is dora_layer else m.double())
+        out = fn(ins["x"], W, ins["A"], ins["B"], mm, n, s, bias=b, base_result=ins.get("base_result"), output=output,
+                 **kw)  # fmt: skip
+        grads = torch.autograd.grad(out, list(ins.values()), dout.to(out.dtype))
+        outs.append((out, dict(zip(ins, grads, strict=True))))
+    return outs
+
+
+@pytest.mark.parametrize("impl", ["eager", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("mode", MODES)
+def test_dora_layer_values_and_grads(impl, dtype, shape, mode, dev_for):
+    output, with_base_result, with_bias = mode
+    t = make(*shape, dtype, dev_for(impl), seed=shape[1] + len(shape[0]))
+    (out, grads), (ref, ref_grads) = run(impl, *t, output, with_base_result, with_bias)
+    assert out.shape == ref.shape and out.dtype == dtype
+    errs = {"out": relerr(out, ref), **{k: relerr(grads[k], ref_grads[k]) for k in grads}}
+    assert max(errs.values()) <= TOL[dtype], errs
+    for k, gr in grads.items():  # gradients in each input's dtype
+        assert gr.dtype == dtype, k
+
+
+@pytest.mark.parametrize("impl", ["eager", "triton"])
+def test_zero_norm_rows_stay_finite(impl, dev_for):
+    x, W, A, B, m, n, bias, s, dout = make((9,), 16, 24, 4, torch.float32, dev_for(impl), zero_rows=(0, 5))
+    assert n[0] == 0 and n[5] == 0
+    (out, grads), (ref, ref_grads) = run(impl, x, W, A, B, m, n, bias, s, dout, "full", False, True)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads.values())
+    assert grads["m"][0] == 0 and grads["m"][5] == 0  # g = 1 there does not depend on m
+    assert relerr(out, ref) <= 1e-5 and relerr(grads["m"], ref_grads["m"]) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", ["eager", "triton"])
+def test_no_grad_matches_grad_and_magnitude_without_grad(impl, dev_for):
+    x, W, A, B, m, n, bias, s, dout = make((2, 7), 24, 40, 4, torch.float32, dev_for(impl), seed=3)
+    with_grad = dora_layer(x.requires_grad_(), W, A, B, m, n, s, bias=bias, output="full", impl=impl)
+    with torch.no_grad():
+        without = dora_layer(x, W, A, B, m, n, s, bias=bias, output="full", impl=impl)
+    assert torch.equal(with_grad.detach(), without)
+    (_out, grads), (_ref, ref_grads) = run(impl, x, W, A, B, m, n, bias, s, dout, "delta", True, True, needs_m=False)
+    assert "m" not in grads and relerr(grads["A"], ref_grads["A"]) <= 2e-5
+
+
+def test_triton_configs_and_row_programs(triton_device):
+    # one row program (d_m written by the backward kernel itself) and several (the fixed-order finish kernel)
+    x, W, A, B, m, n, bias, s, dout = make((70,), 24, 130, 4, torch.float32, triton_device, seed=5)
+    for bwd in (ComposeBwdConfig(16, 256, 16, 4), ComposeBwdConfig(1, 1024, 1, 4)):
+        cfg = ComposeTrainConfig(ComposeConfig(2, 512, 4), bwd)
+        (out, grads), (ref, ref_grads) = run("triton", x, W, A, B, m, n, bias, s, dout, "delta", True, True,
+                                             config=cfg)  # fmt: skip
+        errs = [relerr(out, ref)] + [relerr(grads[k], ref_grads[k]) for k in grads]
+        assert max(errs) <= 2e-5, (bwd, errs)
+
+
+def test_mixed_dtypes_adapters_fp32_on_a_bf16_base(dev_for):
+    # PEFT's default keeps fp32 adapters on a bf16 model: the branches compose in fp32
+    x, W, A, B, m, n, bias, s, _dout = make((6,), 16, 24, 4, torch.bfloat16, "cpu", seed=7)
+    A32, B32, m32 = A.float(), B.float(), m.float()
+    base_result = torch.nn.functional.linear(x, W, bias)
+    out = dora_layer(x, W, A32, B32, m32, n, s, bias=bias, base_result=base_result, impl="eager")
+    ref = dora_layer_reference(x, W, A32, B32, m32, n, s, bias=bias, base_result=base_result)
+    assert out.dtype == torch.float32 and relerr(out, ref) <= 1e-5
+
+
+def test_bad_input_names_the_argument():
+    x, W, A, B, m, n, _bias, s, _ = make((3,), 8, 12, 2, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="x must be"):
+        dora_layer(x[:, :5], W, A, B, m, n, s)
+    with pytest.raises(ValueError, match="lora_A must be"):
+        dora_layer(x, W, A[:, :4], B, m, n, s)
+    with pytest.raises(ValueError, match="base_result must be"):
+        dora_layer(x, W, A, B, m, n, s, base_result=torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="output must be"):
+        dora_layer(x, W, A, B, m, n, s, output="all")
+    with pytest.raises(TypeError, match="scale"):
+        dora_layer(x, W, A, B, m, n, torch.tensor(1.0))
+    with pytest.raises(ValueError, match="impl must be"):
+        dora_layer(x, W, A, B, m, n, s, impl="cuda")
