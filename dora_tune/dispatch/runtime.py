@@ -174,7 +174,9 @@ class Dispatcher:
         self._front: dict[tuple[Any, Any], tuple[str, Any]] = {}
         self._cuda_devices: dict[int, torch.device] = {}  # CUDA device index → its torch.device
         self._racing: set[tuple] = set()
-        self._cell_wins: dict[tuple, Plan] = {}  # race cell key → the plan its race kept (RACE_PER_CELL ops)
+        self._cell_wins: dict[tuple, Plan] = {}
+        self._paths: dict[tuple, str] = {}  # (path key, device) → the path pick_path's race kept
+        self._path_notes: dict[tuple, str] = {}  # race cell key → the plan its race kept (RACE_PER_CELL ops)
         self._tables: dict[str, _Tables] = {}
         self._warned: set[str] = set()
         self._notes: list[str] = []
@@ -364,6 +366,63 @@ class Dispatcher:
         )
         return dataclasses.replace(single, config=ok[best], detail=f"{plan.detail}; raced at first use: {raced}"), True
 
+    def pick_path(
+        self,
+        key: tuple,
+        device: torch.device,
+        make_runners: Callable[[], dict[str, Callable[[], Any]]],
+        default: str,
+    ) -> str:
+        """The name of the cheaper of whole code paths (e.g. a one-node Triton DoRA layer against a few torch ops
+        under torch's autograd), timed once per ``key`` the way a training step runs them: wall time of
+        back-to-back calls (forward and backward), GPU not held ahead, so a launch-heavy path loses where the host
+        is the bottleneck and a memory-heavy one where the GPU is. ``make_runners()`` returns name → a callable
+        running that path on the caller's shapes without side effects the caller would see (called only when a
+        race is due). ``DORA_TUNE_FORCE``/:func:`force` pick ``"eager"``/``"triton"`` without timing; no race (the
+        ``default``) with racing off, under deterministic algorithms, during CUDA graph capture or while another
+        thread races the key; out of memory keeps the ``default`` (one warning). Memoised; :meth:`path_notes` says
+        what each race measured."""
+        forced = _FORCE.get() or self.env_force
+        if forced is not None:
+            return forced
+        won = self._paths.get((key, device))
+        if won is not None:
+            return won
+        if not self.race or torch.are_deterministic_algorithms_enabled():
+            return default
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return default
+        with self._lock:
+            if (key, device) in self._racing:
+                return default
+            self._racing.add((key, device))
+        from dora_tune.dispatch.timing import wall_times
+
+        try:
+            runners = make_runners()
+            for fn in runners.values():  # compile and warm each path
+                fn()
+                fn()
+            walls = wall_times(list(runners.values()), device, calls=RACE_WALL_CALLS, rounds=RACE_ROUNDS)
+            names = list(runners)
+            won = names[min(range(len(names)), key=walls.__getitem__)]
+            note = ", ".join(f"{n} {w:.0f} µs" for n, w in zip(names, walls, strict=True))
+        except torch.cuda.OutOfMemoryError as e:
+            self._warn(f"{key[0]}: path not raced, out of memory ({str(e).splitlines()[0]}); using {default}")
+            won, note = default, "not raced (out of memory)"
+        finally:
+            with self._lock:
+                self._racing.discard((key, device))
+        with self._lock:
+            self._paths[(key, device)] = won
+            self._path_notes[(key, device)] = f"{won} (raced at first use, wall per call: {note})"
+        return won
+
+    def path_notes(self) -> dict[tuple, str]:
+        """What each path race of :meth:`pick_path` measured, by key."""
+        with self._lock:
+            return {k: v for (k, _), v in self._path_notes.items()}
+
     def plan_for_gpu(self, gpu_name: str, op: str, shape: dict[str, int], dtype: str) -> Plan:
         """Plan as if on a CUDA GPU named ``gpu_name`` with Triton available (for ``dora-tune lookup --gpu``)."""
         return self._resolve(op, _shape_key(op, shape), dtype, None, _FORCE.get() or self.env_force, gpu_name)
@@ -379,6 +438,8 @@ class Dispatcher:
             self._front.clear()
             self._tables.clear()
             self._cell_wins.clear()
+            self._paths.clear()
+            self._path_notes.clear()
 
     # ------------------------------------------------------------------ resolution
     def _resolve(
@@ -652,6 +713,14 @@ def auto(
     if plan.race and race is not None:
         return d.settle(op, dims, name, device, plan, race())
     return plan
+
+
+def auto_path(
+    key: tuple, device: torch.device, make_runners: Callable[[], dict[str, Callable[[], Any]]], default: str
+) -> str:
+    """The kernels' hook for a choice between whole code paths: :meth:`Dispatcher.pick_path` of the process-wide
+    dispatcher."""
+    return default_dispatcher().pick_path(key, device, make_runners, default)
 
 
 def auto_failed(

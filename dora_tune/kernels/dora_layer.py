@@ -31,9 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch.compiler import is_compiling
 
-from dora_tune.kernels._common import as_rows, check_same_device, check_scale, check_tensor, require_triton
-from dora_tune.kernels.compose import _dora_scale, check_scale_inputs, resolve_impl
-from dora_tune.kernels.compose_train import DEFAULT_COMPOSE_TRAIN_CONFIG, ComposeTrainConfig, race_step
+from dora_tune.kernels._common import (
+    as_rows,
+    check_same_device,
+    check_scale,
+    check_tensor,
+    require_triton,
+    triton_available,
+)
+from dora_tune.kernels.compose import check_scale_inputs, resolve_impl
+from dora_tune.kernels.compose_train import DEFAULT_COMPOSE_TRAIN_CONFIG, ComposeTrainConfig
 
 IMPLS: tuple[str, ...] = ("eager", "triton")
 OUTPUTS: tuple[str, ...] = ("delta", "full")
@@ -69,11 +76,6 @@ def dora_layer_reference(
     return base + delta + (b if b is not None else 0)
 
 
-def _plan(base2: torch.Tensor, grad: bool, impl: str, config: Any, race: Callable[[], Any] | None) -> tuple[str, Any]:
-    """``(impl, ComposeTrainConfig or ComposeConfig or None)`` for a node over ``base2 [rows, d_out]``."""
-    return resolve_impl("compose_train" if grad else "compose", base2, impl, config, race if grad else None)
-
-
 def _fwd(
     x2: torch.Tensor,
     weight: torch.Tensor,
@@ -86,12 +88,10 @@ def _fwd(
     scale: float,
     sub_bias: bool,
     full: bool,
-    impl: str,
     config: Any,
     write_inner: bool,
-    grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, str, Any]:
-    """The forward on ``[rows, ·]`` views, autograd off: ``(out, u, inner or None, W in x's dtype, impl, config)``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The Triton forward on ``[rows, ·]`` views, autograd off: ``(out, u, inner or None, W in x's dtype)``."""
     u = torch.mm(x2 if x2.dtype == lora_A.dtype else x2.to(lora_A.dtype), lora_A.t())
     lora = torch.mm(u, lora_B.t())
     Wx = weight if weight.dtype == x2.dtype else weight.to(x2.dtype)
@@ -100,51 +100,88 @@ def _fwd(
     # compose in the promoted dtype of the branches, as the composed path does; the full output in base's dtype
     dt = torch.promote_types(lora.dtype, base.dtype)
     out_dtype = base.dtype if full else dt
-    race = None
-    if impl == "auto" and config is None and grad:
+    from dora_tune.kernels._dora_triton import dora_fwd_triton
 
-        def race() -> Callable[[Any], Any]:
-            return race_step(lora, base, _dora_scale(m, n), scale)
+    require_triton(base.device)
+    if isinstance(config, ComposeTrainConfig):
+        fwd_cfg = config.fwd
+    else:
+        fwd_cfg = config or DEFAULT_COMPOSE_TRAIN_CONFIG.fwd
+    b = None if bias is None else bias.detach().contiguous()
+    out, inner = dora_fwd_triton(
+        lora,
+        base,
+        m.detach().contiguous(),
+        n,
+        b,
+        scale,
+        fwd_cfg,
+        sub_bias=sub_bias,
+        full=full,
+        write_inner=write_inner,
+        out_dtype=out_dtype,
+        inner_dtype=dt,
+    )
+    return out, u, inner, Wx
 
-    impl, config = _plan(base, grad, impl, config, race)
-    if impl == "triton":
-        from dora_tune.kernels._dora_triton import dora_fwd_triton
 
-        require_triton(base.device)
-        cfg = (config or DEFAULT_COMPOSE_TRAIN_CONFIG) if grad else config
-        fwd_cfg = cfg.fwd if isinstance(cfg, ComposeTrainConfig) else (cfg or DEFAULT_COMPOSE_TRAIN_CONFIG.fwd)
-        b = None if bias is None else bias.detach().contiguous()
-        out, inner = dora_fwd_triton(
-            lora,
-            base,
-            m.detach().contiguous(),
-            n,
-            b,
-            scale,
-            fwd_cfg,
-            sub_bias=sub_bias,
-            full=full,
-            write_inner=write_inner,
-            out_dtype=out_dtype,
-            inner_dtype=dt,
-        )
-        return out, u, inner, Wx, impl, cfg
-    if impl != "eager":
-        raise ValueError(f"impl must be one of {IMPLS} or 'auto', got {impl!r}")
-    lora, base = lora.to(dt), base.to(dt)
-    g = _dora_scale(m, n).to(dt)
-    if sub_bias:
+def _scale_terms(n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(inv, c)`` with ``g = c + m·inv`` = :func:`~dora_tune.kernels.compose.dora_scale` (``inv = 1/n``, ``c = 0``
+    where ``n > 0``; ``inv = 0``, ``c = 1`` elsewhere), float32. Kept on the norm tensor (a norm cached per optimizer
+    step pays for them once), keyed on its version counter."""
+    version = None if n.is_inference() else n._version  # inference tensors have no version counter: no memo
+    memo = getattr(n, "_dora_tune_terms", None)
+    if memo is not None and version is not None and memo[0] == version:
+        return memo[1], memo[2]
+    with torch.no_grad():
+        nf = n.float()
+        ok = nf > 0
+        inv = torch.where(ok, 1.0 / torch.where(ok, nf, 1.0), 0.0)
+        c = (~ok).float()
+    if version is not None:
+        n._dora_tune_terms = (version, inv, c)
+    return inv, c
+
+
+def _torch_path(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    base_result: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    m: torch.Tensor,
+    n: torch.Tensor,
+    scale: float,
+    sub_bias: bool,
+    full: bool,
+) -> torch.Tensor:
+    """The layer in a few torch ops under torch's own (C++) autograd: the lean path where the host, not the GPU,
+    bounds the step (each op costs the host one dispatch, its backward none in Python)."""
+    lora = F.linear(F.linear(x if x.dtype == lora_A.dtype else x.to(lora_A.dtype), lora_A), lora_B)
+    base = (
+        F.linear(x, weight if weight.dtype == x.dtype else weight.to(x.dtype)) if base_result is None else base_result
+    )
+    out_dtype = base.dtype
+    dt = torch.promote_types(lora.dtype, base.dtype)
+    lora, base = (lora if lora.dtype == dt else lora.to(dt)), (base if base.dtype == dt else base.to(dt))
+    if base_result is not None and sub_bias and bias is not None:
         base = base - bias
-    out = (g - 1) * base + g * (scale * lora)
-    if full:
-        out = base + out if bias is None else base + out + bias
-    inner = scale * lora + base if write_inner else None
-    return out.to(out_dtype), u, inner, Wx, impl, config
+    inv, c = _scale_terms(n)
+    g = torch.addcmul(c, m, inv)  # = m / n (1 where n = 0); d_m = d_g / n (0 there)
+    g = g if g.dtype == dt else g.to(dt)
+    if full:  # g ⊙ (base + s·lora) + bias: no subtraction, no cancellation
+        y = g * torch.add(base, lora, alpha=scale)
+        if bias is not None:
+            y = y + bias
+        return y if y.dtype == out_dtype else y.to(out_dtype)
+    return torch.addcmul((g - 1) * base, g, lora, value=scale)
 
 
 class _DoraLayerFn(torch.autograd.Function):
-    """The one node. Inputs: ``x2 [rows, d_in]``, weight, bias, ``base_result2 [rows, d_out]`` or None, A, B, m, n
-    (float32, contiguous), scale, full, impl, config; checked by the caller."""
+    """The one node (Triton kernels). Inputs: ``x2 [rows, d_in]``, weight, bias, ``base_result2 [rows, d_out]`` or
+    None, A, B, m, n (float32, contiguous), scale, sub_bias, full, config (a ComposeTrainConfig); checked by the
+    caller."""
 
     @staticmethod
     def forward(
@@ -160,29 +197,14 @@ class _DoraLayerFn(torch.autograd.Function):
         scale: float,
         sub_bias: bool,
         full: bool,
-        impl: str,
-        config: Any,
+        config: ComposeTrainConfig,
     ) -> torch.Tensor:
         need_dm = ctx.needs_input_grad[6]
-        out, u, inner, Wx, impl, config = _fwd(
-            x2,
-            weight,
-            bias,
-            base_result2,
-            lora_A,
-            lora_B,
-            magnitude,
-            norm,
-            scale,
-            sub_bias,
-            full,
-            impl,
-            config,
-            need_dm,
-            True,
+        out, u, inner, Wx = _fwd(
+            x2, weight, bias, base_result2, lora_A, lora_B, magnitude, norm, scale, sub_bias, full, config, need_dm
         )
         ctx.save_for_backward(x2, u, inner, Wx, lora_A, lora_B, magnitude, norm)
-        ctx.scale, ctx.full, ctx.impl, ctx.config = scale, full, impl, config
+        ctx.scale, ctx.full, ctx.config = scale, full, config
         ctx.base_inside = base_result2 is None
         ctx.sub_bias = sub_bias and base_result2 is not None and bias is not None
         ctx.base_dtype = x2.dtype if base_result2 is None else base_result2.dtype
@@ -197,33 +219,23 @@ class _DoraLayerFn(torch.autograd.Function):
         d = dout if dout.stride(-1) == 1 else dout.contiguous()
         need_dlora = nx or nA or nB
         need_dbase = nbase or nbias or (nx and ctx.base_inside)
-        if ctx.impl == "triton":
-            from dora_tune.kernels._dora_triton import dora_bwd_triton
+        from dora_tune.kernels._dora_triton import dora_bwd_triton
 
-            dlora, dbase, dm = dora_bwd_triton(
-                d,
-                inner,
-                m.detach(),
-                n,
-                s,
-                ctx.config.bwd,
-                full=full,
-                lora_dtype=u.dtype,
-                base_dtype=ctx.base_dtype,
-                m_dtype=m.dtype,
-                need_dlora=need_dlora,
-                need_dbase=need_dbase,
-                need_dm=nm,
-            )
-        else:
-            g = _dora_scale(m, n)
-            dlora = (g * s * d).to(u.dtype) if need_dlora else None
-            dbase = ((g if full else g - 1) * d).to(ctx.base_dtype) if need_dbase else None
-            dm = None
-            if nm:
-                ok = n > 0
-                dg = (inner.float() * d.float()).sum(dim=0)
-                dm = torch.where(ok, dg / torch.where(ok, n, 1.0), 0.0).to(m.dtype)
+        dlora, dbase, dm = dora_bwd_triton(
+            d,
+            inner,
+            m.detach(),
+            n,
+            s,
+            ctx.config.bwd,
+            full=full,
+            lora_dtype=u.dtype,
+            base_dtype=ctx.base_dtype,
+            m_dtype=m.dtype,
+            need_dlora=need_dlora,
+            need_dbase=need_dbase,
+            need_dm=nm,
+        )
         dx = dA = dB = dbias = None
         if need_dlora:
             if nB:
@@ -246,7 +258,7 @@ class _DoraLayerFn(torch.autograd.Function):
         dbase_result = dbase if nbase else None
         if dbias is not None:
             dbias = dbias.to(ctx.bias_dtype)
-        return dx, None, dbias, dbase_result, dA, dB, dm, None, None, None, None, None, None
+        return dx, None, dbias, dbase_result, dA, dB, dm, None, None, None, None, None
 
 
 def check_dora_layer_inputs(
@@ -366,9 +378,6 @@ def dora_layer_unchecked(
     ``full``: the layer output instead of the delta."""
     if is_compiling() or weight.requires_grad or torch.is_autocast_enabled():
         return dora_layer_composed(x, weight, lora_A, lora_B, magnitude, norm, scale, bias, base_result, sub_bias, full)
-    lead = x.shape[:-1]
-    x2 = as_rows("x", x)
-    br2 = None if base_result is None else as_rows("base_result", base_result)
     grad = torch.is_grad_enabled() and (
         x.requires_grad
         or lora_A.requires_grad
@@ -379,16 +388,84 @@ def dora_layer_unchecked(
     )
     n = norm.detach()
     n = n if n.dtype == torch.float32 and n.is_contiguous() else n.float().contiguous()
+    if impl == "auto":
+        impl, config = _choose(x, weight, bias, base_result, lora_A, lora_B, magnitude, n, scale, sub_bias, full, grad)
+    if impl == "eager":
+        return _torch_path(x, weight, bias, base_result, lora_A, lora_B, magnitude, n, scale, sub_bias, full)
+    if impl != "triton":
+        raise ValueError(f"impl must be one of {IMPLS} or 'auto', got {impl!r}")
+    lead = x.shape[:-1]
+    x2 = as_rows("x", x)
+    br2 = None if base_result is None else as_rows("base_result", base_result)
+    cfg = config if isinstance(config, ComposeTrainConfig) else DEFAULT_COMPOSE_TRAIN_CONFIG
     if grad:
-        out = _DoraLayerFn.apply(
-            x2, weight, bias, br2, lora_A, lora_B, magnitude, n, scale, sub_bias, full, impl, config
-        )
+        out = _DoraLayerFn.apply(x2, weight, bias, br2, lora_A, lora_B, magnitude, n, scale, sub_bias, full, cfg)
     else:
         with torch.no_grad():
-            out = _fwd(
-                x2, weight, bias, br2, lora_A, lora_B, magnitude, n, scale, sub_bias, full, impl, config, False, False
-            )[0]
+            out = _fwd(x2, weight, bias, br2, lora_A, lora_B, magnitude, n, scale, sub_bias, full, cfg, False)[0]
     return out if len(lead) == 1 else out.view(*lead, out.shape[-1])
+
+
+def _choose(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    base_result: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    m: torch.Tensor,
+    n: torch.Tensor,
+    scale: float,
+    sub_bias: bool,
+    full: bool,
+    grad: bool,
+) -> tuple[str, Any]:
+    """``("eager" | "triton", config)`` for a call: the compose plan's config for the Triton node, and — with
+    autograd recording on CUDA — the path the dispatcher's host-aware race found cheaper for this layer's shape
+    (wall time of back-to-back forward+backward calls, what the step pays), once per rows bucket."""
+    rows, d_out = x.numel() // max(x.shape[-1], 1), weight.shape[0]
+    plan_impl, config = resolve_impl("compose_train" if grad else "compose", _Rows(rows, d_out, x), "auto", None)
+    if x.device.type != "cuda" or not triton_available() or rows == 0:
+        return "eager", None
+    cfg = config if isinstance(config, ComposeTrainConfig) else DEFAULT_COMPOSE_TRAIN_CONFIG
+    if not grad:
+        return plan_impl, cfg
+    from dora_tune.dispatch.runtime import auto_path
+
+    def runners() -> dict[str, Callable[[], Any]]:
+        def leaf(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().requires_grad_(t.requires_grad)
+
+        xs, brs, As, Bs, ms = (leaf(t) for t in (x, base_result, lora_A, lora_B, m))
+        b = None if bias is None else bias.detach()
+        out_dtype = (base_result.dtype if base_result is not None else x.dtype) if full else None
+        dt = out_dtype or torch.promote_types(lora_A.dtype, x.dtype if base_result is None else base_result.dtype)
+        dout = torch.randn((*x.shape[:-1], d_out), device=x.device, dtype=dt)
+
+        def eager() -> None:
+            _torch_path(xs, weight, b, brs, As, Bs, ms, n, scale, sub_bias, full).backward(dout)
+
+        def fused() -> None:
+            dora_layer_unchecked(xs, weight, As, Bs, ms, n, scale, b, brs, sub_bias, full, "triton", cfg).backward(dout)
+
+        return {"eager": eager, "triton": fused}
+
+    key = ("dora_layer", 1 << max(rows - 1, 0).bit_length(), d_out, weight.shape[1], lora_A.shape[0], full,
+           base_result is None, str(x.dtype), str(lora_A.dtype))  # fmt: skip
+    return auto_path(key, x.device, runners, default="triton"), cfg
+
+
+class _Rows:
+    """The shape ``resolve_impl`` reads (``shape[-1]``, ``numel()``, ``dtype``, ``device``) of a ``[rows, d_out]``
+    output, without allocating one."""
+
+    def __init__(self, rows: int, d_out: int, like: torch.Tensor) -> None:
+        self.shape = (rows, d_out)
+        self.dtype, self.device = like.dtype, like.device
+        self._numel = rows * d_out
+
+    def numel(self) -> int:
+        return self._numel
 
 
 def dora_layer_composed(

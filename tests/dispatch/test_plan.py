@@ -612,3 +612,40 @@ def test_race_is_host_aware_the_lower_wall_time_wins_where_gpu_time_disagrees(mo
     walls = timing.wall_times([functools.partial(run, c) for c in plan.race], dev, calls=5)
     by_split = {c.split_k: w for c, w in zip(plan.race, walls, strict=True)}
     assert by_split[1] > 900 and max(by_split[3], by_split[4]) < 500  # µs: the host-bound one shows its host time
+
+
+def test_pick_path_races_whole_paths_by_wall_time_once_per_key(monkeypatch):
+    d = Dispatcher(force_env="")
+    dev = torch.device("cpu")
+    calls = {"slow": 0, "fast": 0}
+
+    def spin(name, seconds):
+        def run():
+            calls[name] += 1
+            t_end = time.perf_counter() + seconds
+            while time.perf_counter() < t_end:
+                pass
+
+        return run
+
+    made = []
+
+    def runners():
+        made.append(1)
+        return {"slow": spin("slow", 0.001), "fast": spin("fast", 0.0)}
+
+    assert d.pick_path(("k", 1), dev, runners, default="slow") == "fast"
+    n = dict(calls)
+    assert n["slow"] >= 2 and n["fast"] >= 2  # warmed and timed
+    assert d.pick_path(("k", 1), dev, runners, default="slow") == "fast" and calls == n and made == [1]  # memoised
+    assert "fast (raced at first use" in d.path_notes()[("k", 1)]
+    with force("eager"):  # forced: no timing
+        assert d.pick_path(("k", 2), dev, runners, default="slow") == "eager" and made == [1]
+    assert Dispatcher(force_env="", race=False).pick_path(("k", 1), dev, runners, default="slow") == "slow"
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert d.pick_path(("k", 3), dev, runners, default="slow") == "slow" and made == [1]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    d.clear()
+    assert d.path_notes() == {}
