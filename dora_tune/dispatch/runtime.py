@@ -379,9 +379,10 @@ class Dispatcher:
         is the bottleneck and a memory-heavy one where the GPU is. ``make_runners()`` returns name → a callable
         running that path on the caller's shapes without side effects the caller would see (called only when a
         race is due). ``DORA_TUNE_FORCE``/:func:`force` pick ``"eager"``/``"triton"`` without timing; no race (the
-        ``default``) with racing off, under deterministic algorithms, during CUDA graph capture or while another
-        thread races the key; out of memory keeps the ``default`` (one warning). Memoised; :meth:`path_notes` says
-        what each race measured."""
+        ``default``) with racing off, under deterministic algorithms, during CUDA graph capture, under
+        saved-tensors hooks (activation checkpointing: a later call races) or while another thread races the key;
+        out of memory keeps the ``default`` (one warning). Memoised; :meth:`path_notes` says what each race
+        measured."""
         forced = _FORCE.get() or self.env_force
         if forced is not None:
             return forced
@@ -392,6 +393,8 @@ class Dispatcher:
             return default
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return default
+        if _saved_tensors_hooks_active():  # e.g. inside activation checkpointing: the race's own backward would
+            return default  # run through them; race at a later call
         with self._lock:
             if (key, device) in self._racing:
                 return default
@@ -713,6 +716,14 @@ def auto(
     if plan.race and race is not None:
         return d.settle(op, dims, name, device, plan, race())
     return plan
+
+
+def _saved_tensors_hooks_active() -> bool:
+    """Whether autograd's saved-tensors hooks are set (activation checkpointing, offloading): True when unknown."""
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    except Exception:  # pragma: no cover - a torch without this private query
+        return True
 
 
 def auto_path(

@@ -649,3 +649,16 @@ def test_pick_path_races_whole_paths_by_wall_time_once_per_key(monkeypatch):
         torch.use_deterministic_algorithms(False)
     d.clear()
     assert d.path_notes() == {}
+
+
+def test_pick_path_does_not_race_under_saved_tensors_hooks():
+    d = Dispatcher(force_env="")
+    made = []
+
+    def runners():
+        made.append(1)
+        return {"a": lambda: None, "b": lambda: None}
+
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):  # as activation checkpointing sets
+        assert d.pick_path(("k",), torch.device("cpu"), runners, default="b") == "b" and made == []
+    assert d.pick_path(("k",), torch.device("cpu"), runners, default="b") in ("a", "b") and made == [1]
