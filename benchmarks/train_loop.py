@@ -358,6 +358,7 @@ def train(built: Built, batches: list[tuple[torch.Tensor, torch.Tensor]], accum:
             times.append((time.perf_counter() - t0) * 1e3)
         peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
         loss_values = torch.stack(losses).float().cpu().tolist()
+        profile = _profile_step(built, batches, accum, opt, args) if args.profile else None
     finally:
         opt.zero_grad(set_to_none=True)
         del opt, losses
@@ -375,7 +376,30 @@ def train(built: Built, batches: list[tuple[torch.Tensor, torch.Tensor]], accum:
         "before_MiB": None if before is None else before / MIB,
         "delta_MiB": None if peak is None or before is None else (peak - before) / MIB,
         "losses": loss_values,
+        **({"profile": profile} if profile is not None else {}),
     }
+
+
+def _profile_step(built: Built, batches: list, accum: int, opt: Any, args: argparse.Namespace) -> dict:
+    """One more optimizer step under ``torch.profiler``: the ops costing the host most (self CPU time) and the
+    GPU most (self device time), as tables; and the dispatcher's path races (which path each layer shape runs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for ids, labels in batches[:accum]:
+            (built.fn(input_ids=ids, labels=labels).loss / accum).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(args.device)
+    avg = prof.key_averages()
+    out = {"host_top": avg.table(sort_by="self_cpu_time_total", row_limit=18)}
+    if args.device.type == "cuda":
+        out["device_top"] = avg.table(sort_by="self_device_time_total", row_limit=12)
+    from dora_tune.dispatch.runtime import default_dispatcher
+
+    out["path_races"] = {str(k): v for k, v in default_dispatcher().path_notes().items()}
+    return out
 
 
 def run_variant(variant: str, built: Built, batches: list, accum: int, args: argparse.Namespace) -> dict:
@@ -689,6 +713,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=8, help="timed optimizer steps (default 8)")
     ap.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     ap.add_argument("--vocab", type=int, default=None, help="vocabulary size (default 1024; --tiny 128)")
+    ap.add_argument(
+        "--profile", action="store_true", help="one more step per variant under torch.profiler (tables in the JSON)"
+    )
     ap.add_argument("--compile", action="store_true", help="torch.compile(model) for every variant (default mode)")
     ap.add_argument("--grid", action="store_true", help="tokens × rank × dropout × accum (see --grid-*)")
     ap.add_argument("--grid-tokens", default=",".join(map(str, GRID_TOKENS)), help="default %(default)s")
