@@ -7,9 +7,12 @@ Public ops (the contract later layers build on):
 - :func:`compose_train` — the same with autograd (fused forward/backward in Triton).
 - :func:`dora_scale` — ``g = m / n`` with the zero-norm policy (``g = 1`` where ``n = 0``).
 - :func:`dora_compose_train` — ``compose_train`` with ``g = dora_scale(m, n)`` formed inside its one autograd node.
+- :func:`dora_layer` — a DoRA layer's adapter (LoRA GEMMs, scale, compose) as one autograd node or a few torch ops,
+  whichever the dispatcher's first-use race found cheaper for the step.
 
-Triton kernels are imported only when a Triton implementation runs; this package never reads the environment,
-opens a database or picks configs by itself (``impl="auto"`` asks :mod:`dora_tune.dispatch`).
+Triton kernels are imported only when a Triton implementation runs (through :func:`~dora_tune.kernels._launch.lean`,
+whose one switch is ``DORA_TUNE_LEAN_LAUNCH=0``); this package opens no database and picks no configs by itself
+(``impl="auto"`` asks :mod:`dora_tune.dispatch`).
 """
 
 from dora_tune.kernels.compose import (
@@ -29,6 +32,7 @@ from dora_tune.kernels.compose_train import (
     compose_train_config_space,
     dora_compose_train,
 )
+from dora_tune.kernels.dora_layer import dora_layer, dora_layer_reference
 from dora_tune.kernels.norm import (
     DEFAULT_NORM_CONFIG,
     NormConfig,
@@ -53,6 +57,8 @@ __all__ = [
     "compose_train",
     "compose_train_config_space",
     "dora_compose_train",
+    "dora_layer",
+    "dora_layer_reference",
     "dora_scale",
     "factored_norm",
     "norm_config_space",
