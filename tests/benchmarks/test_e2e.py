@@ -38,6 +38,13 @@ def test_no_reference_tolerances_bound_bf16_rounding(e2e):
     assert e2e.default_tolerances("fp32", 2) == (1e-4, 1e-3)
 
 
+def test_the_reference_run_is_the_default(e2e, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["e2e.py", "--device", "cpu", "--tiny"])
+    assert e2e.parse_args().ref is True
+    monkeypatch.setattr(sys, "argv", ["e2e.py", "--device", "cpu", "--tiny", "--no-ref"])
+    assert e2e.parse_args().ref is False
+
+
 def test_check_fails_beyond_tolerance_without_a_reference(e2e):
     args = type("Args", (), {"tol_out": 3.6e-2, "tol_grad": 8.3e-2})()
     diff = {"loss": 1e-4, "logits": 2.3e-2, "logits_nograd": 2.3e-2, "grad_lora_A": 5.6e-2}

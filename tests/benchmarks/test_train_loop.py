@@ -79,3 +79,15 @@ def test_cpu_grid_cells_start_from_the_same_weights(tmp_path):
     for v in ("peft_dora", "dora_tune"):
         assert first["variants"][v]["losses"] == second["variants"][v]["losses"]
         assert first["variants"][v]["losses"][0] != first["variants"][v]["losses"][-1]  # it trains
+
+
+def test_cpu_lora_only_dropout_mode_and_profile(tmp_path):
+    variants = ("dora_tune", "dora_linear")
+    res = run(tmp_path / "lo.json", "--tokens", "16", "--dropout", "0.1", "--dropout-mode", "lora_only", "--profile",
+              variants=variants)  # fmt: skip
+    assert res["ok"] and res["args"]["dropout_mode"] == "lora_only"
+    (cell,) = res["cells"]
+    for name in variants:
+        r = cell["variants"][name]
+        assert "error" not in r and all(math.isfinite(x) for x in r["losses"]), name
+        assert "Self CPU" in r["profile"]["host_top"] and "path_races" in r["profile"]
