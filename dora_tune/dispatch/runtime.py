@@ -4,7 +4,9 @@ Resolution order for ``(op, shape, dtype, device)``:
 
 1. **measured** — the fastest trial of the current implementation versions for exactly this shape and dtype on this
    GPU model, in the user tuning DB, then in the shipped cache for this GPU (``dora_tune/caches/<slug>.sqlite``);
-2. **model** — the fitted decision table for (op, dtype) of this GPU (user DB first, then the shipped cache);
+2. **model** — the fitted decision table for (op, dtype) of this GPU (user DB first, then the shipped cache); for a
+   GPU with no table of its own, those of a profiled GPU of the same architecture (compute capability) in the shipped
+   caches ("transferred from NVIDIA H200"), shortlisted and raced at first use like any model plan;
 3. **heuristic** — the fixed crossover of the paper: fused forward always; fused backward only when
    ``cols ≥ 2048`` and ``rows·cols ≥ 2048·6144``; the fused norm always (default configs);
 4. **fallback** — the torch implementation (always the case without CUDA + Triton).
@@ -151,8 +153,9 @@ class _Tables:
     gpu_name: str
     # (origin, op, canonical shape JSON, dtype) → {impl: (median_us, config JSON)}; origin "user" or "shipped"
     measured: dict[tuple[str, str, str, str], dict[str, tuple[float, str]]]
-    models: dict[tuple[str, str, str], Any]  # (origin, op, dtype) → DecisionTable
+    models: dict[tuple[str, str, str], Any]  # (origin, op, dtype) → DecisionTable; origin "user", "shipped", "transfer"
     notes: list[str]
+    transferred_from: str = ""  # the profiled GPU whose decision tables stand in for this one's (origin "transfer")
 
 
 class Dispatcher:
@@ -469,7 +472,7 @@ class Dispatcher:
         if gpu_name is None:
             gpu_name = torch.cuda.get_device_name(device)
         allowed = set(impls) if forced is None else ({"triton"} if forced == "triton" else {torch_impl})
-        tables = self._load(gpu_name)
+        tables = self._load(gpu_name, device)
         # 1. measured, user DB then shipped cache (keyed by the canonical shape JSON, as stored)
         shape_json = canonical_json(dict(zip(OP_SHAPE_KEYS[op], dims, strict=True)))
         for origin in ("user", "shipped"):
@@ -480,8 +483,8 @@ class Dispatcher:
                     parsed = self._parse(impls[name], json.loads(cfg), f"{origin} DB")
                     if parsed is not _INVALID:
                         return Plan(name, parsed, "measured", f"{origin} DB: {us:.1f} µs for this exact shape")
-        # 2. model decisions (with the cell's shortlist to race, for the ops that race)
-        for origin in ("user", "shipped"):
+        # 2. model decisions (with the cell's shortlist to race, for the ops that race); a profiled GPU's last
+        for origin in ("user", "shipped", "transfer"):
             table = tables.models.get((origin, op, dtype))
             if table is None:
                 continue
@@ -500,7 +503,11 @@ class Dispatcher:
                     race = race if len(race) > 1 else ()
                     # RACE_PER_CELL ops: one race per cell of this table (settle adds op, dtype and device)
                     cell = (origin, table.cell_index(shape)) if race and op in RACE_PER_CELL else ()
-                    return Plan(name, parsed, "model", f"{origin} DB decision table ({table.gpu_name})", race, cell)
+                    if origin == "transfer":
+                        where = f"decision table transferred from {table.gpu_name} (no table of this GPU)"
+                    else:
+                        where = f"{origin} DB decision table ({table.gpu_name})"
+                    return Plan(name, parsed, "model", where, race, cell)
         # 3. the fixed crossover
         if forced == "eager":
             return Plan(torch_impl, None, "fallback", "forced: torch implementation")
@@ -519,7 +526,7 @@ class Dispatcher:
             return _INVALID
 
     # ------------------------------------------------------------------ loading
-    def _load(self, gpu_name: str) -> _Tables:
+    def _load(self, gpu_name: str, device: torch.device | None = None) -> _Tables:
         tables = self._tables.get(gpu_name)
         if tables is None:
             tables = _Tables(gpu_name, {}, {}, [])
@@ -531,8 +538,43 @@ class Dispatcher:
                         self._read("shipped", str(path), tables)
                     else:
                         tables.notes.append(f"shipped cache: none for {gpu_name} ({path.name})")
+                    if not tables.models:
+                        self._transfer(tables, _capability(gpu_name, device))
             self._tables[gpu_name] = tables
         return tables
+
+    def _transfer(self, tables: _Tables, capability: str | None) -> None:
+        """No decision table for this GPU: borrow those of a profiled GPU of the same architecture (compute
+        capability; the exact one first) from the shipped caches, as origin ``"transfer"``. Their plans are raced at
+        first use like any model plan, so the configs are timed on this GPU before they stay. Measured on an H100
+        with the H200's tables: regret 1.013 / 1.056 (norm) and 1.006 / 1.014 (compose), geomean / max, against
+        1.55 / 2.24 for the norm's fixed crossover (issue 17)."""
+        if capability is None:
+            tables.notes.append("transfer: no compute capability known for this GPU; none")
+            return
+        best: tuple | None = None
+        for path in sorted(shipped_cache_path("x").parent.glob("*.sqlite")):
+            for name, cc in _cache_gpus(path):
+                if name == tables.gpu_name or cc.split(".")[0] != capability.split(".")[0]:
+                    continue
+                rank = (cc != capability, name)
+                if best is None or rank < best[0]:
+                    best = (rank, path, name, cc)
+        if best is None:
+            tables.notes.append(f"transfer: no profiled GPU of compute capability {capability} shipped; none")
+            return
+        _, path, name, cc = best
+        source = _Tables(name, {}, {}, [])
+        self._read("shipped", str(path), source)
+        for (_, op, dtype), table in source.models.items():
+            tables.models[("transfer", op, dtype)] = table
+        if source.models:
+            tables.transferred_from = name
+            why = "the same compute capability" if cc == capability else f"the same architecture (sm {cc})"
+            tables.notes.append(
+                f"transferred from {name}: {len(source.models)} decision tables of {path.name} ({why} as this GPU's "
+                f"{capability}); their plans are raced at first use on this GPU"
+            )
 
     def _read(self, origin: str, location: str | None, tables: _Tables) -> None:
         from dora_tune.autotune_db.common import DatabaseError, default_db_location
@@ -660,6 +702,45 @@ def _decision_table(stored: tuple[str, str, str, str], versions: dict, dispatche
                          f"of {', '.join(stale)}; ignored")  # fmt: skip
         return None
     return table
+
+
+#: compute capability by GPU family, for a GPU named without a device to ask (``dora-tune lookup --gpu``); a device
+#: present is asked (``torch.cuda.get_device_capability``)
+_FAMILY_CAPABILITY = (("gh200", "9.0"), ("h200", "9.0"), ("h100", "9.0"), ("h800", "9.0"), ("h20", "9.0"),
+                      ("a100", "8.0"), ("a800", "8.0"), ("l40", "8.9"), ("l4", "8.9"), ("a10", "8.6"))  # fmt: skip
+
+
+def _capability(gpu_name: str, device: torch.device | None) -> str | None:
+    """``"major.minor"`` of the GPU: asked from the device when there is one, else from its family's name."""
+    if device is not None and device.type == "cuda":
+        try:
+            major, minor = torch.cuda.get_device_capability(device)
+            return f"{major}.{minor}"
+        except Exception:  # a stand-in device in tests, a driver without the query
+            pass
+    from dora_tune.autotune_db import gpu_slug
+
+    slug = gpu_slug(gpu_name)
+    return next((cc for family, cc in _FAMILY_CAPABILITY if family in slug.split("-")), None)
+
+
+def _cache_gpus(path: Path) -> list[tuple[str, str]]:
+    """``(gpu_name, compute capability)`` of the CUDA environments of a shipped cache (read-only; none when it cannot
+    be read)."""
+    import sqlite3
+    from urllib.parse import quote
+
+    try:
+        conn = sqlite3.connect(f"file:{quote(str(path), safe='/')}?mode=ro", uri=True, timeout=5.0)
+        try:
+            rows = conn.execute(
+                "SELECT DISTINCT gpu_name, compute_capability FROM environments WHERE compute_capability != ''"
+            ).fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return []
+    return [(str(n), str(c)) for n, c in rows if n and c]
 
 
 @functools.cache

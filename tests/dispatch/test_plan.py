@@ -662,3 +662,25 @@ def test_pick_path_does_not_race_under_saved_tensors_hooks():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):  # as activation checkpointing sets
         assert d.pick_path(("k",), torch.device("cpu"), runners, default="b") == "b" and made == []
     assert d.pick_path(("k",), torch.device("cpu"), runners, default="b") in ("a", "b") and made == [1]
+
+
+def test_an_unprofiled_gpu_of_a_profiled_architecture_plans_from_its_tables(tmp_path):
+    """An H100 has no shipped cache: the H200's decision tables (same compute capability) stand in, shortlist and
+    first-use race included, and lookup's notes say where they came from; another architecture gets none."""
+    d = Dispatcher(str(tmp_path / "none.sqlite"), force_env="")
+    h100 = "NVIDIA H100 80GB HBM3"
+    shape = {"d_out": 5376, "d_in": 21504, "r": 64}
+    p = d.plan_for_gpu(h100, "norm", shape, "bf16")
+    assert p.source == "model" and "transferred from NVIDIA H200" in p.detail and len(p.race) == 3
+    assert any(n.startswith("transferred from NVIDIA H200") and "9.0" in n for n in d.explain(h100))
+    own = d.plan_for_gpu("NVIDIA H200", "norm", shape, "bf16")  # the H200 plans from its own cache
+    assert (own.impl, own.config) == (p.impl, p.config) and "transferred" not in own.detail
+    assert not any("transferred" in n for n in d.explain("NVIDIA H200"))
+    for other in ("NVIDIA A100-SXM4-80GB", "Some Unknown GPU"):  # sm 8.0: nothing shipped; unknown: no capability
+        q = d.plan_for_gpu(other, "norm", shape, "bf16")
+        assert q.source == "heuristic" and any(n.startswith("transfer: ") for n in d.explain(other)), other
+    assert plan_mod._capability("NVIDIA A100-SXM4-80GB", None) == "8.0"
+    assert plan_mod._capability("NVIDIA GH200 480GB", None) == "9.0" and plan_mod._capability("GPU X", None) is None
+    # transfer draws on the shipped caches: without them, the crossover
+    no_shipped = Dispatcher(str(tmp_path / "none.sqlite"), force_env="", use_shipped=False)
+    assert no_shipped.plan_for_gpu(h100, "norm", shape, "bf16").source == "heuristic"
