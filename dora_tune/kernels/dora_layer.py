@@ -386,8 +386,10 @@ def dora_layer_unchecked(
         or (base_result is not None and base_result.requires_grad)
         or (bias is not None and bias.requires_grad)
     )
-    n = norm.detach()
-    n = n if n.dtype == torch.float32 and n.is_contiguous() else n.float().contiguous()
+    # the caller's tensor itself when it can be used as is: the scale terms are memoised on it (a norm cached per
+    # optimizer step pays for them once)
+    plain = norm.dtype == torch.float32 and not norm.requires_grad and norm.is_contiguous()
+    n = norm if plain else norm.detach().float().contiguous()
     if impl == "auto":
         impl, config = _choose(x, weight, bias, base_result, lora_A, lora_B, magnitude, n, scale, sub_bias, full, grad)
     if impl == "eager":
