@@ -128,3 +128,18 @@ def test_bad_input_names_the_argument():
         dora_layer(x, W, A, B, m, n, torch.tensor(1.0))
     with pytest.raises(ValueError, match="impl must be"):
         dora_layer(x, W, A, B, m, n, s, impl="cuda")
+
+
+def test_scale_terms_are_computed_once_per_norm_and_follow_in_place_changes(monkeypatch):
+    x, W, A, B, m, n, _bias, s, _ = make((4,), 8, 12, 2, torch.float32, "cpu")
+    calls = []
+    real = torch.where
+    monkeypatch.setattr(torch, "where", lambda *a: calls.append(1) or real(*a))
+    first = dora_layer(x, W, A, B, m, n, s, impl="eager")
+    n_first = len(calls)
+    assert n_first > 0 and torch.equal(dora_layer(x, W, A, B, m, n, s, impl="eager"), first)
+    assert len(calls) == n_first  # the second call reused the terms memoised on the norm
+    with torch.no_grad():
+        n.mul_(2)  # an in-place change: recomputed, and the result follows it
+    again = dora_layer(x, W, A, B, m, n, s, impl="eager")
+    assert len(calls) > n_first and relerr(again, dora_layer_reference(x, W, A, B, m, n, s)) <= 2e-5
