@@ -1,3 +1,4 @@
+import contextlib
 import copy
 import math
 
@@ -455,3 +456,24 @@ def test_cuda_graphs_replay_matches_eager():
                 p.add_(g, alpha=-1e-2)
     assert counters["inductor"]["cudagraph_skips"] == 0
     torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_both_paths_and_the_path_race(dtype):
+    """On CUDA a training layer runs either the torch ops or the one-node Triton path, whichever its first call's
+    race kept: both match float64 (forced), and the race records its choice and both wall times."""
+    from dora_tune.dispatch import default_dispatcher, force
+
+    layer = make_layer(130, 70, 8, dtype, device="cuda", seed=4)
+    x = torch.randn(3, 50, 130, device="cuda").to(dtype)
+    dout = torch.randn(3, 50, 70, device="cuda").to(dtype)
+    ref, leaves = reference(layer, x)
+    want = torch.autograd.grad(ref, leaves, dout.double())
+    for path in ("eager", "triton", None):
+        with force(path) if path else contextlib.nullcontext():
+            out, got = grads(layer, x, dout)
+        errs = [relerr(out, ref)] + [relerr(a, b) for a, b in zip(got, want, strict=True)]
+        assert max(errs) <= TOL[dtype], (path, errs)
+    notes = [v for k, v in default_dispatcher().path_notes().items() if k[0] == "dora_layer" and k[2] == 70]
+    assert notes and "raced at first use" in notes[0] and "eager" in notes[0] and "triton" in notes[0]
