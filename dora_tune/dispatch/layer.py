@@ -2,9 +2,9 @@
 
 Math (DESIGN.md §1): ``y = g ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + bias`` with ``g = m / ‖W + s·B·A‖_row`` (the norm detached).
 The norm comes from :func:`~dora_tune.kernels.factored_norm` (never building ``B·A``), cached while W, A and B are
-unchanged (:class:`NormCache`: once per optimizer step in training); the rest of the layer is one autograd node,
-:func:`~dora_tune.kernels.dora_layer.dora_layer` (GEMMs, ``g`` and the fused compose), each with ``impl="auto"``
-(the dispatcher's choice).
+unchanged (:class:`NormCache`: once per optimizer step in training); the rest of the layer is
+:func:`~dora_tune.kernels.dora_layer.dora_layer` (GEMMs, ``g`` and the compose: a few torch ops or one node around
+the fused kernels), each with ``impl="auto"`` (the dispatcher's choice).
 """
 
 from __future__ import annotations
@@ -62,8 +62,9 @@ class DoRALinear(nn.Module):
     LoRA branch's input only, ``y = g ⊙ (x·Wᵀ + s·dropout(x)·Aᵀ·Bᵀ) + bias``: a different model (not a faster PEFT)
     whose training step needs no second base GEMM.
 
-    Training runs each layer's adapter as one autograd node (:func:`~dora_tune.kernels.dora_layer.dora_layer`:
-    LoRA GEMMs, scale and compose fused, one Triton launch each way besides the GEMMs).
+    The rest of the layer (GEMMs, scale, compose) is :func:`~dora_tune.kernels.dora_layer.dora_layer`: a few torch
+    ops under torch's autograd or one autograd node around the fused Triton kernels, whichever the first training
+    step timed cheaper for this layer shape (host included).
     """
 
     def __init__(

@@ -155,7 +155,6 @@ class _Tables:
     measured: dict[tuple[str, str, str, str], dict[str, tuple[float, str]]]
     models: dict[tuple[str, str, str], Any]  # (origin, op, dtype) → DecisionTable; origin "user", "shipped", "transfer"
     notes: list[str]
-    transferred_from: str = ""  # the profiled GPU whose decision tables stand in for this one's (origin "transfer")
 
 
 class Dispatcher:
@@ -177,9 +176,9 @@ class Dispatcher:
         self._front: dict[tuple[Any, Any], tuple[str, Any]] = {}
         self._cuda_devices: dict[int, torch.device] = {}  # CUDA device index → its torch.device
         self._racing: set[tuple] = set()
-        self._cell_wins: dict[tuple, Plan] = {}
+        self._cell_wins: dict[tuple, Plan] = {}  # race cell key → the plan its race kept (RACE_PER_CELL ops)
         self._paths: dict[tuple, str] = {}  # (path key, device) → the path pick_path's race kept
-        self._path_notes: dict[tuple, str] = {}  # race cell key → the plan its race kept (RACE_PER_CELL ops)
+        self._path_notes: dict[tuple, str] = {}  # (path key, device) → what that race measured
         self._tables: dict[str, _Tables] = {}
         self._warned: set[str] = set()
         self._notes: list[str] = []
@@ -546,9 +545,9 @@ class Dispatcher:
     def _transfer(self, tables: _Tables, capability: str | None) -> None:
         """No decision table for this GPU: borrow those of a profiled GPU of the same architecture (compute
         capability; the exact one first) from the shipped caches, as origin ``"transfer"``. Their plans are raced at
-        first use like any model plan, so the configs are timed on this GPU before they stay. Measured on an H100
-        with the H200's tables: regret 1.013 / 1.056 (norm) and 1.006 / 1.014 (compose), geomean / max, against
-        1.55 / 2.24 for the norm's fixed crossover (issue 17)."""
+        first use like any model plan, so the configs are timed on this GPU before they stay. Issue 17 reports the
+        H200's tables on an H100 at regret 1.013 / 1.056 (norm) and 1.006 / 1.014 (compose), geomean / max, against
+        1.55 / 2.24 for the norm's fixed crossover (not re-measured with this code)."""
         if capability is None:
             tables.notes.append("transfer: no compute capability known for this GPU; none")
             return
@@ -569,7 +568,6 @@ class Dispatcher:
         for (_, op, dtype), table in source.models.items():
             tables.models[("transfer", op, dtype)] = table
         if source.models:
-            tables.transferred_from = name
             why = "the same compute capability" if cc == capability else f"the same architecture (sm {cc})"
             tables.notes.append(
                 f"transferred from {name}: {len(source.models)} decision tables of {path.name} ({why} as this GPU's "

@@ -10,7 +10,8 @@ inactive), else ``x·Wᵀ`` of the (dropped-out) ``x`` it was given — the sema
 factored_norm` (never building ``B·A``), computed once while W, A and B are unchanged (once per optimizer step in
 training; :class:`~dora_tune.dispatch.layer.NormCache`), and the rest — the LoRA GEMMs through the adapters'
 weights, ``g = m / n`` (rows with a zero norm get ``g = 1`` instead of PEFT's inf/NaN), PEFT's bias subtraction and
-the composition — is ONE autograd node, :func:`~dora_tune.kernels.dora_layer.dora_layer` with ``impl="auto"``.
+the composition — is :func:`~dora_tune.kernels.dora_layer.dora_layer` with ``impl="auto"`` (a few torch ops or one
+autograd node around the fused kernels, whichever the first training step timed cheaper).
 Everything else — dropout, input casts, adapter selection, merging — stays PEFT's. ``enable(model,
 dropout_mode="lora_only")`` opts into dropout on the LoRA branch only (see :func:`enable`).
 

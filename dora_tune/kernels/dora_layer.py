@@ -1,4 +1,4 @@
-"""A whole DoRA layer's adapter as ONE autograd node: LoRA GEMMs, DoRA scale and compose, forward and backward.
+"""A whole DoRA layer's adapter — LoRA GEMMs, DoRA scale and compose, forward and backward — on one of two paths.
 
 With ``g = m / n`` (``n`` the detached row norm, ``g = 1`` where ``n = 0``), ``u = x·Aᵀ``, ``lora = u·Bᵀ``::
 
@@ -10,16 +10,20 @@ Backward (``d`` the output gradient): ``d_lora = g·s·d``, ``d_base = (g − 1 
 ``d_m = Σ_rows((s·lora + base) ⊙ d) / n``, then the LoRA GEMMs ``d_B = d_loraᵀ·u``, ``d_u = d_lora·B``,
 ``d_A = d_uᵀ·x``, ``d_x = d_u·A (+ d_base·W when base was computed here)``; ``base_result`` gets ``d_base``.
 
-Why one node: in an eager training step the host pays per autograd node and per launch (several µs of Python
-each). PEFT's DoRA layer is ~15 small torch ops; the composed path (LoRA modules, a bias subtraction, the scale,
-the fused compose) is ~6 nodes and 4–5 launches. Here the forward is 2 GEMMs + 1 launch, the backward 4 GEMMs + 1
-or 2 launches, with the Triton kernels launched through :func:`~dora_tune.kernels._launch.lean`.
+Paths (``impl``):
 
-Implementations: ``"triton"`` (:mod:`~dora_tune.kernels._dora_triton`) and ``"eager"`` (the same formulas in torch,
-still one node); ``"auto"`` asks the dispatcher for op ``compose_train`` (``compose`` without grad) at
-rows × d_out in ``base``'s dtype — the same memory traffic as the fused compose, so the tuned plans apply. The
-weight W must be frozen (a W that requires grad, autocast, or ``torch.compile`` take the composed multi-node path:
-:func:`dora_layer_composed`, same values).
+- ``"triton"``: ONE autograd node around the fused kernels of :mod:`~dora_tune.kernels._dora_triton` (``g``
+  formed in the kernel, PEFT's bias subtraction inside): forward 2 GEMMs + 1 launch, backward 4 GEMMs + 1 or 2
+  launches, the launches through :func:`~dora_tune.kernels._launch.lean`. Least GPU memory traffic.
+- ``"eager"``: 7–9 torch ops under torch's own (C++) autograd, ``g = c + m·(1/n)`` from terms memoised on the norm
+  tensor. No Python in the backward: cheapest where the host, not the GPU, bounds the step.
+- ``"auto"``: on CUDA with autograd recording, whichever of the two the dispatcher's first-use race of whole paths
+  (:meth:`~dora_tune.dispatch.runtime.Dispatcher.pick_path`: wall time of back-to-back forward+backward) kept for
+  this layer shape and token bucket, with the ``compose_train`` plan's config for the node; without autograd, the
+  ``compose`` plan's implementation; on the CPU, ``"eager"``.
+
+The weight W must be frozen: a W that requires grad, autocast, or ``torch.compile`` take the composed multi-node
+path (:func:`dora_layer_composed`, same values; its compose ops are custom ops under compilation).
 """
 
 from __future__ import annotations
@@ -426,13 +430,15 @@ def _choose(
     autograd recording on CUDA — the path the dispatcher's host-aware race found cheaper for this layer's shape
     (wall time of back-to-back forward+backward calls, what the step pays), once per rows bucket."""
     rows, d_out = x.numel() // max(x.shape[-1], 1), weight.shape[0]
-    plan_impl, config = resolve_impl("compose_train" if grad else "compose", _Rows(rows, d_out, x), "auto", None)
-    if x.device.type != "cuda" or not triton_available() or rows == 0:
+    if x.device.type != "cuda" or rows == 0 or not triton_available():
         return "eager", None
+    plan_impl, config = resolve_impl("compose_train" if grad else "compose", _Rows(rows, d_out, x), "auto", None)
     cfg = config if isinstance(config, ComposeTrainConfig) else DEFAULT_COMPOSE_TRAIN_CONFIG
     if not grad:
         return plan_impl, cfg
     from dora_tune.dispatch.runtime import auto_path
+
+    A_dt = lora_A.dtype
 
     def runners() -> dict[str, Callable[[], Any]]:
         def leaf(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -454,8 +460,8 @@ def _choose(
 
         return {"eager": eager, "triton": fused}
 
-    key = ("dora_layer", 1 << max(rows - 1, 0).bit_length(), d_out, weight.shape[1], lora_A.shape[0], full,
-           base_result is None, str(x.dtype), str(lora_A.dtype))  # fmt: skip
+    bucket = 1 << (rows - 1).bit_length()  # token counts change per batch: one race per power-of-2 bucket
+    key = ("dora_layer", bucket, d_out, weight.shape[1], lora_A.shape[0], full, base_result is None, x.dtype, A_dt)
     return auto_path(key, x.device, runners, default="triton"), cfg
 
 
