@@ -56,13 +56,10 @@ import argparse
 import copy
 import dataclasses
 import gc
-import hashlib
 import inspect
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 import traceback
@@ -696,53 +693,16 @@ def print_tables(key: str, res: dict) -> None:
 
 
 def environment(args: argparse.Namespace) -> dict:
-    import peft
-    import transformers
+    """:func:`benchmarks.bench_env.environment`, and whether PEFT caches its DoRA weight norm."""
+    from benchmarks.bench_env import environment as base_environment
 
-    cuda = args.device.type == "cuda"
-    env: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(args.device) if cuda else f"cpu ({platform.machine()})",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "peft": peft.__version__,
-        "transformers": transformers.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "command": " ".join(sys.argv),
-    }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    if cuda:
-        props = torch.cuda.get_device_properties(args.device)
-        env["capability"] = f"{props.major}.{props.minor}"
-        env["sm_count"] = props.multi_processor_count
-        env["memory_GiB"] = props.total_memory / 2**30
-    try:
-        import dora_tune
-
-        env["dora_tune"] = dora_tune.__version__
-    except ImportError:
-        env["dora_tune"] = None
+    env = base_environment(args.device)
     try:
         from peft.tuners.lora import dora as peft_dora
 
         env["peft_dora_caching"] = getattr(peft_dora, "ENABLE_DORA_CACHING", None)
     except ImportError:
         pass
-    try:
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                           timeout=10).stdout.strip() or None  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        env["git_commit"] = None
-    # a copy of a working tree (the device machine's) can carry a stale HEAD: the code itself, hashed, says what ran
-    digest = hashlib.sha256()
-    for f in sorted((REPO / "dora_tune").rglob("*.py")):
-        digest.update(f.relative_to(REPO).as_posix().encode() + b"\0" + f.read_bytes())
-    env["dora_tune_source_sha256"] = digest.hexdigest()[:16]
     return env
 
 

@@ -56,15 +56,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import hashlib
 import inspect
 import json
 import math
 import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -636,53 +632,11 @@ def print_grid_tables(res: dict) -> None:
         console.print(t)
 
 
-def device_slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
 def environment(args: argparse.Namespace) -> dict:
-    import peft
-    import transformers
+    """:func:`benchmarks.bench_env.environment` of the run's device."""
+    from benchmarks.bench_env import environment as base_environment
 
-    cuda = args.device.type == "cuda"
-    env: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(args.device) if cuda else f"cpu ({platform.machine()})",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "peft": peft.__version__,
-        "transformers": transformers.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "command": " ".join([sys.executable, *sys.argv]),
-    }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    if cuda:
-        props = torch.cuda.get_device_properties(args.device)
-        env["capability"] = f"{props.major}.{props.minor}"
-        env["sm_count"] = props.multi_processor_count
-        env["memory_GiB"] = props.total_memory / 2**30
-    try:
-        import dora_tune
-
-        env["dora_tune"] = dora_tune.__version__
-    except ImportError:
-        env["dora_tune"] = None
-    try:
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                           timeout=10).stdout.strip() or None  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        env["git_commit"] = None
-    # a copy of a working tree (the device machine's) can carry a stale HEAD: the code itself, hashed, says what ran
-    digest = hashlib.sha256()
-    for f in sorted((REPO / "dora_tune").rglob("*.py")):
-        digest.update(f.relative_to(REPO).as_posix().encode() + b"\0" + f.read_bytes())
-    env["dora_tune_source_sha256"] = digest.hexdigest()[:16]
-    return env
+    return base_environment(args.device)
 
 
 # ---------------------------------------------------------------- main
@@ -768,7 +722,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if os.environ.get("OUT"):
             args.out = os.path.join(os.environ["OUT"], "train-loop.json")
         else:
-            slug = "cpu" if args.device.type == "cpu" else device_slug(torch.cuda.get_device_name(args.device))
+            from dora_tune.autotune_db import gpu_slug
+
+            slug = "cpu" if args.device.type == "cpu" else gpu_slug(torch.cuda.get_device_name(args.device))
             tail = "train-loop-tiny.json" if args.tiny else "train-loop.json"
             args.out = str(REPO / "benchmarks" / "results" / f"{slug}-{tail}")
     return args
