@@ -54,7 +54,9 @@ recorded (error text in the JSON) and the others go on; the exit status is then 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import gc
 import inspect
 import json
@@ -65,6 +67,7 @@ import sys
 import time
 import traceback
 import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -323,8 +326,16 @@ def load_initial(built: Built) -> None:
         named[n].copy_(t)
 
 
-def train(built: Built, batches: list[tuple[torch.Tensor, torch.Tensor]], accum: int, args: argparse.Namespace) -> dict:
-    """Fresh AdamW, initial weights, ``--warmup`` + ``--steps`` optimizer steps of ``accum`` micro-batches each."""
+def train(
+    built: Built,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    accum: int,
+    args: argparse.Namespace,
+    warmup: int,
+    profile: bool,
+) -> dict:
+    """Fresh AdamW, initial weights, ``warmup`` + ``--steps`` optimizer steps of ``accum`` micro-batches each (the
+    batches of the first ``warmup`` steps are the cell's warm-up batches, so every round sees the same data)."""
     dev = args.device
     load_initial(built)
     built.model.train()
@@ -332,11 +343,11 @@ def train(built: Built, batches: list[tuple[torch.Tensor, torch.Tensor]], accum:
     opt = torch.optim.AdamW(built.params, lr=args.lr)
     losses: list[torch.Tensor] = []
     times: list[float] = []
-    it = iter(batches)
+    it = iter(batches[(args.warmup - warmup) * accum :])
     before = None
     try:  # the optimizer and the gradients go whatever happens: the next run needs the memory
-        for step in range(args.warmup + args.steps):
-            if step == args.warmup and dev.type == "cuda":
+        for step in range(warmup + args.steps):
+            if step == warmup and dev.type == "cuda":
                 sync(dev)
                 torch.cuda.reset_peak_memory_stats(dev)
                 before = torch.cuda.memory_allocated(dev)
@@ -354,26 +365,69 @@ def train(built: Built, batches: list[tuple[torch.Tensor, torch.Tensor]], accum:
             times.append((time.perf_counter() - t0) * 1e3)
         peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
         loss_values = torch.stack(losses).float().cpu().tolist()
-        profile = _profile_step(built, batches, accum, opt, args) if args.profile else None
+        prof = _profile_step(built, batches, accum, opt, args) if profile else None
     finally:
         opt.zero_grad(set_to_none=True)
         del opt, losses
-    timed = times[args.warmup :]
-    median = statistics.median(timed)
-    return {
+    res = {
         "first_step_ms": times[0],
-        "warmup_ms": times[: args.warmup],
-        "median_ms": median,
-        "min_ms": min(timed),
-        "max_ms": max(timed),
-        "steps_ms": timed,
-        "tokens_per_s": accum * batches[0][0].shape[-1] / (median / 1e3),
+        "warmup_ms": times[:warmup],
+        "steps_ms": times[warmup:],
         "peak_MiB": None if peak is None else peak / MIB,
         "before_MiB": None if before is None else before / MIB,
-        "delta_MiB": None if peak is None or before is None else (peak - before) / MIB,
         "losses": loss_values,
-        **({"profile": profile} if profile is not None else {}),
+        **({"profile": prof} if prof is not None else {}),
     }
+    summarise(res, accum * batches[0][0].shape[-1])
+    return res
+
+
+def summarise(res: dict, tokens_per_step: int) -> None:
+    """Median/min/max over every timed step of a variant's runs (``steps_ms``), throughput and the memory delta."""
+    timed = res["steps_ms"]
+    res["median_ms"] = median = statistics.median(timed)
+    res["min_ms"], res["max_ms"] = min(timed), max(timed)
+    res["tokens_per_s"] = tokens_per_step / (median / 1e3)
+    peak, before = res["peak_MiB"], res["before_MiB"]
+    res["delta_MiB"] = None if peak is None or before is None else peak - before
+
+
+def merge_round(first: dict, later: dict, tokens_per_step: int) -> None:
+    """Fold a later round of one variant into its first: every timed step counts, the highest peak memory; the
+    losses, first step and warm-up stay the first round's (later rounds start warm)."""
+    first.setdefault("round_medians_ms", [first["median_ms"]]).append(later["median_ms"])
+    first["steps_ms"] = first["steps_ms"] + later["steps_ms"]
+    if later["peak_MiB"] is not None:
+        first["peak_MiB"] = max(first["peak_MiB"], later["peak_MiB"])
+    if "profile" in later:
+        first["profile"] = later["profile"]
+    summarise(first, tokens_per_step)
+
+
+NORM_RANGE = "train_loop::weight_norm"
+
+
+@contextlib.contextmanager
+def _norm_ranges() -> Iterator[None]:
+    """PEFT's and dora-tune's weight-norm functions wrapped in one profiler range while the block runs."""
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    import dora_tune.dispatch.layer as dt_layer
+
+    def ranged(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*a: Any, **k: Any) -> Any:
+            with torch.profiler.record_function(NORM_RANGE):
+                return fn(*a, **k)
+
+        return wrapper
+
+    peft_fn, dt_fn = DoraLinearLayer.get_weight_norm, dt_layer.factored_norm
+    DoraLinearLayer.get_weight_norm, dt_layer.factored_norm = ranged(peft_fn), ranged(dt_fn)
+    try:
+        yield
+    finally:
+        DoraLinearLayer.get_weight_norm, dt_layer.factored_norm = peft_fn, dt_fn
 
 
 def _profile_step(built: Built, batches: list, accum: int, opt: Any, args: argparse.Namespace) -> dict:
@@ -382,14 +436,26 @@ def _profile_step(built: Built, batches: list, accum: int, opt: Any, args: argpa
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with _norm_ranges(), profile(activities=activities) as prof:
         for ids, labels in batches[:accum]:
             (built.fn(input_ids=ids, labels=labels).loss / accum).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync(args.device)
     avg = prof.key_averages()
-    out = {"host_top": avg.table(sort_by="self_cpu_time_total", row_limit=18)}
+    kernels = [e for e in avg if e.device_type == torch.autograd.DeviceType.CUDA]
+    norm = next((e for e in avg if e.key == NORM_RANGE), None)
+    out = {
+        "host_top": avg.table(sort_by="self_cpu_time_total", row_limit=18),
+        # how many ops the step ran and how long the GPU was busy (the kernels' own times): a step whose wall time
+        # is far above the busy time waits for the host
+        "ops": sum(e.count for e in avg if e.key.startswith("aten::")),
+        "gpu_busy_ms": sum(e.self_device_time_total for e in kernels) / 1e3,
+        # the weight norm (PEFT's get_weight_norm, dora-tune's factored_norm): calls in the step, host and GPU ms
+        "norm": None
+        if norm is None
+        else {"calls": norm.count, "host_ms": norm.cpu_time_total / 1e3, "gpu_ms": norm.device_time_total / 1e3},
+    }
     if args.device.type == "cuda":
         out["device_top"] = avg.table(sort_by="self_device_time_total", row_limit=12)
     from dora_tune.dispatch.runtime import default_dispatcher
@@ -398,13 +464,15 @@ def _profile_step(built: Built, batches: list, accum: int, opt: Any, args: argpa
     return out
 
 
-def run_variant(variant: str, built: Built, batches: list, accum: int, args: argparse.Namespace) -> dict:
+def run_variant(
+    variant: str, built: Built, batches: list, accum: int, args: argparse.Namespace, warmup: int, profile: bool
+) -> dict:
     """One variant's run in one cell; ``dora_tune`` eager is enabled for the run only (PEFT's path stays pure)."""
     if variant != "dora_tune":
-        return train(built, batches, accum, args)
+        return train(built, batches, accum, args, warmup, profile)
     handle = built.handle if built.handle is not None else dt_enable(built.model, args)
     try:
-        res = train(built, batches, accum, args)
+        res = train(built, batches, accum, args, warmup, profile)
     finally:
         if built.handle is None:
             dt_disable()
@@ -475,29 +543,42 @@ class Block:
 
 
 def run_cell(block: Block, tokens: int, accum: int, one_cell: bool) -> dict:
-    """Every variant on one (tokens, rank, dropout, accum) cell, on the same batches."""
+    """Every variant on one (tokens, rank, dropout, accum) cell, on the same batches, in ``--rounds`` interleaved
+    rounds (the order reversed every other round) so that drift of the host or the GPU clock hits every variant
+    alike; each variant's figures pool the timed steps of all rounds."""
     args, res = block.args, block.res
     t0 = time.time()
     cell: dict[str, Any] = {"tokens": tokens, "rank": block.rank, "dropout": block.dropout, "accum": accum}
     cell["variants"] = {}
     batches = make_batches(tokens, accum, args)
-    for v in args.variants:
-        built = block.get(v)
-        if built is None:
-            cell["variants"][v] = {"error": block.record["errors"][v]}
-            continue
-        try:
-            cell["variants"][v] = run_variant(v, built, batches, accum, args)
-        except Exception as e:  # recorded; the other variants go on
-            traceback.print_exc()
-            cell["variants"][v] = {"error": error_text(e)}
-            res["errors"].append(f"{block.key} tokens {tokens} accum {accum} {v}: {error_text(e)}")
-        finally:
-            del built
-            if one_cell:  # build, run and free each variant in turn
-                block.free(v)
-            else:
-                release(args.device)
+    out = cell["variants"]
+    for rnd in range(args.rounds):
+        last = rnd == args.rounds - 1
+        for v in args.variants if rnd % 2 == 0 else args.variants[::-1]:
+            if "error" in out.get(v, {}):
+                continue
+            built = block.get(v)
+            if built is None:
+                out[v] = {"error": block.record["errors"][v]}
+                continue
+            try:
+                # later rounds: one warm-up step (the variant's kernels are compiled and its races run)
+                r = run_variant(v, built, batches, accum, args, args.warmup if rnd == 0 else 1, args.profile and last)
+                if v in out:
+                    merge_round(out[v], r, accum * tokens)
+                else:
+                    out[v] = r
+            except Exception as e:  # recorded; the other variants go on
+                traceback.print_exc()
+                out[v] = {"error": error_text(e)}
+                res["errors"].append(f"{block.key} tokens {tokens} accum {accum} {v}: {error_text(e)}")
+            finally:
+                del built
+                if one_cell and last:  # one cell: build, run and free each variant in turn
+                    block.free(v)
+                else:
+                    release(args.device)
+    cell["variants"] = {v: out[v] for v in args.variants if v in out}
     del batches
     finish_cell(cell)
     cell["seconds"] = time.time() - t0
@@ -664,7 +745,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first (default 3, at least 1)")
-    ap.add_argument("--steps", type=int, default=8, help="timed optimizer steps (default 8)")
+    ap.add_argument("--steps", type=int, default=8, help="timed optimizer steps per round (default 8)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="interleaved rounds per cell: every variant runs --steps timed steps in each, the order reversed every "
+        "other round; figures pool all rounds (default 1)",
+    )
     ap.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     ap.add_argument("--vocab", type=int, default=None, help="vocabulary size (default 1024; --tiny 128)")
     ap.add_argument(
@@ -700,8 +788,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             ap.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
     if not args.variants or len(set(args.variants)) != len(args.variants):
         ap.error("--variants: a non-empty list without repeats")
-    if args.warmup < 1 or args.steps < 1 or args.accum < 1:
-        ap.error("--warmup, --steps and --accum must be at least 1")
+    if args.warmup < 1 or args.steps < 1 or args.accum < 1 or args.rounds < 1:
+        ap.error("--warmup, --steps, --accum and --rounds must be at least 1")
     try:
         if args.grid:
             args.cell_tokens = _list(int, args.grid_tokens)

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dora_tune.kernels._launch import lean
+
 if TYPE_CHECKING:
     from dora_tune.kernels.compose import ComposeConfig
     from dora_tune.kernels.compose_train import ComposeBwdConfig
@@ -113,7 +115,7 @@ def compose_fwd_triton(
     if out.numel() == 0:
         return out, inner
     grid = (triton.cdiv(rows, config.block_r), triton.cdiv(cols, config.block_c))
-    _compose_fwd_kernel[grid](
+    lean(_compose_fwd_kernel)[grid](
         lora, base, g, out, inner if write_inner else out,
         rows, cols, lora.stride(0), base.stride(0), out.stride(0), scale,
         BLOCK_R=config.block_r, BLOCK_C=config.block_c, WRITE_INNER=write_inner, num_warps=config.num_warps,
@@ -144,7 +146,7 @@ def compose_bwd_triton(
     if rows * cols > 0 and (need_dlora or need_dbase or need_dg):
         any_out = dlora if dlora is not None else (dbase if dbase is not None else dout)
         grid = (n_row_progs, triton.cdiv(cols, config.block_c))
-        _compose_bwd_kernel[grid](
+        lean(_compose_bwd_kernel)[grid](
             dout, inner if need_dg else dout, g,
             dlora if need_dlora else any_out, dbase if need_dbase else any_out, dg_part if need_dg else g,
             rows, cols, dout.stride(0), inner.stride(0) if need_dg else 0,

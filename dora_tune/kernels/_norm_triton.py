@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dora_tune.kernels._launch import lean
+
 if TYPE_CHECKING:
     from dora_tune.kernels.norm import NormConfig
 
@@ -244,7 +246,7 @@ def _gram_triton(lora_A: torch.Tensor, dot_dtype: torch.dtype, prec: str, n_sm: 
     S = triton.cdiv(d_in, k_per_split)
     part = torch.empty((S, r, r), device=lora_A.device, dtype=torch.float32)
     grid = (triton.cdiv(r, block), triton.cdiv(r, block), S)
-    _gram_kernel[grid](
+    lean(_gram_kernel)[grid](
         lora_A, part, r, d_in, k_per_split, lora_A.stride(0), lora_A.stride(1),
         BLOCK=block, BLOCK_K=block_k, DOT_DTYPE=_TL_DTYPES[dot_dtype], PREC=prec, num_warps=4, num_stages=3,
     )  # fmt: skip
@@ -291,7 +293,7 @@ def factored_norm_triton(
     single = T * S == 1
     partials = out if single else torch.empty((T * S, d_out), device=dev, dtype=torch.float32)
     grid = (triton.cdiv(d_out, bm) * T * S,)
-    _norm_main_kernel[grid](
+    lean(_norm_main_kernel)[grid](
         weight, lora_A, lora_B, G, partials, out,
         d_out, d_in, r, k_per_split, r_per_split,
         weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
@@ -301,5 +303,5 @@ def factored_norm_triton(
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if not single:
-        _norm_finish_kernel[(triton.cdiv(d_out, 1024),)](partials, out, d_out, T * S, BLOCK=1024)
+        lean(_norm_finish_kernel)[(triton.cdiv(d_out, 1024),)](partials, out, d_out, T * S, BLOCK=1024)
     return out
