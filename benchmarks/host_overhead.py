@@ -6,8 +6,11 @@ Why: in ``benchmarks/e2e.py`` a training step is host-bound when the Python and 
 longer than the GPU work it enqueues; the fused kernels then save GPU time the step never sees. This measures that
 host work directly: before each batch of ``--calls`` calls a spin kernel (``torch.cuda._sleep``) holds the GPU, so
 every launch only enqueues and the wall time of the batch ÷ calls is the host's cost of one call. Median of
-``--batches`` batches, in µs. Forward+backward items build a fresh graph and run ``backward`` each call; their
-difference to the forward item is the host cost of the backward (the autograd engine's thread).
+``--batches`` batches, in µs. Keep ``--calls`` × launches per call well under CUDA's queue of pending launches
+(~1000): past it a launch blocks until the spin ends, and the figure is no longer host time (a PEFT DoRA layer's
+forward+backward launches ~60 kernels: 40 calls filled the queue and read 3.8 ms on the H100). Forward+backward
+items build a fresh graph and run ``backward`` each call; their difference to the forward item is the host cost of
+the backward (the autograd engine's thread).
 
 Shapes (default): one Llama-3-8B q_proj, ``W [4096, 4096]``, r = 384, 4096 tokens, bf16.
 """
@@ -68,8 +71,8 @@ def main() -> None:
     ap.add_argument("--d", type=int, default=4096, help="in and out features of the layer")
     ap.add_argument("--rank", type=int, default=384)
     ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--calls", type=int, default=40)
-    ap.add_argument("--batches", type=int, default=7)
+    ap.add_argument("--calls", type=int, default=10, help="calls per batch (see the launch-queue note)")
+    ap.add_argument("--batches", type=int, default=15)
     ap.add_argument("--cprofile", action="store_true", help="also cProfile the dora-tune layer (text in the JSON)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -200,20 +203,22 @@ def main() -> None:
         import pstats
 
         text = io.StringIO()
-        with dt_peft.enable(layers["peft_dora"]):
-            for tag, fn in (("forward", lambda: layers["peft_dora"](x)),
-                            ("forward+backward", lambda: layers["peft_dora"](x).backward(dout))):  # fmt: skip
+        peft_m = layers["peft_dora"]
+        # the backward runs on the calling thread (cProfile sees one thread only)
+        with dt_peft.enable(peft_m), torch.autograd.set_multithreading_enabled(False):
+            for tag, fn in (("PEFT + enable() forward+backward", lambda: peft_m(x).backward(dout)),
+                            ("DoRALinear forward+backward", lambda: dl(x).backward(dout))):  # fmt: skip
                 for _ in range(5):
                     fn()
                 torch.cuda.synchronize()
                 prof = cProfile.Profile()
                 prof.enable()
-                for _ in range(args.calls):
+                for _ in range(5 * args.calls):
                     fn()
                 prof.disable()
                 torch.cuda.synchronize()
-                text.write(f"==== dora-tune layer {tag}, {args.calls} calls (cProfile inflates every Python call)\n")
-                pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(45)
+                text.write(f"==== {tag}, {5 * args.calls} calls (cProfile inflates every Python call)\n")
+                pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(40)
         res["cprofile"] = text.getvalue()
     out_dir = os.environ.get("OUT", str(REPO / "benchmarks" / "results"))
     out = args.out or os.path.join(out_dir, "h200-host-overhead.json")

@@ -25,7 +25,8 @@ of parameter it binds to:
 
 - constexpr parameters, and keyword options such as ``num_warps``/``num_stages``: the exact value with its type
   (floats by ``float.hex``, so ``0.0``/``-0.0`` and ``1``/``1.0``/``True`` differ); only ``int``, ``float``, ``bool``,
-  ``str``, ``None`` and ``torch.dtype`` values are keyed, anything else launches through Triton;
+  ``str``, ``None``, ``torch.dtype`` and scalar ``triton.language.dtype`` values (by name) are keyed, anything else
+  launches through Triton;
 - other parameters: a tensor (exactly ``torch.Tensor`` or ``nn.Parameter``) by dtype and ``data_ptr() % 16 == 0``;
   an int by ``== 1``, divisibility by 16 and width (i32 / i64 / u64 by range, the exact value beyond 64 bits);
   a float, a bool (by value) and ``None`` by kind. ``do_not_specialize``/``do_not_specialize_on_alignment`` are
@@ -93,6 +94,12 @@ _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 _U64_MAX = 2**64 - 1
 
 
+def _is_tl_dtype(t: type) -> bool:
+    """Whether ``t`` is exactly ``triton.language.dtype`` (a scalar dtype constexpr such as ``tl.bfloat16``; its
+    pointer and block subclasses are not), told without importing Triton."""
+    return t.__name__ == "dtype" and t.__module__ == "triton.language.core"
+
+
 def specialization_key(values: Sequence[Any], exact: Sequence[bool]) -> tuple | None:
     """The specialisation part of the lean key for one call's argument values, or ``None`` if one has a type the
     key does not know (the call then launches through Triton).
@@ -114,6 +121,9 @@ def specialization_key(values: Sequence[Any], exact: Sequence[bool]) -> tuple | 
             elif t in _EXACT:
                 append(t)
                 append(a)
+            elif _is_tl_dtype(t):
+                append(t)
+                append(a.name)  # tl.dtype equality and Triton's cache key both go by the name
             else:
                 return None
         elif t is _TENSOR or t is _PARAMETER:
@@ -160,6 +170,10 @@ def _compile_key(types: Sequence[type], exact: Sequence[bool]) -> Callable[[tupl
                 ns[f"t{i}"] = t
                 guards.append(f"{a}.__class__ is t{i}")
                 items += [f"t{i}", a]
+            elif _is_tl_dtype(t):
+                ns[f"t{i}"] = t
+                guards.append(f"{a}.__class__ is t{i}")
+                items += [f"t{i}", f"{a}.name"]
             else:
                 return None
         elif t is _TENSOR or t is _PARAMETER:

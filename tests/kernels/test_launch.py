@@ -163,6 +163,19 @@ def test_exact_keys_for_constexpr_and_options():
     assert key1(None, True) == key1(None, True)
 
 
+def test_triton_scalar_dtypes_are_exact_keys():
+    """``tl.bfloat16``-style constexprs (e.g. the norm kernel's DOT_DTYPE) key by name; their pointer types do not
+    key at all (a launch through Triton)."""
+    tl = pytest.importorskip("triton.language")
+    assert key1(tl.bfloat16, True) == key1(tl.bfloat16, True) != key1(tl.float16, True)
+    assert key1(tl.float32, True) != key1("fp32", True)  # a dtype's name as a string is another constexpr
+    assert key1(tl.pointer_type(tl.float32), True) is None
+    fast = _launch._compile_key([tl.float32.__class__], [True])
+    for v in (tl.float32, tl.bfloat16, tl.float16):
+        assert fast((v,)) == key1(v, True)
+    assert fast(("x",)) is None
+
+
 @pytest.mark.parametrize("value", [(1, 2), [1], "s", object(), torch.Size([2]), np.int64(3), np.float32(1)])
 def test_unknown_types_have_no_key(value):
     assert key1(value) is None
