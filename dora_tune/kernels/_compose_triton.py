@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dora_tune.kernels._common import cdiv
 from dora_tune.kernels._launch import lean
 
 if TYPE_CHECKING:
@@ -114,7 +115,7 @@ def compose_fwd_triton(
     inner = torch.empty_like(out) if write_inner else None
     if out.numel() == 0:
         return out, inner
-    grid = (triton.cdiv(rows, config.block_r), triton.cdiv(cols, config.block_c))
+    grid = (cdiv(rows, config.block_r), cdiv(cols, config.block_c))
     lean(_compose_fwd_kernel)[grid](
         lora, base, g, out, inner if write_inner else out,
         rows, cols, lora.stride(0), base.stride(0), out.stride(0), scale,
@@ -141,11 +142,11 @@ def compose_bwd_triton(
     dev = dout.device
     dlora = torch.empty((rows, cols), device=dev, dtype=lora_dtype) if need_dlora else None
     dbase = torch.empty((rows, cols), device=dev, dtype=dout.dtype) if need_dbase else None
-    n_row_progs = triton.cdiv(rows, config.block_r * config.row_iters)
+    n_row_progs = cdiv(rows, config.block_r * config.row_iters)
     dg_part = torch.empty((n_row_progs, cols), device=dev, dtype=torch.float32) if need_dg else None
     if rows * cols > 0 and (need_dlora or need_dbase or need_dg):
         any_out = dlora if dlora is not None else (dbase if dbase is not None else dout)
-        grid = (n_row_progs, triton.cdiv(cols, config.block_c))
+        grid = (n_row_progs, cdiv(cols, config.block_c))
         lean(_compose_bwd_kernel)[grid](
             dout, inner if need_dg else dout, g,
             dlora if need_dlora else any_out, dbase if need_dbase else any_out, dg_part if need_dg else g,

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dora_tune.kernels._common import cdiv
 from dora_tune.kernels._launch import lean
 
 if TYPE_CHECKING:
@@ -182,7 +183,7 @@ def dora_fwd_triton(
     inner = torch.empty((rows, cols), device=base.device, dtype=inner_dtype) if write_inner else None
     if out.numel() == 0:
         return out, inner
-    grid = (triton.cdiv(rows, config.block_r), triton.cdiv(cols, config.block_c))
+    grid = (cdiv(rows, config.block_r), cdiv(cols, config.block_c))
     lean(_dora_fwd_kernel)[grid](
         lora,
         base,
@@ -230,7 +231,7 @@ def dora_bwd_triton(
     dev = dout.device
     dlora = torch.empty((rows, cols), device=dev, dtype=lora_dtype) if need_dlora else None
     dbase = torch.empty((rows, cols), device=dev, dtype=base_dtype) if need_dbase else None
-    parts = triton.cdiv(rows, config.block_r * config.row_iters)
+    parts = cdiv(rows, config.block_r * config.row_iters)
     direct = parts == 1
     # The CPU interpreter (triton 3.9) truncates float32 → bfloat16 stores instead of rounding to nearest even:
     # there, and only there, d_m is stored as float32 and torch rounds.
@@ -244,7 +245,7 @@ def dora_bwd_triton(
         part = dm if direct else torch.empty((parts, cols), device=dev, dtype=torch.float32)
     if rows * cols > 0 and (need_dlora or need_dbase or need_dm):
         any_out = dlora if dlora is not None else (dbase if dbase is not None else dout)
-        grid = (parts, triton.cdiv(cols, config.block_c))
+        grid = (parts, cdiv(cols, config.block_c))
         lean(_dora_bwd_kernel)[grid](
             dout,
             inner if need_dm else dout,
@@ -271,7 +272,7 @@ def dora_bwd_triton(
             num_warps=config.num_warps,
         )
         if need_dm and not direct:
-            grid = (triton.cdiv(cols, _FINISH_BLOCK),)
+            grid = (cdiv(cols, _FINISH_BLOCK),)
             lean(_dm_finish_kernel)[grid](part, norm, dm, parts, cols, BLOCK=_FINISH_BLOCK, num_warps=4)
     if dm is not None and dm.dtype != m_dtype:
         dm = dm.to(m_dtype)

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dora_tune.kernels._common import cdiv
 from dora_tune.kernels._launch import lean
 
 if TYPE_CHECKING:
@@ -229,9 +230,9 @@ def _norm_finish_kernel(part_ptr, out_ptr, d_out, T, BLOCK: tl.constexpr):
 
 def _gram_split(r: int, d_in: int, block: int, block_k: int, n_sm: int) -> int:
     """Split-K factor for G: about two programs per SM, ≥4 K-blocks per split, ≤16 MB of partials."""
-    tiles = triton.cdiv(r, block) ** 2
+    tiles = cdiv(r, block) ** 2
     s = max(1, (2 * n_sm) // tiles)
-    s = min(s, max(1, triton.cdiv(d_in, 4 * block_k)))
+    s = min(s, max(1, cdiv(d_in, 4 * block_k)))
     s = min(s, max(1, (16 << 20) // (4 * r * r)))
     return s
 
@@ -242,10 +243,10 @@ def _gram_triton(lora_A: torch.Tensor, dot_dtype: torch.dtype, prec: str, n_sm: 
     block = 64 if r > 32 else (32 if r > 16 else 16)
     block_k = 64
     S = _gram_split(r, d_in, block, block_k, n_sm)
-    k_per_split = triton.cdiv(triton.cdiv(d_in, S), block_k) * block_k
-    S = triton.cdiv(d_in, k_per_split)
+    k_per_split = cdiv(cdiv(d_in, S), block_k) * block_k
+    S = cdiv(d_in, k_per_split)
     part = torch.empty((S, r, r), device=lora_A.device, dtype=torch.float32)
-    grid = (triton.cdiv(r, block), triton.cdiv(r, block), S)
+    grid = (cdiv(r, block), cdiv(r, block), S)
     lean(_gram_kernel)[grid](
         lora_A, part, r, d_in, k_per_split, lora_A.stride(0), lora_A.stride(1),
         BLOCK=block, BLOCK_K=block_k, DOT_DTYPE=_TL_DTYPES[dot_dtype], PREC=prec, num_warps=4, num_stages=3,
@@ -286,13 +287,13 @@ def factored_norm_triton(
 
     # 3. one pass over W (split over r-tiles and K ranges), then the fixed-order sum of the partials.
     bm, bn, bk = config.block_m, config.block_n, config.block_k
-    T = triton.cdiv(r, bn)
-    k_per_split = triton.cdiv(triton.cdiv(d_in, config.split_k), bk) * bk
-    S = triton.cdiv(d_in, k_per_split)
-    r_per_split = triton.cdiv(triton.cdiv(r, S), _BLOCK_KR) * _BLOCK_KR
+    T = cdiv(r, bn)
+    k_per_split = cdiv(cdiv(d_in, config.split_k), bk) * bk
+    S = cdiv(d_in, k_per_split)
+    r_per_split = cdiv(cdiv(r, S), _BLOCK_KR) * _BLOCK_KR
     single = T * S == 1
     partials = out if single else torch.empty((T * S, d_out), device=dev, dtype=torch.float32)
-    grid = (triton.cdiv(d_out, bm) * T * S,)
+    grid = (cdiv(d_out, bm) * T * S,)
     lean(_norm_main_kernel)[grid](
         weight, lora_A, lora_B, G, partials, out,
         d_out, d_in, r, k_per_split, r_per_split,
@@ -303,5 +304,5 @@ def factored_norm_triton(
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if not single:
-        lean(_norm_finish_kernel)[(triton.cdiv(d_out, 1024),)](partials, out, d_out, T * S, BLOCK=1024)
+        lean(_norm_finish_kernel)[(cdiv(d_out, 1024),)](partials, out, d_out, T * S, BLOCK=1024)
     return out

@@ -19,6 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+from dora_tune.kernels._common import cdiv
+from dora_tune.kernels._launch import lean
+
 _BLOCK = 1024
 
 
@@ -50,7 +53,7 @@ def dora_scale_fwd_triton(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.
     m, n = magnitude.detach().contiguous(), norm.detach().float().contiguous()
     g = torch.empty(n.shape, device=n.device, dtype=torch.float32)
     if n.numel():
-        _scale_fwd_kernel[(triton.cdiv(n.numel(), _BLOCK),)](m, n, g, n.numel(), BLOCK=_BLOCK, num_warps=4)
+        lean(_scale_fwd_kernel)[(cdiv(n.numel(), _BLOCK),)](m, n, g, n.numel(), BLOCK=_BLOCK, num_warps=4)
     return g
 
 
@@ -62,5 +65,5 @@ def dora_scale_bwd_triton(grad_g: torch.Tensor, norm: torch.Tensor, dtype: torch
     interp = n.device.type != "cuda"
     dm = torch.empty(n.shape, device=n.device, dtype=torch.float32 if interp else dtype)
     if n.numel():
-        _scale_bwd_kernel[(triton.cdiv(n.numel(), _BLOCK),)](dg, n, dm, n.numel(), BLOCK=_BLOCK, num_warps=4)
+        lean(_scale_bwd_kernel)[(cdiv(n.numel(), _BLOCK),)](dg, n, dm, n.numel(), BLOCK=_BLOCK, num_warps=4)
     return dm.to(dtype) if interp else dm
