@@ -1,7 +1,8 @@
 """Training-loop benchmark: whole optimizer steps of DoRA fine-tuning, PEFT DoRA vs dora-tune vs plain LoRA.
 
 Run (GPU, one cell):  python benchmarks/train_loop.py [--model llama|qwen] [--layers 2] [--tokens 4096] [--rank 384]
-                          [--dropout 0] [--accum 1] [--warmup 3] [--steps 8] [--compile] [--out PATH]
+                          [--dropout 0] [--accum 1] [--warmup 3] [--steps 8] [--rounds 1] [--compile]
+                          [--profile] [--out PATH]
 Grid (GPU):           python benchmarks/train_loop.py --grid [--grid-tokens 256,1024,2048,4096,8192]
                           [--grid-ranks 16,64,384] [--grid-dropouts 0,0.05] [--grid-accums 1,4] [--max-minutes 25]
 Smoke (CPU):          python benchmarks/train_loop.py --device cpu --tiny --steps 2 --warmup 1 --tokens 16 --rank 4
@@ -37,12 +38,19 @@ with ``loss = model(input_ids, labels=labels).loss / K`` and ``backward()`` each
 optimizer.zero_grad(set_to_none=True)``. ``--warmup`` untimed optimizer steps (the first, with Triton compilation,
 dora-tune's first-use race and torch.compile, is reported as ``first_step_ms``), then ``--steps`` timed steps: wall
 time from a ``torch.cuda.synchronize()`` before the step to one after it (what training pays, host included):
-median, min and max ms per optimizer step. Peak memory: ``max_memory_allocated`` over the timed steps, absolute and
-above what was allocated when they started (in grid mode every variant's model stays on the device for its (rank,
-dropout) block, so compare ``delta_MiB`` there). The loss of every micro-step (warm-up included) is recorded; each
-variant reports its largest relative gap to ``peft_dora``'s losses (dropout 0: the same math, so only rounding;
-``lora`` is a different model and shows a real gap). Ratios: ``speedup_vs_peft_dora`` = peft_dora median / variant
-median, ``vs_lora`` = variant median / lora median.
+median, min and max ms per optimizer step. ``--rounds R`` (use 2–3 where the step is host-bound: the device host's
+speed drifts within a run and differs up to 2× between machine starts) repeats that R times per cell, interleaved —
+every variant's run in turn, the order reversed every other round, one warm-up step in later rounds — and pools the
+timed steps of all rounds (``round_medians_ms`` keeps each round's median). Peak memory: ``max_memory_allocated``
+over the timed steps, absolute and above what was allocated when they started (in grid mode, and with ``--rounds``
+above 1, every variant's model stays on the device, so compare ``delta_MiB`` there). ``--profile`` adds one step per
+variant under ``torch.profiler``: the top ops by host and by GPU time, the aten op count, the GPU busy time (the
+kernels' own times), the weight norm's calls, host ms and GPU ms (PEFT's ``get_weight_norm``, dora-tune's
+``factored_norm``; Triton kernels launched through dora-tune's lean launcher are not attributed to that range, so
+its GPU ms counts cuBLAS only) and the dispatcher's path races. The loss of every micro-step (warm-up included) is
+recorded; each variant reports its largest relative gap to ``peft_dora``'s losses (dropout 0: the same math, so
+only rounding; ``lora`` is a different model and shows a real gap). Ratios: ``speedup_vs_peft_dora`` = peft_dora
+median / variant median, ``vs_lora`` = variant median / lora median.
 
 ``--grid`` runs tokens × rank × dropout × accum (each list overridable). Each variant's model is built once per (rank,
 dropout) and reused across tokens and accum; every cell gets a fresh optimizer and reloads the initial adapter
