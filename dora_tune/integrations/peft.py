@@ -15,6 +15,12 @@ autograd node around the fused kernels, whichever the first training step timed 
 Everything else — dropout, input casts, adapter selection, merging — stays PEFT's. ``enable(model,
 dropout_mode="lora_only")`` opts into dropout on the LoRA branch only (see :func:`enable`).
 
+Where PEFT's LoRA ``Linear.forward`` would only call the base layer, then the DoRA layer, and add the two (one active
+DoRA adapter, no dropout acting, one dtype throughout, no hooks on the base layer, no autocast, not merged or
+disabled: :func:`_one_call_route`), :func:`enable` computes that whole call as one DoRA layer call with the full
+output ``g ⊙ (x·Wᵀ + s·lora) + bias`` — PEFT's wrapper and the extra add and base-layer call are host time at small
+token counts. Any other call goes to PEFT's ``Linear.forward`` unchanged.
+
 Layers keep PEFT's own path (and dora-tune says so once per reason, with a ``RuntimeWarning``) when they are not a
 plain case: DoRA on Embedding or Conv layers, ``fan_in_fan_out`` (Conv1D-style) weights, quantised or otherwise
 non-plain base weights (bitsandbytes, HQQ, torchao, DTensor, ...), ``lora_bias=True``, scalings that are not Python
@@ -53,6 +59,11 @@ except ImportError as e:  # pragma: no cover - depends on the installed PEFT
         f"{getattr(peft, '__version__', '?')}: pip install -U 'dora-tune[peft]'"
     ) from e
 
+try:  # the LoRA Linear layer holding the DoRA layer: its forward gets the one-call route (see _linear_forward)
+    from peft.tuners.lora.layer import Linear as LoraLinear
+except ImportError:  # pragma: no cover - depends on the installed PEFT
+    LoraLinear = None
+
 from dora_tune.dispatch.layer import DROPOUT_MODES, NormCache
 from dora_tune.kernels import factored_norm
 from dora_tune.kernels._common import SUPPORTED_DTYPES
@@ -63,6 +74,7 @@ __all__ = ["DoraTuneHandle", "disable", "enable", "is_enabled"]
 _FLAG = "_dora_tune_enabled"  # instance attribute: this layer was enabled by enable(model)
 _CACHE = "_dora_tune_norm_cache"  # instance attribute: the eval-mode NormCache
 _VERDICT = "_dora_tune_verdict"  # instance attribute: (call key, _why_not's answer) of the last call checked
+_ROUTE_VERDICT = "_dora_tune_route_verdict"  # the same for the one-call route of the LoRA Linear (_linear_forward)
 _DROPOUT = "_dora_tune_dropout"  # instance attribute (dropout_mode="lora_only"): the LoRA dropout PEFT no longer sees
 _REQUIRED = ("lora_A", "lora_B", "scaling", "base_layer")
 _KNOWN = frozenset((*_REQUIRED, "base_result", "adapter_name"))
@@ -202,6 +214,7 @@ def disable() -> None:
         for m in list(_CACHED):
             m.__dict__.pop(_CACHE, None)
             m.__dict__.pop(_VERDICT, None)
+            m.__dict__.pop(_ROUTE_VERDICT, None)
         _CACHED.clear()
 
 
@@ -237,6 +250,10 @@ def _install(*, shim_subclasses: bool) -> None:
         DoraLinearLayer.forward = _dora_forward
         _PEFT["_apply"] = DoraLinearLayer.__dict__.get("_apply")
         DoraLinearLayer._apply = _dora_apply
+    if LoraLinear is not None and LoraLinear not in _ORIG and "forward" in LoraLinear.__dict__:
+        _ORIG[LoraLinear] = (True, LoraLinear.__dict__["forward"])
+        _PEFT["linear_forward"] = LoraLinear.__dict__["forward"]
+        LoraLinear.forward = _linear_forward
     if shim_subclasses:
         for cls in _subclasses(DoraLinearLayer):
             if cls not in _ORIG and "forward" in cls.__dict__:
@@ -360,14 +377,15 @@ def _call_key(self: nn.Module, x: Any, kwargs: dict[str, Any]) -> tuple:
     )
 
 
-def _checked_why_not(self: nn.Module, x: Any, kwargs: dict[str, Any]) -> str | None:
-    """:func:`_why_not`, remembered per layer while the call's key (:func:`_call_key`) stays the same."""
+def _checked_why_not(self: nn.Module, x: Any, kwargs: dict[str, Any], slot: str = _VERDICT) -> str | None:
+    """:func:`_why_not`, remembered per layer (in ``slot``: one per call site, whose keys differ) while the call's
+    key (:func:`_call_key`) stays the same."""
     key = _call_key(self, x, kwargs)
-    last = self.__dict__.get(_VERDICT)
+    last = self.__dict__.get(slot)
     if last is not None and last[0] == key:
         return last[1]
     why = _why_not(self, x, kwargs)
-    self.__dict__[_VERDICT] = (key, why)
+    self.__dict__[slot] = (key, why)
     _CACHED.add(self)
     return why
 
@@ -390,6 +408,75 @@ def _dora_apply(self: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
         cache.clear()
     parent = _PEFT.get("_apply") or nn.Module._apply
     return parent(self, fn, recurse)
+
+
+def _hooked(m: nn.Module) -> bool:
+    """Whether calling ``m`` would run hooks (its own or global module hooks) that a direct computation skips."""
+    glob = nn.modules.module
+    return bool(
+        m._forward_hooks
+        or m._forward_pre_hooks
+        or m._backward_hooks
+        or getattr(m, "_backward_pre_hooks", None)
+        or getattr(glob, "_global_forward_hooks", None)
+        or getattr(glob, "_global_forward_pre_hooks", None)
+        or getattr(glob, "_global_backward_hooks", None)
+        or getattr(glob, "_global_backward_pre_hooks", None)
+    )
+
+
+def _one_call_route(self: nn.Module, x: Any) -> tuple | None:
+    """``(dora layer, base layer, lora_A, lora_B, scale)`` when the whole LoRA ``Linear`` call can be one DoRA
+    layer call — ``y = g ⊙ (x·Wᵀ + s·B·A·x) + bias``, what PEFT computes as ``base_layer(x) + delta`` — else None.
+
+    That needs: one active DoRA adapter on a layer dora-tune covers (the same checks as the DoRA layer's own call),
+    adapters neither merged nor disabled, no dropout acting (eval, or ``lora_dropout`` 0; with dropout PEFT's
+    semantics use the dropped-out input for the delta only, and ``dropout_mode="lora_only"`` keeps its own route),
+    input, base weight and adapters of one dtype (no input cast), no hooks on the base layer or global module hooks
+    (the base layer is not called), no autocast and no ``torch.compile`` tracing (those keep the measured routes)."""
+    if type(x) is not torch.Tensor or self.disable_adapters or self.merged or torch.compiler.is_compiling():
+        return None
+    if torch.is_autocast_enabled(x.device.type):
+        return None
+    active = self.active_adapters
+    if len(active) != 1:
+        return None
+    name = active[0]
+    mags = self.lora_magnitude_vector
+    if name not in mags or name not in self.lora_A or not self.use_dora.get(name, False):
+        return None
+    dora = mags[name]
+    if type(dora) is not DoraLinearLayer or not (_STATE["global"] or dora.__dict__.get(_FLAG, False)):
+        return None
+    if self.training and (not isinstance(self.lora_dropout[name], nn.Identity) or _DROPOUT in dora.__dict__):
+        return None
+    base_layer = self.get_base_layer()
+    lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+    if _hooked(base_layer):
+        return None
+    W, A = getattr(base_layer, "weight", None), getattr(lora_A, "weight", None)
+    if not isinstance(W, torch.Tensor) or not isinstance(A, torch.Tensor) or not x.dtype == W.dtype == A.dtype:
+        return None
+    scaling = self.scaling[name]
+    kwargs = {"lora_A": lora_A, "lora_B": lora_B, "scaling": scaling, "base_layer": base_layer}
+    if _checked_why_not(dora, x, kwargs, _ROUTE_VERDICT) is not None:
+        return None
+    return dora, base_layer, lora_A, lora_B, float(scaling)
+
+
+def _linear_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Replacement of PEFT's LoRA ``Linear.forward``: an enabled DoRA layer's whole call as one DoRA layer call
+    (:func:`_one_call_route`) — PEFT's wrapper, the base layer's call and the ``result + delta`` add cost the host
+    more than the DoRA work at small token counts; anything else goes to PEFT's forward unchanged."""
+    orig = _PEFT["linear_forward"]
+    route = None if (args or kwargs or type(self) is not LoraLinear) else _one_call_route(self, x)
+    if route is None:
+        return orig(self, x, *args, **kwargs)
+    dora, base_layer, lora_A, lora_B, scale = route
+    W, A, B = base_layer.weight, lora_A.weight, lora_B.weight
+    norm = _norm(dora, W, A, B, scale)
+    bias = getattr(base_layer, "bias", None)
+    return dora_layer_unchecked(x, W, A, B, dora.weight, norm, scale, bias, None, sub_bias=False, full=True)
 
 
 def _dora_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

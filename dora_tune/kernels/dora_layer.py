@@ -380,7 +380,7 @@ def dora_layer_unchecked(
     """:func:`dora_layer` without the argument checks: for layers that validated their tensors once (their shapes,
     dtypes and devices are fixed while they stay the same tensors). ``sub_bias``: ``base_result`` includes ``bias``;
     ``full``: the layer output instead of the delta."""
-    if is_compiling() or weight.requires_grad or torch.is_autocast_enabled():
+    if is_compiling() or weight.requires_grad or torch.is_autocast_enabled(x.device.type):
         return dora_layer_composed(x, weight, lora_A, lora_B, magnitude, norm, scale, bias, base_result, sub_bias, full)
     grad = torch.is_grad_enabled() and (
         x.requires_grad

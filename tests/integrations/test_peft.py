@@ -13,6 +13,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from peft.tuners.lora.dora import DoraLinearLayer  # noqa: E402
+from peft.tuners.lora.layer import Linear as LoraLinear  # noqa: E402
 
 from dora_tune.integrations import peft as dp  # noqa: E402
 
@@ -164,7 +165,7 @@ def test_no_grad_eval_runs_the_node_and_caches_the_norm(ids, calls):
 
 def test_disable_restores_peft_exactly(ids, calls):
     subclasses = dp._subclasses(DoraLinearLayer)
-    originals = {c: c.__dict__.get("forward") for c in [DoraLinearLayer, *subclasses]}
+    originals = {c: c.__dict__.get("forward") for c in [DoraLinearLayer, LoraLinear, *subclasses]}
     pm = tiny_llama(0.1)
     want = run(pm, ids)
     for how in ("model", "global"):
@@ -201,6 +202,80 @@ def test_enable_model_is_scoped_and_global_covers_new_models(ids, calls):
     assert calls["compose_train"] == 2 * N_DORA
     dp.disable()
     assert_close(got, run(want, ids), 1e-5)
+
+
+@pytest.fixture
+def peft_linear_calls(monkeypatch):
+    """How many LoRA Linear calls went to PEFT's own ``Linear.forward`` (not the one-call route): a counting
+    wrapper stands in for PEFT's method before dora-tune patches it (and is what disable() puts back)."""
+    seen = []
+    real = LoraLinear.forward
+
+    def forward(self, *a, **k):
+        seen.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(LoraLinear, "forward", forward)
+    return seen
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_one_call_route_where_no_dropout_acts(dropout, mode, ids, calls, peft_linear_calls):
+    """With no dropout acting (eval, or lora_dropout 0) an enabled layer is one DoRA layer call for the whole LoRA
+    Linear (the full output, base included); with dropout in training PEFT's forward keeps its place (its
+    semantics: the delta on the dropped-out input). Values and gradients match PEFT's either way."""
+    pm = tiny_llama(dropout)
+    pm.train(mode == "train")
+    want = run(pm, ids)
+    del peft_linear_calls[:]
+    dp.enable(pm)
+    got = run(pm, ids)
+    routed = not (mode == "train" and dropout > 0)
+    assert len(peft_linear_calls) == (0 if routed else N_DORA)
+    assert calls["compose_train"] == N_DORA
+    assert_close(got, want, 1e-5)
+
+
+def test_one_call_route_keeps_hooks_adapter_switches_and_lora_only(ids, calls, peft_linear_calls):
+    """Anything the direct computation would skip or change sends the call to PEFT's forward: a hook on the base
+    layer (which then fires), disabled or merged adapters, dropout_mode="lora_only", autocast, an input of another
+    dtype."""
+    pm = tiny_llama(0.0).eval()
+    with pm.disable_adapter():
+        base_out = run(pm, ids, grad=False)[0]
+    del peft_linear_calls[:]
+    dp.enable(pm)
+    q = pm.base_model.model.model.layers[0].self_attn.q_proj
+    fired = []
+    handle = q.base_layer.register_forward_hook(lambda *a: fired.append(1))
+    run(pm, ids, grad=False)
+    handle.remove()
+    assert fired == [1] and len(peft_linear_calls) == 1  # that layer only
+    with pm.disable_adapter():
+        plain = run(pm, ids, grad=False)[0]
+    assert len(peft_linear_calls) == 1 + N_DORA and torch.equal(plain, base_out)  # the base model's output
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        run(pm, ids, grad=False)
+    assert len(peft_linear_calls) == 1 + 2 * N_DORA
+    x = torch.randn(3, q.in_features, dtype=torch.float64)
+    with pytest.raises(RuntimeError):  # PEFT's own error for a float64 input on float32 weights
+        q(x)
+    assert len(peft_linear_calls) == 2 + 2 * N_DORA
+    dp.disable()
+    pm = tiny_llama(0.1).train()
+    want = run(pm, ids)
+    dp.enable(pm, dropout_mode="lora_only")
+    del peft_linear_calls[:]
+    run(pm, ids)
+    assert len(peft_linear_calls) == N_DORA
+    pm.merge_adapter()
+    pm.eval()
+    merged = run(pm, ids, grad=False)[0]
+    assert len(peft_linear_calls) == 2 * N_DORA
+    pm.unmerge_adapter()
+    dp.disable()
+    assert relerr(merged, run(pm, ids, grad=False)[0]) <= 1e-5 and relerr(merged, want[0]) > 0
 
 
 def test_context_manager(ids, calls):
@@ -288,8 +363,9 @@ def test_biased_lora_B_keeps_peft_path(calls):
 
 
 def test_eligibility_is_checked_once_until_the_call_changes(calls, monkeypatch):
-    """The per-call checks run once per layer and again only when something they look at changes (here a bias put
-    on lora_B in place, then taken off; an input dtype dora-tune does not take)."""
+    """The per-call checks run once per layer and call site and again only when something they look at changes
+    (here a bias put on lora_B in place, then taken off; an input dtype dora-tune does not take). Two call sites:
+    the LoRA Linear's one-call route, and — when that route is refused — the DoRA layer's own call."""
     pm = mixed_model(target_modules=["lin"])
     lin = pm.base_model.model.lin
     checks = []
@@ -304,10 +380,10 @@ def test_eligibility_is_checked_once_until_the_call_changes(calls, monkeypatch):
     with pytest.warns(RuntimeWarning, match="lora_bias"):
         run(pm, ids)
     run(pm, ids)
-    assert len(checks) == 2 and calls["compose_train"] == 3
+    assert len(checks) == 3 and calls["compose_train"] == 3  # the route refused, then the DoRA layer's call too
     lin.lora_B["default"].bias = None
     run(pm, ids)
-    assert len(checks) == 3 and calls["compose_train"] == 4
+    assert len(checks) == 4 and calls["compose_train"] == 4  # the route again: one call
     layer = lin.lora_magnitude_vector["default"]
     kwargs = {"lora_A": lin.lora_A["default"], "lora_B": lin.lora_B["default"], "scaling": 0.5,
               "base_layer": lin.base_layer}  # fmt: skip
