@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from dora_tune.autotune_db.common import (
     SCHEMA_VERSION,
     DatabaseError,
+    GpuFeatures,
     MissingDatabaseError,
     SchemaError,
     canonical_json,
@@ -59,6 +60,7 @@ __all__ = [
     "DatabaseError",
     "EnvInfo",
     "EnvRow",
+    "GpuFeatures",
     "MergeStats",
     "MissingDatabaseError",
     "ModelRow",

@@ -11,20 +11,63 @@ import json
 import math
 import os
 import re
+from dataclasses import dataclass
 from typing import Any
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Layout version written to ``meta.schema_version``; bump it (and add a migration) when the tables change.
 
-1: meta, environments, implementations, trials. 2: + fitted_models."""
+1: meta, environments, implementations, trials. 2: + fitted_models. 3: + gpu_features."""
 
 _TABLES_V1 = frozenset({"meta", "environments", "implementations", "trials"})
-TABLES: dict[int, frozenset[str]] = {1: _TABLES_V1, 2: _TABLES_V1 | {"fitted_models"}}
+TABLES: dict[int, frozenset[str]] = {
+    1: _TABLES_V1,
+    2: _TABLES_V1 | {"fitted_models"},
+    3: _TABLES_V1 | {"fitted_models", "gpu_features"},
+}
 """The tables each schema version has (a database of that version missing one is not a dora-tune database)."""
 
 OLDEST_READABLE = 1
 """The oldest schema a read-only open serves as it is, without migrating: everything added since (the
-``fitted_models`` of schema 2) is optional and reads as absent."""
+``fitted_models`` of schema 2, the ``gpu_features`` of schema 3) is optional and reads as absent."""
+
+FEATURE_SOURCES: tuple[str, ...] = ("nvml", "torch")
+"""Where :class:`GpuFeatures` came from: ``"nvml"`` (torch's device properties and NVML's clocks and bus width) or
+``"torch"`` (NVML could not answer: the device properties only, clocks and bandwidth unknown)."""
+
+
+@dataclass(frozen=True)
+class GpuFeatures:
+    """What the device itself says about a GPU, beyond its name: L2 size (bytes, from torch's device properties),
+    memory bandwidth (GB/s, NVML: max memory clock × 2 transfers per clock × bus width), max SM and memory clocks
+    (MHz) and the memory bus width (bits). 0 means unknown."""
+
+    l2_bytes: int
+    mem_bandwidth_gbs: float
+    max_sm_clock_mhz: int
+    max_mem_clock_mhz: int
+    bus_width_bits: int
+    source: str
+
+    def __post_init__(self) -> None:
+        """Reject negative or non-finite figures and an unknown ``source`` (ValueError)."""
+        if self.source not in FEATURE_SOURCES:
+            raise ValueError(f"GpuFeatures.source must be one of {FEATURE_SOURCES}, got {self.source!r}")
+        for name in ("l2_bytes", "max_sm_clock_mhz", "max_mem_clock_mhz", "bus_width_bits"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"GpuFeatures.{name} must be an int ≥ 0, got {v!r}")
+        bw = self.mem_bandwidth_gbs
+        if isinstance(bw, bool) or not isinstance(bw, (int, float)) or not math.isfinite(bw) or bw < 0:
+            raise ValueError(f"GpuFeatures.mem_bandwidth_gbs must be a finite number ≥ 0, got {bw!r}")
+        object.__setattr__(self, "mem_bandwidth_gbs", float(bw))
+
+
+def bandwidth_gbs(max_mem_clock_mhz: int, bus_width_bits: int) -> float:
+    """Peak memory bandwidth in GB/s from NVML's max memory clock and bus width: two transfers per clock (HBM and
+    GDDR as NVML reports their clocks; H100 SXM: 2619 MHz × 2 × 5120 bit / 8 = 3352 GB/s, the published 3.35 TB/s)."""
+    return max_mem_clock_mhz * 1e6 * 2 * bus_width_bits / 8 / 1e9
+
 
 ENV_VAR = "DORA_TUNE_DB"
 """Environment variable naming the default database (a file path or a SQLAlchemy URL)."""

@@ -1,6 +1,6 @@
 """ORM tables of the tuning database (SQLAlchemy 2.0 typed declarative mapping) and the canonical JSON encoding.
 
-Five tables:
+Six tables:
 
 * ``meta``: key/value pairs; ``schema_version`` says which layout the file holds (:data:`SCHEMA_VERSION`).
 * ``environments``: one row per measured machine set-up (GPU, driver, CUDA, torch, Triton and dora-tune versions).
@@ -8,6 +8,8 @@ Five tables:
 * ``trials``: one row per measurement: environment × implementation × shape × dtype × config.
 * ``fitted_models`` (schema 2): one row per (environment, op, dtype): the cost model's compiled decision table and
   its cross-validation metrics, both canonical JSON (never pickles).
+* ``gpu_features`` (schema 3): at most one row per environment: what the device said about its GPU when it was
+  recorded (L2 size, memory bandwidth, clocks, bus width; :class:`~dora_tune.autotune_db.common.GpuFeatures`).
 
 Shapes and configs are stored as canonical JSON text (:func:`canonical_json`) so that equal dicts always give
 equal strings and the unique key on ``trials`` works on any SQL backend. This module imports no torch and creates
@@ -35,7 +37,17 @@ from sqlalchemy.types import TypeDecorator
 
 from dora_tune.autotune_db.common import SCHEMA_VERSION, canonical_json
 
-__all__ = ["SCHEMA_VERSION", "Base", "Environment", "FittedModel", "Implementation", "Meta", "Trial", "canonical_json"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "Base",
+    "Environment",
+    "FittedModel",
+    "GpuFeaturesRow",
+    "Implementation",
+    "Meta",
+    "Trial",
+    "canonical_json",
+]
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -162,3 +174,18 @@ class FittedModel(Base):
     estimator: Mapped[str] = mapped_column(Text)
     payload: Mapped[str] = mapped_column(Text)
     metrics: Mapped[str] = mapped_column(Text)
+
+
+class GpuFeaturesRow(Base):
+    """The device-read features of one environment's GPU (schema 3; see :class:`~dora_tune.autotune_db.common.
+    GpuFeatures`: 0 means unknown). Environments recorded before schema 3, or on a CPU, have none."""
+
+    __tablename__ = "gpu_features"
+
+    env_id: Mapped[int] = mapped_column(ForeignKey("environments.id"), primary_key=True)
+    l2_bytes: Mapped[int] = mapped_column(BigInteger)
+    mem_bandwidth_gbs: Mapped[float] = mapped_column(Float)
+    max_sm_clock_mhz: Mapped[int] = mapped_column(Integer)
+    max_mem_clock_mhz: Mapped[int] = mapped_column(Integer)
+    bus_width_bits: Mapped[int] = mapped_column(Integer)
+    source: Mapped[str] = mapped_column(String(16))

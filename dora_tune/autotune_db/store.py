@@ -20,17 +20,19 @@ import sqlite3
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote, unquote
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     Connection,
     DateTime,
     Engine,
+    Float,
     ForeignKey,
     Integer,
     MetaData,
@@ -53,6 +55,7 @@ from sqlalchemy.orm import Session
 from dora_tune.autotune_db.common import (
     SCHEMA_VERSION,
     DatabaseError,
+    GpuFeatures,
     MissingDatabaseError,
     SchemaError,
     check_readable,
@@ -64,6 +67,7 @@ from dora_tune.autotune_db.models import (
     Base,
     Environment,
     FittedModel,
+    GpuFeaturesRow,
     Implementation,
     Meta,
     Trial,
@@ -135,7 +139,12 @@ def _resolve(location: str, readonly: bool) -> _Target:
 
 @dataclass(frozen=True)
 class EnvInfo:
-    """The machine set-up a trial was measured on. ``kind`` is "cuda" or "cpu"; versions are free-form strings."""
+    """The machine set-up a trial was measured on. ``kind`` is "cuda" or "cpu"; versions are free-form strings.
+
+    ``features``: what the device said about its GPU (:class:`GpuFeatures`; None on a CPU, or for an environment
+    recorded before schema 3). It describes the GPU, it does not tell environments apart: equality, hashing and the
+    stored environment's identity use the other fields only, and a stored environment keeps the first features
+    recorded with it."""
 
     kind: str
     gpu_name: str
@@ -147,11 +156,14 @@ class EnvInfo:
     torch: str
     triton: str
     dora_tune: str
+    features: GpuFeatures | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        """Reject an unknown ``kind``."""
+        """Reject an unknown ``kind`` or ``features`` of another type."""
         if self.kind not in ("cuda", "cpu"):
             raise ValueError(f"EnvInfo.kind must be 'cuda' or 'cpu', got {self.kind!r}")
+        if self.features is not None and not isinstance(self.features, GpuFeatures):
+            raise TypeError(f"EnvInfo.features must be a GpuFeatures or None, got {type(self.features).__name__}")
 
     @property
     def slug(self) -> str:
@@ -159,7 +171,9 @@ class EnvInfo:
         return gpu_slug(self.gpu_name)
 
 
-_ENV_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(EnvInfo))
+_ENV_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(EnvInfo) if f.name != "features")
+"""The fields that identify a stored environment (every field but ``features``)."""
+_FEATURE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(GpuFeatures))
 
 
 @dataclass(frozen=True)
@@ -224,9 +238,10 @@ class TrialRow:
     created_at: datetime
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EnvRow(EnvInfo):
-    """One stored environment (every :class:`EnvInfo` field) with its row id and the number of trials on it."""
+    """One stored environment (every :class:`EnvInfo` field, its features included) with its row id and the number
+    of trials on it."""
 
     id: int
     trials: int
@@ -234,7 +249,7 @@ class EnvRow(EnvInfo):
     @property
     def info(self) -> EnvInfo:
         """The environment as a plain :class:`EnvInfo`."""
-        return EnvInfo(**{f: getattr(self, f) for f in _ENV_FIELDS})
+        return EnvInfo(**{f: getattr(self, f) for f in _ENV_FIELDS}, features=self.features)
 
 
 @dataclass(frozen=True)
@@ -292,12 +307,37 @@ def _migrate_1_to_2(conn: Connection) -> None:
     conn.execute(update(Meta).where(Meta.key == "schema_version").values(value="2"))
 
 
-_MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_1_to_2}
+def _migrate_2_to_3(conn: Connection) -> None:
+    """Schema 2 → 3: add the ``gpu_features`` table (spelled out as schema 3 defines it) and record schema 3. The
+    environments stored so far get no features row: they read as unknown features (the published-figure table
+    serves them)."""
+    md = MetaData()
+    Table("environments", md, Column("id", Integer, primary_key=True))  # the foreign key's target; not created
+    Table(
+        "gpu_features",
+        md,
+        Column("env_id", Integer, ForeignKey("environments.id"), primary_key=True),
+        Column("l2_bytes", BigInteger, nullable=False),
+        Column("mem_bandwidth_gbs", Float, nullable=False),
+        Column("max_sm_clock_mhz", Integer, nullable=False),
+        Column("max_mem_clock_mhz", Integer, nullable=False),
+        Column("bus_width_bits", Integer, nullable=False),
+        Column("source", String(16), nullable=False),
+    ).create(conn)
+    conn.execute(update(Meta).where(Meta.key == "schema_version").values(value="3"))
+
+
+_MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
 """``_MIGRATIONS[v]`` upgrades a schema-``v`` database to ``v + 1`` (tables and the stored ``schema_version``)
 inside the open write transaction."""
 
 
 # --------------------------------------------------------------------------------------------------- helpers
+
+
+def _env_fields(env: EnvInfo) -> dict[str, Any]:
+    """The identifying fields of ``env`` (:data:`_ENV_FIELDS`) as a dict."""
+    return {f: getattr(env, f) for f in _ENV_FIELDS}
 
 
 def _json_dict(value: Any, what: str) -> str:
@@ -565,16 +605,25 @@ class TuningDB:
                 s.rollback()
                 raise DatabaseError(f"{self._target.display}: {_reason(e)}") from e
 
-    def _env_id(self, s: Session, env: dict[str, Any], *, create: bool) -> tuple[int | None, bool]:
-        """The id of the environment with these descriptive fields (created if asked), and whether it was new."""
+    def _env_id(
+        self, s: Session, env: dict[str, Any], *, create: bool, features: GpuFeatures | None = None
+    ) -> tuple[int | None, bool]:
+        """The id of the environment with these descriptive fields (created if asked), and whether it was new. With
+        ``create``, ``features`` are stored for it unless it has some already (the first recorded stay)."""
         cond = [getattr(Environment, f) == env[f] for f in _ENV_FIELDS]
         eid = s.scalar(select(Environment.id).where(*cond))
-        if eid is not None or not create:
-            return eid, False
-        row = Environment(**{f: env[f] for f in _ENV_FIELDS})
-        s.add(row)
-        s.flush()
-        return row.id, True
+        created = False
+        if eid is None:
+            if not create:
+                return None, False
+            row = Environment(**{f: env[f] for f in _ENV_FIELDS})
+            s.add(row)
+            s.flush()
+            eid, created = row.id, True
+        if features is not None and (created or s.get(GpuFeaturesRow, eid) is None):
+            s.add(GpuFeaturesRow(env_id=eid, **{f: getattr(features, f) for f in _FEATURE_FIELDS}))
+            s.flush()
+        return eid, created
 
     def _impl_id(self, s: Session, op: str, name: str, version: str, *, create: bool) -> int | None:
         """The id of implementation (op, name, version), created if asked."""
@@ -657,7 +706,7 @@ class TuningDB:
         for attempt in range(2):  # a concurrent writer on a non-SQLite backend may win the insert: retry once
             try:
                 with self._session(write=True) as s:
-                    env_id, _ = self._env_id(s, asdict(env), create=True)
+                    env_id, _ = self._env_id(s, _env_fields(env), create=True, features=env.features)
                     impl_id = self._impl_id(s, op, impl, impl_version, create=True)
                     existing = s.scalar(
                         select(Trial).where(
@@ -688,7 +737,7 @@ class TuningDB:
         A resuming profiler skips these; compare with ``canonical_json(shape)`` / ``canonical_json(config)``.
         """
         with self._session(write=False) as s:
-            env_id, _ = self._env_id(s, asdict(env), create=False)
+            env_id, _ = self._env_id(s, _env_fields(env), create=False)
             impl_id = self._impl_id(s, op, impl, impl_version, create=False)
             if env_id is None or impl_id is None:
                 return set()
@@ -820,7 +869,19 @@ class TuningDB:
             )
             if env_ids is not None:
                 q = q.where(Environment.id.in_(env_ids))
-            return [EnvRow(id=e.id, **{f: getattr(e, f) for f in _ENV_FIELDS}, trials=n) for e, n in s.execute(q).all()]
+            rows = s.execute(q).all()
+            feats = self._features(s, [e.id for e, _ in rows])
+            return [
+                EnvRow(id=e.id, **{f: getattr(e, f) for f in _ENV_FIELDS}, features=feats.get(e.id), trials=n)
+                for e, n in rows
+            ]
+
+    def _features(self, s: Session, env_ids: Sequence[int]) -> dict[int, GpuFeatures]:
+        """The stored :class:`GpuFeatures` of these environments (none before schema 3)."""
+        if self._schema < 3 or not env_ids:
+            return {}
+        q = select(GpuFeaturesRow).where(GpuFeaturesRow.env_id.in_(list(env_ids)))
+        return {r.env_id: GpuFeatures(**{f: getattr(r, f) for f in _FEATURE_FIELDS}) for r in s.scalars(q).all()}
 
     # ------------------------------------------------------------------------------------- fitted models
 
@@ -855,7 +916,7 @@ class TuningDB:
         for attempt in range(2):  # a concurrent writer on a non-SQLite backend may win the insert: retry once
             try:
                 with self._session(write=True) as s:
-                    env_id, _ = self._env_id(s, asdict(env), create=True)
+                    env_id, _ = self._env_id(s, _env_fields(env), create=True, features=env.features)
                     existing = s.scalar(
                         select(FittedModel).where(
                             FittedModel.env_id == env_id, FittedModel.op == op, FittedModel.dtype == dtype
@@ -895,8 +956,9 @@ class TuningDB:
     # ---------------------------------------------------------------------------------- export and merge
 
     def export(self, dest: str, *, gpu: str | None = None, overwrite: bool = False) -> int:
-        """Write a new SQLite file at ``dest`` holding the environments matching ``gpu`` (all when None), the
-        implementations their trials use, those trials and fitted models (timestamps kept) and the meta row.
+        """Write a new SQLite file at ``dest`` holding the environments matching ``gpu`` (all when None) with their
+        GPU features, the implementations their trials use, those trials and fitted models (timestamps kept) and
+        the meta row.
 
         The file is built next to ``dest`` and moved into place when complete, in rollback-journal mode (one
         self-contained file, fit to copy or ship). Returns the number of trials exported.
@@ -941,15 +1003,15 @@ class TuningDB:
         return stats.trials_added
 
     def merge(self, other: str) -> MergeStats:
-        """Copy every environment, implementation, trial and fitted model of ``other`` (a path or URL, opened
-        read-only) into this database, in one transaction.
+        """Copy every environment (with its GPU features), implementation, trial and fitted model of ``other`` (a
+        path or URL, opened read-only) into this database, in one transaction.
 
         Rows are matched by their natural keys, never by ids: environments by all their descriptive fields,
         implementations by (op, name, version), trials by (environment, implementation + version, shape, dtype,
-        config), fitted models by (environment, op, dtype). Dedupe rule: an incoming trial or model whose key is not
-        stored yet is added; one whose key is stored replaces the stored row only if its ``created_at`` is strictly
-        newer, and is skipped otherwise (so merging in either order, or twice, ends with the newest row of each
-        key). Timestamps are kept.
+        config), fitted models by (environment, op, dtype); an environment's GPU features are added where it has
+        none. Dedupe rule: an incoming trial or model whose key is not stored yet is added; one whose key is stored
+        replaces the stored row only if its ``created_at`` is strictly newer, and is skipped otherwise (so merging
+        in either order, or twice, ends with the newest row of each key). Timestamps are kept.
 
         Raises:
             DatabaseError: this database is read-only, ``other`` is this database, or ``other`` cannot be read.
@@ -980,8 +1042,12 @@ class TuningDB:
             if env_ids is not None:
                 q_env = q_env.where(Environment.id.in_(env_ids))
             env_map: dict[int, int] = {}
-            for e in rs.scalars(q_env).all():
-                new_id, created = self._env_id(ws, {f: getattr(e, f) for f in _ENV_FIELDS}, create=True)
+            src_envs = rs.scalars(q_env).all()
+            feats = src._features(rs, [e.id for e in src_envs])
+            for e in src_envs:
+                new_id, created = self._env_id(
+                    ws, {f: getattr(e, f) for f in _ENV_FIELDS}, create=True, features=feats.get(e.id)
+                )
                 assert new_id is not None
                 env_map[e.id] = new_id
                 envs_added += created

@@ -61,6 +61,11 @@ def _describe(db: Any) -> str:
     for e in envs:
         versions = f"torch {e.torch}, triton {e.triton}, dora-tune {e.dora_tune}"
         lines.append(f"  {e.gpu_name} (sm {e.compute_capability or '-'}, {versions}): {e.trials} trials")
+        f = e.features
+        if f is not None:
+            bw = f"{f.mem_bandwidth_gbs / 1e3:.2f} TB/s" if f.mem_bandwidth_gbs else "bandwidth unknown"
+            clocks = f", SM {f.max_sm_clock_mhz} MHz" if f.max_sm_clock_mhz else ""
+            lines.append(f"    device: L2 {f.l2_bytes / 2**20:.0f} MB, {bw}{clocks} (from {f.source})")
     return "\n".join(lines)
 
 

@@ -7,7 +7,8 @@ import platform
 
 import torch
 
-from dora_tune.autotune_db import EnvInfo
+from dora_tune.autotune_db import EnvInfo, GpuFeatures
+from dora_tune.autotune_db.common import bandwidth_gbs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,62 @@ def _nvml_gpus() -> list[GpuInfo] | None:
             pass
 
 
+def _nvml_figures(index: int, uuid: str | None, count: int) -> tuple[int, int, int] | None:
+    """``(max SM clock MHz, max memory clock MHz, memory bus width bits)`` of the GPU torch numbers ``index``, or None
+    where NVML cannot answer. The NVML device is found by UUID (torch's numbering follows ``CUDA_VISIBLE_DEVICES``,
+    NVML's does not), or by index when every GPU is visible to torch (``count`` = NVML's count)."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except (pynvml.NVMLError, OSError):
+        return None
+    try:
+        handle = None
+        if uuid:
+            want = uuid.lower().removeprefix("gpu-")
+            for i in range(pynvml.nvmlDeviceGetCount()):
+                h = pynvml.nvmlDeviceGetHandleByIndex(i)
+                got = pynvml.nvmlDeviceGetUUID(h)
+                got = got.decode() if isinstance(got, bytes) else str(got)
+                if got.lower().removeprefix("gpu-") == want:
+                    handle = h
+                    break
+        if handle is None and pynvml.nvmlDeviceGetCount() == count:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        if handle is None:
+            return None
+        sm = int(pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM))
+        mem = int(pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_MEM))
+        bus = int(pynvml.nvmlDeviceGetMemoryBusWidth(handle))
+        return sm, mem, bus
+    except (pynvml.NVMLError, AttributeError, ValueError):  # AttributeError: an nvidia-ml-py without the call
+        return None
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except pynvml.NVMLError:
+            pass
+
+
+def device_features(device: torch.device) -> GpuFeatures:
+    """What the GPU at ``device`` says about itself: L2 size from torch's device properties; max SM and memory
+    clocks and the memory bus width from NVML, and the peak memory bandwidth they give
+    (:func:`~dora_tune.autotune_db.common.bandwidth_gbs`). Where NVML cannot answer (no library, no driver access,
+    a GPU it does not list) the NVML figures are 0 and ``source`` is ``"torch"``."""
+    props = torch.cuda.get_device_properties(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    uuid = getattr(props, "uuid", None)
+    figures = _nvml_figures(index, str(uuid) if uuid is not None else None, torch.cuda.device_count())
+    l2 = int(getattr(props, "L2_cache_size", 0) or 0)
+    if figures is None:
+        return GpuFeatures(l2, 0.0, 0, 0, 0, "torch")
+    sm, mem, bus = figures
+    return GpuFeatures(l2, bandwidth_gbs(mem, bus), sm, mem, bus, "nvml")
+
+
 def list_gpus() -> list[GpuInfo]:
     """Visible GPUs: NVML first (names, memory, driver), else ``torch.cuda``; ``[]`` on a machine without one.
 
@@ -82,7 +139,8 @@ def resolve_device(gpu: str) -> torch.device:
 
 
 def environment(device: torch.device) -> EnvInfo:
-    """The environment record for measurements made on ``device`` (versions included)."""
+    """The environment record for measurements made on ``device`` (versions included; on a GPU, its
+    :func:`device_features`)."""
     from dora_tune import __version__
 
     try:
@@ -109,4 +167,5 @@ def environment(device: torch.device) -> EnvInfo:
         torch=torch.__version__,
         triton=triton_v,
         dora_tune=__version__,
+        features=device_features(device),
     )

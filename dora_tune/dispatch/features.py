@@ -13,8 +13,9 @@ vectors hold, in order (:meth:`FeatureSpec.names`):
   ``grid_<name>_wave_eff`` and ``grid_<name>_log2_loop_iters``: the programs the config launches at the shape, the
   share of the SM slots of the waves they take (``programs ÷ (ceil(programs / SMs) · SMs)``; log sizes alone cannot
   show a partial last wave) and the trip count of each program's main loop;
-* GPU: ``gpu_sm_count``, ``gpu_log2_memory`` (bytes), ``gpu_bandwidth_tbs`` and ``gpu_l2_mb`` from
-  :data:`KNOWN_GPUS` (0 for an unknown GPU), ``gpu_unknown`` (1 when the GPU is not in the table).
+* GPU: ``gpu_sm_count``, ``gpu_log2_memory`` (bytes), ``gpu_bandwidth_tbs`` and ``gpu_l2_mb`` as the device
+  reported them (NVML, torch's device properties; recorded with the environment), else from :data:`KNOWN_GPUS`
+  (0 where neither knows), ``gpu_unknown`` (1 when bandwidth or L2 is known from neither).
 
 Pure numpy; no scikit-learn. torch is imported (through the registry's traffic model) only when vectors are built.
 """
@@ -50,8 +51,8 @@ KNOWN_GPUS: dict[str, GpuSpec] = {
     "h100-sxm": GpuSpec(3.35, 50.0),  # H100 SXM5 80 GB HBM3 (NVML: "NVIDIA H100 80GB HBM3")
     "a100-80gb": GpuSpec(2.0, 40.0),  # A100 80 GB (SXM4 2.04 TB/s, PCIe 1.94 TB/s)
 }
-"""Known GPUs by key; :func:`gpu_spec` maps a GPU name to its key. The features use the published bandwidth (the
-same kind of figure for every GPU), not the measured one."""
+"""Published figures of known GPUs by key (:func:`gpu_spec` maps a GPU name to its key): the fallback where the
+device did not report its own (an environment recorded before schema 3, or without NVML)."""
 
 
 def gpu_spec(gpu_name: str) -> GpuSpec | None:
@@ -68,12 +69,21 @@ def gpu_spec(gpu_name: str) -> GpuSpec | None:
 
 
 def gpu_features(env: EnvInfo) -> list[float]:
-    """``[sm_count, log2 memory bytes, bandwidth TB/s, L2 MB, unknown flag]`` of ``env``'s GPU (0s where unknown)."""
+    """``[sm_count, log2 memory bytes, bandwidth TB/s, L2 MB, unknown flag]`` of ``env``'s GPU.
+
+    Bandwidth and L2 come from what the device said when the environment was recorded (``env.features``: NVML's
+    peak memory bandwidth, torch's L2 size); each figure the device did not give falls back to the published one
+    in :data:`KNOWN_GPUS`, and to 0 with the unknown flag set when neither knows it."""
     spec = gpu_spec(env.gpu_name) if env.kind == "cuda" else None
     mem = math.log2(env.memory_bytes) if env.memory_bytes > 0 else 0.0
-    if spec is None:
-        return [float(env.sm_count), mem, 0.0, 0.0, 1.0]
-    return [float(env.sm_count), mem, spec.bandwidth_tbs, spec.l2_mb, 0.0]
+    f = env.features if env.kind == "cuda" else None
+    bw = f.mem_bandwidth_gbs / 1e3 if f is not None and f.mem_bandwidth_gbs > 0 else None
+    l2 = f.l2_bytes / 2**20 if f is not None and f.l2_bytes > 0 else None
+    if spec is not None:
+        bw = spec.bandwidth_tbs if bw is None else bw
+        l2 = spec.l2_mb if l2 is None else l2
+    unknown = bw is None or l2 is None
+    return [float(env.sm_count), mem, bw or 0.0, l2 or 0.0, float(unknown)]
 
 
 def flatten_config(config: Mapping[str, Any]) -> dict[str, float]:

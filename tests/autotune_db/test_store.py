@@ -1,5 +1,6 @@
 """Tests of the tuning database (dora_tune.autotune_db): files, schema checks, queries, export and merge."""
 
+import dataclasses
 import os
 import sqlite3
 import subprocess
@@ -13,6 +14,7 @@ from dora_tune.autotune_db import (
     SCHEMA_VERSION,
     DatabaseError,
     EnvInfo,
+    GpuFeatures,
     MergeStats,
     ModelRow,
     SchemaError,
@@ -25,6 +27,8 @@ from dora_tune.autotune_db import (
 )
 
 H200 = EnvInfo("cuda", "NVIDIA H200", "9.0", 132, 150_000_000_000, "570.1", "12.8", "2.11.0", "3.6.0", "0.1.0")
+FEATS = GpuFeatures(62_914_560, 4915.2, 1980, 3201, 6144, "nvml")
+H200_F = dataclasses.replace(H200, features=FEATS)
 RTX = EnvInfo("cuda", "NVIDIA GeForce RTX 4090", "8.9", 128, 25_000_000_000, "570.1", "12.8", "2.11.0", "3.6", "0.1.0")
 SHAPE = {"M": 4096, "N": 128, "R": 16}
 
@@ -440,15 +444,81 @@ def _columns(path: Path, table: str) -> list[tuple]:
 
 
 def _make_v1(path: Path) -> None:
-    """A schema-1 file as the previous dora-tune wrote it: no fitted_models table, schema_version 1."""
+    """A schema-1 file as an early dora-tune wrote it: no fitted_models or gpu_features table, schema_version 1."""
     with TuningDB.open(str(path)) as d:
         d.record_trial(H200, "norm", "triton", "1", SHAPE, "bfloat16", {"BLOCK": 64}, ok(3.0))
     sql(path, "DROP TABLE fitted_models")
+    sql(path, "DROP TABLE gpu_features")
     sql(path, "UPDATE meta SET value = '1' WHERE key = 'schema_version'")
 
 
+def _make_v2(path: Path) -> None:
+    """A schema-2 file as the previous dora-tune wrote it: no gpu_features table, schema_version 2."""
+    with TuningDB.open(str(path)) as d:
+        d.record_trial(H200_F, "norm", "triton", "1", SHAPE, "bfloat16", {"BLOCK": 64}, ok(3.0))
+        d.save_model(H200, "norm", "bf16", "knn", PAYLOAD, {"top1": 1.0})
+    sql(path, "DROP TABLE gpu_features")
+    sql(path, "UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+
+
+def test_schema_2_is_migrated_to_3(tmp_path: Path) -> None:
+    """An old file keeps working: read-only as it is (no features), writable migrated in place (the old
+    environment without features, a new one with them; the table as a fresh file has it)."""
+    assert SCHEMA_VERSION == 3
+    fresh = tmp_path / "fresh.sqlite"
+    TuningDB.open(str(fresh)).close()
+    old = tmp_path / "old.sqlite"
+    _make_v2(old)
+    with TuningDB.open(str(old), readonly=True) as ro:
+        [env] = ro.environments()
+        assert env.features is None and env.info == H200 and len(ro.trials()) == 1 and len(ro.models()) == 1
+        ro.export(str(tmp_path / "exported.sqlite"))
+        with TuningDB.open(str(tmp_path / "merged.sqlite")) as m:
+            assert m.merge(str(old)).trials_added == 1
+            assert [e.features for e in m.environments()] == [None]
+    assert sql(old, "SELECT value FROM meta WHERE key = 'schema_version'") == [("2",)]
+    with TuningDB.open(str(old)) as d:
+        assert [e.features for e in d.environments()] == [None]  # recorded before: unknown, not invented
+        d.record_trial(H200_F, "norm", "triton", "1", SHAPE, "bfloat16", {"BLOCK": 32}, ok(4.0))
+        assert [e.features for e in d.environments()] == [FEATS]  # the same environment gets them now
+        d.record_trial(RTX, "norm", "triton", "1", SHAPE, "bfloat16", {"BLOCK": 32}, ok(4.0))
+    assert sql(old, "SELECT value FROM meta WHERE key = 'schema_version'") == [("3",)]
+    assert _columns(old, "gpu_features") == _columns(fresh, "gpu_features")
+
+
+def test_gpu_features_are_stored_read_exported_and_merged(tmp_path: Path, db: TuningDB) -> None:
+    db.record_trial(H200_F, "norm", "triton", "1", SHAPE, "bfloat16", {"BLOCK": 64}, ok(3.0))
+    other = dataclasses.replace(FEATS, mem_bandwidth_gbs=1.0)
+    db.record_trial(dataclasses.replace(H200, features=other), "norm", "triton", "1", SHAPE, "bf16", {}, ok(2.0))
+    db.record_trial(RTX, "norm", "triton", "1", SHAPE, "bfloat16", {"BLOCK": 64}, ok(5.0))
+    envs = {e.gpu_name: e for e in db.environments()}
+    assert envs["NVIDIA H200"].features == FEATS  # the first recorded stay
+    assert envs["NVIDIA H200"].info.features == FEATS and envs["NVIDIA H200"].info == H200
+    assert envs["NVIDIA GeForce RTX 4090"].features is None
+    out = tmp_path / "out.sqlite"
+    db.export(str(out), gpu="h200")
+    with TuningDB.open(str(out), readonly=True) as ro:
+        assert [e.features for e in ro.environments()] == [FEATS]
+    with TuningDB.open(str(tmp_path / "merged.sqlite")) as m:
+        m.record_trial(H200, "compose", "eager", "1", {"rows": 1, "cols": 8}, "bf16", {}, ok(1.0))  # no features
+        m.merge(db.location)
+        got = {e.gpu_name: e.features for e in m.environments()}
+    assert got == {"NVIDIA H200": FEATS, "NVIDIA GeForce RTX 4090": None}
+
+
+def test_gpu_features_are_validated() -> None:
+    with pytest.raises(ValueError, match="source"):
+        dataclasses.replace(FEATS, source="table")
+    with pytest.raises(ValueError, match="l2_bytes"):
+        dataclasses.replace(FEATS, l2_bytes=-1)
+    with pytest.raises(ValueError, match="mem_bandwidth_gbs"):
+        dataclasses.replace(FEATS, mem_bandwidth_gbs=float("nan"))
+    with pytest.raises(TypeError, match="features"):
+        dataclasses.replace(H200, features={"l2_bytes": 1})
+    assert dataclasses.replace(FEATS, mem_bandwidth_gbs=3).mem_bandwidth_gbs == 3.0
+
+
 def test_schema_1_is_migrated_to_2(tmp_path: Path) -> None:
-    assert SCHEMA_VERSION == 2
     fresh = tmp_path / "fresh.sqlite"
     TuningDB.open(str(fresh)).close()
     old = tmp_path / "old.sqlite"
@@ -469,7 +539,7 @@ def test_schema_1_is_migrated_to_2(tmp_path: Path) -> None:
         assert len(d.trials()) == 1
         d.save_model(H200, "norm", "bf16", "knn", PAYLOAD, {"top1": 1.0})
         assert [m.op for m in d.models()] == ["norm"]
-    assert sql(old, "SELECT value FROM meta WHERE key = 'schema_version'") == [("2",)]
+    assert sql(old, "SELECT value FROM meta WHERE key = 'schema_version'") == [(str(SCHEMA_VERSION),)]
     assert _columns(old, "fitted_models") == _columns(fresh, "fitted_models")
     # a schema-2 file missing the table is not a dora-tune database
     sql(fresh, "DROP TABLE fitted_models")

@@ -187,3 +187,21 @@ def test_cache_list_on_a_fresh_machine_lists_the_shipped_caches(tmp_path, monkey
     (tmp_path / "bad.sqlite").write_text("not a database")
     res = run("cache", "list", "--db", str(tmp_path / "bad.sqlite"))  # other errors still fail, in one line
     assert res.exit_code == 1 and "Error:" in res.output
+
+
+def test_cache_list_shows_what_the_device_said(tmp_path):
+    from dora_tune.autotune_db import EnvInfo, GpuFeatures, TrialResult
+
+    db_path = str(tmp_path / "t.sqlite")
+    feats = GpuFeatures(50 * 2**20, 3352.32, 1980, 2619, 5120, "nvml")
+    env = EnvInfo("cuda", "NVIDIA H100 80GB HBM3", "9.0", 132, 80 * 2**30, "580", "13.0", "2.11", "3.6", "0.1.0",
+                  features=feats)  # fmt: skip
+    old = EnvInfo("cuda", "NVIDIA H200", "9.0", 132, 141 * 2**30, "570", "12.8", "2.11", "3.6", "0.1.0")
+    with TuningDB.open(db_path) as db:
+        for e in (env, old):
+            db.record_trial(e, "norm", "dense", "1", {"d_out": 8, "d_in": 8, "r": 2}, "bf16", {},
+                            TrialResult("ok", median_us=1.0, reps=3))  # fmt: skip
+    res = run("cache", "list", "--db", db_path)
+    assert res.exit_code == 0, res.output
+    assert "device: L2 50 MB, 3.35 TB/s, SM 1980 MHz (from nvml)" in res.output
+    assert res.output.count("device:") == 1  # the H200 row was recorded without features: nothing invented
