@@ -38,6 +38,12 @@ from dora_tune.cli._common import db_option, open_db
     is_flag=True,
     help="no sweep: only confirm (default shapes: every shape this machine has in the database)",
 )
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="a new GPU in minutes: time only the configs the dispatcher would consider here (its plans' shortlists from "
+    "this GPU's or a same-architecture GPU's decision tables, plus the defaults), then refit",
+)
 @click.option("--progress/--no-progress", default=True, help="progress bar with ETA")
 @click.option(
     "--jobs",
@@ -60,6 +66,7 @@ def profile(
     confirm_top: int,
     confirm_reps: int,
     confirm_only: bool,
+    quick: bool,
     progress: bool,
     jobs: int | None,
 ) -> None:
@@ -69,6 +76,10 @@ def profile(
     best of near-equal configs is not a matter of luck. Resumable: a second run measures only what is missing (and
     confirms what is not yet confirmed); Ctrl-C keeps everything measured so far. Without a CUDA
     GPU, '--gpu auto' profiles the CPU implementations over a small set and records the environment as CPU.
+
+    --quick times only the configs the dispatcher would consider on this GPU (the shortlists of the decision tables
+    it has, or transfers from a profiled GPU of the same architecture, plus each default config; the whole space
+    where no table serves the GPU), then fits the cost model for this GPU on what was measured.
     """
     from dora_tune.dispatch.env import environment, resolve_device
     from dora_tune.dispatch.profiler import profile as run_profile
@@ -89,7 +100,10 @@ def profile(
                    f"'{env.gpu_name}'.")  # fmt: skip
     if jobs is None:
         jobs = default_jobs()
+    if quick and confirm_only:
+        raise click.UsageError("--quick and --confirm-only exclude each other")
     given = bool(models or ranks or tokens or shapes_file)
+    fitted = None
     with open_db(db_location) as db:
         click.echo(f"database: {db.location}")
         if confirm_only and not given:
@@ -103,7 +117,8 @@ def profile(
         summary = run_profile(db, device, env, shapes, dtypes=dtypes or ("bf16",), impls=impls or None,
                               warmup_ms=warmup_ms, rep_ms=rep_ms, progress=progress, jobs=jobs,
                               confirm_top=confirm_top, confirm_reps=confirm_reps,
-                              confirm_only=confirm_only)  # fmt: skip
+                              confirm_only=confirm_only, quick=quick and not cpu)  # fmt: skip
+        fitted = _refit(db, env.gpu_name) if quick and not cpu and not summary.interrupted else None
     if summary.warm_launches or summary.warm_error:
         click.echo(f"compiled ahead: {summary.warm_launches} launches in {summary.warm_seconds:.0f} s"
                    + (f" (warming failed: {summary.warm_error})" if summary.warm_error else ""))  # fmt: skip
@@ -117,6 +132,29 @@ def profile(
                    + (f" in {summary.seconds:.0f} s" if confirm_only else "")
                    + (f"; {summary.confirm_failed} shapes failed, first: {summary.confirm_error}"
                       if summary.confirm_failed else ""))  # fmt: skip
+    if quick and cpu:
+        click.echo("--quick applies to GPUs (the CPU set is small): profiled in full.")
+    if fitted is not None:
+        click.echo(fitted)
     if summary.interrupted:
         click.echo("interrupted: every trial measured so far is kept; run the same command again to resume.")
         raise SystemExit(130)
+
+
+def _refit(db: object, gpu_name: str) -> str:
+    """Fit this GPU's cost model after a quick run; one line per decision table (or why none was stored)."""
+    from dora_tune.dispatch.costmodel import MIN_SHAPES, fit
+
+    summaries = fit(db, gpu=gpu_name)  # type: ignore[arg-type]
+    if not summaries:
+        return f"refit: nothing to fit (each (op, dtype) needs {MIN_SHAPES} or more measured shapes)"
+    lines = [f"refit for {gpu_name}: {len(summaries)} decision table(s) stored"]
+    for s in summaries:
+        m = s.race or s.model
+
+        def fig(v: float | None) -> str:
+            return "-" if v is None else f"{v:.3f}"
+
+        lines.append(f"  {s.op} {s.dtype}: {s.n_shapes} shapes, CV regret {fig(m.regret_geomean)} geomean / "
+                     f"{fig(m.regret_max)} max (the crossover's {fig(s.crossover.regret_geomean)})")  # fmt: skip
+    return "\n".join(lines)

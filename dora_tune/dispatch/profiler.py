@@ -13,6 +13,12 @@ forward of stage one. Stage one tries the :data:`TRAIN_FWD_SHORTLIST` fastest co
 training forward is that kernel plus one more store, and the shortlist cuts compose_train's sweep of the default
 set by 38 %. Every trial of both stages is a real measurement of the full training step.
 
+``quick`` (``dora-tune profile --quick``): a new GPU in minutes. For each Triton implementation and shape only the
+configs the dispatcher would consider on this GPU are timed — its plan's config and race shortlist from the
+decision tables it has (this GPU's, or those transferred from a profiled GPU of the same architecture) — plus the
+implementation's default config; the torch implementations as always. Where no table serves the GPU the full
+space is swept. Then the cost model is refitted on what was measured (the CLI does it).
+
 A run ends with a confirmation stage (:func:`confirm_shape`): each shape's :data:`CONFIRM_TOP` fastest trials are
 re-timed together, interleaved, to :data:`CONFIRM_REPS` calls each, so that the best of near-equal configs — and
 what the cost model is fitted and scored against — is not the luckiest of many short measurements.
@@ -62,6 +68,41 @@ class ProfileSummary:
     confirm_error: str | None = None  # the first failure's text
 
 
+ConfigChooser = Callable[[str, Impl, str, dict[str, int]], list[str] | None]
+"""``f(op, impl, dtype, shape)`` → the canonical JSON configs to time, or None for the whole space."""
+
+
+def quick_configs(gpu_name: str, db_location: str | None) -> ConfigChooser:
+    """The config chooser of a quick run on ``gpu_name``: ``f(op, impl, dtype, shape)`` → canonical JSON of the
+    configs to time (the plan's config, its race shortlist and the default config of ``impl``), or None (time the
+    whole space: a torch implementation, or no decision table serves this GPU). Plans as the dispatcher would with
+    the database at ``db_location`` and the shipped caches."""
+    from dora_tune.dispatch.runtime import Dispatcher
+    from dora_tune.kernels import DEFAULT_NORM_CONFIG
+
+    defaults = {
+        "norm": DEFAULT_NORM_CONFIG,
+        "compose": DEFAULT_COMPOSE_CONFIG,
+        "compose_train": DEFAULT_COMPOSE_TRAIN_CONFIG,
+    }
+    dispatcher = Dispatcher(db_location, force_env="", race=True)
+
+    def choose(op: str, impl: Impl, dtype: str, shape: dict[str, int]) -> list[str] | None:
+        if impl.name != "triton":
+            return None
+        plan = dispatcher.plan_for_gpu(gpu_name, op, shape, dtype)
+        if plan.source not in ("model", "measured"):
+            return None
+        picked = [plan.config, *plan.race] if plan.impl == impl.name else []
+        picked.append(defaults[op])
+        out: dict[str, None] = {}
+        for cfg in picked:
+            out.setdefault(canonical_json(cfg.as_dict()))
+        return list(out)
+
+    return choose
+
+
 @dataclasses.dataclass(frozen=True)
 class _Task:
     op: str
@@ -69,6 +110,7 @@ class _Task:
     dtype: str
     shape: dict[str, int]
     configs: tuple[str, ...]  # canonical JSON of each config still to measure
+    staged: bool = False  # compose_train's Triton sweep in two stages (not in a quick run)
 
 
 def _quantiles(xs: list[float]) -> tuple[float, float, float]:
@@ -127,9 +169,11 @@ def plan(
     *,
     dtypes: tuple[str, ...],
     impls: tuple[str, ...] | None = None,
+    quick: ConfigChooser | None = None,
 ) -> tuple[list[_Task], int, int]:
     """What remains to measure: tasks, the number of trials they hold (plus stage two of compose_train, counted
-    ahead), and how many are already in the database."""
+    ahead), and how many are already in the database. ``quick`` (:func:`quick_configs`): where it names configs,
+    only those (no compose_train stages)."""
     tasks, todo, done = [], 0, 0
     default_bwd = DEFAULT_COMPOSE_TRAIN_CONFIG.bwd.as_dict()  # stage one's backward; stage two varies it
     for op, op_shapes in shapes.items():
@@ -140,16 +184,18 @@ def plan(
                 have = db.measured_keys(env, op, impl.name, impl.version, dtype)
                 for shape in op_shapes:
                     s_json = canonical_json(shape)
-                    cfgs = [canonical_json(c) for c in impl.configs(shape)]
-                    if op == "compose_train" and impl.name == "triton":
+                    short = quick(op, impl, dtype, shape) if quick is not None else None
+                    staged = short is None and op == "compose_train" and impl.name == "triton"
+                    cfgs = short if short is not None else [canonical_json(c) for c in impl.configs(shape)]
+                    if staged:
                         cfgs = _train_stage_one(db, env, dtype, shape, cfgs)
                     left = tuple(c for c in cfgs if (s_json, c) not in have)
                     done += len(cfgs) - len(left)
                     todo += len(left)
-                    if op == "compose_train" and impl.name == "triton":  # stage two, counted ahead
+                    if staged:  # stage two, counted ahead
                         stage2_done = sum(1 for s, c in have if s == s_json and json.loads(c)["bwd"] != default_bwd)
                         todo += max(0, len(train_bwd_stage({})) - stage2_done)
-                    tasks.append(_Task(op, impl, dtype, shape, left))
+                    tasks.append(_Task(op, impl, dtype, shape, left, staged))
     return tasks, todo, done
 
 
@@ -179,7 +225,7 @@ def _train_stage_one(db: TuningDB, env: EnvInfo, dtype: str, shape: dict[str, in
 
 def _task_configs(db: TuningDB, env: EnvInfo, task: _Task) -> Iterator[str]:
     yield from task.configs
-    if task.op == "compose_train" and task.impl.name == "triton":
+    if task.staged:
         best = _best_ok_config(db, env, task)
         if best is not None:
             have = db.measured_keys(env, task.op, task.impl.name, task.impl.version, task.dtype)
@@ -326,13 +372,15 @@ def profile(
     confirm_top: int = CONFIRM_TOP,
     confirm_reps: int = CONFIRM_REPS,
     confirm_only: bool = False,
+    quick: bool = False,
 ) -> ProfileSummary:
     """Measure what is missing from ``db`` for ``env`` and record every trial. See the module docstring.
 
     ``jobs > 0`` compiles the Triton configs first in that many processes (:mod:`dora_tune.dispatch.warm`). Then
     each shape's ``confirm_top`` fastest trials are re-timed to ``confirm_reps`` calls each (:func:`confirm_shape`;
     ``confirm_top=0``: not at all) — also on a run that had nothing left to sweep, which is how a database
-    profiled before the stage existed gets it. ``confirm_only``: no sweep, only that stage.
+    profiled before the stage existed gets it. ``confirm_only``: no sweep, only that stage. ``quick``: time only
+    the configs the dispatcher would consider on this GPU (:func:`quick_configs`; see the module docstring).
     """
     from rich.progress import (
         BarColumn,
@@ -347,7 +395,8 @@ def profile(
     summary = ProfileSummary(env)
     tasks, todo = [], 0
     if not confirm_only:
-        tasks, todo, summary.skipped = plan(db, env, device, shapes, dtypes=dtypes, impls=impls)
+        chooser = quick_configs(env.gpu_name, db.location) if quick and device.type == "cuda" else None
+        tasks, todo, summary.skipped = plan(db, env, device, shapes, dtypes=dtypes, impls=impls, quick=chooser)
     if tasks and jobs > 0 and device.type == "cuda":
         from dora_tune.dispatch.warm import warm_compile
 
@@ -361,7 +410,7 @@ def profile(
         pid = bar.add_task(f"profiling on {env.gpu_name}", total=todo, visible=not confirm_only)
         try:
             for task in tasks:
-                if task.op == "compose_train" and task.impl.name == "triton":  # compose may be measured by now
+                if task.staged:  # compose may be measured by now
                     short = tuple(_train_stage_one(db, env, task.dtype, task.shape, list(task.configs)))
                     bar.update(pid, total=bar.tasks[pid].total - (len(task.configs) - len(short)))
                     task = dataclasses.replace(task, configs=short)

@@ -205,3 +205,28 @@ def test_cache_list_shows_what_the_device_said(tmp_path):
     assert res.exit_code == 0, res.output
     assert "device: L2 50 MB, 3.35 TB/s, SM 1980 MHz (from nvml)" in res.output
     assert res.output.count("device:") == 1  # the H200 row was recorded without features: nothing invented
+
+
+def test_quick_flag_on_the_cpu_and_with_confirm_only(tmp_path):
+    base = ["profile", "--gpu", "cpu", "--db", str(tmp_path / "t.sqlite"), "--shapes", shapes_file(tmp_path),
+            "--rep", "1", "--warmup", "0", "--no-progress", "--confirm-top", "0"]  # fmt: skip
+    res = CliRunner().invoke(cli, [*base, "--quick", "--confirm-only"])
+    assert res.exit_code == 2 and "exclude each other" in res.output
+    res = run(*base, "--quick")
+    assert res.exit_code == 0, res.output
+    assert "profiled in full" in res.output and "refit" not in res.output
+
+
+def test_refit_after_a_quick_run_reports_each_table(tmp_path):
+    from dora_tune.cli.profile import _refit
+
+    from conftest import fill_known_crossover
+
+    path = str(tmp_path / "k.sqlite")
+    with TuningDB.open(path) as db:
+        fill_known_crossover(db)
+        text = _refit(db, "NVIDIA H200")
+        assert len(db.models(gpu="h200")) == 1
+        assert "nothing to fit" in _refit(db, "NVIDIA A100")
+    assert text.startswith("refit for NVIDIA H200: 1 decision table(s) stored")
+    assert "compose_train bf16:" in text and "CV regret" in text and "the crossover's" in text

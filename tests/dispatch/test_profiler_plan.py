@@ -69,3 +69,47 @@ def test_stage_one_trials_outside_the_shortlist_do_not_count_as_stage_two(tmp_pa
         task, after = train_task(db)
     assert canonical_json(stale) not in task.configs
     assert after == before  # stage two is still wholly ahead
+
+
+H100 = EnvInfo("cuda", "NVIDIA H100 80GB HBM3", "9.0", 132, 80 * 2**30, "580", "13.0", "2.11.0", "3.6.0", "0.1.0")
+QUICK_SHAPES = {
+    "norm": [{"d_out": 4096, "d_in": 4096, "r": 64}],
+    "compose": [{"rows": 4096, "cols": 4096}],
+    "compose_train": [{"rows": 4096, "cols": 4096}],
+}
+
+
+def test_quick_plan_times_the_transferred_shortlists_and_the_defaults(tmp_path):
+    """An H100 with no table of its own: the H200's shipped tables are transferred (same architecture), so a quick
+    run times each Triton shape at its plan's config, race shortlist and default config only — no compose_train
+    stages — and every torch implementation as always."""
+    from dora_tune.kernels import DEFAULT_COMPOSE_TRAIN_CONFIG, DEFAULT_NORM_CONFIG
+
+    path = str(tmp_path / "t.sqlite")
+    defaults = {"norm": DEFAULT_NORM_CONFIG, "compose": DEFAULT_COMPOSE_CONFIG}
+    defaults["compose_train"] = DEFAULT_COMPOSE_TRAIN_CONFIG
+    with TuningDB.open(path) as db:
+        chooser = profiler.quick_configs(H100.gpu_name, path)
+        quick, q_todo, _ = profiler.plan(db, H100, torch.device("cuda"), QUICK_SHAPES, dtypes=("bf16",), quick=chooser)
+        full, f_todo, _ = profiler.plan(db, H100, torch.device("cuda"), QUICK_SHAPES, dtypes=("bf16",))
+    for t in quick:
+        if t.impl.name != "triton":
+            assert len(t.configs) == 1 and not t.staged
+            continue
+        assert not t.staged and 2 <= len(t.configs) <= 5  # the shortlist (≤ 4) plus the default
+        assert canonical_json(defaults[t.op].as_dict()) in t.configs
+        full_task = next(f for f in full if (f.op, f.impl.name) == (t.op, "triton"))
+        assert len(full_task.configs) > 3 * len(t.configs)
+    assert f_todo > 5 * q_todo
+
+
+def test_quick_plan_sweeps_in_full_where_no_table_serves_the_gpu(tmp_path):
+    path = str(tmp_path / "t.sqlite")
+    unknown = EnvInfo("cuda", "Future GPU", "", 100, 2**36, "", "", "", "", "")
+    with TuningDB.open(path) as db:
+        chooser = profiler.quick_configs(unknown.gpu_name, path)
+        assert chooser("norm", impl("norm", "triton"), "bf16", QUICK_SHAPES["norm"][0]) is None
+        quick, q_todo, _ = profiler.plan(db, unknown, torch.device("cuda"), QUICK_SHAPES, dtypes=("bf16",),
+                                         quick=chooser)  # fmt: skip
+        _, f_todo, _ = profiler.plan(db, unknown, torch.device("cuda"), QUICK_SHAPES, dtypes=("bf16",))
+    assert q_todo == f_todo and any(t.staged for t in quick)
