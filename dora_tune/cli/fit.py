@@ -61,15 +61,25 @@ def _print_table(title: str, rows: list[list[str]]) -> None:
 @click.option("--estimator", default="linear_trees", show_default=True,
               type=click.Choice(["linear_trees", "extra_trees", "hist_gb", "knn"]),
               help="the regressor (benchmarks/NOTES.md compares them)")  # fmt: skip
-def fit(db_location: str | None, gpu: str | None, estimator: str) -> None:
+@click.option(
+    "--cross-gpu",
+    is_flag=True,
+    help="also fit one model over every GPU's trials (with the GPU features) and report leave-one-GPU-out regret",
+)
+def fit(db_location: str | None, gpu: str | None, estimator: str, cross_gpu: bool) -> None:
     """Fit the cost model on the tuning DB's trials, cross-validate it against the fixed crossover, and store its
-    decision tables in the DB (one per GPU environment, op and dtype with at least 3 measured shapes)."""
+    decision tables in the DB (one per GPU environment, op and dtype with at least 3 measured shapes).
+
+    --cross-gpu then asks what a GPU nobody profiled would get: for each GPU in turn, a model fitted on the other
+    GPUs' trials (each with its GPU's features), the transfer rule (the nearest other GPU's own model) and the fixed
+    crossover, scored on that GPU's measured shapes."""
     from dora_tune.dispatch.costmodel import MIN_SHAPES
     from dora_tune.dispatch.costmodel import fit as fit_models
 
     with open_db(db_location) as db:
         summaries = fit_models(db, gpu=gpu, estimator=estimator)
         location = db.location
+        logo = _leave_one_gpu_out(db, estimator) if cross_gpu else None
     if not summaries:
         where = f" for GPU {gpu!r}" if gpu else ""
         raise click.ClickException(
@@ -84,6 +94,54 @@ def fit(db_location: str | None, gpu: str | None, estimator: str) -> None:
     _print_table("leave-shapes-out cross-validation: cost model vs fixed crossover", rows)
     total = sum(s.fit_seconds for s in summaries)
     click.echo(f"stored {len(summaries)} decision table(s) in {location} ({total:.1f} s)")
+    if logo is not None:
+        _print_logo(logo)
+
+
+def _leave_one_gpu_out(db: Any, estimator: str) -> list[tuple[str, str, Any]] | str:
+    """Leave-one-GPU-out reports per (op, dtype) with trials of two or more GPUs, or why there are none."""
+    from dora_tune.dispatch.crossgpu import GpuTrials, leave_one_gpu_out
+    from dora_tune.dispatch.features import DTYPE_NAMES
+    from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
+
+    envs = {e.id: e.info for e in db.environments() if e.kind == "cuda"}
+    by_env: dict[int, list] = {i: [] for i in envs}
+    for t in db.trials(status="ok"):
+        if t.env_id in by_env:
+            by_env[t.env_id].append(t)
+    groups = [GpuTrials(envs[i], rows) for i, rows in by_env.items() if rows]
+    if len({g.env.gpu_name for g in groups}) < 2:
+        return "leave-one-GPU-out: the database holds trials of fewer than 2 GPUs; nothing to report"
+    out = []
+    for op in OP_SHAPE_KEYS:
+        for dtype in DTYPE_NAMES:
+            try:
+                out += [(op, dtype, h) for h in leave_one_gpu_out(groups, op, dtype, estimator=estimator)]
+            except ValueError:  # fewer than two GPUs measured this op/dtype
+                continue
+    return out or "leave-one-GPU-out: no op and dtype was measured on 2 or more GPUs"
+
+
+def _print_logo(logo: list[tuple[str, str, Any]] | str) -> None:
+    if isinstance(logo, str):
+        click.echo(logo)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    def reg(m: Any, race: Any = None) -> str:
+        m = race or m
+        return _regret(m.regret_geomean, m.regret_max) + (" (race)" if race else "")
+
+    table = Table(title="leave-one-GPU-out: planning a GPU from the others' trials (regret geomean / max)")
+    for col in ("op", "dtype", "held-out GPU", "shapes", "cross-GPU model (fitted on)", "transfer rule (from)",
+                "fixed crossover"):  # fmt: skip
+        table.add_column(col, overflow="fold")
+    for op, dtype, h in logo:
+        model = f"{reg(h.model, h.model_race)} ({', '.join(h.trained_on)})"
+        transfer = f"{reg(h.transfer, h.transfer_race)} ({h.transfer_from})"
+        table.add_row(op, dtype, h.gpu_name, str(h.n_shapes), model, transfer, reg(h.crossover))
+    Console(width=200).print(table)
 
 
 @click.command()

@@ -97,3 +97,22 @@ def test_report_without_matplotlib_says_which_extra_to_install(tmp_path, known_d
     res = CliRunner().invoke(cli, ["report", "--db", known_db, "--no-plot"])  # the figures need no matplotlib
     assert res.exit_code == 0 and "compose_train" in res.output and "wrote" not in res.output
     assert not out.exists()
+
+
+def test_fit_cross_gpu_reports_leave_one_gpu_out(tmp_path, known_db):
+    import dataclasses
+
+    from dora_tune.autotune_db import GpuFeatures
+
+    from conftest import fill_known_crossover
+
+    res = run("fit", "--db", known_db, "--cross-gpu")  # one GPU: said, not failed
+    assert res.exit_code == 0 and "fewer than 2 GPUs" in res.output
+    h100 = dataclasses.replace(H200, gpu_name="NVIDIA H100 80GB HBM3", features=GpuFeatures(
+        50 * 2**20, 3352.0, 1980, 2619, 5120, "nvml"))  # fmt: skip
+    with TuningDB.open(known_db) as db:
+        fill_known_crossover(db, env=h100)
+    res = run("fit", "--db", known_db, "--cross-gpu")
+    assert res.exit_code == 0, res.output
+    assert "leave-one-GPU-out" in res.output and "stored 2 decision table" in res.output
+    assert "NVIDIA H100 80GB HBM3" in res.output and "(NVIDIA H200)" in res.output and "(race)" in res.output
