@@ -129,3 +129,66 @@ def fill_known_crossover(db, env=H200) -> None:
             for cfg, f in zip(configs, FACTORS, strict=True):
                 us = known_time("triton", rows, cols, f)
                 db.record_trial(env, "compose_train", "triton", impls["triton"].version, shape, "bf16", cfg, ok(us))
+
+
+# ---------------------------------------------------------------- PostgreSQL (tests marked `postgres`)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def start_pg_server() -> tuple[str, str]:
+    """A throwaway server from the machine's binaries (``.ci/pg.sh``): ``(admin URL, data dir)``; RuntimeError with
+    the script's message when none can be started."""
+    import subprocess
+
+    res = subprocess.run([os.path.join(REPO, ".ci", "pg.sh"), "start"], capture_output=True, text=True, timeout=120)
+    if res.returncode != 0:
+        raise RuntimeError(res.stderr.strip() or "pg.sh start failed")
+    env = dict(line.removeprefix("export ").split("=", 1) for line in res.stdout.splitlines() if "=" in line)
+    return env["DORA_TUNE_TEST_PG_URL"], env["DORA_TUNE_TEST_PG_DIR"]
+
+
+def stop_pg_server(data_dir: str) -> None:
+    import subprocess
+
+    subprocess.run([os.path.join(REPO, ".ci", "pg.sh"), "stop", data_dir], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url():
+    """The admin URL (database ``postgres``) of a PostgreSQL server: ``$DORA_TUNE_TEST_PG_URL`` (``.ci/run`` starts
+    one), else one started here for the session; the test is skipped when there is neither (or no psycopg)."""
+    pytest.importorskip("psycopg", reason="the postgres extra (psycopg) is not installed")
+    url = os.environ.get("DORA_TUNE_TEST_PG_URL")
+    if url:
+        yield url
+        return
+    try:
+        url, data_dir = start_pg_server()
+    except (RuntimeError, OSError) as e:
+        pytest.skip(f"no PostgreSQL server: {e}")
+    try:
+        yield url
+    finally:
+        stop_pg_server(data_dir)
+
+
+def _pg_exec(admin_url: str, sql: str) -> None:
+    import psycopg
+
+    conninfo = admin_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(sql)
+
+
+@pytest.fixture
+def pg_url(pg_admin_url):
+    """A fresh, empty database on the test server (dropped afterwards): its SQLAlchemy URL."""
+    import uuid
+
+    name = f"dt_{uuid.uuid4().hex[:12]}"
+    _pg_exec(pg_admin_url, f'CREATE DATABASE "{name}"')
+    try:
+        yield pg_admin_url.rsplit("/", 1)[0] + "/" + name
+    finally:
+        _pg_exec(pg_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
