@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A throwaway PostgreSQL server for the tests, on loopback, in a temporary data directory.
 #   .ci/pg.sh start   → prints "export DORA_TUNE_TEST_PG_URL=postgresql+psycopg://…" (eval it); the server runs on
-#   .ci/pg.sh stop DIR  (DIR: the data directory, printed as DORA_TUNE_TEST_PG_DIR)
+#   .ci/pg.sh stop DIR    stop it and delete DIR (the directory printed as DORA_TUNE_TEST_PG_DIR)
+#   .ci/pg.sh halt DIR    stop it at once (as a crash would), keeping its data; .ci/pg.sh resume DIR starts it again
 # Uses the machine's PostgreSQL binaries (pg_ctl/initdb on PATH or under /usr/lib/postgresql/*/bin). As root, the
 # server runs as the "postgres" user (initdb refuses root). Exits 1 with a message when no server can be started.
 set -euo pipefail
@@ -41,8 +42,20 @@ start)
     as_owner "$pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
         -o "-h 127.0.0.1 -p $port -k $dir -c max_connections=200 -c fsync=off" start >/dev/null \
         || { cat "$dir/server.log" >&2; exit 1; }
+    echo "$port" >"$dir/port"
     echo "export DORA_TUNE_TEST_PG_URL=postgresql+psycopg://dora@127.0.0.1:$port/postgres"
     echo "export DORA_TUNE_TEST_PG_DIR=$dir"
+    ;;
+halt)
+    dir=${2:?usage: pg.sh halt DIR}
+    as_owner "$(find_bin pg_ctl)" -D "$dir/data" -m immediate -w stop >/dev/null
+    ;;
+resume)
+    dir=${2:?usage: pg.sh resume DIR}
+    port=$(cat "$dir/port")
+    as_owner "$(find_bin pg_ctl)" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
+        -o "-h 127.0.0.1 -p $port -k $dir -c max_connections=200 -c fsync=off" start >/dev/null \
+        || { cat "$dir/server.log" >&2; exit 1; }
     ;;
 stop)
     dir=${2:?usage: pg.sh stop DIR}
@@ -51,7 +64,7 @@ stop)
     rm -rf "$dir"
     ;;
 *)
-    echo "usage: $0 start | stop DIR" >&2
+    echo "usage: $0 start | stop DIR | halt DIR | resume DIR" >&2
     exit 2
     ;;
 esac

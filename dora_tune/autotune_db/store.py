@@ -46,6 +46,7 @@ from sqlalchemy import (
     insert,
     inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import URL, make_url
@@ -328,6 +329,8 @@ def _migrate_2_to_3(conn: Connection) -> None:
 
 
 _MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
+
+_SCHEMA_LOCK_KEY = 0x646F72612D74756E  # "dora-tun": the PostgreSQL advisory lock key of schema creation/migration
 """``_MIGRATIONS[v]`` upgrades a schema-``v`` database to ``v + 1`` (tables and the stored ``schema_version``)
 inside the open write transaction."""
 
@@ -523,8 +526,13 @@ class TuningDB:
             if self.readonly:
                 raise SchemaError(f"{display} is empty: not a dora-tune database")
             with self._engine.connect() as conn:
+                # one process at a time creates or migrates: SQLite's write lock, PostgreSQL's advisory lock (held
+                # to the end of this transaction); without it, processes opening a new server database together
+                # all create the tables and all but one fail
                 if self._sqlite:
                     conn.exec_driver_sql("BEGIN IMMEDIATE")
+                elif conn.dialect.name == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
                 version = self._read_version(conn)  # another process may have created it meanwhile
                 if version is None:
                     Base.metadata.create_all(conn)
