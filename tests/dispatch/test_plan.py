@@ -3,6 +3,7 @@ import gc
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -684,3 +685,48 @@ def test_an_unprofiled_gpu_of_a_profiled_architecture_plans_from_its_tables(tmp_
     # transfer draws on the shipped caches: without them, the crossover
     no_shipped = Dispatcher(str(tmp_path / "none.sqlite"), force_env="", use_shipped=False)
     assert no_shipped.plan_for_gpu(h100, "norm", shape, "bf16").source == "heuristic"
+
+
+def test_broken_caches_fall_back_with_one_warning_and_stay_untouched(tmp_path, shipped):
+    """Every way a cache can be unusable — corrupt, truncated, a newer schema, another GPU's rows only, an
+    unreachable server — plans by the crossover with at most one warning per database, and the file is left
+    exactly as it was (nothing repaired, nothing lost)."""
+    import sqlite3
+
+    good = str(tmp_path / "good.sqlite")
+    add(good, OTHER, "compose", "triton", SHAPE, FAST, 1.0)  # another GPU's measurement only
+    newer = str(tmp_path / "newer.sqlite")
+    add(newer, ENV, "compose", "triton", SHAPE, FAST, 1.0)
+    con = sqlite3.connect(newer)
+    con.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
+    con.commit()
+    con.close()
+    cases = {
+        "corrupt": b"garbage" * 100,
+        "truncated": Path(newer).read_bytes()[:200],
+        "newer": None,
+        "foreign GPU": None,
+    }
+    for name, content in cases.items():
+        path = {"newer": newer, "foreign GPU": good}.get(name) or str(tmp_path / f"{name}.sqlite")
+        if content is not None:
+            Path(path).write_bytes(content)
+        before = Path(path).read_bytes()
+        d = Dispatcher(path, force_env="")
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            plans = [d.plan_for_gpu(GPU, "compose", {"rows": r, "cols": 4096}, "bf16") for r in (8, 2048, 4096)]
+        assert all(p.source == "heuristic" for p in plans), (name, plans)
+        assert len([w for w in seen if "dora-tune" in str(w.message)]) <= 1, (name, [str(w.message) for w in seen])
+        assert Path(path).read_bytes() == before, name
+
+
+def test_an_unreachable_server_url_falls_back_with_one_warning(shipped):
+    d = Dispatcher("postgresql+psycopg://nobody@127.0.0.1:1/none", force_env="")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        p1 = d.plan_for_gpu(GPU, "compose", SHAPE, "bf16")
+        p2 = d.plan_for_gpu(GPU, "norm", {"d_out": 4096, "d_in": 4096, "r": 16}, "bf16")
+    assert p1.source == p2.source == "heuristic"
+    msgs = [str(w.message) for w in seen if "dora-tune" in str(w.message)]
+    assert len(msgs) == 1 and "user DB" in msgs[0], msgs
