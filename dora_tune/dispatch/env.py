@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import platform
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -22,73 +25,76 @@ class GpuInfo:
     source: str  # "nvml" or "torch"
 
 
-def _nvml_gpus() -> list[GpuInfo] | None:
-    """GPUs through NVML, or None where NVML is missing (no driver, no library): that means "ask torch"."""
+@contextlib.contextmanager
+def _nvml() -> Iterator[Any]:
+    """``pynvml``, initialised for the block and shut down after; None where NVML is missing (no library, no
+    driver: NVMLError_LibraryNotFound / DriverNotLoaded on machines without a GPU)."""
     try:
         import pynvml
     except ImportError:
-        return None
+        yield None
+        return
     try:
         pynvml.nvmlInit()
-    except (pynvml.NVMLError, OSError):  # NVMLError_LibraryNotFound / DriverNotLoaded on machines without a GPU
-        return None
+    except (pynvml.NVMLError, OSError):
+        yield None
+        return
     try:
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        driver = driver.decode() if isinstance(driver, bytes) else str(driver)
-        out = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            name = pynvml.nvmlDeviceGetName(h)
-            name = name.decode() if isinstance(name, bytes) else str(name)
-            out.append(GpuInfo(i, name, int(pynvml.nvmlDeviceGetMemoryInfo(h).total), driver, "nvml"))
-        return out
-    except pynvml.NVMLError:
-        return None
+        yield pynvml
     finally:
         try:
             pynvml.nvmlShutdown()
         except pynvml.NVMLError:
             pass
+
+
+def _text(v: Any) -> str:
+    """An NVML string (bytes in older bindings)."""
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _nvml_gpus() -> list[GpuInfo] | None:
+    """GPUs through NVML, or None where NVML is missing (no driver, no library): that means "ask torch"."""
+    with _nvml() as nv:
+        if nv is None:
+            return None
+        try:
+            driver = _text(nv.nvmlSystemGetDriverVersion())
+            out = []
+            for i in range(nv.nvmlDeviceGetCount()):
+                h = nv.nvmlDeviceGetHandleByIndex(i)
+                out.append(GpuInfo(i, _text(nv.nvmlDeviceGetName(h)), int(nv.nvmlDeviceGetMemoryInfo(h).total),
+                                   driver, "nvml"))  # fmt: skip
+            return out
+        except nv.NVMLError:
+            return None
 
 
 def _nvml_figures(index: int, uuid: str | None, count: int) -> tuple[int, int, int] | None:
     """``(max SM clock MHz, max memory clock MHz, memory bus width bits)`` of the GPU torch numbers ``index``, or None
     where NVML cannot answer. The NVML device is found by UUID (torch's numbering follows ``CUDA_VISIBLE_DEVICES``,
     NVML's does not), or by index when every GPU is visible to torch (``count`` = NVML's count)."""
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-    except (pynvml.NVMLError, OSError):
-        return None
-    try:
-        handle = None
-        if uuid:
-            want = uuid.lower().removeprefix("gpu-")
-            for i in range(pynvml.nvmlDeviceGetCount()):
-                h = pynvml.nvmlDeviceGetHandleByIndex(i)
-                got = pynvml.nvmlDeviceGetUUID(h)
-                got = got.decode() if isinstance(got, bytes) else str(got)
-                if got.lower().removeprefix("gpu-") == want:
-                    handle = h
-                    break
-        if handle is None and pynvml.nvmlDeviceGetCount() == count:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        if handle is None:
+    with _nvml() as nv:
+        if nv is None:
             return None
-        sm = int(pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM))
-        mem = int(pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_MEM))
-        bus = int(pynvml.nvmlDeviceGetMemoryBusWidth(handle))
-        return sm, mem, bus
-    except (pynvml.NVMLError, AttributeError, ValueError):  # AttributeError: an nvidia-ml-py without the call
-        return None
-    finally:
         try:
-            pynvml.nvmlShutdown()
-        except pynvml.NVMLError:
-            pass
+            handle = None
+            if uuid:
+                want = uuid.lower().removeprefix("gpu-")
+                for i in range(nv.nvmlDeviceGetCount()):
+                    h = nv.nvmlDeviceGetHandleByIndex(i)
+                    if _text(nv.nvmlDeviceGetUUID(h)).lower().removeprefix("gpu-") == want:
+                        handle = h
+                        break
+            if handle is None and nv.nvmlDeviceGetCount() == count:
+                handle = nv.nvmlDeviceGetHandleByIndex(index)
+            if handle is None:
+                return None
+            sm = int(nv.nvmlDeviceGetMaxClockInfo(handle, nv.NVML_CLOCK_SM))
+            mem = int(nv.nvmlDeviceGetMaxClockInfo(handle, nv.NVML_CLOCK_MEM))
+            return sm, mem, int(nv.nvmlDeviceGetMemoryBusWidth(handle))
+        except (nv.NVMLError, AttributeError, ValueError):  # AttributeError: an nvidia-ml-py without the call
+            return None
 
 
 def device_features(device: torch.device) -> GpuFeatures:
