@@ -448,6 +448,8 @@ def _one_call_route(self: nn.Module, x: Any) -> tuple | None:
     dora = mags[name]
     if type(dora) is not DoraLinearLayer or not (_STATE["global"] or dora.__dict__.get(_FLAG, False)):
         return None
+    if getattr(dora, "_kwargs", None):  # PEFT < 0.13 initialises the magnitude in the DoRA layer's first forward
+        return None
     if self.training and (not isinstance(self.lora_dropout[name], nn.Identity) or _DROPOUT in dora.__dict__):
         return None
     base_layer = self.get_base_layer()
