@@ -76,6 +76,8 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.bench_models import Spec, build_decoder  # noqa: E402
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = {
     "peft_dora": "(a) PEFT DoRA",
@@ -94,15 +96,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WARM_CALLS = 3  # untimed calls of each function before timing: Triton compilation, dispatcher first use
 DELTA_RATIO = 0.1  # lora_B is drawn so that ‖s·B·A‖ ≈ DELTA_RATIO·‖W‖ per row
 console = Console(width=None if sys.stdout.isatty() else 150)  # logs: no wrapping at 80
-
-
-@dataclasses.dataclass(frozen=True)
-class Spec:
-    family: str  # "llama" | "qwen2"
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
 
 
 MODELS = {
@@ -140,30 +133,18 @@ def dt_disable(dt_peft: ModuleType, model: torch.nn.Module) -> None:
 def build_model(spec: Spec, args: argparse.Namespace, use_dora: bool) -> tuple[torch.nn.Module, dict]:
     """Random decoder stack on the device in the working dtype, wrapped by PEFT; lora_B redrawn (seeded)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    cfg_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if spec.family == "llama" else (Qwen2Config, Qwen2ForCausalLM)
-    cfg = cfg_cls(
-        hidden_size=spec.hidden,
-        intermediate_size=spec.intermediate,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads,
-        num_hidden_layers=args.layers,
-        vocab_size=args.vocab,
-        max_position_embeddings=max(args.tokens, 4096),
-        tie_word_embeddings=False,
-        use_cache=False,
-        attn_implementation="sdpa",
-    )
     t0 = time.perf_counter()
-    prev = torch.get_default_dtype()
-    torch.manual_seed(args.seed)
-    torch.set_default_dtype(args.torch_dtype)
-    try:
-        with torch.device(args.device):
-            base = model_cls(cfg)
-    finally:
-        torch.set_default_dtype(prev)
+    base = build_decoder(
+        spec,
+        layers=args.layers,
+        vocab=args.vocab,
+        max_tokens=args.tokens,
+        dtype=args.torch_dtype,
+        device=args.device,
+        seed=args.seed,
+    )
+    cfg = base.config
     lcfg = LoraConfig(
         r=args.rank,
         lora_alpha=args.alpha,

@@ -87,6 +87,8 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.bench_models import Spec, build_decoder  # noqa: E402
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = {
     "peft_dora": "PEFT DoRA",
@@ -103,15 +105,6 @@ GRID_DROPOUTS = (0.0, 0.05)
 GRID_ACCUMS = (1, 4)
 MIB = 2**20
 console = Console(width=None if sys.stdout.isatty() else 150)  # logs: no wrapping at 80
-
-
-@dataclasses.dataclass(frozen=True)
-class Spec:
-    family: str  # "llama" | "qwen2"
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
 
 
 MODELS = {
@@ -168,37 +161,17 @@ def dt_disable() -> None:
 
 
 # ---------------------------------------------------------------- model
-def make_config(spec: Spec, args: argparse.Namespace) -> Any:
-    from transformers import LlamaConfig, Qwen2Config
-
-    cfg_cls = LlamaConfig if spec.family == "llama" else Qwen2Config
-    return cfg_cls(
-        hidden_size=spec.hidden,
-        intermediate_size=spec.intermediate,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads,
-        num_hidden_layers=args.layers,
-        vocab_size=args.vocab,
-        max_position_embeddings=max(max(args.cell_tokens), 4096),
-        tie_word_embeddings=False,
-        use_cache=False,
-        attn_implementation="sdpa",
-    )
-
-
 def build_base(spec: Spec, args: argparse.Namespace) -> torch.nn.Module:
     """The random decoder stack (seeded), built on the device in the working dtype."""
-    from transformers import LlamaForCausalLM, Qwen2ForCausalLM
-
-    model_cls = LlamaForCausalLM if spec.family == "llama" else Qwen2ForCausalLM
-    prev = torch.get_default_dtype()
-    torch.manual_seed(args.seed)
-    torch.set_default_dtype(args.torch_dtype)
-    try:
-        with torch.device(args.device):
-            return model_cls(make_config(spec, args))
-    finally:
-        torch.set_default_dtype(prev)
+    return build_decoder(
+        spec,
+        layers=args.layers,
+        vocab=args.vocab,
+        max_tokens=max(args.cell_tokens),
+        dtype=args.torch_dtype,
+        device=args.device,
+        seed=args.seed,
+    )
 
 
 def canonical(name: str) -> str:
