@@ -378,17 +378,28 @@ def _merge_configs(
 
 def _fit_models(data: _Data, rows_idx: Sequence[int], estimator: str, seed: int) -> dict[str, ImplModel]:
     """One regressor per implementation over the rows ``rows_idx`` of ``data``."""
-    by_impl: dict[str, list[TrialRow]] = defaultdict(list)
-    for i in rows_idx:
-        by_impl[data.rows[i].impl].append(data.rows[i])
+    return fit_impls(data.op, [(data.env, data.rows[i]) for i in rows_idx], data.versions, estimator, seed)
+
+
+def fit_impls(
+    op: str, rows: Sequence[tuple[EnvInfo, TrialRow]], versions: Mapping[str, str], estimator: str, seed: int
+) -> dict[str, ImplModel]:
+    """One regressor per implementation over ``(environment, trial)`` rows, each row's features with its own
+    environment's GPU features (one environment for the per-GPU model, several for the cross-GPU one)."""
+    by_impl: dict[str, list[tuple[EnvInfo, TrialRow]]] = defaultdict(list)
+    for env, t in rows:
+        by_impl[t.impl].append((env, t))
     models = {}
-    for impl, rows in sorted(by_impl.items()):
-        spec = FeatureSpec.for_configs(data.op, impl, (t.config for t in rows))
-        x = spec.matrix([(t.shape, t.dtype, t.config) for t in rows], data.env)
-        y = np.log(np.array([t.median_us for t in rows], dtype=np.float64))
-        reg = make_estimator(estimator, spec, len(rows), seed=seed)
+    for impl, pairs in sorted(by_impl.items()):
+        spec = FeatureSpec.for_configs(op, impl, (t.config for _, t in pairs))
+        blocks: dict[int, tuple[EnvInfo, list[TrialRow]]] = {}
+        for env, t in pairs:
+            blocks.setdefault(id(env), (env, []))[1].append(t)
+        x = np.vstack([spec.matrix([(t.shape, t.dtype, t.config) for t in ts], env) for env, ts in blocks.values()])
+        y = np.log(np.array([t.median_us for _, ts in blocks.values() for t in ts], dtype=np.float64))
+        reg = make_estimator(estimator, spec, len(y), seed=seed)
         reg.fit(x, y)
-        models[impl] = ImplModel(impl, data.versions[impl], spec, reg, len(rows))
+        models[impl] = ImplModel(impl, versions[impl], spec, reg, len(y))
     return models
 
 

@@ -19,14 +19,11 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from dora_tune.autotune_db import EnvInfo, TrialRow, canonical_json
 from dora_tune.dispatch.costmodel import (
     DEFAULT_ESTIMATOR,
     MIN_SHAPES,
     FitResult,
-    ImplModel,
     Metrics,
     _Data,
     _fit_data,
@@ -35,9 +32,9 @@ from dora_tune.dispatch.costmodel import (
     _races,
     _score_shape,
     _seen_configs,
-    make_estimator,
+    fit_impls,
 )
-from dora_tune.dispatch.features import FeatureSpec, gpu_features
+from dora_tune.dispatch.features import gpu_features
 
 
 @dataclass(frozen=True)
@@ -106,22 +103,9 @@ def fit_cross_gpu(
         for t in d.rows:
             if t.impl not in newest or t.created_at > newest[t.impl][0]:
                 newest[t.impl] = (t.created_at, t.impl_version)
-    by_impl: dict[str, list[tuple[EnvInfo, TrialRow]]] = defaultdict(list)
-    for d in datas:
-        for t in d.rows:
-            if t.impl_version == newest[t.impl][1]:
-                by_impl[t.impl].append((d.env, t))
-    models = {}
-    for impl, pairs in sorted(by_impl.items()):
-        spec = FeatureSpec.for_configs(op, impl, (t.config for _, t in pairs))
-        blocks: dict[int, tuple[EnvInfo, list[TrialRow]]] = {}
-        for env, t in pairs:
-            blocks.setdefault(id(env), (env, []))[1].append(t)
-        x = np.vstack([spec.matrix([(t.shape, t.dtype, t.config) for t in ts], env) for env, ts in blocks.values()])
-        y = np.log(np.array([t.median_us for _, rows in blocks.values() for t in rows], dtype=np.float64))
-        reg = make_estimator(estimator, spec, len(y), seed=seed)
-        reg.fit(x, y)
-        models[impl] = ImplModel(impl, newest[impl][1], spec, reg, len(y))
+    versions = {impl: v for impl, (_, v) in newest.items()}
+    rows = [(d.env, t) for d in datas for t in d.rows if t.impl_version == versions[t.impl]]
+    models = fit_impls(op, rows, versions, estimator, seed)
     seen: dict[str, dict] = defaultdict(dict)
     for d in datas:
         for impl, cfgs in _seen_configs(d).items():
