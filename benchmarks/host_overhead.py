@@ -206,8 +206,10 @@ def main() -> None:
         peft_m = layers["peft_dora"]
         # the backward runs on the calling thread (cProfile sees one thread only)
         with dt_peft.enable(peft_m), torch.autograd.set_multithreading_enabled(False):
-            for tag, fn in (("PEFT + enable() forward+backward", lambda: peft_m(x).backward(dout)),
-                            ("DoRALinear forward+backward", lambda: dl(x).backward(dout))):  # fmt: skip
+            for tag, fn in (
+                ("PEFT + enable() forward+backward", lambda: peft_m(x).backward(dout)),
+                ("DoRALinear forward+backward", lambda: dl(x).backward(dout)),
+            ):
                 for _ in range(5):
                     fn()
                 torch.cuda.synchronize()

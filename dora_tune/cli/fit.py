@@ -134,8 +134,15 @@ def _print_logo(logo: list[tuple[str, str, Any]] | str) -> None:
         return _regret(m.regret_geomean, m.regret_max) + (" (race)" if race else "")
 
     table = Table(title="leave-one-GPU-out: planning a GPU from the others' trials (regret geomean / max)")
-    for col in ("op", "dtype", "held-out GPU", "shapes", "cross-GPU model (fitted on)", "transfer rule (from)",
-                "fixed crossover"):  # fmt: skip
+    for col in (
+        "op",
+        "dtype",
+        "held-out GPU",
+        "shapes",
+        "cross-GPU model (fitted on)",
+        "transfer rule (from)",
+        "fixed crossover",
+    ):
         table.add_column(col, overflow="fold")
     for op, dtype, h in logo:
         model = f"{reg(h.model, h.model_race)} ({', '.join(h.trained_on)})"

@@ -114,10 +114,22 @@ def profile(
             dtypes = dtypes or measured_dtypes
             click.echo("confirming the measured shapes: "
                        + (", ".join(f"{op} {len(s)}" for op, s in shapes.items()) or "none"))  # fmt: skip
-        summary = run_profile(db, device, env, shapes, dtypes=dtypes or ("bf16",), impls=impls or None,
-                              warmup_ms=warmup_ms, rep_ms=rep_ms, progress=progress, jobs=jobs,
-                              confirm_top=confirm_top, confirm_reps=confirm_reps,
-                              confirm_only=confirm_only, quick=quick and not cpu)  # fmt: skip
+        summary = run_profile(
+            db,
+            device,
+            env,
+            shapes,
+            dtypes=dtypes or ("bf16",),
+            impls=impls or None,
+            warmup_ms=warmup_ms,
+            rep_ms=rep_ms,
+            progress=progress,
+            jobs=jobs,
+            confirm_top=confirm_top,
+            confirm_reps=confirm_reps,
+            confirm_only=confirm_only,
+            quick=quick and not cpu,
+        )
         fitted = _refit(db, env.gpu_name) if quick and not cpu and not summary.interrupted else None
     if summary.warm_launches or summary.warm_error:
         click.echo(f"compiled ahead: {summary.warm_launches} launches in {summary.warm_seconds:.0f} s"
@@ -155,6 +167,8 @@ def _refit(db: object, gpu_name: str) -> str:
         def fig(v: float | None) -> str:
             return "-" if v is None else f"{v:.3f}"
 
-        lines.append(f"  {s.op} {s.dtype}: {s.n_shapes} shapes, CV regret {fig(m.regret_geomean)} geomean / "
-                     f"{fig(m.regret_max)} max (the crossover's {fig(s.crossover.regret_geomean)})")  # fmt: skip
+        lines.append(
+            f"  {s.op} {s.dtype}: {s.n_shapes} shapes, CV regret {fig(m.regret_geomean)} geomean / "
+            f"{fig(m.regret_max)} max (the crossover's {fig(s.crossover.regret_geomean)})"
+        )
     return "\n".join(lines)

@@ -113,8 +113,16 @@ def fit_cross_gpu(
                 seen[impl].setdefault(canonical_json(c), c)
     shapes = sorted({tuple(s.values()) for d in datas for s in d.shapes})
     keys = list(datas[0].shapes[0]) if datas[0].shapes else []
-    return FitResult(op, dtype, target, estimator, models, {k: list(v.values()) for k, v in seen.items()},
-                     [dict(zip(keys, s, strict=True)) for s in shapes], sum(len(d.rows) for d in datas))  # fmt: skip
+    return FitResult(
+        op,
+        dtype,
+        target,
+        estimator,
+        models,
+        {k: list(v.values()) for k, v in seen.items()},
+        [dict(zip(keys, s, strict=True)) for s in shapes],
+        sum(len(d.rows) for d in datas),
+    )
 
 
 def _score(fold: FitResult, held: _Data) -> tuple[Metrics, Metrics | None, Metrics]:
@@ -170,8 +178,19 @@ def leave_one_gpu_out(
         source = nearest_gpu(held.env, [d.env for d in others])
         src = next(d for d in others if d.env is source)
         transfer, transfer_race, _ = _score(_fit_data(src, estimator, seed), held)
-        out.append(HeldOut(name, tuple(d.env.gpu_name for d in others), source.gpu_name, held.n_shapes, model,
-                           model_race, transfer, transfer_race, crossover))  # fmt: skip
+        out.append(
+            HeldOut(
+                name,
+                tuple(d.env.gpu_name for d in others),
+                source.gpu_name,
+                held.n_shapes,
+                model,
+                model_race,
+                transfer,
+                transfer_race,
+                crossover,
+            )
+        )
     return out
 
 

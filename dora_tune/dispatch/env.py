@@ -63,8 +63,9 @@ def _nvml_gpus() -> list[GpuInfo] | None:
             out = []
             for i in range(nv.nvmlDeviceGetCount()):
                 h = nv.nvmlDeviceGetHandleByIndex(i)
-                out.append(GpuInfo(i, _text(nv.nvmlDeviceGetName(h)), int(nv.nvmlDeviceGetMemoryInfo(h).total),
-                                   driver, "nvml"))  # fmt: skip
+                out.append(
+                    GpuInfo(i, _text(nv.nvmlDeviceGetName(h)), int(nv.nvmlDeviceGetMemoryInfo(h).total), driver, "nvml")
+                )
             return out
         except nv.NVMLError:
             return None

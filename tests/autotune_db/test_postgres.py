@@ -15,8 +15,9 @@ from conftest import _pg_exec
 pytestmark = pytest.mark.postgres
 
 FEATS = GpuFeatures(62_914_560, 4915.2, 1980, 3201, 6144, "nvml")
-H200 = EnvInfo("cuda", "NVIDIA H200", "9.0", 132, 150_000_000_000, "570.1", "12.8", "2.11.0", "3.6.0", "0.1.0",
-               features=FEATS)  # fmt: skip
+H200 = EnvInfo(
+    "cuda", "NVIDIA H200", "9.0", 132, 150_000_000_000, "570.1", "12.8", "2.11.0", "3.6.0", "0.1.0", features=FEATS
+)
 RTX = EnvInfo("cuda", "NVIDIA GeForce RTX 4090", "8.9", 128, 25_000_000_000, "570.1", "12.8", "2.11.0", "3.6", "0.1.0")
 SHAPE = {"d_out": 4096, "d_in": 4096, "r": 16}
 
@@ -91,8 +92,20 @@ def test_profile_cli_on_postgres(pg_url, tmp_path):
 
     shapes = tmp_path / "shapes.json"
     shapes.write_text(json.dumps({"norm": [{"d_out": 32, "d_in": 48, "r": 4}], "compose": [{"rows": 4, "cols": 40}]}))
-    args = ["profile", "--gpu", "cpu", "--db", pg_url, "--shapes", str(shapes), "--rep", "1", "--warmup", "0",
-            "--no-progress"]  # fmt: skip
+    args = [
+        "profile",
+        "--gpu",
+        "cpu",
+        "--db",
+        pg_url,
+        "--shapes",
+        str(shapes),
+        "--rep",
+        "1",
+        "--warmup",
+        "0",
+        "--no-progress",
+    ]
     res = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert "database: postgresql+psycopg://" in res.output

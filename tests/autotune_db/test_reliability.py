@@ -28,16 +28,37 @@ def location(request, tmp_path):
 
 
 def shapes_file(path, norms, comps):
-    path.write_text(json.dumps({
-        "norm": [{"d_out": d, "d_in": 48, "r": 4} for d in norms],
-        "compose": [{"rows": r, "cols": 40} for r in comps],
-    }))  # fmt: skip
+    path.write_text(
+        json.dumps(
+            {
+                "norm": [{"d_out": d, "d_in": 48, "r": 4} for d in norms],
+                "compose": [{"rows": r, "cols": 40} for r in comps],
+            }
+        )
+    )
     return str(path)
 
 
 def profile_cmd(location, shapes, rep="1"):
-    return [sys.executable, "-m", "dora_tune", "profile", "--gpu", "cpu", "--db", location, "--shapes", shapes,
-            "--rep", rep, "--warmup", "0", "--no-progress", "--confirm-top", "0"]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "dora_tune",
+        "profile",
+        "--gpu",
+        "cpu",
+        "--db",
+        location,
+        "--shapes",
+        shapes,
+        "--rep",
+        rep,
+        "--warmup",
+        "0",
+        "--no-progress",
+        "--confirm-top",
+        "0",
+    ]
 
 
 def trial_keys(location):
@@ -119,8 +140,9 @@ def test_a_server_stopped_under_a_profiler(pg_admin_url, tmp_path):
         url = admin.rsplit("/", 1)[0] + "/postgres"
         norms, comps = [32 + 8 * i for i in range(8)], [4 + i for i in range(8)]
         sf = shapes_file(tmp_path / "s.json", norms, comps)
-        proc = subprocess.Popen(profile_cmd(url, sf, rep="150"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)  # fmt: skip
+        proc = subprocess.Popen(
+            profile_cmd(url, sf, rep="150"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         n, deadline = 0, time.time() + 90
         while time.time() < deadline and n < 3:
             time.sleep(0.3)

@@ -108,8 +108,9 @@ def test_fit_cross_gpu_reports_leave_one_gpu_out(tmp_path, known_db):
 
     res = run("fit", "--db", known_db, "--cross-gpu")  # one GPU: said, not failed
     assert res.exit_code == 0 and "fewer than 2 GPUs" in res.output
-    h100 = dataclasses.replace(H200, gpu_name="NVIDIA H100 80GB HBM3", features=GpuFeatures(
-        50 * 2**20, 3352.0, 1980, 2619, 5120, "nvml"))  # fmt: skip
+    h100 = dataclasses.replace(
+        H200, gpu_name="NVIDIA H100 80GB HBM3", features=GpuFeatures(50 * 2**20, 3352.0, 1980, 2619, 5120, "nvml")
+    )
     with TuningDB.open(known_db) as db:
         fill_known_crossover(db, env=h100)
     res = run("fit", "--db", known_db, "--cross-gpu")

@@ -154,13 +154,22 @@ def test_cache_list_shows_what_the_device_said(tmp_path):
 
     db_path = str(tmp_path / "t.sqlite")
     feats = GpuFeatures(50 * 2**20, 3352.32, 1980, 2619, 5120, "nvml")
-    env = EnvInfo("cuda", "NVIDIA H100 80GB HBM3", "9.0", 132, 80 * 2**30, "580", "13.0", "2.11", "3.6", "0.1.0",
-                  features=feats)  # fmt: skip
+    env = EnvInfo(
+        "cuda", "NVIDIA H100 80GB HBM3", "9.0", 132, 80 * 2**30, "580", "13.0", "2.11", "3.6", "0.1.0", features=feats
+    )
     old = EnvInfo("cuda", "NVIDIA H200", "9.0", 132, 141 * 2**30, "570", "12.8", "2.11", "3.6", "0.1.0")
     with TuningDB.open(db_path) as db:
         for e in (env, old):
-            db.record_trial(e, "norm", "dense", "1", {"d_out": 8, "d_in": 8, "r": 2}, "bf16", {},
-                            TrialResult("ok", median_us=1.0, reps=3))  # fmt: skip
+            db.record_trial(
+                e,
+                "norm",
+                "dense",
+                "1",
+                {"d_out": 8, "d_in": 8, "r": 2},
+                "bf16",
+                {},
+                TrialResult("ok", median_us=1.0, reps=3),
+            )
     res = run("cache", "list", "--db", db_path)
     assert res.exit_code == 0, res.output
     assert "device: L2 50 MB, 3.35 TB/s, SM 1980 MHz (from nvml)" in res.output
@@ -168,8 +177,22 @@ def test_cache_list_shows_what_the_device_said(tmp_path):
 
 
 def test_quick_flag_on_the_cpu_and_with_confirm_only(tmp_path):
-    base = ["profile", "--gpu", "cpu", "--db", str(tmp_path / "t.sqlite"), "--shapes", shapes_file(tmp_path),
-            "--rep", "1", "--warmup", "0", "--no-progress", "--confirm-top", "0"]  # fmt: skip
+    base = [
+        "profile",
+        "--gpu",
+        "cpu",
+        "--db",
+        str(tmp_path / "t.sqlite"),
+        "--shapes",
+        shapes_file(tmp_path),
+        "--rep",
+        "1",
+        "--warmup",
+        "0",
+        "--no-progress",
+        "--confirm-top",
+        "0",
+    ]
     res = CliRunner().invoke(cli, [*base, "--quick", "--confirm-only"])
     assert res.exit_code == 2 and "exclude each other" in res.output
     res = run(*base, "--quick")

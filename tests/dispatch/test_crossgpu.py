@@ -39,11 +39,27 @@ def fill(db, env):
     for rows in ROWS:
         for cols in COLS:
             shape = {"rows": rows, "cols": cols}
-            db.record_trial(env, "compose_train", "eager", impls["eager"].version, shape, "bf16", {},
-                            ok(law("eager", rows, cols, bw)))  # fmt: skip
+            db.record_trial(
+                env,
+                "compose_train",
+                "eager",
+                impls["eager"].version,
+                shape,
+                "bf16",
+                {},
+                ok(law("eager", rows, cols, bw)),
+            )
             for cfg, f in zip(configs, FACTORS, strict=True):
-                db.record_trial(env, "compose_train", "triton", impls["triton"].version, shape, "bf16", cfg,
-                                ok(law("triton", rows, cols, bw, f)))  # fmt: skip
+                db.record_trial(
+                    env,
+                    "compose_train",
+                    "triton",
+                    impls["triton"].version,
+                    shape,
+                    "bf16",
+                    cfg,
+                    ok(law("triton", rows, cols, bw, f)),
+                )
 
 
 @pytest.fixture

@@ -40,9 +40,14 @@ def fake_pynvml(devices, *, init_error=False, missing_call=False):
 
 def stand_in_gpu(monkeypatch, *, count=1, uuid=H100_UUID[4:], l2=50 * 2**20):
     props = types.SimpleNamespace(
-        name="NVIDIA H100 80GB HBM3", major=9, minor=0, multi_processor_count=132, total_memory=80 * 2**30,
-        L2_cache_size=l2, uuid=uuid,
-    )  # fmt: skip
+        name="NVIDIA H100 80GB HBM3",
+        major=9,
+        minor=0,
+        multi_processor_count=132,
+        total_memory=80 * 2**30,
+        L2_cache_size=l2,
+        uuid=uuid,
+    )
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)

@@ -109,7 +109,8 @@ def test_quick_plan_sweeps_in_full_where_no_table_serves_the_gpu(tmp_path):
     with TuningDB.open(path) as db:
         chooser = profiler.quick_configs(unknown.gpu_name, path)
         assert chooser("norm", impl("norm", "triton"), "bf16", QUICK_SHAPES["norm"][0]) is None
-        quick, q_todo, _ = profiler.plan(db, unknown, torch.device("cuda"), QUICK_SHAPES, dtypes=("bf16",),
-                                         quick=chooser)  # fmt: skip
+        quick, q_todo, _ = profiler.plan(
+            db, unknown, torch.device("cuda"), QUICK_SHAPES, dtypes=("bf16",), quick=chooser
+        )
         _, f_todo, _ = profiler.plan(db, unknown, torch.device("cuda"), QUICK_SHAPES, dtypes=("bf16",))
     assert q_todo == f_todo and any(t.staged for t in quick)

@@ -219,8 +219,9 @@ def test_dora_compose_train_refuses_bad_arguments(args, which, how):
 def test_dora_layer_refuses_bad_arguments(args, which, how):
     x, W, A, B, m, n, s, bias, base_result, _ = args
     names = ["x", "weight", "lora_A", "lora_B", "magnitude", "norm", "scale"]
-    check_broken(lambda *a: dora_layer(*a, bias=bias, base_result=base_result), (x, W, A, B, m, n, s), names, which,
-                 how)  # fmt: skip
+    check_broken(
+        lambda *a: dora_layer(*a, bias=bias, base_result=base_result), (x, W, A, B, m, n, s), names, which, how
+    )
 
 
 @INVALID
