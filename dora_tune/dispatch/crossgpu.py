@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dora_tune.autotune_db import EnvInfo, TrialRow, canonical_json
 from dora_tune.dispatch.costmodel import (
@@ -152,19 +152,17 @@ def leave_one_gpu_out(
     Raises:
         ValueError: fewer than two GPUs with usable trials.
     """
-    merged: dict[str, GpuTrials] = {}
+    by_gpu: dict[str, tuple[EnvInfo, list[TrialRow]]] = {}
     for g in groups:
-        if g.env.kind != "cuda":
-            continue
-        have = merged.get(g.env.gpu_name)
-        rows = [t for t in g.trials if t.op == op and t.dtype == dtype]
-        env = have.env if have is not None else g.env
-        merged[g.env.gpu_name] = GpuTrials(env, [*(have.trials if have else []), *rows])
+        if g.env.kind == "cuda":
+            rows = by_gpu.setdefault(g.env.gpu_name, (g.env, []))[1]
+            rows.extend(t for t in g.trials if (t.op, t.dtype) == (op, dtype))
     datas = {}
-    for name, g in merged.items():
-        # one environment per GPU for _prepare: rows of a merged GPU carry its first environment's id
-        rows = [t if t.env_id == g.trials[0].env_id else _with_env(t, g.trials[0].env_id) for t in g.trials]
-        d = _data_of(GpuTrials(g.env, rows), op, dtype) if rows else None
+    for name, (env, rows) in by_gpu.items():
+        if not rows:
+            continue
+        first = rows[0].env_id  # _prepare takes one environment: another of the same GPU takes the first's id
+        d = _data_of(GpuTrials(env, [t if t.env_id == first else replace(t, env_id=first) for t in rows]), op, dtype)
         if d is not None:
             datas[name] = d
     if len(datas) < 2:
@@ -192,9 +190,3 @@ def leave_one_gpu_out(
             )
         )
     return out
-
-
-def _with_env(t: TrialRow, env_id: int) -> TrialRow:
-    from dataclasses import replace
-
-    return replace(t, env_id=env_id)
