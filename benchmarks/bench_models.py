@@ -11,6 +11,9 @@ from typing import Any
 
 import torch
 
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+"""The projections the benchmarks adapt: every attention and MLP projection of a decoder layer."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Spec:

@@ -76,9 +76,8 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_models import Spec, build_decoder  # noqa: E402
+from benchmarks.bench_models import TARGETS, Spec, build_decoder  # noqa: E402
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = {
     "peft_dora": "(a) PEFT DoRA",
     "dora_tune": "(b) (a) + dora-tune",
