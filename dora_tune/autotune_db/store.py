@@ -18,6 +18,7 @@ import os
 import re
 import sqlite3
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -1140,9 +1141,26 @@ def _install_sqlite_pragmas(engine: Engine, readonly: bool) -> None:
             cur.execute("PRAGMA busy_timeout=5000")
             cur.execute("PRAGMA foreign_keys=ON")
             if not readonly:
-                cur.execute("PRAGMA journal_mode=WAL")
+                _set_wal(cur)
         finally:
             cur.close()
+
+
+def _set_wal(cur: Any, tries: int = 50) -> None:
+    """Put the file in WAL mode (persistent: a file already in it is left alone). Switching needs the file to
+    itself, and SQLite can answer "database is locked" at once, without its busy handler, while other processes are
+    creating or switching the same new file (seen with 8 processes opening one new file together): retried for up
+    to ~5 s."""
+    if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+        return
+    for attempt in range(tries):
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or attempt == tries - 1:
+                raise
+            time.sleep(0.1)
 
 
 def _to_rollback_journal(path: str) -> None:

@@ -187,8 +187,47 @@ def test_processes_creating_a_new_database_together(location):
     cmds = [[sys.executable, "-c", OPEN_AND_RECORD, location, str(start), str(i)] for i in range(8)]
     procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in cmds]
     outs = [p.communicate(timeout=120)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0] * 8, outs
+    failed = "\n".join(o for p, o in zip(procs, outs, strict=True) if p.returncode)
+    assert not failed, failed  # the whole output of each failed process
     trials, keys = trial_keys(location)
     assert len(trials) == 8 == len(set(keys))
     with TuningDB.open(location, readonly=True) as db:
         assert len(db.environments()) == 1
+
+
+def test_the_wal_switch_waits_out_a_locked_new_file(monkeypatch):
+    """SQLite can refuse ``journal_mode=WAL`` at once ("database is locked") while other processes create the same
+    new file: the switch is retried; a file already in WAL mode is not switched again; other errors propagate."""
+    import sqlite3
+
+    from dora_tune.autotune_db import store
+
+    monkeypatch.setattr(store.time, "sleep", lambda s: None)
+
+    class Cursor:
+        def __init__(self, mode, refusals, error="database is locked"):
+            self.mode, self.refusals, self.error, self.switches = mode, refusals, error, 0
+
+        def execute(self, sql):
+            if sql == "PRAGMA journal_mode":
+                return self
+            self.switches += 1
+            if self.refusals:
+                self.refusals -= 1
+                raise sqlite3.OperationalError(self.error)
+            self.mode = "wal"
+            return self
+
+        def fetchone(self):
+            return (self.mode,)
+
+    c = Cursor("delete", refusals=3)
+    store._set_wal(c)
+    assert c.mode == "wal" and c.switches == 4
+    c = Cursor("wal", refusals=0)
+    store._set_wal(c)
+    assert c.switches == 0
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        store._set_wal(Cursor("delete", refusals=99), tries=5)
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
+        store._set_wal(Cursor("delete", refusals=1, error="disk I/O error"))
