@@ -19,6 +19,7 @@ from torch import nn
 
 from dora_tune.kernels import dora_scale, factored_norm
 from dora_tune.kernels._common import SUPPORTED_DTYPES
+from dora_tune.kernels.custom_ops import cached_norm_op
 from dora_tune.kernels.dora_layer import dora_layer_unchecked
 
 _INITS = (True, False, "gaussian")
@@ -169,8 +170,8 @@ class DoRALinear(nn.Module):
     def weight_norm(self) -> torch.Tensor:
         """``‖W + s·B·A‖_row``: float32 ``[out_features]``, detached (cached, see the class doc)."""
         W, A, B = self.base_layer.weight, self.lora_A, self.lora_B
-        if torch.compiler.is_compiling():
-            return factored_norm(W, A, B, self.scale)
+        if torch.compiler.is_compiling():  # one opaque op that reuses the norm while W, A and B are unchanged
+            return cached_norm_op(W, A, B, self.scale)
         return self._norm_cache(W, A, B, self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

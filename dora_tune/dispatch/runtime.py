@@ -182,6 +182,10 @@ class Dispatcher:
         self._tables: dict[str, _Tables] = {}
         self._warned: set[str] = set()
         self._notes: list[str] = []
+        from dora_tune.kernels.norm import SharedNormCache
+
+        #: norms the compiled path reuses between optimizer steps (``dora_tune::cached_norm``)
+        self.norms = SharedNormCache()
         env_force = os.environ.get("DORA_TUNE_FORCE") if force_env is None else force_env
         if env_force in ("", None):
             self.env_force = None
@@ -437,7 +441,7 @@ class Dispatcher:
         return list(self._load(gpu_name).notes) + list(self._notes)
 
     def clear(self) -> None:
-        """Forget every memoised plan and loaded table (e.g. after profiling more)."""
+        """Forget every memoised plan and loaded table (e.g. after profiling more) and the compiled path's norms."""
         with self._lock:
             self._memo.clear()
             self._front.clear()
@@ -445,6 +449,7 @@ class Dispatcher:
             self._cell_wins.clear()
             self._paths.clear()
             self._path_notes.clear()
+            self.norms.clear()
 
     # ------------------------------------------------------------------ resolution
     def _resolve(

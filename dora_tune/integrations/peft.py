@@ -65,8 +65,8 @@ except ImportError:  # pragma: no cover - depends on the installed PEFT
     LoraLinear = None
 
 from dora_tune.dispatch.layer import DROPOUT_MODES, NormCache
-from dora_tune.kernels import factored_norm
 from dora_tune.kernels._common import SUPPORTED_DTYPES
+from dora_tune.kernels.custom_ops import cached_norm_op
 from dora_tune.kernels.dora_layer import dora_layer_unchecked
 
 __all__ = ["DoraTuneHandle", "disable", "enable", "is_enabled"]
@@ -391,8 +391,8 @@ def _checked_why_not(self: nn.Module, x: Any, kwargs: dict[str, Any], slot: str 
 
 
 def _norm(self: nn.Module, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
-    if torch.compiler.is_compiling():
-        return factored_norm(W, A, B, scale)
+    if torch.compiler.is_compiling():  # one opaque op that reuses the norm while W, A and B are unchanged
+        return cached_norm_op(W, A, B, scale)
     cache = self.__dict__.get(_CACHE)
     if cache is None:
         cache = self.__dict__[_CACHE] = NormCache()

@@ -6,6 +6,10 @@ Eager calls of :func:`~dora_tune.kernels.factored_norm`, :func:`~dora_tune.kerne
 compiled model holds each op as one opaque node with a fake (meta) implementation and no graph break:
 
 - ``dora_tune::factored_norm(weight, lora_A, lora_B, scale, impl, config) -> norm``  (float32 ``[d_out]``, no grad)
+- ``dora_tune::cached_norm(weight, lora_A, lora_B, scale) -> norm``: the same norm (``"auto"``), computed only when
+  W, A or B changed since the last call (version counters, storages; the dispatcher's ``SharedNormCache``), so a
+  compiled training step runs the norm once per optimizer step as eager ``DoRALinear`` and ``enable()`` do (under
+  CUDA-graph capture, ``mode="reduce-overhead"``, it records the computation itself: replays recompute the norm)
 - ``dora_tune::compose(lora, base, g, scale, impl, config) -> out``                   (no grad)
 - ``dora_tune::compose_train_fwd(lora, base, g, scale, write_inner, impl, config) -> (out, inner)``
 - ``dora_tune::compose_train_bwd(dout, inner, g, scale, need_dlora, need_dbase, need_dg, impl, config)
@@ -86,6 +90,19 @@ def _norm_impl(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     if impl not in ("auto", *_NORM_IMPLS):
         raise ValueError(f"dora_tune::factored_norm: unknown impl {impl!r}")
     return factored_norm(weight, lora_A, lora_B, scale, impl=impl, config=_parse("norm", config) if config else None)
+
+
+def _cached_norm_impl(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    from dora_tune.kernels.norm import factored_norm
+
+    if weight.is_cuda and torch.cuda.is_current_stream_capturing():
+        # a CUDA graph replays what it recorded without calling back into Python: record the computation itself
+        # (a replay after an optimizer step must see the new weights), never a copy of a remembered norm
+        return factored_norm(weight, lora_A, lora_B, scale)
+    from dora_tune.dispatch.runtime import default_dispatcher
+
+    # a copy: compiled code owns an op's output and may reuse its buffer for later results
+    return default_dispatcher().norms(weight, lora_A, lora_B, scale).clone()
 
 
 def _compose_impl(lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, scale: float, impl: str,
@@ -210,6 +227,13 @@ def _register() -> None:
         def _(weight, lora_A, lora_B, scale, impl, config):
             return weight.new_empty((weight.shape[0],), dtype=torch.float32)
 
+    if not _op_exists("cached_norm"):
+        op = lib.custom_op(f"{NAMESPACE}::cached_norm", _cached_norm_impl, mutates_args=())
+
+        @op.register_fake
+        def _(weight, lora_A, lora_B, scale):
+            return weight.new_empty((weight.shape[0],), dtype=torch.float32)
+
     if not _op_exists("compose"):
         op = lib.custom_op(f"{NAMESPACE}::compose", _compose_impl, mutates_args=())
 
@@ -272,6 +296,18 @@ def factored_norm_op(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
     """
     cfg = _prepare(impl, _NORM_IMPLS, config)
     return torch.ops.dora_tune.factored_norm(weight.detach(), lora_A.detach(), lora_B.detach(), scale, impl, cfg)
+
+
+def cached_norm_op(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """``dora_tune::cached_norm``: the float32 ``[d_out]`` norm of :func:`~dora_tune.kernels.factored_norm`
+    (``impl="auto"``), reused across calls while W, A and B are unchanged — the norm once per optimizer step inside a
+    compiled graph (:class:`~dora_tune.kernels.norm.SharedNormCache` of the process-wide dispatcher). Inputs as in
+    ``factored_norm`` (checked here, at trace time)."""
+    from dora_tune.kernels.norm import _check_norm_inputs
+
+    s = _check_norm_inputs(weight, lora_A, lora_B, scale)
+    ensure_registered()
+    return torch.ops.dora_tune.cached_norm(weight.detach(), lora_A.detach(), lora_B.detach(), s)
 
 
 def compose_op(lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, scale: float, impl: str = "auto",

@@ -154,6 +154,61 @@ def _race_run(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, 
         return factored_norm_triton(weight, lora_A, lora_B, scale, config)
 
 
+class SharedNormCache:
+    """Norms of ``(W, A, B, scale)`` remembered by **storage**, for callers that see aliases of the parameters
+    rather than the parameters (a compiled graph hands its ops views of them): one entry per (device, the three data
+    pointers, scale), reused while the three storages are alive (weak references: an address freed and reused by a
+    new tensor never matches) and the three tensors' in-place version counters, dtypes, shapes and strides are as
+    they were. ``optimizer.step()``, ``load_state_dict``, ``.copy_`` and ``zero_()`` bump the counter (views share
+    it); a dtype or device move gives a new storage. Writes through ``.data`` are invisible (call :meth:`clear`).
+
+    The instance the custom op ``dora_tune::cached_norm`` uses belongs to the process-wide dispatcher (its explicit
+    cache; ``Dispatcher.clear`` empties it). Entries hold the float32 ``[d_out]`` norm only; those of freed tensors
+    are dropped as the table grows. A norm computed under ``torch.inference_mode`` is reused only there.
+    """
+
+    __slots__ = ("_entries", "_prune_at", "computed")
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, tuple[tuple, tuple, torch.Tensor, bool]] = {}
+        self._prune_at = 64
+        #: how many norms were computed (not reused) — for tests and benchmarks
+        self.computed = 0
+
+    def clear(self) -> None:
+        """Forget every norm."""
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __call__(self, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+        """The float32 ``[d_out]`` norm (``impl="auto"``), computed only when the tensors changed. The returned
+        tensor is the cached one: callers that hand it to code which may write into it copy it first."""
+        key = (W.device, W.data_ptr(), A.data_ptr(), B.data_ptr(), scale)
+        stamp = tuple((t._version, t.dtype, t.shape, t.stride()) for t in (W, A, B))
+        hit = self._entries.get(key)
+        if hit is not None:
+            refs, old, norm, inference = hit
+            if (
+                old == stamp
+                and not any(r.expired() for r in refs)
+                and (not inference or torch.is_inference_mode_enabled())
+            ):
+                return norm
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        norm = factored_norm(W, A, B, scale)
+        self.computed += 1
+        refs = tuple(StorageWeakRef(t.untyped_storage()) for t in (W, A, B))
+        self._entries[key] = (refs, stamp, norm, norm.is_inference())
+        if len(self._entries) >= self._prune_at:  # drop the norms of freed tensors (amortised: the bar doubles)
+            for k in [k for k, e in self._entries.items() if any(r.expired() for r in e[0])]:
+                del self._entries[k]
+            self._prune_at = max(64, 2 * len(self._entries))
+        return norm
+
+
 def factored_norm(
     weight: torch.Tensor,
     lora_A: torch.Tensor,

@@ -172,19 +172,23 @@ def test_cached_norm_is_bitwise_the_recomputed_one():
     assert torch.equal(cached[0], fresh[0]) and all(torch.equal(a, b) for a, b in zip(cached[1], fresh[1], strict=True))
 
 
-@pytest.mark.parametrize(
-    "change",
-    ["adamw", "sgd_foreach_off", "load_state_dict", "copy_", "zero_", "dtype_move", "new_tensor", "data_then_clear"],
-)
-def test_norm_cache_never_stale(change, monkeypatch):
-    layer = make_layer(37, 19, 4, torch.float32).train()
-    calls = counting_norm(monkeypatch)
-    x = torch.randn(4, 37)
-    y1 = layer(x)
-    layer(x)
-    assert len(calls) == 1
+CHANGES = [
+    "adamw",
+    "sgd_foreach_off",
+    "load_state_dict",
+    "copy_",
+    "zero_",
+    "dtype_move",
+    "new_tensor",
+    "data_then_clear",
+]
+
+
+def change_weights(layer, change, run, x, clear):
+    """Change W, A or B of ``layer`` the way ``change`` says (``run``: the layer's call, eager or compiled;
+    ``clear``: what forgets the cached norm after a write through ``.data``)."""
     if change in ("adamw", "sgd_foreach_off"):
-        layer(x).square().sum().backward()
+        run(x).square().sum().backward()
         params = [layer.lora_A, layer.lora_B]
         adamw = torch.optim.AdamW(params, lr=0.5)
         opt = adamw if change == "adamw" else torch.optim.SGD(params, lr=0.5, foreach=False)
@@ -201,17 +205,91 @@ def test_norm_cache_never_stale(change, monkeypatch):
             layer.lora_B.zero_()
     elif change == "dtype_move":  # round trip: the storage may come back at the old address, values rounded
         layer.to(torch.bfloat16)
-        layer(x.to(torch.bfloat16))
+        run(x.to(torch.bfloat16))
         layer.to(torch.float32)
     elif change == "new_tensor":
         layer.base_layer.weight = nn.Parameter(layer.base_layer.weight.detach() * 1.5, requires_grad=False)
-    elif change == "data_then_clear":  # writes through .data are invisible: clear_cache() is the remedy
+    elif change == "data_then_clear":  # writes through .data are invisible: clearing the cache is the remedy
         layer.lora_B.data.mul_(0.5)
-        layer.clear_cache()
+        clear()
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_norm_cache_never_stale(change, monkeypatch):
+    layer = make_layer(37, 19, 4, torch.float32).train()
+    calls = counting_norm(monkeypatch)
+    x = torch.randn(4, 37)
+    y1 = layer(x)
+    layer(x)
+    assert len(calls) == 1
+    change_weights(layer, change, layer, x, layer.clear_cache)
     n_before = len(calls)
     y2 = layer(x)
     assert len(calls) == n_before + 1, change  # recomputed
     assert relerr(y2, reference(layer, x)[0]) <= TOL[torch.float32] and relerr(y2, y1) > 1e-4, change
+
+
+@pytest.fixture
+def fresh_dispatcher():
+    """A process-wide dispatcher of its own (no shipped cache), dropped afterwards."""
+    from dora_tune.dispatch import runtime
+
+    d = runtime.Dispatcher(use_shipped=False, force_env="")
+    runtime.reset_default_dispatcher(d)
+    try:
+        yield d
+    finally:
+        runtime.reset_default_dispatcher(None)
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_compiled_norm_cache_never_stale(change, fresh_dispatcher):
+    """Compiled (AOTAutograd: the graph's ops see aliases of the parameters), the ``dora_tune::cached_norm`` op
+    computes the norm once while W, A and B are unchanged, and again after each kind of change."""
+    torch._dynamo.reset()
+    layer = make_layer(37, 19, 4, torch.float32).train()
+    run = torch.compile(layer, backend="aot_eager")
+    norms = fresh_dispatcher.norms
+    x = torch.randn(4, 37)
+    y1 = run(x)
+    run(x).sum().backward()
+    assert norms.computed == 1
+    change_weights(layer, change, run, x, norms.clear)
+    n_before = norms.computed
+    y2 = run(x)
+    assert norms.computed == n_before + 1, change  # recomputed
+    assert relerr(y2, reference(layer, x)[0]) <= TOL[torch.float32] and relerr(y2, y1) > 1e-4, change
+    torch._dynamo.reset()
+
+
+def test_compiled_norm_once_per_step_bitwise_and_fresh_layers(fresh_dispatcher):
+    """Compiled training with accumulation: one norm per layer per optimizer step; outputs and gradients bitwise
+    those of a recomputed norm; a new model built where a freed one lived never gets the old model's norms."""
+    torch._dynamo.reset()
+    norms = fresh_dispatcher.norms
+    x, dout = torch.randn(2, 5, 37), torch.randn(2, 5, 19)
+    for seed in (0, 0, 1):  # the same sizes again: the allocator may hand the freed storages to the new model
+        torch.manual_seed(seed)
+        model = Stack()
+        params = [p for p in model.parameters() if p.requires_grad]
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        opt = torch.optim.SGD(params, lr=0.1)
+        for _step in range(2):
+            before = norms.computed
+            for _ in range(3):
+                got = compiled(x)
+                gg = torch.autograd.grad(got, params, dout)
+            assert norms.computed == before + 2  # two layers, once each per optimizer step
+            assert relerr(got, model(x)) <= 1e-6  # eager (its own cache) agrees
+            norms.clear()  # recomputed: bitwise the same
+            again = compiled(x)
+            assert torch.equal(again, got)
+            assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(again, params, dout), gg, strict=True))
+            for p, g in zip(params, gg, strict=True):
+                p.grad = g
+            opt.step()
+        del model, compiled, opt, params
+    torch._dynamo.reset()
 
 
 def test_norm_cache_and_inference_mode_and_copies(monkeypatch):
@@ -400,8 +478,8 @@ def test_compiled_stack_matches_eager():
         with torch.no_grad():
             assert relerr(compiled(x), want) <= 1e-6
     # fullgraph=True: no graph break; the ops are single nodes of the graphs, the backward included
-    assert dora_ops_in(dynamo_graphs) == ["dora_tune.compose", "dora_tune.compose_train_fwd", "dora_tune.factored_norm"]
-    aot_ops = ["compose", "compose_train_bwd", "compose_train_fwd", "factored_norm"]
+    assert dora_ops_in(dynamo_graphs) == ["dora_tune.cached_norm", "dora_tune.compose", "dora_tune.compose_train_fwd"]
+    aot_ops = ["cached_norm", "compose", "compose_train_bwd", "compose_train_fwd"]
     assert dora_ops_in(aot_graphs) == [f"dora_tune.{op}.default" for op in aot_ops]
 
 

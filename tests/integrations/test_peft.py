@@ -90,14 +90,13 @@ def calls(monkeypatch):
     from dora_tune.dispatch import layer
 
     counts = {"factored_norm": 0, "compose_train": 0, "compose": 0}
-    for module in (dp, layer):
-        real_norm = module.factored_norm
+    real_norm = layer.factored_norm  # the norm caches (layer.NormCache) call it
 
-        def norm(*a, _real=real_norm, **k):
-            counts["factored_norm"] += 1
-            return _real(*a, **k)
+    def norm(*a, **k):
+        counts["factored_norm"] += 1
+        return real_norm(*a, **k)
 
-        monkeypatch.setattr(module, "factored_norm", norm)
+    monkeypatch.setattr(layer, "factored_norm", norm)
     real_node = dp.dora_layer_unchecked
 
     def node(*a, **k):
@@ -424,12 +423,28 @@ def test_compiled_peft_model_has_no_graph_break():
 
         return aot_autograd(fw_compiler=lambda g, _: g, bw_compiler=lambda g, _: g)(gm, example_inputs)
 
+    from dora_tune.dispatch import runtime
+
+    norms = runtime.default_dispatcher().norms
+    norms.clear()
+    n_dora = sum(isinstance(m, DoraLinearLayer) for m in pm.modules())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # AOTAutograd's note on boxed calling conventions
-        got = run(torch.compile(pm, backend=backend, fullgraph=True), ids)
+        compiled = torch.compile(pm, backend=backend, fullgraph=True)
+        got = run(compiled, ids)
+        assert n_dora and norms.computed >= n_dora and len(norms) == n_dora
+        computed = norms.computed
+        assert_close(run(compiled, ids), want, 1e-5)  # the norm once while nothing changed
+        assert norms.computed == computed
+        with torch.no_grad():  # an update of every B: each norm again
+            for name, p in pm.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(1.5)
+        run(compiled, ids)
+        assert norms.computed == computed + n_dora
     assert_close(got, want, 1e-5)
     ops = {str(n.target) for gm in graphs for n in gm.graph.nodes if "dora_tune" in str(n.target)}
-    assert ops == {"dora_tune.factored_norm", "dora_tune.compose_train_fwd"}
+    assert ops == {"dora_tune.cached_norm", "dora_tune.compose_train_fwd"}
 
 
 def test_refuses_an_unknown_peft_api(monkeypatch):
