@@ -67,18 +67,18 @@ def _table(db_path: str, gpu: str, op: str, dtype: str) -> DecisionTable | None:
 
 
 @functools.cache
-def _dispatcher(db_path: str) -> Dispatcher:
-    return Dispatcher(db_path, use_shipped=False, force_env="")
+def _dispatcher(db_path: str, shipped: bool) -> Dispatcher:
+    return Dispatcher(db_path, use_shipped=shipped, force_env="")
 
 
-def picks(db_path: str, gpu: str, dtype: str, op: str, shape: dict[str, int]) -> dict[str, Any]:
+def picks(db_path: str, gpu: str, dtype: str, op: str, shape: dict[str, int], shipped: bool = False) -> dict[str, Any]:
     """What each chooser picks for ``shape``: ``{who: (impl, config dict)}`` for each of :data:`WHO` (no ``model``
     entry without a table), plus ``"dispatcher_source"``: the dispatcher's source (measured, model, heuristic)."""
     out: dict[str, Any] = {"crossover": crossover_choice(op, shape)}
     table = _table(db_path, gpu, op, dtype)
     if table is not None:
         out["model"] = table.lookup(shape)
-    plan = _dispatcher(db_path).plan_for_gpu(table.gpu_name if table else gpu, op, shape, dtype)
+    plan = _dispatcher(db_path, shipped).plan_for_gpu(table.gpu_name if table else gpu, op, shape, dtype)
     out["dispatcher"] = (plan.impl, _config_dict(plan.config))
     out["dispatcher_source"] = plan.source
     if plan.race:
@@ -101,7 +101,7 @@ def _race_runner(op: str, x: dict[str, Any]) -> Any:
     return race_step(x["lora"], x["base"], x["g"], x["s"])
 
 
-def race_runs(db_path: str, verify_path: str, gpu: str, dtype: str) -> dict[str, dict[str, Any]]:
+def race_runs(db_path: str, verify_path: str, gpu: str, dtype: str, shipped: bool = False) -> dict[str, dict[str, Any]]:
     """On the GPU: for every verification shape of an op that races, the config :meth:`Dispatcher.settle` keeps
     after timing the shortlist on fresh inputs, and its detail line (the race's times). Keyed by "op shape-json"."""
     import torch
@@ -111,7 +111,7 @@ def race_runs(db_path: str, verify_path: str, gpu: str, dtype: str) -> dict[str,
     from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
 
     device = torch.device("cuda", torch.cuda.current_device())  # as the kernels key their plans (tensor.device)
-    dispatcher = Dispatcher(db_path, use_shipped=False, force_env="", race=True)
+    dispatcher = Dispatcher(db_path, use_shipped=shipped, force_env="", race=True)
     out = {}
     for op, s_json in sorted(measured(verify_path, gpu, dtype)):
         if op not in RACE_OPS:
@@ -136,7 +136,7 @@ def measured(verify_path: str, gpu: str, dtype: str) -> dict[tuple[str, str], di
     return out
 
 
-def measure_missing(db_path: str, verify_path: str, gpu: str, dtype: str) -> int:
+def measure_missing(db_path: str, verify_path: str, gpu: str, dtype: str, shipped: bool = False) -> int:
     """Time every pick the verification sweep lacks (CUDA) and record it; returns how many were measured.
 
     Each shape's missing picks are timed together with the shape's fastest measured trial — interleaved,
@@ -159,7 +159,7 @@ def measure_missing(db_path: str, verify_path: str, gpu: str, dtype: str) -> int
     with TuningDB.open(verify_path) as vdb:
         for op, s_json in sorted(have):
             shape = json.loads(s_json)
-            chosen = picks(db_path, gpu, dtype, op, shape)
+            chosen = picks(db_path, gpu, dtype, op, shape, shipped)
             missing = {(i, canonical_json(c)) for i, c in (chosen[w] for w in WHO if w in chosen)}
             missing |= {(i, canonical_json(c)) for i, c in chosen.get("shortlist", ())}
             missing -= set(have[(op, s_json)])
@@ -180,7 +180,12 @@ def measure_missing(db_path: str, verify_path: str, gpu: str, dtype: str) -> int
 
 
 def report(
-    db_path: str, verify_path: str, gpu: str, dtype: str, races: dict[str, dict[str, Any]] | None = None
+    db_path: str,
+    verify_path: str,
+    gpu: str,
+    dtype: str,
+    races: dict[str, dict[str, Any]] | None = None,
+    shipped: bool = False,
 ) -> dict[str, Any]:
     """Per op and chooser: regret geomean and max over the verification shapes, and every shape's detail
     (``races``: :func:`race_runs`' output, scored as the "race" chooser)."""
@@ -192,7 +197,7 @@ def report(
         t = times[(op, s_json)]
         best_key = min(t, key=t.get)
         row: dict[str, Any] = {"op": op, "shape": shape, "best": [best_key[0], json.loads(best_key[1]), t[best_key]]}
-        chosen = picks(db_path, gpu, dtype, op, shape)
+        chosen = picks(db_path, gpu, dtype, op, shape, shipped)
         row["dispatcher_source"] = chosen.pop("dispatcher_source")
         shortlist = chosen.pop("shortlist", None)
         if shortlist:
@@ -227,12 +232,14 @@ def main() -> None:
     ap.add_argument("--measure", action="store_true", help="first time the picks the sweep lacks (needs CUDA)")
     ap.add_argument("--race", action="store_true",
                     help="run the dispatcher's race at each shape of a racing op (needs CUDA)")  # fmt: skip
+    shipped_help = "the dispatcher also reads the shipped caches (transfer from a same-architecture GPU's tables)"
+    ap.add_argument("--shipped", action="store_true", help=shipped_help)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "h200-verify-dispatch.json"))
     args = ap.parse_args()
     if args.measure:
-        print(f"measured {measure_missing(args.db, args.verify, args.gpu, args.dtype)} missing picks")
-    races = race_runs(args.db, args.verify, args.gpu, args.dtype) if args.race else None
-    res = report(args.db, args.verify, args.gpu, args.dtype, races)
+        print(f"measured {measure_missing(args.db, args.verify, args.gpu, args.dtype, args.shipped)} missing picks")
+    races = race_runs(args.db, args.verify, args.gpu, args.dtype, args.shipped) if args.race else None
+    res = report(args.db, args.verify, args.gpu, args.dtype, races, args.shipped)
     for op, by in res["summary"].items():
         cells = "  ".join(f"{w} {v['regret_geomean']:.3f}/{v['regret_max']:.3f} (n={v['n_shapes']})" for w, v in
                           sorted(by.items()))  # fmt: skip
