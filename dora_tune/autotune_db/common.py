@@ -14,22 +14,25 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Layout version written to ``meta.schema_version``; bump it (and add a migration) when the tables change.
 
-1: meta, environments, implementations, trials. 2: + fitted_models. 3: + gpu_features."""
+1: meta, environments, implementations, trials. 2: + fitted_models. 3: + gpu_features. 4: + ``trials.wall_us``
+(a nullable column: each trial's host-inclusive wall time per call)."""
 
 _TABLES_V1 = frozenset({"meta", "environments", "implementations", "trials"})
 TABLES: dict[int, frozenset[str]] = {
     1: _TABLES_V1,
     2: _TABLES_V1 | {"fitted_models"},
     3: _TABLES_V1 | {"fitted_models", "gpu_features"},
+    4: _TABLES_V1 | {"fitted_models", "gpu_features"},
 }
 """The tables each schema version has (a database of that version missing one is not a dora-tune database)."""
 
 OLDEST_READABLE = 1
 """The oldest schema a read-only open serves as it is, without migrating: everything added since (the
-``fitted_models`` of schema 2, the ``gpu_features`` of schema 3) is optional and reads as absent."""
+``fitted_models`` of schema 2, the ``gpu_features`` of schema 3, the ``trials.wall_us`` column of schema 4) is
+optional and reads as absent."""
 
 FEATURE_SOURCES: tuple[str, ...] = ("nvml", "torch")
 """Where :class:`GpuFeatures` came from: ``"nvml"`` (torch's device properties and NVML's clocks and bus width) or

@@ -5,11 +5,20 @@ Six tables:
 * ``meta``: key/value pairs; ``schema_version`` says which layout the file holds (:data:`SCHEMA_VERSION`).
 * ``environments``: one row per measured machine set-up (GPU, driver, CUDA, torch, Triton and dora-tune versions).
 * ``implementations``: one row per (op, implementation name, implementation version).
-* ``trials``: one row per measurement: environment × implementation × shape × dtype × config.
+* ``trials``: one row per measurement: environment × implementation × shape × dtype × config. Its times are GPU
+  time (``median_us``, ``p20_us``, ``p80_us``: the host kept out); since schema 4 a trial may also carry
+  ``wall_us``, the wall time of one call when calls run back to back with the GPU not held ahead (host included:
+  what a training step pays where launches cost more than the kernels). NULL where it was not measured: CPU trials
+  (whose times are wall time already) and trials recorded before schema 4.
 * ``fitted_models`` (schema 2): one row per (environment, op, dtype): the cost model's compiled decision table and
   its cross-validation metrics, both canonical JSON (never pickles).
 * ``gpu_features`` (schema 3): at most one row per environment: what the device said about its GPU when it was
   recorded (L2 size, memory bandwidth, clocks, bus width; :class:`~dora_tune.autotune_db.common.GpuFeatures`).
+
+Schema 4 added ``trials.wall_us`` as a nullable column (not a side table): it is an outcome of the trial like its
+GPU times, replaced with them when a trial is re-timed and copied with them by export and merge. The ORM maps it
+deferred (never in a plain ``select(Trial)``) so that a schema-3 file, which read-only opens serve without
+migrating, reads as it is; the store selects the column explicitly where the file has it.
 
 Shapes and configs are stored as canonical JSON text (:func:`canonical_json`) so that equal dicts always give
 equal strings and the unique key on ``trials`` works on any SQL backend. This module imports no torch and creates
@@ -132,7 +141,9 @@ class Implementation(Base):
 
 
 class Trial(Base):
-    """One measurement: environment × implementation × shape × dtype × config, with its outcome."""
+    """One measurement: environment × implementation × shape × dtype × config, with its outcome: GPU times
+    (median, p20, p80) and, from schema 4, the host-inclusive wall time per call (``wall_us``, NULL when not
+    measured)."""
 
     __tablename__ = "trials"
     __table_args__ = (
@@ -154,6 +165,9 @@ class Trial(Base):
     peak_mem_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # schema 4; last, where ALTER TABLE ... ADD COLUMN puts it. Deferred with raiseload: a schema-3 file has no such
+    # column, so it is never selected implicitly (the store selects it explicitly when the file has it)
+    wall_us: Mapped[float | None] = mapped_column(Float, nullable=True, deferred=True, deferred_raiseload=True)
 
 
 class FittedModel(Base):

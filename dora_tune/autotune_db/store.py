@@ -46,6 +46,7 @@ from sqlalchemy import (
     func,
     insert,
     inspect,
+    null,
     select,
     text,
     update,
@@ -184,6 +185,9 @@ class TrialResult:
 
     ``status`` is one of "ok", "failed" (raised), "oom" (out of memory) or "invalid" (wrong results); an "ok"
     result needs a finite positive ``median_us``. Times are microseconds; ``reps`` is how many timed repetitions.
+    ``median_us``, ``p20_us`` and ``p80_us`` are GPU time on CUDA (the host kept out), wall time on the CPU.
+    ``wall_us`` (schema 4) is the wall time of one call when calls run back to back with the GPU not held ahead —
+    host included, what a training step pays — or None where it was not measured (CPU trials, older rows).
     """
 
     status: str
@@ -193,18 +197,21 @@ class TrialResult:
     reps: int = 0
     peak_mem_bytes: int | None = None
     error: str | None = None
+    wall_us: float | None = None
 
     def __post_init__(self) -> None:
         """Validate the status and the timings (ValueError)."""
         if self.status not in STATUSES:
             raise ValueError(f"TrialResult.status must be one of {STATUSES}, got {self.status!r}")
-        for name in ("median_us", "p20_us", "p80_us"):
+        for name in ("median_us", "p20_us", "p80_us", "wall_us"):
             v = getattr(self, name)
             if v is None:
                 continue
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
                 raise ValueError(f"TrialResult.{name} must be a finite number or None, got {v!r}")
             object.__setattr__(self, name, float(v))  # numpy scalars become plain floats
+        if self.wall_us is not None and self.wall_us <= 0:
+            raise ValueError(f"TrialResult.wall_us must be positive or None, got {self.wall_us!r}")
         if self.status == "ok" and (self.median_us is None or self.median_us <= 0):
             raise ValueError(f"an 'ok' TrialResult needs a finite positive median_us, got {self.median_us!r}")
         for name in ("reps", "peak_mem_bytes"):
@@ -220,7 +227,10 @@ class TrialResult:
 
 @dataclass(frozen=True)
 class TrialRow:
-    """One stored trial as queries return it (shape and config decoded back to dicts, created_at in UTC)."""
+    """One stored trial as queries return it (shape and config decoded back to dicts, created_at in UTC).
+
+    ``wall_us``: the host-inclusive wall time per call (see :class:`TrialResult`); None where it was not measured,
+    and for every trial of a schema-3 (or older) database read as it is."""
 
     env_id: int
     gpu_name: str
@@ -238,6 +248,7 @@ class TrialRow:
     peak_mem_bytes: int | None
     error: str | None
     created_at: datetime
+    wall_us: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -329,7 +340,16 @@ def _migrate_2_to_3(conn: Connection) -> None:
     conn.execute(update(Meta).where(Meta.key == "schema_version").values(value="3"))
 
 
-_MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
+def _migrate_3_to_4(conn: Connection) -> None:
+    """Schema 3 → 4: add the ``trials.wall_us`` column (spelled out as schema 4 defines it: a FLOAT, NULL allowed,
+    no default; ``ALTER TABLE ... ADD COLUMN`` rewrites no row on SQLite or PostgreSQL) and record schema 4. The
+    trials stored so far read as not measured (NULL)."""
+    column_type = Float().compile(dialect=conn.dialect)
+    conn.execute(text(f"ALTER TABLE trials ADD COLUMN wall_us {column_type}"))
+    conn.execute(update(Meta).where(Meta.key == "schema_version").values(value="4"))
+
+
+_MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4}
 
 _SCHEMA_LOCK_KEY = 0x646F72612D74756E  # "dora-tun": the PostgreSQL advisory lock key of schema creation/migration
 """``_MIGRATIONS[v]`` upgrades a schema-``v`` database to ``v + 1`` (tables and the stored ``schema_version``)
@@ -385,8 +405,9 @@ def _model_row(m: FittedModel, gpu_name: str) -> ModelRow:
     )
 
 
-def _row(t: Trial, gpu_name: str, impl: Implementation) -> TrialRow:
-    """A :class:`TrialRow` from the ORM objects of one query row."""
+def _row(t: Trial, gpu_name: str, impl: Implementation, wall_us: float | None) -> TrialRow:
+    """A :class:`TrialRow` from the ORM objects of one query row and its ``wall_us`` (selected explicitly: the ORM
+    defers the column, which a schema-3 file lacks)."""
     return TrialRow(
         env_id=t.env_id,
         gpu_name=gpu_name,
@@ -404,6 +425,7 @@ def _row(t: Trial, gpu_name: str, impl: Implementation) -> TrialRow:
         peak_mem_bytes=t.peak_mem_bytes,
         error=t.error,
         created_at=t.created_at,
+        wall_us=wall_us,
     )
 
 
@@ -420,6 +442,8 @@ def _gpu_matches(query: str, name: str) -> bool:
 
 
 _TRIAL_VALUE_COLS = ("status", "median_us", "p20_us", "p80_us", "reps", "peak_mem_bytes", "error", "created_at")
+"""The outcome columns of a trial that every schema has (schema 4's ``wall_us`` is read apart, see
+:meth:`TuningDB._wall`)."""
 
 
 # ---------------------------------------------------------------------------------------------------- the store
@@ -711,6 +735,7 @@ class TuningDB:
             "peak_mem_bytes": result.peak_mem_bytes,
             "error": result.error,
             "created_at": datetime.now(timezone.utc),
+            "wall_us": result.wall_us,  # writable databases are at the current schema: the column is there
         }
         for attempt in range(2):  # a concurrent writer on a non-SQLite backend may win the insert: retry once
             try:
@@ -778,7 +803,7 @@ class TuningDB:
             if env_ids is not None and not env_ids:
                 return []
             q = (
-                select(Trial, Environment.gpu_name, Implementation)
+                select(Trial, Environment.gpu_name, Implementation, self._wall())
                 .join(Environment, Trial.env_id == Environment.id)
                 .join(Implementation, Trial.impl_id == Implementation.id)
             )
@@ -792,7 +817,7 @@ class TuningDB:
                 Trial.median_us,
                 Trial.id,
             )
-            return [_row(t, g, i) for t, g, i in s.execute(q).all()]
+            return [_row(t, g, i, w) for t, g, i, w in s.execute(q).all()]
 
     def fastest_per_impl(self, gpu_name: str) -> list[tuple[str, str, str, str, str, str, float]]:
         """For one GPU model (exact name), the fastest "ok" trial of each (environment, op, implementation, version,
@@ -856,14 +881,14 @@ class TuningDB:
             inner = _filter_trials(inner, env_ids, op=op, dtype=dtype, shape=shape)
             ranked = inner.subquery()
             q = (
-                select(Trial, Environment.gpu_name, Implementation)
+                select(Trial, Environment.gpu_name, Implementation, self._wall())
                 .join(ranked, ranked.c.tid == Trial.id)
                 .join(Environment, Trial.env_id == Environment.id)
                 .join(Implementation, Trial.impl_id == Implementation.id)
                 .where(ranked.c.rank == 1)
                 .order_by(Environment.gpu_name, Implementation.op, Trial.shape, Trial.dtype, Trial.id)
             )
-            return [_row(t, g, i) for t, g, i in s.execute(q).all()]
+            return [_row(t, g, i, w) for t, g, i, w in s.execute(q).all()]
 
     def environments(self, *, gpu: str | None = None) -> list[EnvRow]:
         """Every stored environment (or those matching ``gpu``, as in :meth:`trials`) with its trial count."""
@@ -884,6 +909,11 @@ class TuningDB:
                 EnvRow(id=e.id, **{f: getattr(e, f) for f in _ENV_FIELDS}, features=feats.get(e.id), trials=n)
                 for e, n in rows
             ]
+
+    def _wall(self) -> Any:
+        """The column expression of a trial's ``wall_us`` in a select: the column from schema 4, a NULL before (a
+        schema-3 file read as it is has no such column)."""
+        return Trial.wall_us if self._schema >= 4 else null().label("wall_us")
 
     def _features(self, s: Session, env_ids: Sequence[int]) -> dict[int, GpuFeatures]:
         """The stored :class:`GpuFeatures` of these environments (none before schema 3)."""
@@ -966,8 +996,9 @@ class TuningDB:
 
     def export(self, dest: str, *, gpu: str | None = None, overwrite: bool = False) -> int:
         """Write a new SQLite file at ``dest`` holding the environments matching ``gpu`` (all when None) with their
-        GPU features, the implementations their trials use, those trials and fitted models (timestamps kept) and
-        the meta row.
+        GPU features, the implementations their trials use, those trials (with their wall times) and fitted models
+        (timestamps kept) and the meta row. The file is at the current schema whatever this database's schema: the
+        trials of a schema-3 source have no wall time (NULL).
 
         The file is built next to ``dest`` and moved into place when complete, in rollback-journal mode (one
         self-contained file, fit to copy or ship). Returns the number of trials exported.
@@ -1020,7 +1051,9 @@ class TuningDB:
         config), fitted models by (environment, op, dtype); an environment's GPU features are added where it has
         none. Dedupe rule: an incoming trial or model whose key is not stored yet is added; one whose key is stored
         replaces the stored row only if its ``created_at`` is strictly newer, and is skipped otherwise (so merging
-        in either order, or twice, ends with the newest row of each key). Timestamps are kept.
+        in either order, or twice, ends with the newest row of each key). Timestamps are kept. A trial's outcome
+        travels whole — GPU times and wall time alike: a replacing trial from a schema-3 source, which has no wall
+        time, leaves none.
 
         Raises:
             DatabaseError: this database is read-only, ``other`` is this database, or ``other`` cannot be read.
@@ -1081,10 +1114,10 @@ class TuningDB:
             }
             inserts: list[dict[str, Any]] = []
             updates: list[dict[str, Any]] = []
-            q_trials = select(Trial).where(Trial.env_id.in_(list(env_map))).order_by(Trial.id)
-            for t in rs.scalars(q_trials).all():
+            q_trials = select(Trial, src._wall()).where(Trial.env_id.in_(list(env_map))).order_by(Trial.id)
+            for t, wall_us in rs.execute(q_trials).all():
                 key = (env_map[t.env_id], impl_map[t.impl_id], t.shape, t.dtype, t.config)
-                values = {c: getattr(t, c) for c in _TRIAL_VALUE_COLS}
+                values = {**{c: getattr(t, c) for c in _TRIAL_VALUE_COLS}, "wall_us": wall_us}
                 hit = stored.get(key)
                 if hit is None:
                     inserts.append(

@@ -32,8 +32,10 @@ def show(
 ) -> None:
     """Best implementation and config per (GPU, op, shape, dtype), or every trial with --trials.
 
-    Each row shows the median time, the spread of the timed calls (p80 / p20) and how many calls were timed (a
-    confirmed trial holds at least ``profile --confirm-reps``, 100 by default).
+    Each row shows the median time (GPU time on a GPU), the wall time per call of back-to-back calls with the host
+    included ("-" where it was not recorded: CPU trials, trials profiled before schema 4), the spread of the timed
+    calls (p80 / p20) and how many calls were timed (a confirmed trial holds at least ``profile --confirm-reps``,
+    100 by default).
     """
     from rich.console import Console
     from rich.table import Table
@@ -43,13 +45,14 @@ def show(
         rows = (db.trials if show_trials else db.best)(gpu=gpu, op=op, dtype=dtype, shape=shape_d)
     title = "trials" if show_trials else "best per shape"
     table = Table(title=f"{title} ({len(rows)} rows{', first ' + str(limit) if len(rows) > limit else ''})")
-    for col in ("gpu", "op", "shape", "dtype", "impl", "config", "median µs", "p80/p20", "calls", "status"):
+    for col in ("gpu", "op", "shape", "dtype", "impl", "config", "median µs", "wall µs", "p80/p20", "calls", "status"):
         table.add_column(col, overflow="fold")
     for r in rows[:limit]:
         med = "-" if r.median_us is None else f"{r.median_us:.1f}"
+        wall = "-" if r.wall_us is None else f"{r.wall_us:.1f}"
         spread = f"{r.p80_us / r.p20_us:.3f}" if r.p20_us and r.p80_us else "-"
         status = r.status if r.status == "ok" else f"{r.status}: {(r.error or '')[:60]}"
-        table.add_row(r.gpu_name, r.op, _fmt_shape(r.shape), r.dtype, r.impl, json.dumps(r.config), med, spread,
+        table.add_row(r.gpu_name, r.op, _fmt_shape(r.shape), r.dtype, r.impl, json.dumps(r.config), med, wall, spread,
                       str(r.reps), status)  # fmt: skip
     Console(width=160).print(table)
 

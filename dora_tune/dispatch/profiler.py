@@ -3,8 +3,16 @@
 Idempotent and resumable: a trial already in the database (any status) is not measured again, and each trial is
 committed on its own, so an interrupted run (Ctrl-C, a killed process) keeps everything measured so far and never
 leaves half a row. Failures (compile errors, out of resources, out of memory, invalid configs) are recorded with
-their error text and the sweep goes on. Times are GPU time (:func:`gpu_times`): what an op costs in a training step
-whose GPU is busy; the host's launch cost is not in them (benchmarks/NOTES.md, "Timing").
+their error text and the sweep goes on.
+
+What a CUDA trial measures (:func:`measure`): its times (median, p20, p80) are GPU time (:func:`gpu_times`, the GPU
+kept ahead of the host): what an op costs in a training step whose GPU is busy; the host's launch cost is not in
+them (benchmarks/NOTES.md, "Timing"). Then, as a separate figure (``wall_us``), the candidate is timed the way the
+training step runs it, host included: the wall time of one call when :data:`RACE_WALL_CALLS` calls run back to back
+with the GPU not held ahead, the least of :data:`RACE_ROUNDS` rounds (:func:`wall_times`, as the dispatcher's
+first-use race takes it; fewer calls for long kernels, :func:`wall_plan`). Where launches cost the host more than the
+kernels cost the GPU, the wall figure exceeds the GPU figure; ``dora-tune lookup`` shows both. A CPU trial's times
+are wall-clock time already: no separate figure.
 
 ``compose_train``'s Triton configs pair a forward and a backward config; their product is too large to sweep, so
 it is swept in two stages: forward configs with the default backward, then every backward config with the best
@@ -21,7 +29,8 @@ space is swept. Then the cost model is refitted on what was measured (the CLI do
 
 A run ends with a confirmation stage (:func:`confirm_shape`): each shape's :data:`CONFIRM_TOP` fastest trials are
 re-timed together, interleaved, to :data:`CONFIRM_REPS` calls each, so that the best of near-equal configs — and
-what the cost model is fitted and scored against — is not the luckiest of many short measurements.
+what the cost model is fitted and scored against — is not the luckiest of many short measurements. On CUDA their
+wall time is re-measured too, the candidates side by side as the race takes it (a few hundred extra calls a shape).
 """
 
 from __future__ import annotations
@@ -37,7 +46,8 @@ import torch
 
 from dora_tune.autotune_db import EnvInfo, TrialResult, TrialRow, TuningDB, canonical_json
 from dora_tune.dispatch.registry import Impl, make_inputs, registry, train_bwd_stage
-from dora_tune.dispatch.timing import gpu_times, interleaved_times
+from dora_tune.dispatch.runtime import RACE_ROUNDS, RACE_WALL_CALLS
+from dora_tune.dispatch.timing import gpu_times, interleaved_times, wall_times
 from dora_tune.kernels.compose import DEFAULT_COMPOSE_CONFIG
 from dora_tune.kernels.compose_train import DEFAULT_COMPOSE_TRAIN_CONFIG
 
@@ -121,24 +131,46 @@ def _quantiles(xs: list[float]) -> tuple[float, float, float]:
     return statistics.median(xs), q[1], q[7]
 
 
-def trial_result(times_us: Sequence[float], peak_mem_bytes: int | None = None) -> TrialResult:
-    """An "ok" :class:`TrialResult` of timed calls (µs): their median, p20 and p80 and their count."""
+def trial_result(
+    times_us: Sequence[float], peak_mem_bytes: int | None = None, wall_us: float | None = None
+) -> TrialResult:
+    """An "ok" :class:`TrialResult` of timed calls (µs): their median, p20 and p80 and their count, with the
+    host-inclusive wall time per call when it was measured (``wall_us``)."""
     med, p20, p80 = _quantiles(list(times_us))
-    return TrialResult("ok", med, p20, p80, len(times_us), peak_mem_bytes)
+    return TrialResult("ok", med, p20, p80, len(times_us), peak_mem_bytes, wall_us=wall_us)
+
+
+#: GPU time a trial's wall-time measurement may take (µs): back-to-back calls of a long kernel show its GPU time
+#: anyway (no launch costs the host that much), so long calls get fewer of them (:func:`wall_plan`)
+WALL_BUDGET_US = 3000.0
+
+
+def wall_plan(gpu_us: float) -> tuple[int, int]:
+    """``(calls, rounds)`` of the wall-time measurement of a call taking ``gpu_us`` of GPU time: the race's
+    :data:`RACE_WALL_CALLS` × :data:`RACE_ROUNDS` while that fits :data:`WALL_BUDGET_US`, else one round of as many
+    calls as fit (at least 2)."""
+    n = int(WALL_BUDGET_US / max(gpu_us, 1.0))
+    if n >= RACE_WALL_CALLS * RACE_ROUNDS:
+        return RACE_WALL_CALLS, RACE_ROUNDS
+    return max(2, min(RACE_WALL_CALLS, n)), 1
 
 
 def measure(fn: Callable[[], Any], device: torch.device, *, warmup_ms: float, rep_ms: float) -> TrialResult:
-    """Time ``fn``: on CUDA its GPU time by :func:`gpu_times` (median, p20, p80) and the peak memory above what was
-    allocated before; on the CPU a wall-clock loop."""
+    """Time ``fn``: on CUDA its GPU time by :func:`gpu_times` (median, p20, p80), then its wall time per call with
+    the host included (:func:`wall_times`: :data:`RACE_WALL_CALLS` back-to-back calls, least of
+    :data:`RACE_ROUNDS` rounds; ``wall_us``) and the peak memory above what was allocated before; on the CPU a
+    wall-clock loop (``wall_us`` None: those times are wall time already)."""
     if device.type == "cuda":
         with torch.cuda.device(device):
             times = gpu_times(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
+            calls, rounds = wall_plan(statistics.median(times) * 1e3)
+            [wall] = wall_times([fn], device, calls=calls, rounds=rounds)
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
             fn()
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - before
-        return trial_result([ms * 1e3 for ms in times], int(peak))
+        return trial_result([ms * 1e3 for ms in times], int(peak), wall)
     fn()
     t_end = time.perf_counter() + warmup_ms / 1e3
     while time.perf_counter() < t_end:
@@ -286,9 +318,11 @@ def confirm_shape(
     each other, that leaves the fastest trial partly a matter of luck (the minimum of many noisy medians is biased
     low), and the cost model is fitted and scored against it. This re-times the candidates together —
     :func:`interleaved_times`, ``reps`` calls each, the candidates taken in turn so that drift touches them alike —
-    and replaces their rows (the peak memory measured by the sweep is kept). A trial the new times move into the top
-    is re-timed in a further pass (at most ``max_passes``). Rows are written once a pass's timing is over, so an
-    interruption loses at most that pass, never a row.
+    and replaces their rows (the peak memory measured by the sweep is kept). On CUDA the candidates' wall times
+    (host included) are re-measured with them, side by side — :func:`wall_times`, as the dispatcher's race takes
+    them — so that the rows' two figures come from one sitting; on the CPU they stay None. A trial the new times
+    move into the top is re-timed in a further pass (at most ``max_passes``). Rows are written once a pass's timing
+    is over, so an interruption loses at most that pass, never a row.
 
     Returns:
         the number of trials re-timed.
@@ -303,10 +337,14 @@ def confirm_shape(
             inputs = make_inputs(op, shape, dtype, device)
         fns = [impl.runner(inputs, t.config) for impl, t in pending]
         times = interleaved_times(fns, device, reps=reps, warmup_ms=warmup_ms)
-        for (impl, t), ts in zip(pending, times, strict=True):
-            db.record_trial(
-                env, op, impl.name, impl.version, shape, dtype, t.config, trial_result(ts, t.peak_mem_bytes)
-            )
+        walls: list[float | None] = [None] * len(fns)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                calls, rounds = wall_plan(max(statistics.median(ts) for ts in times))
+                walls = list(wall_times(fns, device, calls=calls, rounds=rounds))
+        for (impl, t), ts, wall in zip(pending, times, walls, strict=True):
+            result = trial_result(ts, t.peak_mem_bytes, wall)
+            db.record_trial(env, op, impl.name, impl.version, shape, dtype, t.config, result)
         done += len(pending)
     return done
 

@@ -26,6 +26,10 @@ def ok(us):
     return TrialResult("ok", median_us=us, p20_us=us * 0.9, p80_us=us * 1.1, reps=50, peak_mem_bytes=1 << 20)
 
 
+def timed(us, wall):
+    return dataclasses.replace(ok(us), wall_us=wall)
+
+
 def fill(db):
     for k, us in enumerate((5.0, 3.0, 4.0)):
         db.record_trial(H200, "norm", "triton", "v1", SHAPE, "bf16", {"block_m": 32 << k}, ok(us))
@@ -72,6 +76,7 @@ def test_schema_version_and_migration_on_postgres(pg_url, pg_admin_url):
     with TuningDB.open(pg_url) as db:
         fill(db)
     _pg_sql(pg_url, "DROP TABLE gpu_features")  # what a schema-2 dora-tune left on the server
+    _pg_sql(pg_url, "ALTER TABLE trials DROP COLUMN wall_us")
     _pg_sql(pg_url, "UPDATE meta SET value = '2' WHERE key = 'schema_version'")
     with TuningDB.open(pg_url, readonly=True) as ro:  # read as it is
         assert len(ro.trials()) == 6 and all(e.features is None for e in ro.environments())
@@ -83,6 +88,54 @@ def test_schema_version_and_migration_on_postgres(pg_url, pg_admin_url):
     _pg_sql(pg_url, f"UPDATE meta SET value = '{SCHEMA_VERSION + 1}' WHERE key = 'schema_version'")
     with pytest.raises(SchemaError, match="newer"):
         TuningDB.open(pg_url)
+
+
+def test_schema_3_is_served_and_migrated_to_4_on_postgres(pg_url):
+    with TuningDB.open(pg_url) as db:
+        fill(db)
+    _pg_sql(pg_url, "ALTER TABLE trials DROP COLUMN wall_us")  # what a schema-3 dora-tune left on the server
+    _pg_sql(pg_url, "UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    with TuningDB.open(pg_url, readonly=True) as ro:  # read as it is
+        assert len(ro.trials()) == 6 and all(t.wall_us is None for t in ro.trials())
+        assert {b.wall_us for b in ro.best()} == {None}
+        assert sorted((r[1], r[6]) for r in ro.fastest_per_impl("NVIDIA H200")) == [("dense", 9.0), ("triton", 3.0)]
+    assert _pg_sql(pg_url, "SELECT value FROM meta WHERE key = 'schema_version'") == [("3",)]
+    with TuningDB.open(pg_url) as db:  # migrated in place
+        assert all(t.wall_us is None for t in db.trials())
+        db.record_trial(H200, "norm", "triton", "v1", SHAPE, "bf16", {"block_m": 1024}, timed(8.0, 30.0))
+        assert {t.config["block_m"]: t.wall_us for t in db.trials(gpu="h200", impl="triton", status="ok")} == {
+            32: None,
+            64: None,
+            128: None,
+            1024: 30.0,
+        }
+    assert _pg_sql(pg_url, "SELECT value FROM meta WHERE key = 'schema_version'") == [("4",)]
+    [(data_type, nullable)] = _pg_sql(
+        pg_url,
+        "SELECT data_type, is_nullable FROM information_schema.columns "
+        "WHERE table_name = 'trials' AND column_name = 'wall_us'",
+    )
+    assert (data_type, nullable) == ("double precision", "YES")  # as create_all makes it on a fresh server
+
+
+def test_wall_time_round_trips_between_postgres_and_sqlite(pg_url, tmp_path):
+    cfg = {"block_m": 64}
+    with TuningDB.open(pg_url) as db:
+        db.record_trial(H200, "norm", "triton", "v1", SHAPE, "bf16", cfg, timed(3.0, 12.0))
+        db.record_trial(H200, "norm", "dense", "v1", SHAPE, "bf16", {}, ok(9.0))
+        db.record_trial(H200, "norm", "triton", "v1", SHAPE, "bf16", cfg, timed(2.5, 11.0))  # overwrite
+        assert {t.impl: t.wall_us for t in db.trials()} == {"triton": 11.0, "dense": None}
+        db.export(str(tmp_path / "export.sqlite"))
+    with TuningDB.open(str(tmp_path / "export.sqlite"), readonly=True) as lite:
+        assert {t.impl: t.wall_us for t in lite.trials()} == {"triton": 11.0, "dense": None}
+    with TuningDB.open(str(tmp_path / "local.sqlite")) as local:
+        assert local.merge(pg_url).trials_added == 2  # PostgreSQL → SQLite
+        assert {t.impl: t.wall_us for t in local.trials()} == {"triton": 11.0, "dense": None}
+        local.record_trial(H200, "norm", "triton", "v1", SHAPE, "bf16", cfg, timed(2.0, 40.0))  # re-timed here
+    with TuningDB.open(pg_url) as db:
+        st = db.merge(str(tmp_path / "local.sqlite"))  # SQLite → PostgreSQL: the newer trial replaces
+        assert (st.trials_added, st.trials_updated, st.trials_skipped) == (0, 1, 1)
+        assert {t.impl: (t.median_us, t.wall_us) for t in db.trials()} == {"triton": (2.0, 40.0), "dense": (9.0, None)}
 
 
 def test_profile_cli_on_postgres(pg_url, tmp_path):

@@ -426,6 +426,99 @@ def test_merge_missing_or_foreign_file(db: TuningDB, tmp_path: Path) -> None:
         db.merge(str(foreign))
 
 
+# ------------------------------------------------------------------------------------ wall time (schema 4)
+
+
+def timed(us: float, wall: float | None) -> TrialResult:
+    """An "ok" result of ``us`` microseconds of GPU time and ``wall`` of wall time (host included)."""
+    return dataclasses.replace(ok(us), wall_us=wall)
+
+
+def _make_v3(path: Path) -> None:
+    """A schema-3 file as the previous dora-tune wrote it: no trials.wall_us column, schema_version 3."""
+    with TuningDB.open(str(path)) as d:
+        d.record_trial(H200_F, "norm", "triton", "1", SHAPE, "bfloat16", {"BLOCK": 64}, ok(3.0))
+        d.record_trial(H200_F, "norm", "eager", "1", SHAPE, "bfloat16", {}, ok(5.0))
+        d.save_model(H200, "norm", "bf16", "knn", PAYLOAD, {"top1": 1.0})
+    sql(path, "ALTER TABLE trials DROP COLUMN wall_us")
+    sql(path, "UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+
+
+def test_schema_3_is_served_read_only_and_migrated_to_4(tmp_path: Path) -> None:
+    """A schema-3 file keeps working: read-only as it is (every read, export and merge; no wall times), writable
+    migrated in place (the old trials without wall time, the column as a fresh file has it)."""
+    assert SCHEMA_VERSION == 4
+    fresh = tmp_path / "fresh.sqlite"
+    TuningDB.open(str(fresh)).close()
+    old = tmp_path / "old.sqlite"
+    _make_v3(old)
+    with TuningDB.open(str(old), readonly=True) as ro:
+        rows = ro.trials()
+        assert len(rows) == 2 and all(t.wall_us is None for t in rows)
+        [best] = ro.best(gpu="h200")
+        assert (best.impl, best.median_us, best.wall_us) == ("triton", 3.0, None)
+        assert sorted((r[1], r[6]) for r in ro.fastest_per_impl("NVIDIA H200")) == [("eager", 5.0), ("triton", 3.0)]
+        assert [e.features for e in ro.environments()] == [FEATS] and len(ro.models()) == 1
+        assert ro.export(str(tmp_path / "exported.sqlite")) == 2
+        with TuningDB.open(str(tmp_path / "merged.sqlite")) as m:
+            assert m.merge(str(old)) == MergeStats(1, 2, 0, 0, 1, 0, 0)
+            assert [t.wall_us for t in m.trials()] == [None, None]
+    assert sql(old, "SELECT value FROM meta WHERE key = 'schema_version'") == [("3",)]
+    assert "wall_us" not in {c[1] for c in sql(old, "PRAGMA table_info(trials)")}
+    with TuningDB.open(str(tmp_path / "exported.sqlite"), readonly=True) as out:  # written at schema 4
+        assert [t.wall_us for t in out.trials()] == [None, None] and len(out.models()) == 1
+    assert sql(tmp_path / "exported.sqlite", "SELECT value FROM meta WHERE key = 'schema_version'") == [("4",)]
+    with TuningDB.open(str(old)) as d:
+        assert [t.wall_us for t in d.trials()] == [None, None]  # measured before: unknown, not invented
+        d.record_trial(H200, "norm", "triton", "1", SHAPE, "bfloat16", {"BLOCK": 32}, timed(4.0, 9.5))
+        assert {canonical_json(t.config): t.wall_us for t in d.trials(impl="triton")} == {
+            '{"BLOCK":64}': None,
+            '{"BLOCK":32}': 9.5,
+        }
+    assert sql(old, "SELECT value FROM meta WHERE key = 'schema_version'") == [("4",)]
+    assert _columns(old, "trials") == _columns(fresh, "trials")
+    assert sql(old, "SELECT COUNT(*) FROM trials") == [(3,)]
+
+
+def test_wall_time_is_recorded_overwritten_exported_and_merged(tmp_path: Path, db: TuningDB) -> None:
+    cfg = {"BLOCK": 64}
+    db.record_trial(H200, "norm", "triton", "1", SHAPE, "bfloat16", cfg, timed(3.0, 12.0))
+    db.record_trial(H200, "norm", "eager", "1", SHAPE, "bfloat16", {}, ok(5.0))  # not measured: NULL
+    db.record_trial(H200, "norm", "triton", "1", SHAPE, "bfloat16", {"BLOCK": 8}, TrialResult("oom", error="OOM"))
+    got = {(t.impl, t.status): t.wall_us for t in db.trials()}
+    assert got == {("triton", "ok"): 12.0, ("eager", "ok"): None, ("triton", "oom"): None}
+    [best] = db.best()
+    assert (best.median_us, best.wall_us) == (3.0, 12.0)
+    # re-timed: the wall time is replaced like the GPU times, and a re-timing without one leaves none
+    db.record_trial(H200, "norm", "triton", "1", SHAPE, "bfloat16", cfg, timed(2.5, 11.0), overwrite=False)
+    assert db.trials(impl="triton", status="ok")[0].wall_us == 12.0
+    db.record_trial(H200, "norm", "triton", "1", SHAPE, "bfloat16", cfg, timed(2.5, 11.0))
+    [row] = db.trials(impl="triton", status="ok")
+    assert (row.median_us, row.wall_us) == (2.5, 11.0)
+    db.record_trial(H200, "norm", "eager", "1", SHAPE, "bfloat16", {}, timed(5.0, 6.0))
+    db.record_trial(H200, "norm", "eager", "1", SHAPE, "bfloat16", {}, ok(5.5))
+    assert db.trials(impl="eager")[0].wall_us is None
+    db.record_trial(H200, "norm", "eager", "1", SHAPE, "bfloat16", {}, timed(5.0, 6.0))
+    # export, and merge both ways: the newest row of each key wins, wall time included
+    db.export(str(tmp_path / "old.sqlite"))
+    with TuningDB.open(str(tmp_path / "old.sqlite"), readonly=True) as out:
+        assert {(t.impl, t.status): t.wall_us for t in out.trials()} == {
+            ("triton", "ok"): 11.0,
+            ("eager", "ok"): 6.0,
+            ("triton", "oom"): None,
+        }
+    db.record_trial(H200, "norm", "triton", "1", SHAPE, "bfloat16", cfg, timed(2.0, 20.0))
+    with TuningDB.open(str(tmp_path / "fresh.sqlite")) as fresh:
+        assert fresh.merge(db.location) == MergeStats(1, 3, 0, 0)
+        assert fresh.trials(impl="triton", status="ok")[0].wall_us == 20.0
+    with TuningDB.open(str(tmp_path / "old.sqlite")) as old:  # older copy takes the newer measurement
+        assert old.merge(db.location) == MergeStats(0, 0, 1, 2)
+        [row] = old.trials(impl="triton", status="ok")
+        assert (row.median_us, row.wall_us) == (2.0, 20.0)
+    assert db.merge(str(tmp_path / "old.sqlite")) == MergeStats(0, 0, 0, 3)  # nothing newer there
+    assert db.trials(impl="triton", status="ok")[0].wall_us == 20.0
+
+
 # --------------------------------------------------------------------------------------------- fitted models
 
 PAYLOAD = {"op": "norm", "cells": [0, 1], "choices": [["triton", {"BLOCK": 64}], ["eager", {}]]}
@@ -449,6 +542,7 @@ def _make_v1(path: Path) -> None:
         d.record_trial(H200, "norm", "triton", "1", SHAPE, "bfloat16", {"BLOCK": 64}, ok(3.0))
     sql(path, "DROP TABLE fitted_models")
     sql(path, "DROP TABLE gpu_features")
+    sql(path, "ALTER TABLE trials DROP COLUMN wall_us")
     sql(path, "UPDATE meta SET value = '1' WHERE key = 'schema_version'")
 
 
@@ -458,13 +552,13 @@ def _make_v2(path: Path) -> None:
         d.record_trial(H200_F, "norm", "triton", "1", SHAPE, "bfloat16", {"BLOCK": 64}, ok(3.0))
         d.save_model(H200, "norm", "bf16", "knn", PAYLOAD, {"top1": 1.0})
     sql(path, "DROP TABLE gpu_features")
+    sql(path, "ALTER TABLE trials DROP COLUMN wall_us")
     sql(path, "UPDATE meta SET value = '2' WHERE key = 'schema_version'")
 
 
 def test_schema_2_is_migrated_to_3(tmp_path: Path) -> None:
     """An old file keeps working: read-only as it is (no features), writable migrated in place (the old
     environment without features, a new one with them; the table as a fresh file has it)."""
-    assert SCHEMA_VERSION == 3
     fresh = tmp_path / "fresh.sqlite"
     TuningDB.open(str(fresh)).close()
     old = tmp_path / "old.sqlite"
@@ -482,7 +576,7 @@ def test_schema_2_is_migrated_to_3(tmp_path: Path) -> None:
         d.record_trial(H200_F, "norm", "triton", "1", SHAPE, "bfloat16", {"BLOCK": 32}, ok(4.0))
         assert [e.features for e in d.environments()] == [FEATS]  # the same environment gets them now
         d.record_trial(RTX, "norm", "triton", "1", SHAPE, "bfloat16", {"BLOCK": 32}, ok(4.0))
-    assert sql(old, "SELECT value FROM meta WHERE key = 'schema_version'") == [("3",)]
+    assert sql(old, "SELECT value FROM meta WHERE key = 'schema_version'") == [(str(SCHEMA_VERSION),)]
     assert _columns(old, "gpu_features") == _columns(fresh, "gpu_features")
 
 
@@ -622,6 +716,11 @@ def test_trial_result_validation() -> None:
         TrialResult("ok", median_us=1.0, reps=-1)
     assert TrialResult("failed", error="boom").median_us is None
     assert TrialResult("ok", median_us=3).median_us == 3.0
+    assert TrialResult("ok", median_us=3).wall_us is None
+    assert TrialResult("ok", median_us=3, wall_us=7).wall_us == 7.0
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="wall_us"):
+            TrialResult("ok", median_us=1.0, wall_us=bad)
     with pytest.raises(ValueError, match="kind"):
         EnvInfo("rocm", "x", "", 0, 0, "", "", "", "", "")
 

@@ -1,5 +1,6 @@
 """The profiler's confirmation stage: each shape's fastest trials are re-timed together with more calls."""
 
+import contextlib
 import dataclasses
 import re
 import time
@@ -12,7 +13,8 @@ from dora_tune.autotune_db import TrialResult, TuningDB
 from dora_tune.cli import cli
 from dora_tune.dispatch import profiler, timing
 from dora_tune.dispatch.env import environment
-from dora_tune.dispatch.registry import registry
+from dora_tune.dispatch.registry import make_inputs, registry
+from dora_tune.dispatch.runtime import RACE_ROUNDS, RACE_WALL_CALLS
 
 CPU = torch.device("cpu")
 SHAPE = {"d_out": 48, "d_in": 64, "r": 4}
@@ -56,9 +58,43 @@ def test_confirm_retimes_only_the_fastest_and_keeps_their_peak_memory(tmp_path):
         assert n == 1
         f = rows["factored_torch"]
         assert f.reps == 20 and f.median_us > 1 and f.p20_us <= f.median_us <= f.p80_us and f.peak_mem_bytes == 4321
+        assert f.wall_us is None  # on the CPU the times are wall time already
         assert rows["dense"].reps == 3 and rows["dense"].median_us == 1e6  # not among the fastest: untouched
         # everything confirmed: a second call re-times nothing
         assert profiler.confirm_shape(db, env, CPU, "norm", "bf16", SHAPE, top=1, reps=20, warmup_ms=0) == 0
+
+
+def test_confirm_on_cuda_remeasures_the_wall_time_of_the_candidates(tmp_path, monkeypatch):
+    """The CUDA branch of the confirmation stage, with the timers and the device faked: the candidates' wall times
+    are taken together (the race's call and round counts) and stored with their new GPU times."""
+    cuda = torch.device("cuda")
+    env = environment(CPU)
+    seen = {}
+
+    def fake_interleaved(fns, device, *, reps, warmup_ms):
+        return [[10.0 + i] * reps for i in range(len(fns))]
+
+    def fake_wall_times(fns, device, *, calls, rounds):
+        seen.update(n=len(fns), calls=calls, rounds=rounds)
+        return [40.0 + i for i in range(len(fns))]
+
+    monkeypatch.setattr(profiler, "interleaved_times", fake_interleaved)
+    monkeypatch.setattr(profiler, "wall_times", fake_wall_times)
+    monkeypatch.setattr(profiler, "make_inputs", lambda op, shape, dtype, device: make_inputs(op, shape, dtype, CPU))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    with TuningDB.open(str(tmp_path / "t.sqlite")) as db:
+        fake(db, env, "dense", 2.0, peak=1234)
+        fake(db, env, "factored_torch", 1.0, peak=4321)
+        assert all(i.runs_on(cuda) for i in (impl("dense"), impl("factored_torch")))
+        both = ("dense", "factored_torch")
+        n = profiler.confirm_shape(db, env, cuda, "norm", "bf16", SHAPE, impls=both, top=2, reps=20, warmup_ms=0)
+        assert n == 2
+        rows = stored(db)
+    assert seen == {"n": 2, "calls": RACE_WALL_CALLS, "rounds": RACE_ROUNDS}
+    assert {n: (t.median_us, t.wall_us, t.reps, t.peak_mem_bytes) for n, t in rows.items()} == {
+        "factored_torch": (10.0, 40.0, 20, 4321),
+        "dense": (11.0, 41.0, 20, 1234),
+    }
 
 
 def test_a_trial_the_new_times_move_into_the_top_is_retimed_too(tmp_path):
