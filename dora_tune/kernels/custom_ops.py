@@ -8,8 +8,9 @@ compiled model holds each op as one opaque node with a fake (meta) implementatio
 - ``dora_tune::factored_norm(weight, lora_A, lora_B, scale, impl, config) -> norm``  (float32 ``[d_out]``, no grad)
 - ``dora_tune::cached_norm(weight, lora_A, lora_B, scale) -> norm``: the same norm (``"auto"``), computed only when
   W, A or B changed since the last call (version counters, storages; the dispatcher's ``SharedNormCache``), so a
-  compiled training step runs the norm once per optimizer step as eager ``DoRALinear`` and ``enable()`` do (under
-  CUDA-graph capture, ``mode="reduce-overhead"``, it records the computation itself: replays recompute the norm)
+  compiled training step runs the norm once per optimizer step as eager ``DoRALinear`` and ``enable()`` do. Tagged
+  ``cudagraph_unsafe``: under ``mode="reduce-overhead"`` Inductor runs it between the CUDA-graph partitions (with
+  ``graph_partition`` off, the graph holding it is not captured); captured by hand, it records the computation
 - ``dora_tune::compose(lora, base, g, scale, impl, config) -> out``                   (no grad)
 - ``dora_tune::compose_train_fwd(lora, base, g, scale, write_inner, impl, config) -> (out, inner)``
 - ``dora_tune::compose_train_bwd(dout, inner, g, scale, need_dlora, need_dbase, need_dg, impl, config)
@@ -96,8 +97,8 @@ def _cached_norm_impl(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.
     from dora_tune.kernels.norm import factored_norm
 
     if weight.is_cuda and torch.cuda.is_current_stream_capturing():
-        # a CUDA graph replays what it recorded without calling back into Python: record the computation itself
-        # (a replay after an optimizer step must see the new weights), never a copy of a remembered norm
+        # captured all the same (a graph captured by hand): a replay does not call back into Python, so record the
+        # computation itself (a replay after an optimizer step must see the new weights), never a remembered norm
         return factored_norm(weight, lora_A, lora_B, scale)
     from dora_tune.dispatch.runtime import default_dispatcher
 
@@ -228,7 +229,11 @@ def _register() -> None:
             return weight.new_empty((weight.shape[0],), dtype=torch.float32)
 
     if not _op_exists("cached_norm"):
-        op = lib.custom_op(f"{NAMESPACE}::cached_norm", _cached_norm_impl, mutates_args=())
+        # stateful: kept out of CUDA graphs (Inductor runs it between the captured partitions), so that a replay never
+        # misses a weight change and no remembered norm lives in a CUDA-graph memory pool
+        unsafe = getattr(torch.Tag, "cudagraph_unsafe", None)
+        tags = () if unsafe is None else (unsafe,)
+        op = lib.custom_op(f"{NAMESPACE}::cached_norm", _cached_norm_impl, mutates_args=(), tags=tags)
 
         @op.register_fake
         def _(weight, lora_A, lora_B, scale):

@@ -211,3 +211,15 @@ def test_norm_op_plans_like_the_eager_call(triton_device, monkeypatch):
     got = co.factored_norm_op(W, A, B, 0.5, "auto", None)
     assert seen == []  # the memoised fp32 plan was used, no other key was resolved
     assert relerr(got, norm_reference(W, A, B, 0.5)) <= 1e-5
+
+
+def test_cached_norm_op_is_kept_out_of_cuda_graphs():
+    """The stateful norm op carries the cudagraph_unsafe tag (Inductor runs it between captured partitions), so a
+    CUDA-graph replay never reuses a stale norm and no cached norm is allocated in a graph's memory pool."""
+    if not hasattr(torch.Tag, "cudagraph_unsafe"):
+        pytest.skip("this torch has no cudagraph_unsafe tag")
+    from dora_tune.kernels.custom_ops import ensure_registered
+
+    ensure_registered()
+    assert torch.Tag.cudagraph_unsafe in torch.ops.dora_tune.cached_norm.default.tags
+    assert torch.Tag.cudagraph_unsafe not in torch.ops.dora_tune.factored_norm.default.tags
