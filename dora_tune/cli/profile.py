@@ -79,7 +79,9 @@ def profile(
 
     --quick times only the configs the dispatcher would consider on this GPU (the shortlists of the decision tables
     it has, or transfers from a profiled GPU of the same architecture, plus each default config; the whole space
-    where no table serves the GPU), then fits the cost model for this GPU on what was measured.
+    where no table serves the GPU) and confirms each shape's 2 fastest; then it refits this GPU's cost model where
+    that model has more than shortlists to learn from (this GPU's own tables existed, or the whole space was
+    timed). Measured shapes are then served from their trials, the rest by the tables.
     """
     from dora_tune.dispatch.env import environment, resolve_device
     from dora_tune.dispatch.profiler import profile as run_profile
@@ -106,6 +108,7 @@ def profile(
     fitted = None
     with open_db(db_location) as db:
         click.echo(f"database: {db.location}")
+        own_tables = quick and not cpu and bool(db.models(gpu=env.gpu_name))
         if confirm_only and not given:
             from dora_tune.dispatch.profiler import measured_shapes
 
@@ -130,7 +133,8 @@ def profile(
             confirm_only=confirm_only,
             quick=quick and not cpu,
         )
-        fitted = _refit(db, env.gpu_name) if quick and not cpu and not summary.interrupted else None
+        if quick and not cpu and not summary.interrupted:
+            fitted = _after_quick(db, env.gpu_name, own_tables=own_tables, narrowed=summary.narrowed)
     if summary.warm_launches or summary.warm_error:
         click.echo(f"compiled ahead: {summary.warm_launches} launches in {summary.warm_seconds:.0f} s"
                    + (f" (warming failed: {summary.warm_error})" if summary.warm_error else ""))  # fmt: skip
@@ -151,6 +155,19 @@ def profile(
     if summary.interrupted:
         click.echo("interrupted: every trial measured so far is kept; run the same command again to resume.")
         raise SystemExit(130)
+
+
+_NO_REFIT = (
+    "no refit: this GPU's trials are shortlists of decision tables transferred from another GPU, and a model fitted "
+    "on shortlists alone plans unseen shapes worse than the tables it came from (on an H100, norm regret 1.22 "
+    "against the transfer's 1.006; benchmarks/NOTES.md). The dispatcher keeps the transferred tables and serves "
+    "the measured shapes from these trials; a full `dora-tune profile` and `dora-tune fit` give this GPU its own."
+)
+
+
+def _after_quick(db: object, gpu_name: str, *, own_tables: bool, narrowed: bool) -> str:
+    """Refit this GPU's cost model after a quick run where it learns from more than transferred shortlists."""
+    return _refit(db, gpu_name) if own_tables or not narrowed else _NO_REFIT
 
 
 def _refit(db: object, gpu_name: str) -> str:

@@ -76,17 +76,22 @@ class ProfileSummary:
     confirmed: int = 0
     confirm_failed: int = 0
     confirm_error: str | None = None  # the first failure's text
+    narrowed: bool = False  # a quick run timed decision tables' shortlists (not the whole space) somewhere
 
+
+#: a quick run re-times only each shape's 2 fastest trials (its shortlists hold 2–4 configs; re-timing every one
+#: was most of the 202 s the default set took on an H100)
+QUICK_CONFIRM_TOP = 2
 
 ConfigChooser = Callable[[str, Impl, str, dict[str, int]], list[str] | None]
 """``f(op, impl, dtype, shape)`` → the canonical JSON configs to time, or None for the whole space."""
 
 
-def quick_configs(gpu_name: str, db_location: str | None) -> ConfigChooser:
+def quick_configs(gpu_name: str, db_location: str | None, summary: ProfileSummary | None = None) -> ConfigChooser:
     """The config chooser of a quick run on ``gpu_name``: ``f(op, impl, dtype, shape)`` → canonical JSON of the
     configs to time (the plan's config, its race shortlist and the default config of ``impl``), or None (time the
     whole space: a torch implementation, or no decision table serves this GPU). Plans as the dispatcher would with
-    the database at ``db_location`` and the shipped caches."""
+    the database at ``db_location`` and the shipped caches. Each shortlist it names sets ``summary.narrowed``."""
     from dora_tune.dispatch.runtime import Dispatcher
     from dora_tune.kernels import DEFAULT_NORM_CONFIG
 
@@ -108,6 +113,8 @@ def quick_configs(gpu_name: str, db_location: str | None) -> ConfigChooser:
         out: dict[str, None] = {}
         for cfg in picked:
             out.setdefault(canonical_json(cfg.as_dict()))
+        if summary is not None:
+            summary.narrowed = True
         return list(out)
 
     return choose
@@ -433,7 +440,10 @@ def profile(
     summary = ProfileSummary(env)
     tasks, todo = [], 0
     if not confirm_only:
-        chooser = quick_configs(env.gpu_name, db.location) if quick and device.type == "cuda" else None
+        chooser = None
+        if quick and device.type == "cuda":
+            chooser = quick_configs(env.gpu_name, db.location, summary)
+            confirm_top = min(confirm_top, QUICK_CONFIRM_TOP)
         tasks, todo, summary.skipped = plan(db, env, device, shapes, dtypes=dtypes, impls=impls, quick=chooser)
     if tasks and jobs > 0 and device.type == "cuda":
         from dora_tune.dispatch.warm import warm_compile

@@ -213,3 +213,20 @@ def test_refit_after_a_quick_run_reports_each_table(tmp_path):
         assert "nothing to fit" in _refit(db, "NVIDIA A100")
     assert text.startswith("refit for NVIDIA H200: 1 decision table(s) stored")
     assert "compose_train bf16:" in text and "CV regret" in text and "the crossover's" in text
+
+
+def test_no_refit_on_transferred_shortlists_alone(tmp_path):
+    """After a quick run that timed only transferred tables' shortlists, no table of this GPU is fitted (the
+    transferred tables keep serving it); with this GPU's own tables, or the whole space timed, it refits."""
+    from dora_tune.cli.profile import _NO_REFIT, _after_quick
+
+    from conftest import fill_known_crossover
+
+    path = str(tmp_path / "k.sqlite")
+    with TuningDB.open(path) as db:
+        fill_known_crossover(db)
+        assert _after_quick(db, "NVIDIA H200", own_tables=False, narrowed=True) == _NO_REFIT
+        assert db.models(gpu="h200") == []
+        assert _after_quick(db, "NVIDIA H200", own_tables=False, narrowed=False).startswith("refit for")
+        assert len(db.models(gpu="h200")) == 1
+        assert _after_quick(db, "NVIDIA H200", own_tables=True, narrowed=True).startswith("refit for")

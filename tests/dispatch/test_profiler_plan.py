@@ -89,8 +89,11 @@ def test_quick_plan_times_the_transferred_shortlists_and_the_defaults(tmp_path):
     defaults = {"norm": DEFAULT_NORM_CONFIG, "compose": DEFAULT_COMPOSE_CONFIG}
     defaults["compose_train"] = DEFAULT_COMPOSE_TRAIN_CONFIG
     with TuningDB.open(path) as db:
-        chooser = profiler.quick_configs(H100.gpu_name, path)
+        summary = profiler.ProfileSummary(H100)
+        chooser = profiler.quick_configs(H100.gpu_name, path, summary)
+        assert not summary.narrowed
         quick, q_todo, _ = profiler.plan(db, H100, torch.device("cuda"), QUICK_SHAPES, dtypes=("bf16",), quick=chooser)
+        assert summary.narrowed  # shortlists of the transferred tables: no refit on them alone
         full, f_todo, _ = profiler.plan(db, H100, torch.device("cuda"), QUICK_SHAPES, dtypes=("bf16",))
     for t in quick:
         if t.impl.name != "triton":
@@ -107,8 +110,10 @@ def test_quick_plan_sweeps_in_full_where_no_table_serves_the_gpu(tmp_path):
     path = str(tmp_path / "t.sqlite")
     unknown = EnvInfo("cuda", "Future GPU", "", 100, 2**36, "", "", "", "", "")
     with TuningDB.open(path) as db:
-        chooser = profiler.quick_configs(unknown.gpu_name, path)
+        summary = profiler.ProfileSummary(unknown)
+        chooser = profiler.quick_configs(unknown.gpu_name, path, summary)
         assert chooser("norm", impl("norm", "triton"), "bf16", QUICK_SHAPES["norm"][0]) is None
+        assert not summary.narrowed
         quick, q_todo, _ = profiler.plan(
             db, unknown, torch.device("cuda"), QUICK_SHAPES, dtypes=("bf16",), quick=chooser
         )
