@@ -442,18 +442,23 @@ def _one_call_route(self: nn.Module, x: Any) -> tuple | None:
     if len(active) != 1:
         return None
     name = active[0]
-    mags = self.lora_magnitude_vector
-    if name not in mags or name not in self.lora_A or not self.use_dora.get(name, False):
+    mods = self._modules  # the adapters' ModuleDicts, read without nn.Module.__getattr__'s slow path
+    mags, lora_As, lora_Bs, dropouts = (
+        mods.get(k) for k in ("lora_magnitude_vector", "lora_A", "lora_B", "lora_dropout")
+    )
+    if mags is None or lora_As is None or lora_Bs is None or dropouts is None:
+        return None
+    if name not in mags or name not in lora_As or not self.use_dora.get(name, False):
         return None
     dora = mags[name]
     if type(dora) is not DoraLinearLayer or not (_STATE["global"] or dora.__dict__.get(_FLAG, False)):
         return None
     if getattr(dora, "_kwargs", None):  # PEFT < 0.13 initialises the magnitude in the DoRA layer's first forward
         return None
-    if self.training and (not isinstance(self.lora_dropout[name], nn.Identity) or _DROPOUT in dora.__dict__):
+    if self.training and (not isinstance(dropouts[name], nn.Identity) or _DROPOUT in dora.__dict__):
         return None
     base_layer = self.get_base_layer()
-    lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+    lora_A, lora_B = lora_As[name], lora_Bs[name]
     if _hooked(base_layer):
         return None
     W, A = getattr(base_layer, "weight", None), getattr(lora_A, "weight", None)

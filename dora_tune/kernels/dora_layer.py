@@ -137,11 +137,11 @@ def _scale_terms(n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     memo = getattr(n, "_dora_tune_terms", None)
     if memo is not None and version is not None and memo[0] == version:
         return memo[1], memo[2]
-    with torch.no_grad():
+    with torch.no_grad():  # four ops (a norm is ≥ 0; 0, -0.0 and NaN get inv = 0, c = 1)
         nf = n.float()
         ok = nf > 0
-        inv = torch.where(ok, 1.0 / torch.where(ok, nf, 1.0), 0.0)
-        c = (~ok).float()
+        inv = torch.where(ok, nf.reciprocal(), 0.0)
+        c = torch.where(ok, 0.0, 1.0)
     if version is not None:
         n._dora_tune_terms = (version, inv, c)
     return inv, c

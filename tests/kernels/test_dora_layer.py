@@ -143,3 +143,19 @@ def test_scale_terms_are_computed_once_per_norm_and_follow_in_place_changes(monk
         n.mul_(2)  # an in-place change: recomputed, and the result follows it
     again = dora_layer(x, W, A, B, m, n, s, impl="eager")
     assert len(calls) > n_first and relerr(again, dora_layer_reference(x, W, A, B, m, n, s)) <= 2e-5
+
+
+def test_scale_terms_give_dora_scale_including_zero_and_non_finite_norms():
+    """g = c + m·inv is dora_scale's g = m / n with g = 1 where n is not > 0 (0, -0.0, NaN) and 0 at n = inf."""
+    from dora_tune.kernels import dora_scale
+    from dora_tune.kernels.dora_layer import _scale_terms
+
+    n = torch.tensor([0.0, -0.0, float("nan"), float("inf"), 1e-30, 3.0, 7.123456, 1e30])
+    m = torch.linspace(0.5, 2.0, n.numel())
+    inv, c = _scale_terms(n.clone())
+    assert inv.dtype == c.dtype == torch.float32
+    assert torch.equal(c, torch.tensor([1.0, 1.0, 1.0, 0, 0, 0, 0, 0]))
+    assert torch.equal(inv[:4], torch.zeros(4)) and torch.equal(inv[4:], 1.0 / n[4:])
+    g = c + m * inv
+    assert torch.allclose(g[:2], torch.ones(2)) and g[3] == 0
+    assert torch.allclose(g[4:], dora_scale(m[4:], n[4:]), rtol=1e-6, atol=0)
