@@ -17,10 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dora_tune.dispatch.runtime import auto
 from dora_tune.kernels import dora_scale, factored_norm
 from dora_tune.kernels._common import SUPPORTED_DTYPES
 from dora_tune.kernels.custom_ops import cached_norm_op
 from dora_tune.kernels.dora_layer import dora_layer_unchecked
+from dora_tune.kernels.norm import run_norm
 
 _INITS = (True, False, "gaussian")
 DROPOUT_MODES = ("peft", "lora_only")
@@ -227,42 +229,68 @@ class NormCache:
     under ``torch.inference_mode`` is reused only inside inference mode. The norm is detached, so between optimizer
     steps it is a constant: reusing it is exact (bitwise the recomputation: the kernels are deterministic)."""
 
-    __slots__ = ("_inference", "_key", "_norm")
+    __slots__ = ("_inference", "_key", "_norm", "_plan")
 
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._norm: torch.Tensor | None = None
         self._inference = False
+        # (dims, compute dtype, device, the dispatcher's plan) of the last full computation: recomputing for the
+        # same tensors (new values, same shapes and dtypes) runs that plan without re-checking or re-planning
+        self._plan: tuple | None = None
 
     def clear(self) -> None:
         """Forget the cached norm."""
-        self._key = self._norm = None
+        self._key = self._norm = self._plan = None
 
     def __call__(self, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
         """The float32 ``[d_out]`` norm, computed (``impl="auto"``) only when the tensors changed."""
         key = self._key
-        # a norm computed under inference_mode cannot take part in autograd later: reuse it only there
-        if key is not None and key[0] == scale and (not self._inference or torch.is_inference_mode_enabled()):
+        same = False  # the same tensors (storage, dtype) as the cached norm's, maybe with new values
+        if key is not None and key[0] == scale:
             _, (rw, pw, vw, dw), (ra, pa, va, da), (rb, pb, vb, db) = key
-            if (
+            same = (
                 rw() is W
-                and W._version == vw
                 and ra() is A
-                and A._version == va
                 and rb() is B
-                and B._version == vb
                 and W.data_ptr() == pw
                 and A.data_ptr() == pa
                 and B.data_ptr() == pb
                 and W.dtype is dw
                 and A.dtype is da
                 and B.dtype is db
+            )
+            # a norm computed under inference_mode cannot take part in autograd later: reuse it only there
+            if (
+                same
+                and W._version == vw
+                and A._version == va
+                and B._version == vb
+                and (not self._inference or torch.is_inference_mode_enabled())
             ):
                 return self._norm
-        norm = factored_norm(W, A, B, scale)
+        norm = self._recompute(W, A, B, scale) if same else None
+        if norm is None:
+            norm = factored_norm(W, A, B, scale)
+            dims, compute = (W.shape[0], W.shape[1], A.shape[0]), torch.promote_types(W.dtype, A.dtype)
+            self._plan = (dims, compute, W.device, auto("norm", dims, compute, W.device))
         self._key = (scale, *((weakref.ref(t), t.data_ptr(), t._version, t.dtype) for t in (W, A, B)))
         self._norm, self._inference = norm, norm.is_inference()
         return norm
+
+    def _recompute(self, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor | None:
+        """The norm of the cached tensors' new values by the plan of their last full computation, while the
+        dispatcher still plans the same (a ``force()`` block or a re-plan changes it); None: take the full path."""
+        prepared = self._plan
+        if prepared is None or W.shape[0] != prepared[0][0] or W.shape[1] != prepared[0][1]:
+            return None
+        dims, compute, device, plan = prepared
+        if A.shape[0] != dims[2] or auto("norm", dims, compute, device) is not plan:
+            return None
+        try:
+            return run_norm(W, A, B, scale, plan.impl, plan.config)
+        except Exception:  # whatever it was, the full path deals with it (re-plans, or raises its clear error)
+            return None
 
     def __getstate__(self) -> dict:
         return {}

@@ -209,6 +209,28 @@ class SharedNormCache:
         return norm
 
 
+def run_norm(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    impl: str,
+    config: NormConfig | None,
+) -> torch.Tensor:
+    """The computation of :func:`factored_norm` for inputs it validated and an implementation it resolved —
+    ``"dense"``, ``"factored_torch"`` or ``"triton"`` (Triton available; ``config`` None: the default) — with
+    nothing checked or planned: the hot path of a norm recomputed for the same tensors after an optimizer step
+    (:class:`~dora_tune.dispatch.layer.NormCache`). float32 ``[d_out]``, no gradient."""
+    with torch.no_grad():
+        if impl == "dense":
+            return norm_reference(weight, lora_A, lora_B, scale, dtype=torch.float32)
+        if impl == "factored_torch" or lora_A.shape[0] == 0 or weight.shape[1] == 0:  # no tensor-core work
+            return norm_factored_torch(weight, lora_A, lora_B, scale)
+        from dora_tune.kernels._norm_triton import factored_norm_triton
+
+        return factored_norm_triton(weight, lora_A, lora_B, scale, config or DEFAULT_NORM_CONFIG)
+
+
 def factored_norm(
     weight: torch.Tensor,
     lora_A: torch.Tensor,
@@ -252,28 +274,21 @@ def factored_norm(
             config = chosen.config
         else:  # the caller's own config: its launch errors are the caller's to see
             chosen = None
-    with torch.no_grad():
-        if impl == "dense":
-            return norm_reference(weight, lora_A, lora_B, s, dtype=torch.float32)
-        if impl == "factored_torch":
-            return norm_factored_torch(weight, lora_A, lora_B, s)
-        if impl == "triton":
-            require_triton(weight.device)
-            if config is not None and not isinstance(config, NormConfig):
-                raise TypeError(f"config must be a NormConfig, got {type(config).__name__}")
-            if lora_A.shape[0] == 0 or weight.shape[1] == 0:  # nothing for the tensor cores to do
-                return norm_factored_torch(weight, lora_A, lora_B, s)
-            from dora_tune.kernels._norm_triton import factored_norm_triton
+    if impl in ("dense", "factored_torch"):
+        return run_norm(weight, lora_A, lora_B, s, impl, None)
+    if impl == "triton":
+        require_triton(weight.device)
+        if config is not None and not isinstance(config, NormConfig):
+            raise TypeError(f"config must be a NormConfig, got {type(config).__name__}")
+        try:
+            return run_norm(weight, lora_A, lora_B, s, impl, config)
+        except Exception as e:  # a planned config that cannot launch here must not break training
+            from triton.runtime.errors import OutOfResources
 
-            try:
-                return factored_norm_triton(weight, lora_A, lora_B, s, config or DEFAULT_NORM_CONFIG)
-            except Exception as e:  # a planned config that cannot launch here must not break training
-                from triton.runtime.errors import OutOfResources
+            if chosen is None or not isinstance(e, OutOfResources):
+                raise
+            from dora_tune.dispatch.runtime import auto_failed
 
-                if chosen is None or not isinstance(e, OutOfResources):
-                    raise
-                from dora_tune.dispatch.runtime import auto_failed
-
-                auto_failed("norm", dims, compute, weight.device, chosen, str(e).split(".")[0])
-                return factored_norm(weight, lora_A, lora_B, s)  # the new plan: the default config, then torch
+            auto_failed("norm", dims, compute, weight.device, chosen, str(e).split(".")[0])
+            return factored_norm(weight, lora_A, lora_B, s)  # the new plan: the default config, then torch
     raise ValueError(f"impl must be one of {IMPLS} or 'auto', got {impl!r}")

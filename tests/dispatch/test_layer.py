@@ -142,9 +142,12 @@ def test_matches_peft_layer():
 
 
 def counting_norm(monkeypatch):
+    """Counts the norms the layers compute: in full (``factored_norm``) or recomputed by a known plan
+    (``run_norm``, the same tensors after an in-place change)."""
     calls = []
-    real = layer_mod.factored_norm
-    monkeypatch.setattr(layer_mod, "factored_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("factored_norm", "run_norm"):
+        real = getattr(layer_mod, name)
+        monkeypatch.setattr(layer_mod, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     return calls
 
 
@@ -161,6 +164,32 @@ def test_norm_once_per_optimizer_step_with_accumulation_and_checkpointing(monkey
         opt.step()
         opt.zero_grad(set_to_none=True)
     assert relerr(layer(x), reference(layer, x)[0]) <= TOL[torch.float32] and len(calls) == 4
+
+
+def test_norm_of_new_values_runs_the_known_plan_bitwise(monkeypatch):
+    """After an in-place change of the same tensors the cache recomputes by the plan of its last full computation
+    (no checks, no planning), bitwise the full computation; a different plan (a force() block) takes the full path."""
+    from dora_tune.dispatch import force
+    from dora_tune.kernels import factored_norm
+
+    layer = make_layer(37, 19, 4, torch.float32).train()
+    full, fast = [], []
+    for name, calls in (("factored_norm", full), ("run_norm", fast)):
+        real = getattr(layer_mod, name)
+        monkeypatch.setattr(layer_mod, name, lambda *a, _r=real, _c=calls, **k: _c.append(1) or _r(*a, **k))
+    W, A, B = layer.base_layer.weight, layer.lora_A, layer.lora_B
+    layer(torch.randn(4, 37))
+    assert (len(full), len(fast)) == (1, 0)
+    with torch.no_grad():
+        B.mul_(1.5)
+    got = layer.weight_norm()
+    assert (len(full), len(fast)) == (1, 1)
+    assert torch.equal(got, factored_norm(W, A, B, layer.scale))
+    with torch.no_grad():
+        A.mul_(0.5)
+    with force("eager"):  # the dispatcher's plan for this key is another one here
+        again = layer.weight_norm()
+    assert (len(full), len(fast)) == (2, 1) and torch.equal(again, factored_norm(W, A, B, layer.scale))
 
 
 def test_cached_norm_is_bitwise_the_recomputed_one():
