@@ -111,9 +111,15 @@ def run_selfcheck(device: str | torch.device | None = None, *, small: bool | Non
         W, A, B = rnd(d_out, d_in, dtype=dt, scale=0.02), rnd(r, d_in, dtype=dt, scale=0.05), rnd(d_out, r, dtype=dt)
         nref = norm_reference(W, A, B, 2.0)
         for impl in ("dense", "factored_torch", "triton"):
-            record("factored_norm", impl, dname, norm_shape, "norm",
-                   lambda impl=impl: _relerr(factored_norm(W, A, B, 2.0, impl=impl), nref),
-                   lambda impl=impl: factored_norm(W, A, B, 2.0, impl=impl))  # fmt: skip
+            record(
+                "factored_norm",
+                impl,
+                dname,
+                norm_shape,
+                "norm",
+                lambda impl=impl: _relerr(factored_norm(W, A, B, 2.0, impl=impl), nref),
+                lambda impl=impl: factored_norm(W, A, B, 2.0, impl=impl),
+            )
 
         lora, base = rnd(*comp_shape, dtype=dt), rnd(*comp_shape, dtype=dt)
         g = (1 + 0.05 * torch.randn(comp_shape[-1], generator=gen)).to(dt).to(dev)
@@ -124,16 +130,28 @@ def run_selfcheck(device: str | torch.device | None = None, *, small: bool | Non
         tgrads = torch.autograd.grad(tref, leaves64, dout.double())
         for impl in ("eager", "triton"):
             fam = "fused" if impl == "triton" else "eager"
-            record("compose", impl, dname, comp_shape, fam,
-                   lambda impl=impl: _relerr(compose(lora, base, g, 0.5, impl=impl), cref),
-                   lambda impl=impl: compose(lora, base, g, 0.5, impl=impl))  # fmt: skip
+            record(
+                "compose",
+                impl,
+                dname,
+                comp_shape,
+                fam,
+                lambda impl=impl: _relerr(compose(lora, base, g, 0.5, impl=impl), cref),
+                lambda impl=impl: compose(lora, base, g, 0.5, impl=impl),
+            )
 
             def train(impl: str = impl) -> list[torch.Tensor]:
                 leaves = [t.clone().requires_grad_() for t in (lora, base, g)]
                 out = compose_train(*leaves, 0.5, impl=impl)
                 return [out, *torch.autograd.grad(out, leaves, dout)]
 
-            record("compose_train", impl, dname, comp_shape, fam,
-                   lambda train=train: max(_relerr(a, b) for a, b in zip(train(), [tref, *tgrads], strict=True)),
-                   train)  # fmt: skip
+            record(
+                "compose_train",
+                impl,
+                dname,
+                comp_shape,
+                fam,
+                lambda train=train: max(_relerr(a, b) for a, b in zip(train(), [tref, *tgrads], strict=True)),
+                train,
+            )
     return results

@@ -22,3 +22,24 @@ def test_h200_cache_is_shipped_small_and_readable_read_only(tmp_path):
 def test_package_data_includes_caches():
     text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
     assert '"dora_tune.caches" = ["*.sqlite", "*.md"]' in text
+
+
+def test_shipped_cache_holds_the_current_implementation_versions():
+    """Every implementation of the code has trials in the shipped cache under its current version: an edit to a
+    kernel's versioned source (even a reformat) would make every shipped measurement of it stale."""
+    import sqlite3
+
+    from dora_tune.dispatch.registry import registry
+
+    con = sqlite3.connect(f"file:{CACHE}?mode=ro", uri=True)
+    try:
+        stored = set(
+            con.execute(
+                "SELECT i.op, i.name, i.version FROM implementations i WHERE EXISTS "
+                "(SELECT 1 FROM trials t WHERE t.impl_id = i.id AND t.status = 'ok')"
+            )
+        )
+    finally:
+        con.close()
+    current = {(op, impl.name, impl.version) for op, impls in registry().items() for impl in impls}
+    assert current <= stored, sorted(current - stored)

@@ -830,13 +830,19 @@ class TuningDB:
         with self._session(write=False) as s:
             q = (
                 select(
-                    Implementation.op, Implementation.name, Implementation.version, Trial.shape, Trial.dtype,
-                    Trial.config, Trial.median_us, Trial.env_id,
+                    Implementation.op,
+                    Implementation.name,
+                    Implementation.version,
+                    Trial.shape,
+                    Trial.dtype,
+                    Trial.config,
+                    Trial.median_us,
+                    Trial.env_id,
                 )
                 .join(Environment, Trial.env_id == Environment.id)
                 .join(Implementation, Trial.impl_id == Implementation.id)
                 .where(Environment.gpu_name == gpu_name, Trial.status == "ok", Trial.median_us.is_not(None))
-            )  # fmt: skip
+            )
             conn = s.connection()
             if conn.dialect.name == "sqlite":  # reduced in SQL, as the dispatcher's snapshot reader does
                 cursor = conn.connection.driver_connection.cursor()

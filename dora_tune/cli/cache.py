@@ -88,6 +88,8 @@ def cache_merge(db_location: str | None, source: str) -> None:
     """Merge another tuning DB (a path or URL) into this one; a trial seen in both keeps the newer measurement."""
     with open_db(db_location) as db:
         st = db.merge(source)
-    click.echo(f"merged {source}: {st.envs_added} environments and {st.trials_added} trials added, "
-               f"{st.trials_updated} updated, {st.trials_skipped} already newer here; fitted models: "
-               f"{st.models_added} added, {st.models_updated} updated, {st.models_skipped} kept")  # fmt: skip
+    click.echo(
+        f"merged {source}: {st.envs_added} environments and {st.trials_added} trials added, "
+        f"{st.trials_updated} updated, {st.trials_skipped} already newer here; fitted models: "
+        f"{st.models_added} added, {st.models_updated} updated, {st.models_skipped} kept"
+    )

@@ -10,9 +10,22 @@ import click
 
 from dora_tune.cli._common import db_option, open_db
 
-_COLUMNS = ("op", "dtype", "gpu", "trials", "shapes", "estimator", "model top-1 (impl)", "model regret geo / max",
-            "dispatch regret geo / max", "crossover top-1 (impl)", "crossover regret geo / max", "crossover excluded",
-            "model on crossover's shapes", "used at run time")  # fmt: skip
+_COLUMNS = (
+    "op",
+    "dtype",
+    "gpu",
+    "trials",
+    "shapes",
+    "estimator",
+    "model top-1 (impl)",
+    "model regret geo / max",
+    "dispatch regret geo / max",
+    "crossover top-1 (impl)",
+    "crossover regret geo / max",
+    "crossover excluded",
+    "model on crossover's shapes",
+    "used at run time",
+)
 
 
 def _pct(v: float | None) -> str:
@@ -35,12 +48,22 @@ def _cv_row(op: str, dtype: str, gpu: str, n_trials: int, n_shapes: int, estimat
 
     m, x, p = cv["model"], cv["crossover"], cv["model_paired"]
     d = cv.get("race") or m
-    return [op, dtype, gpu, str(n_trials), str(n_shapes), estimator,
-            _top1(m), _regret(m["regret_geomean"], m["regret_max"]),
-            _regret(d["regret_geomean"], d["regret_max"]) + (" (race)" if cv.get("race") else ""),
-            _top1(x), _regret(x["regret_geomean"], x["regret_max"]), str(x["excluded"]),
-            _regret(p["regret_geomean"], p["regret_max"]),
-            "yes" if beats_crossover(cv) else "no (loses to the crossover)"]  # fmt: skip
+    return [
+        op,
+        dtype,
+        gpu,
+        str(n_trials),
+        str(n_shapes),
+        estimator,
+        _top1(m),
+        _regret(m["regret_geomean"], m["regret_max"]),
+        _regret(d["regret_geomean"], d["regret_max"]) + (" (race)" if cv.get("race") else ""),
+        _top1(x),
+        _regret(x["regret_geomean"], x["regret_max"]),
+        str(x["excluded"]),
+        _regret(p["regret_geomean"], p["regret_max"]),
+        "yes" if beats_crossover(cv) else "no (loses to the crossover)",
+    ]
 
 
 def _print_table(title: str, rows: list[list[str]]) -> None:
@@ -58,9 +81,13 @@ def _print_table(title: str, rows: list[list[str]]) -> None:
 @click.command()
 @db_option
 @click.option("--gpu", default=None, help="only this GPU (name, slug or part of a name, e.g. h200)")
-@click.option("--estimator", default="linear_trees", show_default=True,
-              type=click.Choice(["linear_trees", "extra_trees", "hist_gb", "knn"]),
-              help="the regressor (benchmarks/NOTES.md compares them)")  # fmt: skip
+@click.option(
+    "--estimator",
+    default="linear_trees",
+    show_default=True,
+    type=click.Choice(["linear_trees", "extra_trees", "hist_gb", "knn"]),
+    help="the regressor (benchmarks/NOTES.md compares them)",
+)
 @click.option(
     "--cross-gpu",
     is_flag=True,
@@ -88,8 +115,12 @@ def fit(db_location: str | None, gpu: str | None, estimator: str, cross_gpu: boo
         )
     rows = []
     for s in summaries:
-        cv = {"model": s.model.to_json(), "crossover": s.crossover.to_json(), "model_paired": s.model_paired.to_json(),
-              "race": None if s.race is None else s.race.to_json()}  # fmt: skip
+        cv = {
+            "model": s.model.to_json(),
+            "crossover": s.crossover.to_json(),
+            "model_paired": s.model_paired.to_json(),
+            "race": None if s.race is None else s.race.to_json(),
+        }
         rows.append(_cv_row(s.op, s.dtype, s.gpu_name, s.n_trials, s.n_shapes, s.estimator, cv))
     _print_table("leave-shapes-out cross-validation: cost model vs fixed crossover", rows)
     total = sum(s.fit_seconds for s in summaries)
@@ -227,18 +258,34 @@ def _plot(panels: list, out: str) -> None:
         keys = OP_SHAPE_KEYS[table.op]
         grid = [dict(zip(keys, p, strict=True)) for p in itertools.product(*(table.axes[k] for k in keys))]
         xy = [_plane(table.op, g) for g in grid]
-        ax.scatter([p[0] for p in xy], [p[1] for p in xy], c=[colour[impl] for impl, _ in table.cells], marker="s",
-                   s=28, alpha=0.35 if table.op == "norm" else 0.6, linewidths=0)  # fmt: skip
+        ax.scatter(
+            [p[0] for p in xy],
+            [p[1] for p in xy],
+            c=[colour[impl] for impl, _ in table.cells],
+            marker="s",
+            s=28,
+            alpha=0.35 if table.op == "norm" else 0.6,
+            linewidths=0,
+        )
         if best:
             bxy = [_plane(table.op, b.shape) for b in best]
-            ax.scatter([p[0] for p in bxy], [p[1] for p in bxy], c=[colour[b.impl] for b in best], marker="o", s=70,
-                       edgecolors="black", linewidths=1.2, zorder=3)  # fmt: skip
+            ax.scatter(
+                [p[0] for p in bxy],
+                [p[1] for p in bxy],
+                c=[colour[b.impl] for b in best],
+                marker="o",
+                s=70,
+                edgecolors="black",
+                linewidths=1.2,
+                zorder=3,
+            )
         ax.set_title(f"{m.op} {m.dtype} — {m.gpu_name}", fontsize=10)
         ax.set_xlabel("log2(d_out·d_in)" if table.op == "norm" else "log2 rows")
         ax.set_ylabel("log2 r" if table.op == "norm" else "log2 cols")
     handles = [Line2D([], [], marker="s", linestyle="", color=colour[i], label=i) for i in impls]
-    handles.append(Line2D([], [], marker="o", linestyle="", color="white", markeredgecolor="black",
-                          label="measured (fastest)"))  # fmt: skip
+    handles.append(
+        Line2D([], [], marker="o", linestyle="", color="white", markeredgecolor="black", label="measured (fastest)")
+    )
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(out, dpi=110)

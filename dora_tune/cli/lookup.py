@@ -109,9 +109,15 @@ def _measured_lines(origin: str, rows: list[TrialRow], impl: str, config: dict[s
 @db_option
 @click.option("--shipped/--no-shipped", default=True, help="consult the shipped cache for the GPU")
 def lookup(
-    op: str, rows: int, cols: int, rank: int | None, dtype: str, gpu: str | None, db_location: str | None,
+    op: str,
+    rows: int,
+    cols: int,
+    rank: int | None,
+    dtype: str,
+    gpu: str | None,
+    db_location: str | None,
     shipped: bool,
-) -> None:  # fmt: skip
+) -> None:
     """Print the plan (implementation, config, source) for one op and shape, with the reasons."""
     import warnings
 

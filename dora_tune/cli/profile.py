@@ -98,8 +98,9 @@ def profile(
         shapes = {op: s for op, s in shapes.items() if op in ops}
     env = environment(device)
     if cpu:
-        click.echo(f"No CUDA GPU selected: profiling the CPU implementations; trials are recorded under "
-                   f"'{env.gpu_name}'.")  # fmt: skip
+        click.echo(
+            f"No CUDA GPU selected: profiling the CPU implementations; trials are recorded under '{env.gpu_name}'."
+        )
     if jobs is None:
         jobs = default_jobs()
     if quick and confirm_only:
@@ -115,8 +116,9 @@ def profile(
             shapes, measured_dtypes = measured_shapes(db, env)
             shapes = {op: s for op, s in shapes.items() if not ops or op in ops}
             dtypes = dtypes or measured_dtypes
-            click.echo("confirming the measured shapes: "
-                       + (", ".join(f"{op} {len(s)}" for op, s in shapes.items()) or "none"))  # fmt: skip
+            click.echo(
+                "confirming the measured shapes: " + (", ".join(f"{op} {len(s)}" for op, s in shapes.items()) or "none")
+            )
         summary = run_profile(
             db,
             device,
@@ -136,18 +138,25 @@ def profile(
         if quick and not cpu and not summary.interrupted:
             fitted = _after_quick(db, env.gpu_name, own_tables=own_tables, narrowed=summary.narrowed)
     if summary.warm_launches or summary.warm_error:
-        click.echo(f"compiled ahead: {summary.warm_launches} launches in {summary.warm_seconds:.0f} s"
-                   + (f" (warming failed: {summary.warm_error})" if summary.warm_error else ""))  # fmt: skip
+        click.echo(
+            f"compiled ahead: {summary.warm_launches} launches in {summary.warm_seconds:.0f} s"
+            + (f" (warming failed: {summary.warm_error})" if summary.warm_error else "")
+        )
     if not confirm_only:
         click.echo(
             f"{env.gpu_name}: measured {summary.measured} trials ({summary.failed} failed or invalid) in "
             f"{summary.seconds:.0f} s; {summary.skipped} were already in the database."
         )
     if summary.confirmed or summary.confirm_failed or confirm_only:
-        click.echo(f"confirmed: re-timed {summary.confirmed} of the fastest trials ({confirm_reps} calls each)"
-                   + (f" in {summary.seconds:.0f} s" if confirm_only else "")
-                   + (f"; {summary.confirm_failed} shapes failed, first: {summary.confirm_error}"
-                      if summary.confirm_failed else ""))  # fmt: skip
+        click.echo(
+            f"confirmed: re-timed {summary.confirmed} of the fastest trials ({confirm_reps} calls each)"
+            + (f" in {summary.seconds:.0f} s" if confirm_only else "")
+            + (
+                f"; {summary.confirm_failed} shapes failed, first: {summary.confirm_error}"
+                if summary.confirm_failed
+                else ""
+            )
+        )
     if quick and cpu:
         click.echo("--quick applies to GPUs (the CPU set is small): profiled in full.")
     if fitted is not None:

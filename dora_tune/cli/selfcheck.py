@@ -37,13 +37,21 @@ def selfcheck(device: str | None, small: bool | None) -> None:
     for r in results:
         style = "red" if r.status.startswith("FAIL") else ("dim" if r.status.startswith("skipped") else None)
         table.add_row(
-            r.op, r.impl, r.dtype, r.shape,
-            "-" if r.relerr is None else f"{r.relerr:.2e}", f"{r.tolerance:.0e}",
-            "-" if r.ms is None else f"{r.ms:.3f}", r.status, style=style,
-        )  # fmt: skip
+            r.op,
+            r.impl,
+            r.dtype,
+            r.shape,
+            "-" if r.relerr is None else f"{r.relerr:.2e}",
+            f"{r.tolerance:.0e}",
+            "-" if r.ms is None else f"{r.ms:.3f}",
+            r.status,
+            style=style,
+        )
     Console(width=140).print(table)
     failed = [r for r in results if r.status.startswith("FAIL")]
     if failed:
         raise click.ClickException(f"{len(failed)} of {len(results)} checks failed")
-    click.echo(f"all {sum(r.status == 'ok' for r in results)} checks passed "
-               f"({sum(r.status.startswith('skipped') for r in results)} skipped)")  # fmt: skip
+    click.echo(
+        f"all {sum(r.status == 'ok' for r in results)} checks passed "
+        f"({sum(r.status.startswith('skipped') for r in results)} skipped)"
+    )

@@ -52,8 +52,19 @@ def show(
         wall = "-" if r.wall_us is None else f"{r.wall_us:.1f}"
         spread = f"{r.p80_us / r.p20_us:.3f}" if r.p20_us and r.p80_us else "-"
         status = r.status if r.status == "ok" else f"{r.status}: {(r.error or '')[:60]}"
-        table.add_row(r.gpu_name, r.op, _fmt_shape(r.shape), r.dtype, r.impl, json.dumps(r.config), med, wall, spread,
-                      str(r.reps), status)  # fmt: skip
+        table.add_row(
+            r.gpu_name,
+            r.op,
+            _fmt_shape(r.shape),
+            r.dtype,
+            r.impl,
+            json.dumps(r.config),
+            med,
+            wall,
+            spread,
+            str(r.reps),
+            status,
+        )
     Console(width=160).print(table)
 
 

@@ -658,8 +658,11 @@ def _metrics(shapes: Sequence[ShapeOutcome], who: str) -> Metrics:
     crossover's figures over the scored shapes."""
     outcomes, excluded = [], 0
     for s in shapes:
-        t, impl = {"model": (s.model_us, s.model_impl), "race": (s.race_us, s.model_impl),
-                   "crossover": (s.crossover_us, s.crossover_impl)}[who]  # fmt: skip
+        t, impl = {
+            "model": (s.model_us, s.model_impl),
+            "race": (s.race_us, s.model_impl),
+            "crossover": (s.crossover_us, s.crossover_impl),
+        }[who]
         if t is None:
             excluded += 1
             continue
@@ -867,8 +870,16 @@ def fit(
         result = _fit_data(data, estimator, 0)
         cv = _cv_data(data, n_splits, estimator, 0)
         k = RACE_OPS.get(op, 1)
-        table = compile_decisions(result, op, dtype, env.gpu_name, result.impl_versions, _best_data(data),
-                                  shortlist=k, measured_ranked=_ranked_data(data, k) if k > 1 else None)  # fmt: skip
+        table = compile_decisions(
+            result,
+            op,
+            dtype,
+            env.gpu_name,
+            result.impl_versions,
+            _best_data(data),
+            shortlist=k,
+            measured_ranked=_ranked_data(data, k) if k > 1 else None,
+        )
         seconds = time.perf_counter() - t0
         metrics = {
             "n_trials": result.n_trials,

@@ -191,8 +191,9 @@ class DecisionTable:
             out = []
             for j, c in enumerate(indices):
                 if type(c) is not int or not 0 <= c < len(palette):  # not a bool, not a float
-                    raise ValueError(f"decision table {where(j)} must index one of the {len(palette)} choices, "
-                                     f"got {c!r}")  # fmt: skip
+                    raise ValueError(
+                        f"decision table {where(j)} must index one of the {len(palette)} choices, got {c!r}"
+                    )
                 out.append(palette[c])
             return out
 

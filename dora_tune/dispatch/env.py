@@ -158,8 +158,18 @@ def environment(device: torch.device) -> EnvInfo:
         triton_v = "none"
     if device.type == "cpu":
         cpu = platform.processor() or platform.machine() or "unknown"
-        return EnvInfo(kind="cpu", gpu_name=f"CPU ({cpu})", compute_capability="", sm_count=0, memory_bytes=0,
-                       driver="", cuda="", torch=torch.__version__, triton=triton_v, dora_tune=__version__)  # fmt: skip
+        return EnvInfo(
+            kind="cpu",
+            gpu_name=f"CPU ({cpu})",
+            compute_capability="",
+            sm_count=0,
+            memory_bytes=0,
+            driver="",
+            cuda="",
+            torch=torch.__version__,
+            triton=triton_v,
+            dora_tune=__version__,
+        )
     props = torch.cuda.get_device_properties(device)
     index = device.index if device.index is not None else torch.cuda.current_device()
     driver = next((g.driver for g in list_gpus() if g.index == index), "unknown")

@@ -100,8 +100,10 @@ class DoRALinear(nn.Module):
             raise TypeError(f"base_layer must be an nn.Linear, got {type(base_layer).__name__}")
         weight = base_layer.weight
         if type(weight) not in (nn.Parameter, torch.Tensor) or weight.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"base_layer.weight must be a plain bfloat16/float16/float32 tensor, got "
-                            f"{type(weight).__name__} of {weight.dtype}")  # fmt: skip
+            raise TypeError(
+                f"base_layer.weight must be a plain bfloat16/float16/float32 tensor, got "
+                f"{type(weight).__name__} of {weight.dtype}"
+            )
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"r must be a positive int, got {r!r}")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
@@ -214,10 +216,12 @@ class DoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         """Sizes, rank, alpha, scale, dropout, rsLoRA and bias, for ``repr``."""
-        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, alpha={self.alpha:g}, "
-                f"scale={self.scale:g}, dropout={self.dropout_p:g}, dropout_mode={self.dropout_mode}, "
-                f"use_rslora={self.use_rslora}, "
-                f"bias={self.base_layer.bias is not None}")  # fmt: skip
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, alpha={self.alpha:g}, "
+            f"scale={self.scale:g}, dropout={self.dropout_p:g}, dropout_mode={self.dropout_mode}, "
+            f"use_rslora={self.use_rslora}, "
+            f"bias={self.base_layer.bias is not None}"
+        )
 
 
 class NormCache:

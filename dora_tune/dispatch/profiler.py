@@ -452,8 +452,14 @@ def profile(
             summary.warm_launches, summary.warm_seconds = warm_compile(tasks, device, jobs)
         except Exception as e:  # warming only saves time: the sweep compiles for itself
             summary.warm_error = f"{type(e).__name__}: {e}"
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("ETA"), TimeRemainingColumn())  # fmt: skip
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, disable=not progress, transient=False) as bar:
         pid = bar.add_task(f"profiling on {env.gpu_name}", total=todo, visible=not confirm_only)
         try:
@@ -464,8 +470,11 @@ def profile(
                     task = dataclasses.replace(task, configs=short)
                 inputs = None
                 for c_json in _task_configs(db, env, task):
-                    bar.update(pid, description=f"{task.op}/{task.impl.name} {task.dtype} "
-                                                f"{'x'.join(map(str, task.shape.values()))}")  # fmt: skip
+                    bar.update(
+                        pid,
+                        description=f"{task.op}/{task.impl.name} {task.dtype} "
+                        f"{'x'.join(map(str, task.shape.values()))}",
+                    )
                     config = json.loads(c_json)
                     try:
                         if inputs is None:
@@ -478,8 +487,9 @@ def profile(
                         if result.status == "oom":
                             inputs = None
                             torch.cuda.empty_cache()
-                    db.record_trial(env, task.op, task.impl.name, task.impl.version, task.shape, task.dtype, config,
-                                    result)  # fmt: skip
+                    db.record_trial(
+                        env, task.op, task.impl.name, task.impl.version, task.shape, task.dtype, config, result
+                    )
                     summary.measured += 1
                     summary.failed += result.status != "ok"
                     bar.advance(pid)
@@ -494,9 +504,17 @@ def profile(
                 for op, dtype, shape in groups:
                     try:
                         summary.confirmed += confirm_shape(
-                            db, env, device, op, dtype, shape, impls=impls, top=confirm_top, reps=confirm_reps,
+                            db,
+                            env,
+                            device,
+                            op,
+                            dtype,
+                            shape,
+                            impls=impls,
+                            top=confirm_top,
+                            reps=confirm_reps,
                             warmup_ms=warmup_ms,
-                        )  # fmt: skip
+                        )
                     except KeyboardInterrupt:
                         raise
                     except Exception as e:  # the sweep's rows stay as they were; the next run tries again

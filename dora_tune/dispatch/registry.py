@@ -130,8 +130,12 @@ def make_inputs(op: str, shape: dict[str, int], dtype: str, device: torch.device
 
     if op == "norm":
         o, i, r = shape["d_out"], shape["d_in"], shape["r"]
-        return {"W": rnd(o, i, scale=0.02), "A": rnd(r, i, scale=1 / math.sqrt(i)), "B": rnd(o, r, scale=0.02),
-                "s": 2.0}  # fmt: skip
+        return {
+            "W": rnd(o, i, scale=0.02),
+            "A": rnd(r, i, scale=1 / math.sqrt(i)),
+            "B": rnd(o, r, scale=0.02),
+            "s": 2.0,
+        }
     rows, cols = shape["rows"], shape["cols"]
     out = {"lora": rnd(rows, cols), "base": rnd(rows, cols), "g": 1 + rnd(cols, scale=0.01), "s": 0.5}
     if op == "compose_train":

@@ -280,8 +280,10 @@ class Dispatcher:
             plan = Plan(_TORCH_IMPL[op], None, "fallback", f"{failed.source} plan failed ({why}); torch implementation")
         with self._lock:
             self._memo[(op, dims, dtype, device, forced)] = plan
-        self._warn(f"{op} {dims} {dtype}: {failed.impl} {failed.config} failed to launch ({why}); using {plan.impl}"
-                   f"{' with the default config' if plan.config is not None else ''}")  # fmt: skip
+        self._warn(
+            f"{op} {dims} {dtype}: {failed.impl} {failed.config} failed to launch ({why}); using {plan.impl}"
+            f"{' with the default config' if plan.config is not None else ''}"
+        )
         return plan
 
     def settle(
@@ -330,9 +332,15 @@ class Dispatcher:
         return settled
 
     def _race(
-        self, op: str, dims: tuple[int, ...], dtype: str, device: torch.device, plan: Plan, single: Plan,
+        self,
+        op: str,
+        dims: tuple[int, ...],
+        dtype: str,
+        device: torch.device,
+        plan: Plan,
+        single: Plan,
         run: Callable[[Any], Any],
-    ) -> tuple[Plan, bool]:  # fmt: skip
+    ) -> tuple[Plan, bool]:
         """The plan to keep, and whether the race ran (False: not raced, the decision kept)."""
         if torch.are_deterministic_algorithms_enabled():
             detail = f"{plan.detail}; not raced (deterministic algorithms are on)"
@@ -354,14 +362,17 @@ class Dispatcher:
                 why = "no shortlisted config launches: " + "; ".join(dropped)
                 return self.reject(op, dims, dtype, device, single, why), True
             if len(ok) == 1:
-                return dataclasses.replace(single, config=ok[0], detail=f"{plan.detail}; the only shortlisted "
-                                           "config that launches here"), True  # fmt: skip
+                return dataclasses.replace(
+                    single, config=ok[0], detail=f"{plan.detail}; the only shortlisted config that launches here"
+                ), True
             fns = [functools.partial(run, cfg) for cfg in ok]
             times = interleaved_times(fns, device, reps=RACE_REPS, rounds=RACE_ROUNDS, warmup_ms=RACE_WARMUP_MS)
             walls = wall_times(fns, device, calls=RACE_WALL_CALLS, rounds=RACE_ROUNDS)
         except torch.cuda.OutOfMemoryError as e:
-            self._warn(f"{op} {dims} {dtype}: not raced, out of memory while racing ({str(e).splitlines()[0]}); "
-                       "keeping the model's decision")  # fmt: skip
+            self._warn(
+                f"{op} {dims} {dtype}: not raced, out of memory while racing ({str(e).splitlines()[0]}); "
+                "keeping the model's decision"
+            )
             return dataclasses.replace(single, detail=f"{plan.detail}; not raced (out of memory)"), False
         medians = [statistics.median(t) for t in times]
         # what the step pays: the GPU time, or the wall time of back-to-back calls where the host is the bottleneck
@@ -550,9 +561,9 @@ class Dispatcher:
     def _transfer(self, tables: _Tables, capability: str | None) -> None:
         """No decision table for this GPU: borrow those of a profiled GPU of the same architecture (compute
         capability; the exact one first) from the shipped caches, as origin ``"transfer"``. Their plans are raced at
-        first use like any model plan, so the configs are timed on this GPU before they stay. Issue 17 reports the
-        H200's tables on an H100 at regret 1.013 / 1.056 (norm) and 1.006 / 1.014 (compose), geomean / max, against
-        1.55 / 2.24 for the norm's fixed crossover (not re-measured with this code)."""
+        first use like any model plan, so the configs are timed on this GPU before they stay. Measured on an H100
+        with the H200's shipped tables, 20 shapes of no preset (regret geomean / max): norm 1.006 / 1.030, compose
+        1.012 / 1.054, compose_train 1.027 / 1.109 — the crossover 1.475 / 2.404, 1.022 / 1.041, 1.846 / 3.462."""
         if capability is None:
             tables.notes.append("transfer: no compute capability known for this GPU; none")
             return
@@ -679,8 +690,11 @@ def _shape_keys(op: str) -> tuple[str, ...]:
 def _default_config(op: str) -> Any:
     from dora_tune.kernels import DEFAULT_COMPOSE_CONFIG, DEFAULT_COMPOSE_TRAIN_CONFIG, DEFAULT_NORM_CONFIG
 
-    return {"norm": DEFAULT_NORM_CONFIG, "compose": DEFAULT_COMPOSE_CONFIG,
-            "compose_train": DEFAULT_COMPOSE_TRAIN_CONFIG}[op]  # fmt: skip
+    return {
+        "norm": DEFAULT_NORM_CONFIG,
+        "compose": DEFAULT_COMPOSE_CONFIG,
+        "compose_train": DEFAULT_COMPOSE_TRAIN_CONFIG,
+    }[op]
 
 
 def _decision_table(stored: tuple[str, str, str, str], versions: dict, dispatcher: Dispatcher, origin: str) -> Any:
@@ -696,21 +710,35 @@ def _decision_table(stored: tuple[str, str, str, str], versions: dict, dispatche
         dispatcher._warn(f"{origin} DB: decision table for {op}/{dtype} unreadable, ignored ({e})")
         return None
     if not wins:
-        dispatcher._note(f"{origin} DB: decision table for {table.op}/{table.dtype} loses to the fixed crossover in "
-                         "cross-validation; not used")  # fmt: skip
+        dispatcher._note(
+            f"{origin} DB: decision table for {table.op}/{table.dtype} loses to the fixed crossover in "
+            "cross-validation; not used"
+        )
         return None
     stale = [n for n, v in table.impl_versions.items() if versions.get((table.op, n)) != v]
     if stale:
-        dispatcher._warn(f"{origin} DB: decision table for {table.op}/{table.dtype} was fitted for other versions "
-                         f"of {', '.join(stale)}; ignored")  # fmt: skip
+        dispatcher._warn(
+            f"{origin} DB: decision table for {table.op}/{table.dtype} was fitted for other versions "
+            f"of {', '.join(stale)}; ignored"
+        )
         return None
     return table
 
 
 #: compute capability by GPU family, for a GPU named without a device to ask (``dora-tune lookup --gpu``); a device
 #: present is asked (``torch.cuda.get_device_capability``)
-_FAMILY_CAPABILITY = (("gh200", "9.0"), ("h200", "9.0"), ("h100", "9.0"), ("h800", "9.0"), ("h20", "9.0"),
-                      ("a100", "8.0"), ("a800", "8.0"), ("l40", "8.9"), ("l4", "8.9"), ("a10", "8.6"))  # fmt: skip
+_FAMILY_CAPABILITY = (
+    ("gh200", "9.0"),
+    ("h200", "9.0"),
+    ("h100", "9.0"),
+    ("h800", "9.0"),
+    ("h20", "9.0"),
+    ("a100", "8.0"),
+    ("a800", "8.0"),
+    ("l40", "8.9"),
+    ("l4", "8.9"),
+    ("a10", "8.6"),
+)
 
 
 def _capability(gpu_name: str, device: torch.device | None) -> str | None:

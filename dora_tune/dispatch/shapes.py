@@ -49,8 +49,17 @@ MODEL_PRESETS: dict[str, ModelDims] = {
 DEFAULT_RANKS: tuple[int, ...] = (8, 16, 64, 128, 384, 768)
 DEFAULT_TOKENS: tuple[int, ...] = (1, 128, 1024, 4096, 16384, 32768)
 #: The default set: d 512–28672 (squares and the common MLP rectangles), r 8–768, rows 1–32768.
-_DEFAULT_NORM_DIMS = [(512, 512), (1024, 1024), (2048, 2048), (4096, 4096), (8192, 8192), (4096, 14336),
-                      (14336, 4096), (8192, 28672), (28672, 8192)]  # fmt: skip
+_DEFAULT_NORM_DIMS = [
+    (512, 512),
+    (1024, 1024),
+    (2048, 2048),
+    (4096, 4096),
+    (8192, 8192),
+    (4096, 14336),
+    (14336, 4096),
+    (8192, 28672),
+    (28672, 8192),
+]
 _DEFAULT_COLS = (512, 1024, 2048, 4096, 8192, 14336, 28672)
 #: The small CPU set: what the torch implementations need to show their trends in a few minutes.
 _CPU_NORM_DIMS = [(256, 256), (512, 1024), (1024, 512), (1024, 1024)]

@@ -150,11 +150,17 @@ def enable(model: nn.Module | None = None, *, dropout_mode: str = "peft") -> Dor
             elif isinstance(m, DoraLinearLayer):
                 others.add(type(m).__name__)
         if others:
-            _say(f"PEFT DoRA layers of type {', '.join(sorted(others))} keep PEFT's own path (dora-tune covers "
-                 "DoRA on Linear layers only)")  # fmt: skip
+            _say(
+                f"PEFT DoRA layers of type {', '.join(sorted(others))} keep PEFT's own path (dora-tune covers "
+                "DoRA on Linear layers only)"
+            )
         if not layers:
-            warnings.warn("dora-tune: enable(model) found no PEFT DoRA Linear layer in the model (LoraConfig("
-                          "use_dora=True) adds them); nothing enabled", RuntimeWarning, stacklevel=2)  # fmt: skip
+            warnings.warn(
+                "dora-tune: enable(model) found no PEFT DoRA Linear layer in the model (LoraConfig("
+                "use_dora=True) adds them); nothing enabled",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return DoraTuneHandle(model, 0)
         _install(shim_subclasses=False)
         for m in layers:
@@ -274,8 +280,10 @@ def _make_shim(cls: type, fwd: Any) -> Any:
     """PEFT's own ``fwd`` for DoRA layer types dora-tune does not cover, saying so once."""
 
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        _say(f"PEFT DoRA layers of type {cls.__name__} keep PEFT's own path (dora-tune covers DoRA on Linear "
-             "layers only)")  # fmt: skip
+        _say(
+            f"PEFT DoRA layers of type {cls.__name__} keep PEFT's own path (dora-tune covers DoRA on Linear "
+            "layers only)"
+        )
         return fwd(self, *args, **kwargs)
 
     forward.__wrapped__ = fwd  # type: ignore[attr-defined]
@@ -318,8 +326,10 @@ def _why_not(self: nn.Module, x: Any, kwargs: dict[str, Any]) -> str | None:
             return "lora_bias=True keeps PEFT's DoRA path"
     W = getattr(base_layer, "weight", None)
     if hasattr(base_layer, "W_q") or not _plain(W, 2):
-        return (f"base layer {type(base_layer).__name__} has a quantised or non-plain weight "
-                f"({type(W).__name__}); PEFT's DoRA path")  # fmt: skip
+        return (
+            f"base layer {type(base_layer).__name__} has a quantised or non-plain weight "
+            f"({type(W).__name__}); PEFT's DoRA path"
+        )
     mag = getattr(self, "weight", None)
     if not _plain(mag, 1):
         return "no plain magnitude vector on the DoRA layer; PEFT's DoRA path"
@@ -357,8 +367,7 @@ def _module_key(m: Any) -> tuple:
     if not isinstance(m, nn.Module):
         return id(m), type(m)
     tensors = (*m._parameters.items(), *m._buffers.items())
-    return id(m), type(m), *((n, type(t), t.dtype, t.device, t.shape) if t is not None else (n,)
-                             for n, t in tensors)  # fmt: skip
+    return id(m), type(m), *((n, type(t), t.dtype, t.device, t.shape) if t is not None else (n,) for n, t in tensors)
 
 
 def _call_key(self: nn.Module, x: Any, kwargs: dict[str, Any]) -> tuple:

@@ -104,8 +104,17 @@ def race_step(lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, scale: fl
 
     def run(config: ComposeTrainConfig) -> Any:
         _, inner = compose_fwd_triton(lora2, base2, gvec, scale, config.fwd, write_inner=True)
-        return compose_bwd_triton(base2, inner, gvec, scale, config.bwd, lora_dtype=lora2.dtype, need_dlora=True,
-                                  need_dbase=True, need_dg=True)  # fmt: skip
+        return compose_bwd_triton(
+            base2,
+            inner,
+            gvec,
+            scale,
+            config.bwd,
+            lora_dtype=lora2.dtype,
+            need_dlora=True,
+            need_dbase=True,
+            need_dg=True,
+        )
 
     return run
 
@@ -194,9 +203,14 @@ class _DoraComposeTrainFn(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, lora: torch.Tensor, base: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, scale: float,
+        ctx: Any,
+        lora: torch.Tensor,
+        base: torch.Tensor,
+        magnitude: torch.Tensor,
+        norm: torch.Tensor,
+        scale: float,
         config: Any,
-    ) -> Any:  # fmt: skip
+    ) -> Any:
         from dora_tune.kernels._scale_triton import dora_scale_fwd_triton
 
         ctx.norm, ctx.m_dtype = norm, magnitude.dtype

@@ -75,15 +75,19 @@ def _resolve(op: str, impl: str, config: str, t: torch.Tensor, race: Any = None)
 def _default(op: str) -> Any:
     from dora_tune.kernels import DEFAULT_COMPOSE_CONFIG, DEFAULT_COMPOSE_TRAIN_CONFIG, DEFAULT_NORM_CONFIG
 
-    return {"norm": DEFAULT_NORM_CONFIG, "compose": DEFAULT_COMPOSE_CONFIG,
-            "compose_train": DEFAULT_COMPOSE_TRAIN_CONFIG}[op]  # fmt: skip
+    return {
+        "norm": DEFAULT_NORM_CONFIG,
+        "compose": DEFAULT_COMPOSE_CONFIG,
+        "compose_train": DEFAULT_COMPOSE_TRAIN_CONFIG,
+    }[op]
 
 
 # ----------------------------------------------------------------------------------------------- implementations
 
 
-def _norm_impl(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, impl: str,
-               config: str) -> torch.Tensor:  # fmt: skip
+def _norm_impl(
+    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, impl: str, config: str
+) -> torch.Tensor:
     # the eager function itself (not traced when the op runs): the same planning on the compute dtype and the same
     # fallback when a planned config cannot launch
     from dora_tune.kernels.norm import factored_norm
@@ -106,8 +110,9 @@ def _cached_norm_impl(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.
     return default_dispatcher().norms(weight, lora_A, lora_B, scale).clone()
 
 
-def _compose_impl(lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, scale: float, impl: str,
-                  config: str) -> torch.Tensor:  # fmt: skip
+def _compose_impl(
+    lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, scale: float, impl: str, config: str
+) -> torch.Tensor:
     from dora_tune.kernels.compose import compose_formula, g_vector
 
     name, cfg = _resolve("compose", impl, config, base)
@@ -125,8 +130,9 @@ def _compose_impl(lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, scale
     raise ValueError(f"dora_tune::compose: unknown impl {name!r}")
 
 
-def _train_fwd_impl(lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, scale: float, write_inner: bool,
-                    impl: str, config: str) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def _train_fwd_impl(
+    lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, scale: float, write_inner: bool, impl: str, config: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     from dora_tune.kernels.compose import compose_formula, g_vector
     from dora_tune.kernels.compose_train import race_step
 
@@ -148,9 +154,17 @@ def _train_fwd_impl(lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, sca
     raise ValueError(f"dora_tune::compose_train_fwd: unknown impl {name!r}")
 
 
-def _train_bwd_impl(dout: torch.Tensor, inner: torch.Tensor, g: torch.Tensor, scale: float, need_dlora: bool,
-                    need_dbase: bool, need_dg: bool, impl: str,
-                    config: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def _train_bwd_impl(
+    dout: torch.Tensor,
+    inner: torch.Tensor,
+    g: torch.Tensor,
+    scale: float,
+    need_dlora: bool,
+    need_dbase: bool,
+    need_dg: bool,
+    impl: str,
+    config: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from dora_tune.kernels.compose import g_vector
 
     if need_dg and inner.shape != dout.shape:
@@ -174,9 +188,16 @@ def _train_bwd_impl(dout: torch.Tensor, inner: torch.Tensor, g: torch.Tensor, sc
 
             cfg = cfg or _default("compose_train")
             dlora, dbase, dg = compose_bwd_triton(
-                as_rows("dout", dout), as_rows("inner", inner) if need_dg else None, g_vector(g), scale, cfg.bwd,
-                lora_dtype=dout.dtype, need_dlora=need_dlora, need_dbase=need_dbase, need_dg=need_dg,
-            )  # fmt: skip
+                as_rows("dout", dout),
+                as_rows("inner", inner) if need_dg else None,
+                g_vector(g),
+                scale,
+                cfg.bwd,
+                lora_dtype=dout.dtype,
+                need_dlora=need_dlora,
+                need_dbase=need_dbase,
+                need_dg=need_dg,
+            )
             return (
                 empty if dlora is None else dlora.view(dout.shape),
                 empty if dbase is None else dbase.view(dout.shape),
@@ -198,8 +219,10 @@ def _backward_train(ctx: Any, dout: torch.Tensor, _dinner: Any) -> tuple:
     inner, g = ctx.saved_tensors
     need_dlora, need_dbase, need_dg = ctx.needs_input_grad[:3]
     if need_dg and not ctx.write_inner:
-        raise RuntimeError("dora_tune::compose_train_fwd: g needs a gradient but the forward ran with "
-                           "write_inner=False (pass write_inner=True when g requires grad)")  # fmt: skip
+        raise RuntimeError(
+            "dora_tune::compose_train_fwd: g needs a gradient but the forward ran with "
+            "write_inner=False (pass write_inner=True when g requires grad)"
+        )
     dlora, dbase, dg = torch.ops.dora_tune.compose_train_bwd(
         dout, inner, g, ctx.scale, need_dlora, need_dbase, need_dg, ctx.impl, ctx.config
     )
@@ -207,8 +230,11 @@ def _backward_train(ctx: Any, dout: torch.Tensor, _dinner: Any) -> tuple:
         dlora if need_dlora else None,
         dbase if need_dbase else None,
         dg.to(g.dtype).view(g.shape) if need_dg else None,
-        None, None, None, None,
-    )  # fmt: skip
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 def _op_exists(name: str) -> bool:
@@ -293,8 +319,14 @@ def _prepare(impl: str, allowed: tuple[str, ...], config: Any) -> str:
     return config_json(config)
 
 
-def factored_norm_op(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
-                     impl: str = "auto", config: Any = None) -> torch.Tensor:  # fmt: skip
+def factored_norm_op(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    impl: str = "auto",
+    config: Any = None,
+) -> torch.Tensor:
     """``dora_tune::factored_norm`` on detached inputs: float32 ``[d_out]`` row norms of ``W + s·B·A``.
 
     Inputs as in :func:`~dora_tune.kernels.factored_norm` (validated there); ``config`` a ``NormConfig`` or None.
@@ -315,15 +347,17 @@ def cached_norm_op(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Ten
     return torch.ops.dora_tune.cached_norm(weight.detach(), lora_A.detach(), lora_B.detach(), s)
 
 
-def compose_op(lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, scale: float, impl: str = "auto",
-               config: Any = None) -> torch.Tensor:  # fmt: skip
+def compose_op(
+    lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, scale: float, impl: str = "auto", config: Any = None
+) -> torch.Tensor:
     """``dora_tune::compose`` on detached inputs: ``(g−1)·base + g·(s·lora)``, ``base``'s shape and dtype."""
     cfg = _prepare(impl, _TRAIN_IMPLS, config)
     return torch.ops.dora_tune.compose(lora.detach(), base.detach(), g.detach(), scale, impl, cfg)
 
 
-def compose_train_op(lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, scale: float, impl: str = "auto",
-                     config: Any = None) -> torch.Tensor:  # fmt: skip
+def compose_train_op(
+    lora: torch.Tensor, base: torch.Tensor, g: torch.Tensor, scale: float, impl: str = "auto", config: Any = None
+) -> torch.Tensor:
     """``dora_tune::compose_train_fwd`` with its autograd formula: ``(g−1)·base + g·(s·lora)`` with gradients to
     ``lora``, ``base`` and ``g`` (``inner = s·lora + base`` is written only when ``g`` needs a gradient)."""
     cfg = _prepare(impl, _TRAIN_IMPLS, config)

@@ -97,8 +97,9 @@ def _check_norm_inputs(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch
     d_out, d_in = weight.shape
     r = lora_A.shape[0]
     if lora_A.shape[1] != d_in:
-        raise ValueError(f"lora_A must be [r, d_in] = [r, {d_in}] to match weight {tuple(weight.shape)}, "
-                         f"got {tuple(lora_A.shape)}")  # fmt: skip
+        raise ValueError(
+            f"lora_A must be [r, d_in] = [r, {d_in}] to match weight {tuple(weight.shape)}, got {tuple(lora_A.shape)}"
+        )
     if tuple(lora_B.shape) != (d_out, r):
         raise ValueError(f"lora_B must be [d_out, r] = [{d_out}, {r}], got {tuple(lora_B.shape)}")
     if lora_A.dtype != lora_B.dtype:

@@ -33,8 +33,9 @@ def build(path: str) -> None:
                             10.0 + 7.0 * k + 3.0 * ((j + 1) % 3) + (5.0 if impl == "eager" else 0.0)
                         )  # j=2 fastest
                         db.record_trial(env, "compose", impl, version, shape, "bf16", {"block_c": 128 << j}, ok(us))
-                db.record_trial(env, "compose", "triton", "v1", shape, "bf16", {"block_c": 64},
-                                TrialResult("failed", error="boom"))  # fmt: skip
+                db.record_trial(
+                    env, "compose", "triton", "v1", shape, "bf16", {"block_c": 64}, TrialResult("failed", error="boom")
+                )
                 db.record_trial(env, "compose", "triton", "v1", shape, "fp16", {"block_c": 64}, ok(1.0))
         db.save_model(H200, "compose", "bf16", "tree", {"format": 1, "who": "h200"}, {"cv": {"n": 1}})
         db.save_model(H200_TORCH, "compose", "bf16", "tree", {"format": 1, "who": "h200b"}, {"cv": {}})
@@ -49,8 +50,15 @@ def oracle(path: str, gpu: str) -> list[tuple]:
             if t.gpu_name != gpu:
                 continue
             key = (t.env_id, t.op, t.impl, t.impl_version, json.dumps(t.shape, sort_keys=True), t.dtype)
-            row = (t.op, t.impl, t.impl_version, key[4].replace(" ", ""), t.dtype,
-                   json.dumps(t.config, sort_keys=True).replace(" ", ""), t.median_us)  # fmt: skip
+            row = (
+                t.op,
+                t.impl,
+                t.impl_version,
+                key[4].replace(" ", ""),
+                t.dtype,
+                json.dumps(t.config, sort_keys=True).replace(" ", ""),
+                t.median_us,
+            )
             if key not in best or row[6] < best[key][6]:
                 best[key] = row
     return sorted(best.values())

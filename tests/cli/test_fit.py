@@ -47,8 +47,16 @@ def test_fit_with_nothing_to_fit_fails_clearly(tmp_path, known_db):
     with TuningDB.open(path) as db:  # two shapes: fewer than the 3 a fit needs
         v = {i.name: i.version for i in registry()["compose"]}
         for cols in (512, 1024):
-            db.record_trial(H200, "compose", "eager", v["eager"], {"rows": 8, "cols": cols}, "bf16", {},
-                            TrialResult("ok", median_us=10.0))  # fmt: skip
+            db.record_trial(
+                H200,
+                "compose",
+                "eager",
+                v["eager"],
+                {"rows": 8, "cols": cols},
+                "bf16",
+                {},
+                TrialResult("ok", median_us=10.0),
+            )
     res = CliRunner().invoke(cli, ["fit", "--db", path])
     assert res.exit_code == 1 and "nothing to fit" in res.output and "dora-tune profile" in res.output
     with TuningDB.open(path, readonly=True) as db:

@@ -18,8 +18,21 @@ def run(*args):
 
 
 def test_lookup_uses_the_shipped_h200_cache_for_a_measured_shape(tmp_path):
-    res = run("lookup", "--op", "norm", "--rows", "4096", "--cols", "4096", "--rank", "384", "--gpu", "NVIDIA H200",
-              "--db", str(tmp_path / "none.sqlite"))  # fmt: skip
+    res = run(
+        "lookup",
+        "--op",
+        "norm",
+        "--rows",
+        "4096",
+        "--cols",
+        "4096",
+        "--rank",
+        "384",
+        "--gpu",
+        "NVIDIA H200",
+        "--db",
+        str(tmp_path / "none.sqlite"),
+    )
     assert res.exit_code == 0, res.output
     assert "triton" in res.output and "source: measured — shipped DB" in res.output
     # the shipped cache predates wall times (read as it is): both figures shown, the wall one as not recorded
@@ -29,8 +42,21 @@ def test_lookup_uses_the_shipped_h200_cache_for_a_measured_shape(tmp_path):
 
 def test_lookup_shows_the_norm_shortlist_raced_at_first_use(tmp_path):
     # an unmeasured norm shape on the shipped H200 cache: the model's decision and the configs raced at first use
-    res = run("lookup", "--op", "norm", "--rows", "6000", "--cols", "3000", "--rank", "100", "--gpu", "NVIDIA H200",
-              "--db", str(tmp_path / "none.sqlite"))  # fmt: skip
+    res = run(
+        "lookup",
+        "--op",
+        "norm",
+        "--rows",
+        "6000",
+        "--cols",
+        "3000",
+        "--rank",
+        "100",
+        "--gpu",
+        "NVIDIA H200",
+        "--db",
+        str(tmp_path / "none.sqlite"),
+    )
     assert res.exit_code == 0, res.output
     assert "source: model — shipped DB decision table" in res.output
     assert "raced at the first call (fastest kept), on the call's own inputs: 3 configs" in res.output
@@ -38,14 +64,38 @@ def test_lookup_shows_the_norm_shortlist_raced_at_first_use(tmp_path):
     assert res.output.count("'split_k'") == 4  # the plan's config and the three raced
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DORA_TUNE_RACE", "0")
-        off = run("lookup", "--op", "norm", "--rows", "6000", "--cols", "3000", "--rank", "100", "--gpu",
-                  "NVIDIA H200", "--db", str(tmp_path / "none.sqlite"))  # fmt: skip
+        off = run(
+            "lookup",
+            "--op",
+            "norm",
+            "--rows",
+            "6000",
+            "--cols",
+            "3000",
+            "--rank",
+            "100",
+            "--gpu",
+            "NVIDIA H200",
+            "--db",
+            str(tmp_path / "none.sqlite"),
+        )
     assert off.exit_code == 0 and "raced" not in off.output
 
 
 def test_lookup_shows_the_compose_train_shortlist_raced_once_per_cell(tmp_path):
-    res = run("lookup", "--op", "compose_train", "--rows", "3000", "--cols", "14336", "--gpu", "NVIDIA H200",
-              "--db", str(tmp_path / "none.sqlite"))  # fmt: skip
+    res = run(
+        "lookup",
+        "--op",
+        "compose_train",
+        "--rows",
+        "3000",
+        "--cols",
+        "14336",
+        "--gpu",
+        "NVIDIA H200",
+        "--db",
+        str(tmp_path / "none.sqlite"),
+    )
     assert res.exit_code == 0, res.output
     assert "source: model — shipped DB decision table" in res.output
     assert "raced at the first call of this table cell (shared by its shapes) (fastest kept)" in res.output
@@ -53,8 +103,20 @@ def test_lookup_shows_the_compose_train_shortlist_raced_once_per_cell(tmp_path):
 
 
 def test_lookup_unmeasured_shape_and_no_shipped(tmp_path):
-    res = run("lookup", "--op", "compose_train", "--rows", "100", "--cols", "512", "--gpu", "NVIDIA H200",
-              "--db", str(tmp_path / "none.sqlite"), "--no-shipped")  # fmt: skip
+    res = run(
+        "lookup",
+        "--op",
+        "compose_train",
+        "--rows",
+        "100",
+        "--cols",
+        "512",
+        "--gpu",
+        "NVIDIA H200",
+        "--db",
+        str(tmp_path / "none.sqlite"),
+        "--no-shipped",
+    )
     assert res.exit_code == 0 and "eager" in res.output and "source: heuristic" in res.output
 
 

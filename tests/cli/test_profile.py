@@ -10,10 +10,14 @@ from dora_tune.dispatch.profiler import CONFIRM_REPS
 
 def shapes_file(tmp_path, n_norm=2, n_comp=2):
     p = tmp_path / "shapes.json"
-    p.write_text(json.dumps({
-        "norm": [{"d_out": 32 + 8 * i, "d_in": 48, "r": 4} for i in range(n_norm)],
-        "compose": [{"rows": 4 + i, "cols": 40} for i in range(n_comp)],
-    }))  # fmt: skip
+    p.write_text(
+        json.dumps(
+            {
+                "norm": [{"d_out": 32 + 8 * i, "d_in": 48, "r": 4} for i in range(n_norm)],
+                "compose": [{"rows": 4 + i, "cols": 40} for i in range(n_comp)],
+            }
+        )
+    )
     return str(p)
 
 
@@ -23,8 +27,20 @@ def run(*args):
 
 def test_cpu_profile_end_to_end_and_idempotent(tmp_path):
     db_path = str(tmp_path / "t.sqlite")
-    args = ["profile", "--gpu", "cpu", "--db", db_path, "--shapes", shapes_file(tmp_path), "--rep", "2",
-            "--warmup", "1", "--no-progress"]  # fmt: skip
+    args = [
+        "profile",
+        "--gpu",
+        "cpu",
+        "--db",
+        db_path,
+        "--shapes",
+        shapes_file(tmp_path),
+        "--rep",
+        "2",
+        "--warmup",
+        "1",
+        "--no-progress",
+    ]
     res = run(*args)
     assert res.exit_code == 0, res.output
     assert "No CUDA GPU selected" in res.output
@@ -33,8 +49,12 @@ def test_cpu_profile_end_to_end_and_idempotent(tmp_path):
         envs = db.environments()
     # norm: dense + factored_torch; compose: eager; compose_train: eager — 2 shapes each
     assert len(trials) == 2 * 2 + 2 + 2
-    assert {(t.op, t.impl) for t in trials} == {("norm", "dense"), ("norm", "factored_torch"),
-                                               ("compose", "eager"), ("compose_train", "eager")}  # fmt: skip
+    assert {(t.op, t.impl) for t in trials} == {
+        ("norm", "dense"),
+        ("norm", "factored_torch"),
+        ("compose", "eager"),
+        ("compose_train", "eager"),
+    }
     assert all(t.status == "ok" and t.median_us > 0 and t.p20_us <= t.median_us <= t.p80_us for t in trials)
     assert len(envs) == 1 and envs[0].kind == "cpu" and envs[0].gpu_name.startswith("CPU")
     res = run(*args)
@@ -45,8 +65,26 @@ def test_cpu_profile_end_to_end_and_idempotent(tmp_path):
 
 def test_profile_filters_and_model_preset(tmp_path):
     db_path = str(tmp_path / "t.sqlite")
-    res = run("profile", "--gpu", "cpu", "--db", db_path, "--model", "llama-3-8b", "--rank", "4", "--tokens", "2",
-              "--op", "compose", "--rep", "1", "--warmup", "0", "--no-progress")  # fmt: skip
+    res = run(
+        "profile",
+        "--gpu",
+        "cpu",
+        "--db",
+        db_path,
+        "--model",
+        "llama-3-8b",
+        "--rank",
+        "4",
+        "--tokens",
+        "2",
+        "--op",
+        "compose",
+        "--rep",
+        "1",
+        "--warmup",
+        "0",
+        "--no-progress",
+    )
     assert res.exit_code == 0, res.output
     with TuningDB.open(db_path, readonly=True) as db:
         cols = sorted(t.shape["cols"] for t in db.trials())
@@ -70,8 +108,23 @@ def test_profile_bad_input_is_one_clear_line(tmp_path, extra, match):
 
 def test_show_gpus_and_cache_commands(tmp_path, monkeypatch):
     db_path = str(tmp_path / "t.sqlite")
-    assert run("profile", "--gpu", "cpu", "--db", db_path, "--shapes", shapes_file(tmp_path), "--rep", "1",
-               "--warmup", "0", "--no-progress").exit_code == 0  # fmt: skip
+    assert (
+        run(
+            "profile",
+            "--gpu",
+            "cpu",
+            "--db",
+            db_path,
+            "--shapes",
+            shapes_file(tmp_path),
+            "--rep",
+            "1",
+            "--warmup",
+            "0",
+            "--no-progress",
+        ).exit_code
+        == 0
+    )
     res = run("show", "--db", db_path, "--op", "norm")
     assert res.exit_code == 0 and "best per shape (2 rows)" in res.output
     assert "p80/p20" in res.output and "calls" in res.output

@@ -128,8 +128,20 @@ def test_profile_cli_confirms_and_reports_it(tmp_path):
     db_path = str(tmp_path / "t.sqlite")
     shapes = tmp_path / "s.json"
     shapes.write_text('{"norm": [{"d_out": 40, "d_in": 48, "r": 4}]}')
-    base = ["profile", "--gpu", "cpu", "--db", db_path, "--shapes", str(shapes), "--rep", "0.01", "--warmup", "0",
-            "--no-progress"]  # fmt: skip
+    base = [
+        "profile",
+        "--gpu",
+        "cpu",
+        "--db",
+        db_path,
+        "--shapes",
+        str(shapes),
+        "--rep",
+        "0.01",
+        "--warmup",
+        "0",
+        "--no-progress",
+    ]
     res = CliRunner().invoke(cli, [*base, "--confirm-top", "0"], catch_exceptions=False)
     assert res.exit_code == 0 and "confirmed" not in res.output, res.output
     with TuningDB.open(db_path, readonly=True) as db:
@@ -186,8 +198,23 @@ def test_confirm_only_retimes_the_measured_shapes_without_sweeping(tmp_path):
     with TuningDB.open(db_path) as db:
         fake(db, env, "factored_torch", 1e-3)  # one measured norm shape, one implementation of two
         fake(db, dataclasses.replace(env, torch="0.0.1"), "dense", 1e-3)  # another environment's: not this machine's
-    res = CliRunner().invoke(cli, ["profile", "--gpu", "cpu", "--db", db_path, "--confirm-only", "--confirm-reps",
-                                   "15", "--warmup", "0", "--no-progress"], catch_exceptions=False)  # fmt: skip
+    res = CliRunner().invoke(
+        cli,
+        [
+            "profile",
+            "--gpu",
+            "cpu",
+            "--db",
+            db_path,
+            "--confirm-only",
+            "--confirm-reps",
+            "15",
+            "--warmup",
+            "0",
+            "--no-progress",
+        ],
+        catch_exceptions=False,
+    )
     assert res.exit_code == 0, res.output
     assert "confirming the measured shapes: norm 1" in res.output and "re-timed 1 of the fastest" in res.output
     assert "measured" not in res.output.replace("measured shapes", "")  # no sweep line

@@ -53,8 +53,15 @@ def known_trials(known_db):
 
 def test_features_layout_and_gpu_table():
     spec = FeatureSpec.for_configs("compose_train", "triton", [DEFAULT_COMPOSE_TRAIN_CONFIG.as_dict()])
-    assert spec.config_keys == ("bwd_block_c", "bwd_block_r", "bwd_num_warps", "bwd_row_iters",
-                                "fwd_block_c", "fwd_block_r", "fwd_num_warps")  # fmt: skip
+    assert spec.config_keys == (
+        "bwd_block_c",
+        "bwd_block_r",
+        "bwd_num_warps",
+        "bwd_row_iters",
+        "fwd_block_c",
+        "fwd_block_r",
+        "fwd_num_warps",
+    )
     names = spec.names()
     x = spec.vector({"rows": 4096, "cols": 1024}, "bf16", DEFAULT_COMPOSE_TRAIN_CONFIG.as_dict(), H200)
     assert x.shape == (len(names),)
@@ -81,12 +88,17 @@ def test_features_layout_and_gpu_table():
 
 def test_norm_launch_grid_features():
     # d_in 27648, d_out 5120, r 128, 128×128 tiles: split_k 3 → 40·1·3 = 120 programs, one wave of 132 SMs at 91 %
-    configs = [{"block_m": 128, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": 3, "split_k": k}
-               for k in (1, 2, 3, 4)]  # fmt: skip
+    configs = [
+        {"block_m": 128, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": 3, "split_k": k}
+        for k in (1, 2, 3, 4)
+    ]
     spec = FeatureSpec.for_configs("norm", "triton", configs)
     names = spec.names()
     assert names[names.index("log2_cfg_split_k") + 1 : names.index("gpu_sm_count")] == [
-        "grid_main_log2_programs", "grid_main_wave_eff", "grid_main_log2_loop_iters"]  # fmt: skip
+        "grid_main_log2_programs",
+        "grid_main_wave_eff",
+        "grid_main_log2_loop_iters",
+    ]
     shape = {"d_out": 5120, "d_in": 27648, "r": 128}
     x = spec.matrix([(shape, "bf16", c) for c in configs], H200)
     programs = 2 ** x[:, names.index("grid_main_log2_programs")]
@@ -105,10 +117,22 @@ def test_norm_launch_grid_features():
 
 
 def small_table() -> DecisionTable:
-    cells = [("eager", {}), ("eager", {}), ("triton", {"block_r": 8}), ("eager", {}), ("triton", {"block_r": 1}),
-             ("triton", {"block_r": 1})]  # fmt: skip
-    return DecisionTable("compose", "bf16", "NVIDIA H200", {"eager": "a", "triton": "b"},
-                         {"rows": [1, 4, 16], "cols": [512, 2048]}, cells)  # fmt: skip
+    cells = [
+        ("eager", {}),
+        ("eager", {}),
+        ("triton", {"block_r": 8}),
+        ("eager", {}),
+        ("triton", {"block_r": 1}),
+        ("triton", {"block_r": 1}),
+    ]
+    return DecisionTable(
+        "compose",
+        "bf16",
+        "NVIDIA H200",
+        {"eager": "a", "triton": "b"},
+        {"rows": [1, 4, 16], "cols": [512, 2048]},
+        cells,
+    )
 
 
 def test_decision_table_lookup_is_nearest_in_log2_and_clamped():
@@ -266,8 +290,14 @@ def test_model_recovers_a_known_crossover(known_trials):
     assert cv.model.regret_geomean <= 1.02 and cv.model.regret_max <= 1.2
     result = cm.fit_op(known_trials, "compose_train", "bf16", env=H200)
     assert set(result.models) == {"eager", "triton"}
-    table = cm.compile_decisions(result, "compose_train", "bf16", "NVIDIA H200", result.impl_versions,
-                                 cm.measured_best(known_trials, "compose_train", "bf16"))  # fmt: skip
+    table = cm.compile_decisions(
+        result,
+        "compose_train",
+        "bf16",
+        "NVIDIA H200",
+        result.impl_versions,
+        cm.measured_best(known_trials, "compose_train", "bf16"),
+    )
     for rows, cols in ((64, 512), (128, 1024), (1, 512), (256, 1024), (4096, 512)):  # n ≤ 2.1e6 ... eager side
         if rows * cols < 3e5:
             assert table.lookup({"rows": rows, "cols": cols})[0] == "eager", (rows, cols)
@@ -280,8 +310,12 @@ def test_model_recovers_a_known_crossover(known_trials):
     assert set(ROWS) <= set(table.axes["rows"]) and set(COLS) <= set(table.axes["cols"])
     assert table.axes["rows"][0] == 1 and table.axes["rows"][-1] == 32768 and 6144 in table.axes["cols"]
     # the predicted crossover lies where the law puts it: n* = 350 / 0.75e-3 ≈ 4.7e5 elements
-    flips = [r * c for r in table.axes["rows"] for c in table.axes["cols"]
-             if table.lookup({"rows": r, "cols": c})[0] == "triton"]  # fmt: skip
+    flips = [
+        r * c
+        for r in table.axes["rows"]
+        for c in table.axes["cols"]
+        if table.lookup({"rows": r, "cols": c})[0] == "triton"
+    ]
     assert 1.5e5 < min(flips) < 1.5e6
 
 
@@ -308,8 +342,16 @@ def test_compiled_runners_up_follow_prediction_and_measurement(known_trials):
     data = cm._prepare(known_trials, "compose_train", "bf16", None)
     result = cm._fit_data(data, cm.DEFAULT_ESTIMATOR, 0)
     ranked = cm._ranked_data(data, 3)
-    table = cm.compile_decisions(result, "compose_train", "bf16", "G", result.impl_versions, cm._best_data(data),
-                                 shortlist=3, measured_ranked=ranked)  # fmt: skip
+    table = cm.compile_decisions(
+        result,
+        "compose_train",
+        "bf16",
+        "G",
+        result.impl_versions,
+        cm._best_data(data),
+        shortlist=3,
+        measured_ranked=ranked,
+    )
     assert len(table.runners_up) == len(table.cells)
     for key, pairs in ranked.items():  # measured grid points: their measured order
         shape = dict(zip(("rows", "cols"), key, strict=True))
@@ -320,8 +362,10 @@ def test_compiled_runners_up_follow_prediction_and_measurement(known_trials):
     pred = result.predict_log_us([(unmeasured, i, c) for i, c in cands])
     expected = [(cands[j][0], dict(cands[j][1])) for j in np.argsort(pred, kind="stable")[:3]]
     assert table.shortlist(unmeasured) == expected
-    assert cm.compile_decisions(result, "compose_train", "bf16", "G", result.impl_versions,
-                                cm._best_data(data)).runners_up == []  # fmt: skip
+    assert (
+        cm.compile_decisions(result, "compose_train", "bf16", "G", result.impl_versions, cm._best_data(data)).runners_up
+        == []
+    )
 
 
 def test_crossover_metrics_on_a_hand_made_case():
@@ -331,15 +375,20 @@ def test_crossover_metrics_on_a_hand_made_case():
     other["fwd"]["block_r"] = 16
 
     def row(shape, impl, config, us):
-        return TrialRow(1, "NVIDIA H200", "compose_train", impl, "v", shape, "bf16", config, "ok", us, us, us, 5,
-                        None, None, now)  # fmt: skip
+        return TrialRow(
+            1, "NVIDIA H200", "compose_train", impl, "v", shape, "bf16", config, "ok", us, us, us, 5, None, None, now
+        )
 
     a, b, c = {"rows": 4096, "cols": 4096}, {"rows": 1024, "cols": 1024}, {"rows": 4096, "cols": 8192}
     trials = [
-        row(a, "triton", default, 100.0), row(a, "triton", other, 80.0), row(a, "eager", {}, 150.0),  # → triton
-        row(b, "triton", default, 60.0), row(b, "eager", {}, 50.0),  # small → eager, the fastest
-        row(c, "triton", other, 90.0), row(c, "eager", {}, 300.0),  # → triton default: not measured
-    ]  # fmt: skip
+        row(a, "triton", default, 100.0),
+        row(a, "triton", other, 80.0),
+        row(a, "eager", {}, 150.0),  # → triton
+        row(b, "triton", default, 60.0),
+        row(b, "eager", {}, 50.0),  # small → eager, the fastest
+        row(c, "triton", other, 90.0),
+        row(c, "eager", {}, 300.0),  # → triton default: not measured
+    ]
     m = cm.crossover_metrics(trials, "compose_train", "bf16")
     assert (m.n_shapes, m.excluded) == (2, 1)
     assert m.top1 == 0.5 and m.impl_top1 == 1.0
@@ -425,8 +474,10 @@ def test_fit_rejects_bad_input(known_trials):
 
 
 def test_fit_keeps_the_newest_version_of_each_impl(known_trials):
-    stale = [dataclasses.replace(t, impl_version="old", median_us=1.0, created_at=t.created_at.replace(year=2000))
-             for t in known_trials]  # fmt: skip
+    stale = [
+        dataclasses.replace(t, impl_version="old", median_us=1.0, created_at=t.created_at.replace(year=2000))
+        for t in known_trials
+    ]
     result = cm.fit_op(stale + list(known_trials), "compose_train", "bf16")
     assert result.impl_versions == {n: i.version for n, i in _impls("compose_train").items()}
     assert result.n_trials == len(known_trials)

@@ -135,8 +135,10 @@ def test_matches_peft_layer():
             torch.manual_seed(5)
             got = ours(x)
             assert relerr(got, want) <= 1e-6, (dropout, mode)
-            gw = torch.autograd.grad(want.square().sum(), [pl.lora_A["default"].weight, pl.lora_B["default"].weight,
-                                                           pl.lora_magnitude_vector["default"].weight])  # fmt: skip
+            gw = torch.autograd.grad(
+                want.square().sum(),
+                [pl.lora_A["default"].weight, pl.lora_B["default"].weight, pl.lora_magnitude_vector["default"].weight],
+            )
             gg = torch.autograd.grad(got.square().sum(), [ours.lora_A, ours.lora_B, ours.magnitude])
             assert max(relerr(a, b) for a, b in zip(gg, gw, strict=True)) <= 1e-5, (dropout, mode)
 
@@ -393,7 +395,11 @@ def test_state_dict_keys_and_roundtrip():
     other.load_state_dict(sd)
     assert torch.equal(other(x), layer(x))
     assert set(make_layer(37, 19, 4, torch.float32, bias=False).state_dict()) == {
-        "base_layer.weight", "lora_A", "lora_B", "magnitude"}  # fmt: skip
+        "base_layer.weight",
+        "lora_A",
+        "lora_B",
+        "magnitude",
+    }
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

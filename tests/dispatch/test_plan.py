@@ -52,8 +52,15 @@ def test_measured_user_db_wins(tmp_path, shipped):
 def test_shipped_cache_then_heuristic(tmp_path, shipped):
     user = str(tmp_path / "missing.sqlite")
     add(shipped, ENV, "compose_train", "eager", SHAPE, {}, 5.0)
-    add(shipped, ENV, "compose_train", "triton", SHAPE, {"fwd": FAST, "bwd": {"block_r": 8, "block_c": 512,
-        "row_iters": 8, "num_warps": 4}}, 9.0)  # fmt: skip
+    add(
+        shipped,
+        ENV,
+        "compose_train",
+        "triton",
+        SHAPE,
+        {"fwd": FAST, "bwd": {"block_r": 8, "block_c": 512, "row_iters": 8, "num_warps": 4}},
+        9.0,
+    )
     d = Dispatcher(user, force_env="")
     p = d.plan_for_gpu(GPU, "compose_train", SHAPE, "bf16")
     assert (p.impl, p.source) == ("eager", "measured") and "shipped DB" in p.detail
@@ -188,8 +195,11 @@ def test_memoised_and_thread_safe(tmp_path, shipped, monkeypatch):
 
 def test_cpu_plans_fall_back_to_torch():
     d = Dispatcher("/nonexistent/x.sqlite", force_env="")
-    for op, shape, impl in (("norm", {"d_out": 8, "d_in": 8, "r": 2}, "factored_torch"),
-                            ("compose", SHAPE, "eager"), ("compose_train", SHAPE, "eager")):  # fmt: skip
+    for op, shape, impl in (
+        ("norm", {"d_out": 8, "d_in": 8, "r": 2}, "factored_torch"),
+        ("compose", SHAPE, "eager"),
+        ("compose_train", SHAPE, "eager"),
+    ):
         p = d.plan(op, shape, torch.bfloat16, "cpu")
         assert (p.impl, p.config, p.source) == (impl, None, "fallback")
 
@@ -416,8 +426,9 @@ def test_settle_keeps_the_decision_when_the_timer_runs_out_of_memory(monkeypatch
     assert settled.config == plan.config and settled.race == ()
 
 
-TRAIN_CFGS = [{"fwd": FAST, "bwd": {"block_r": 4, "block_c": c, "row_iters": 4, "num_warps": 4}} for c in
-              (512, 1024, 2048)]  # fmt: skip
+TRAIN_CFGS = [
+    {"fwd": FAST, "bwd": {"block_r": 4, "block_c": c, "row_iters": 4, "num_warps": 4}} for c in (512, 1024, 2048)
+]
 
 
 def _train_table_db(path):
@@ -426,8 +437,15 @@ def _train_table_db(path):
 
     versions = {i.name: i.version for i in registry()["compose_train"]}
     runners = [(("triton", TRAIN_CFGS[1]), ("triton", TRAIN_CFGS[2]))] * 2
-    table = DecisionTable("compose_train", "bf16", GPU, versions, {"rows": [1024, 8192], "cols": [4096]},
-                          [("triton", TRAIN_CFGS[0])] * 2, runners)  # fmt: skip
+    table = DecisionTable(
+        "compose_train",
+        "bf16",
+        GPU,
+        versions,
+        {"rows": [1024, 8192], "cols": [4096]},
+        [("triton", TRAIN_CFGS[0])] * 2,
+        runners,
+    )
     with TuningDB.open(path) as db:
         db.save_model(ENV, "compose_train", "bf16", "linear_trees", table.to_json(), {"cv": {}})
 
@@ -441,8 +459,10 @@ def test_compose_train_races_once_per_table_cell(tmp_path, shipped, monkeypatch)
     user = str(tmp_path / "user.sqlite")
     _train_table_db(user)
     d, dev = Dispatcher(user, force_env=""), torch.device("cpu")
-    plans = {rows: d.plan_for_gpu(GPU, "compose_train", {"rows": rows, "cols": 4096}, "bf16")
-             for rows in (2000, 2100, 2500, 6000)}  # fmt: skip
+    plans = {
+        rows: d.plan_for_gpu(GPU, "compose_train", {"rows": rows, "cols": 4096}, "bf16")
+        for rows in (2000, 2100, 2500, 6000)
+    }
     cfgs = tuple(ComposeTrainConfig.from_dict(c) for c in TRAIN_CFGS)
     assert all(p.source == "model" and p.race == cfgs for p in plans.values())
     assert plans[2000].race_cell == plans[2100].race_cell == plans[2500].race_cell != plans[6000].race_cell
@@ -554,8 +574,13 @@ def test_shipped_cache_plans_the_same_through_sqlite_and_sqlalchemy():
     for op, shape in shapes:
         for dtype in ("bf16", "fp16"):
             a, b = direct.plan_for_gpu(gpu, op, shape, dtype), via_url.plan_for_gpu(gpu, op, shape, dtype)
-            assert (a.impl, a.config, a.source, a.race, a.race_cell) == (b.impl, b.config, b.source, b.race,
-                                                                          b.race_cell), (op, shape, dtype)  # fmt: skip
+            assert (a.impl, a.config, a.source, a.race, a.race_cell) == (
+                b.impl,
+                b.config,
+                b.source,
+                b.race,
+                b.race_cell,
+            ), (op, shape, dtype)
             sources.add(a.source)
     assert sources == {"measured", "model", "heuristic"}
     assert direct.explain(gpu) == [n.replace(to_url(cache), cache) for n in via_url.explain(gpu)]

@@ -82,8 +82,11 @@ def test_versions_hash_what_inspect_reads_without_importing_triton():
 
 def test_configs_parse_and_run_on_cpu():
     reg = registry()
-    for op, shape in (("norm", {"d_out": 8, "d_in": 16, "r": 2}), ("compose", {"rows": 3, "cols": 8}),
-                      ("compose_train", {"rows": 3, "cols": 8})):  # fmt: skip
+    for op, shape in (
+        ("norm", {"d_out": 8, "d_in": 16, "r": 2}),
+        ("compose", {"rows": 3, "cols": 8}),
+        ("compose_train", {"rows": 3, "cols": 8}),
+    ):
         x = make_inputs(op, shape, "fp32", torch.device("cpu"))
         for impl in reg[op]:
             cfgs = impl.configs(shape)

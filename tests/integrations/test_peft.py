@@ -29,9 +29,16 @@ def tiny_llama(dropout=0.0, dtype=torch.float32, device="cpu", seed=0, **peft_kw
     lora_B and the magnitude perturbed (PEFT starts B at zero, where DoRA is the identity)."""
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=N_LAYERS, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, attention_bias=True, mlp_bias=True,
-    )  # fmt: skip
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+        attention_bias=True,
+        mlp_bias=True,
+    )
     model = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
     config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, use_dora=True, target_modules=TARGETS)
     pm = peft.get_peft_model(model, config, **peft_kwargs)
@@ -65,8 +72,11 @@ def run(model, ids, *, seed=0, grad=True):
     logits = logits_of(model(input_ids=ids))
     w = torch.randn(logits.shape, generator=torch.Generator().manual_seed(7)).to(logits.device)
     (logits.float() * w).sum().backward()
-    grads = {n.removeprefix("_orig_mod."): p.grad.detach().float().clone()  # a compiled module's names
-             for n, p in model.named_parameters() if p.requires_grad}  # fmt: skip
+    grads = {
+        n.removeprefix("_orig_mod."): p.grad.detach().float().clone()  # a compiled module's names
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
     return logits.detach().float(), grads
 
 
@@ -385,8 +395,12 @@ def test_eligibility_is_checked_once_until_the_call_changes(calls, monkeypatch):
     run(pm, ids)
     assert len(checks) == 4 and calls["compose_train"] == 4  # the route again: one call
     layer = lin.lora_magnitude_vector["default"]
-    kwargs = {"lora_A": lin.lora_A["default"], "lora_B": lin.lora_B["default"], "scaling": 0.5,
-              "base_layer": lin.base_layer}  # fmt: skip
+    kwargs = {
+        "lora_A": lin.lora_A["default"],
+        "lora_B": lin.lora_B["default"],
+        "scaling": 0.5,
+        "base_layer": lin.base_layer,
+    }
     x = torch.randn(2, 16)
     assert dp._checked_why_not(layer, x, kwargs) is None
     assert "plain float tensor" in dp._checked_why_not(layer, x.double(), kwargs)

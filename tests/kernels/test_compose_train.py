@@ -273,9 +273,13 @@ def test_gpu_auto_races_the_models_shortlist_once_per_cell(tmp_path):
     # Unmeasured shapes whose model cell holds a 3-config shortlist: the first auto call (compose_train, then
     # dora_compose_train at another shape of the same cell) times the three on its own inputs and memoises the
     # fastest for the cell; values and gradients are the reference's either way.
-    cfgs = [{"fwd": {"block_r": 4, "block_c": 512, "num_warps": 4},
-             "bwd": {"block_r": br, "block_c": bc, "row_iters": it, "num_warps": 4}}
-            for br, bc, it in ((8, 512, 8), (1, 2048, 1), (4, 1024, 16))]  # fmt: skip
+    cfgs = [
+        {
+            "fwd": {"block_r": 4, "block_c": 512, "num_warps": 4},
+            "bwd": {"block_r": br, "block_c": bc, "row_iters": it, "num_warps": 4},
+        }
+        for br, bc, it in ((8, 512, 8), (1, 2048, 1), (4, 1024, 16))
+    ]
     with racing_dispatcher(tmp_path, "compose_train", {"rows": [3000], "cols": [3000]}, cfgs) as d:
         lora, base, g, dout = make((2, 1001, 3003), torch.bfloat16, "cuda", seed=5)
         dims, dev = (2002, 3003), base.device

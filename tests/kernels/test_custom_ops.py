@@ -81,7 +81,7 @@ def test_opcheck(impl, dev_for):
         (torch.ops.dora_tune.compose_train_fwd.default, (*lg, 0.6, True, impl, "")),
         (torch.ops.dora_tune.compose_train_fwd.default, (lg[0], lg[1], g, 0.6, False, impl, "")),
         (torch.ops.dora_tune.compose_train_bwd.default, (dout, base, g, 0.6, True, False, True, impl, "")),
-    ]  # fmt: skip
+    ]
     for op, args in cases:
         result = torch.library.opcheck(op, args)
         assert set(result.values()) == {"SUCCESS"}, (op, result)
@@ -206,8 +206,11 @@ def test_norm_op_plans_like_the_eager_call(triton_device, monkeypatch):
     d._memo[("norm", (24, 40, 5), "fp32", W.device, None)] = runtime.Plan("triton", cfg, "model", "test")
     monkeypatch.setattr(runtime, "_DEFAULT", d)
     seen = []
-    monkeypatch.setattr(runtime.Dispatcher, "_resolve", lambda *a, **k: seen.append(a) or runtime.Plan(
-        "factored_torch", None, "fallback", "test"))  # fmt: skip
+    monkeypatch.setattr(
+        runtime.Dispatcher,
+        "_resolve",
+        lambda *a, **k: seen.append(a) or runtime.Plan("factored_torch", None, "fallback", "test"),
+    )
     got = co.factored_norm_op(W, A, B, 0.5, "auto", None)
     assert seen == []  # the memoised fp32 plan was used, no other key was resolved
     assert relerr(got, norm_reference(W, A, B, 0.5)) <= 1e-5

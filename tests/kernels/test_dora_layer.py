@@ -50,8 +50,9 @@ def run(impl, x, W, A, B, m, n, bias, s, dout, output, with_base_result, with_bi
     outs = []
     for ins, fn, kw in ((got_in, dora_layer, {"impl": impl, "config": config}), (ref_in, dora_layer_reference, {})):
         mm = ins.get("m", m if fn is dora_layer else m.double())
-        out = fn(ins["x"], W, ins["A"], ins["B"], mm, n, s, bias=b, base_result=ins.get("base_result"), output=output,
-                 **kw)  # fmt: skip
+        out = fn(
+            ins["x"], W, ins["A"], ins["B"], mm, n, s, bias=b, base_result=ins.get("base_result"), output=output, **kw
+        )
         grads = torch.autograd.grad(out, list(ins.values()), dout.to(out.dtype))
         outs.append((out, dict(zip(ins, grads, strict=True))))
     return outs
@@ -98,8 +99,7 @@ def test_triton_configs_and_row_programs(triton_device):
     x, W, A, B, m, n, bias, s, dout = make((70,), 24, 130, 4, torch.float32, triton_device, seed=5)
     for bwd in (ComposeBwdConfig(16, 256, 16, 4), ComposeBwdConfig(1, 1024, 1, 4)):
         cfg = ComposeTrainConfig(ComposeConfig(2, 512, 4), bwd)
-        (out, grads), (ref, ref_grads) = run("triton", x, W, A, B, m, n, bias, s, dout, "delta", True, True,
-                                             config=cfg)  # fmt: skip
+        (out, grads), (ref, ref_grads) = run("triton", x, W, A, B, m, n, bias, s, dout, "delta", True, True, config=cfg)
         errs = [relerr(out, ref)] + [relerr(grads[k], ref_grads[k]) for k in grads]
         assert max(errs) <= 2e-5, (bwd, errs)
 

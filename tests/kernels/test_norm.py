@@ -222,8 +222,10 @@ def test_gpu_norm_config_type_is_checked():
 def test_gpu_auto_races_the_models_shortlist(tmp_path):
     # An unmeasured shape whose model cell holds a 3-config shortlist: the first auto call times the three on its own
     # inputs and memoises the fastest; the result is the reference's either way.
-    cfgs = [dict(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=s, split_k=k) for s, k in
-            ((4, 3), (3, 1), (4, 4))]  # fmt: skip
+    cfgs = [
+        dict(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=s, split_k=k)
+        for s, k in ((4, 3), (3, 1), (4, 4))
+    ]
     with racing_dispatcher(tmp_path, "norm", {"d_out": [1024], "d_in": [1024], "r": [256]}, cfgs) as d:
         W, A, B = make(1000, 1024, 200, torch.bfloat16, "cuda", seed=11)
         dims, dev = (1000, 1024, 200), W.device  # the kernels key their plans by the tensors' device
