@@ -129,19 +129,25 @@ def _fwd(
     return out, u, inner, Wx
 
 
+def _terms(n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_scale_terms` computed, in four ops (a norm is ≥ 0; 0, -0.0 and NaN get inv = 0, c = 1)."""
+    nf = n.detach().float()
+    ok = nf > 0
+    return torch.where(ok, nf.reciprocal(), 0.0), torch.where(ok, 0.0, 1.0)
+
+
 def _scale_terms(n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(inv, c)`` with ``g = c + m·inv`` = :func:`~dora_tune.kernels.compose.dora_scale` (``inv = 1/n``, ``c = 0``
     where ``n > 0``; ``inv = 0``, ``c = 1`` elsewhere), float32. Kept on the norm tensor (a norm cached per optimizer
     step pays for them once), keyed on its version counter."""
+    if is_compiling():  # traced: plain ops for Inductor to fuse, no memo on the tensor
+        return _terms(n)
     version = None if n.is_inference() else n._version  # inference tensors have no version counter: no memo
     memo = getattr(n, "_dora_tune_terms", None)
     if memo is not None and version is not None and memo[0] == version:
         return memo[1], memo[2]
-    with torch.no_grad():  # four ops (a norm is ≥ 0; 0, -0.0 and NaN get inv = 0, c = 1)
-        nf = n.float()
-        ok = nf > 0
-        inv = torch.where(ok, nf.reciprocal(), 0.0)
-        c = torch.where(ok, 0.0, 1.0)
+    with torch.no_grad():
+        inv, c = _terms(n)
     if version is not None:
         n._dora_tune_terms = (version, inv, c)
     return inv, c
@@ -380,7 +386,10 @@ def dora_layer_unchecked(
     """:func:`dora_layer` without the argument checks: for layers that validated their tensors once (their shapes,
     dtypes and devices are fixed while they stay the same tensors). ``sub_bias``: ``base_result`` includes ``bias``;
     ``full``: the layer output instead of the delta."""
-    if is_compiling() or weight.requires_grad or torch.is_autocast_enabled(x.device.type):
+    if is_compiling():  # torch ops that Inductor fuses into its own kernels (an opaque custom op runs Python a call)
+        n = norm.detach().float()
+        return _torch_path(x, weight, bias, base_result, lora_A, lora_B, magnitude, n, scale, sub_bias, full)
+    if weight.requires_grad or torch.is_autocast_enabled(x.device.type):
         return dora_layer_composed(x, weight, lora_A, lora_B, magnitude, norm, scale, bias, base_result, sub_bias, full)
     grad = torch.is_grad_enabled() and (
         x.requires_grad

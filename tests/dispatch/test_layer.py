@@ -512,10 +512,10 @@ def test_compiled_stack_matches_eager():
         assert max(relerr(a, b) for a, b in zip(gg, gw, strict=True)) <= 1e-6
         with torch.no_grad():
             assert relerr(compiled(x), want) <= 1e-6
-    # fullgraph=True: no graph break; the ops are single nodes of the graphs, the backward included
-    assert dora_ops_in(dynamo_graphs) == ["dora_tune.cached_norm", "dora_tune.compose", "dora_tune.compose_train_fwd"]
-    aot_ops = ["cached_norm", "compose", "compose_train_bwd", "compose_train_fwd"]
-    assert dora_ops_in(aot_graphs) == [f"dora_tune.{op}.default" for op in aot_ops]
+    # fullgraph=True: no graph break; the norm is one opaque node (its cache), the rest plain torch ops that Inductor
+    # fuses into its own kernels
+    assert dora_ops_in(dynamo_graphs) == ["dora_tune.cached_norm"]
+    assert dora_ops_in(aot_graphs) == ["dora_tune.cached_norm.default"]
 
 
 @pytest.mark.gpu

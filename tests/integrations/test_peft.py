@@ -424,8 +424,8 @@ def test_zero_norm_rows_stay_finite(calls):
 
 
 def test_compiled_peft_model_has_no_graph_break():
-    """torch.compile(fullgraph=True) of a PEFT model with dora-tune on (training, dropout): the DoRA ops are graph
-    nodes and the result is PEFT's."""
+    """torch.compile(fullgraph=True) of a PEFT model with dora-tune on (training, dropout): no graph break, the norm
+    one node (its cache), the composition torch ops for Inductor, and the result is PEFT's."""
     pm = mixed_model(target_modules=["lin"], lora_dropout=0.1).train()
     ids = torch.randint(0, 50, (3, 9), generator=torch.Generator().manual_seed(0))
     want = run(pm, ids)
@@ -459,7 +459,7 @@ def test_compiled_peft_model_has_no_graph_break():
         assert norms.computed == computed + n_dora
     assert_close(got, want, 1e-5)
     ops = {str(n.target) for gm in graphs for n in gm.graph.nodes if "dora_tune" in str(n.target)}
-    assert ops == {"dora_tune.cached_norm", "dora_tune.compose_train_fwd"}
+    assert ops == {"dora_tune.cached_norm"}
 
 
 def test_refuses_an_unknown_peft_api(monkeypatch):
