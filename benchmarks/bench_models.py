@@ -1,7 +1,8 @@
 """The decoder stacks the end-to-end benchmarks train: a transformers Llama or Qwen2 built from a config with random
 weights (no downloads), on the device in the working dtype.
 
-Imported by the benchmark scripts as ``benchmarks.bench_models`` (they put the repository root on ``sys.path``).
+Imported by the benchmark scripts as ``bench_models`` (running ``python3 benchmarks/x.py`` puts ``benchmarks/`` on
+``sys.path``).
 """
 
 from __future__ import annotations

@@ -9,27 +9,29 @@ rank. CPU only; the GPU work is the two ``dora-tune profile`` runs::
         --out benchmarks/results/h200-norm-epilogue.json
 
 Both sweeps should come from the same GPU model; from two machines, expect ~2–4 % between them on unchanged code.
+Nothing is timed (the databases hold the times). Writes ``--out`` and one result row per rank (or last shape key) and
+one for all shapes (the harness, ``benchmarks/README.md``: shape op, implementation, dtype, both versions and the
+group; figures shapes, after ÷ before geomean, min, max), filed under the GPU of the ``--after`` sweep.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections import defaultdict
 from datetime import datetime, timezone
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness
 
 from dora_tune.autotune_db import TuningDB
 from dora_tune.dispatch.costmodel import _prepare
 from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
 
 
-def sweep(path: str, gpu: str, op: str, impl: str, dtype: str) -> tuple[str, dict[tuple[int, ...], dict]]:
-    """(version, shape → {"best": µs, "by_split": {split_k: µs}}) of ``impl``'s newest version in ``path``."""
+def sweep(path: str, gpu: str, op: str, impl: str, dtype: str) -> tuple[str, dict[tuple[int, ...], dict], str]:
+    """(version, shape → {"best": µs, "by_split": {split_k: µs}}, GPU name) of ``impl``'s newest version in
+    ``path``."""
     with TuningDB.open(path, readonly=True) as db:
         trials = db.trials(gpu=gpu, op=op, impl=impl)
     data = _prepare(trials, op, dtype, None)
@@ -41,7 +43,7 @@ def sweep(path: str, gpu: str, op: str, impl: str, dtype: str) -> tuple[str, dic
         split = t.config.get("split_k")
         if split is not None:
             e["by_split"][split] = min(e["by_split"].get(split, math.inf), t.median_us)
-    return data.versions[impl], out
+    return data.versions[impl], out, trials[0].gpu_name if trials else gpu
 
 
 def _geo(values: list[float]) -> float:
@@ -55,11 +57,19 @@ def main() -> None:
     ap.add_argument("--op", default="norm", choices=sorted(OP_SHAPE_KEYS))
     ap.add_argument("--impl", default="triton")
     ap.add_argument("--gpu", default="h200")
-    ap.add_argument("--dtype", default="bf16")
-    ap.add_argument("--out", required=True)
+    harness.add_flags(
+        ap,
+        out_required=True,
+        out_help="JSON path",
+        dtype="bf16",
+        dtype_choices=None,
+        dtype_help="the trials' dtype",
+        seed=None,
+    )
     args = ap.parse_args()
-    v0, before = sweep(args.before, args.gpu, args.op, args.impl, args.dtype)
-    v1, after = sweep(args.after, args.gpu, args.op, args.impl, args.dtype)
+    rec = harness.start(__file__, args)
+    v0, before, _ = sweep(args.before, args.gpu, args.op, args.impl, args.dtype)
+    v1, after, gpu_name = sweep(args.after, args.gpu, args.op, args.impl, args.dtype)
     shapes = sorted(set(before) & set(after))
     if not shapes:
         sys.exit("no shape is in both databases")
@@ -67,12 +77,16 @@ def main() -> None:
     for key in shapes:
         b, a = before[key], after[key]
         ratio = a["best"] / b["best"]
-        rows.append({
-            "shape": dict(zip(OP_SHAPE_KEYS[args.op], key, strict=True)),
-            "before_us": b["best"], "after_us": a["best"], "after_over_before": ratio,
-            "before_split_regret": {s: v / b["best"] for s, v in sorted(b["by_split"].items())},
-            "after_split_regret": {s: v / a["best"] for s, v in sorted(a["by_split"].items())},
-        })  # fmt: skip
+        rows.append(
+            {
+                "shape": dict(zip(OP_SHAPE_KEYS[args.op], key, strict=True)),
+                "before_us": b["best"],
+                "after_us": a["best"],
+                "after_over_before": ratio,
+                "before_split_regret": {s: v / b["best"] for s, v in sorted(b["by_split"].items())},
+                "after_split_regret": {s: v / a["best"] for s, v in sorted(a["by_split"].items())},
+            }
+        )
         by_group[key[-1]].append(ratio)
     ratios = [r["after_over_before"] for r in rows]
     summary = {
@@ -82,17 +96,33 @@ def main() -> None:
             str(g): {"n": len(v), "geomean": _geo(v), "min": min(v), "max": max(v)} for g, v in sorted(by_group.items())
         },
     }
-    out = {"date": datetime.now(timezone.utc).isoformat(), "op": args.op, "impl": args.impl,
-           "before": {"db": args.before, "version": v0}, "after": {"db": args.after, "version": v1},
-           "summary": summary, "rows": rows}  # fmt: skip
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    out = {
+        "date": datetime.now(timezone.utc).isoformat(),
+        "op": args.op,
+        "impl": args.impl,
+        "before": {"db": args.before, "version": v0},
+        "after": {"db": args.after, "version": v1},
+        "summary": summary,
+        "rows": rows,
+    }
+    harness.write_json(args.out, out)
+    base = {"op": args.op, "impl": args.impl, "dtype": args.dtype, "before_version": v0, "after_version": v1}
+    group = OP_SHAPE_KEYS[args.op][-1]
+    rec.record({**base, group: "all"}, {"shapes": len(rows), **summary["after_over_before"]}, gpu=gpu_name)
+    for g, v in summary[f"by_{group}"].items():
+        figures = {"shapes": v["n"], "geomean": v["geomean"], "min": v["min"], "max": v["max"]}
+        rec.record({**base, group: int(g)}, figures, gpu=gpu_name)
     s = summary["after_over_before"]
-    print(f"{len(rows)} shapes, after / before best time: geomean {s['geomean']:.3f}, min {s['min']:.3f}, "
-          f"max {s['max']:.3f}")  # fmt: skip
+    print(
+        f"{len(rows)} shapes, after / before best time: geomean {s['geomean']:.3f}, min {s['min']:.3f}, "
+        f"max {s['max']:.3f}"
+    )
     for g, v in summary[f"by_{OP_SHAPE_KEYS[args.op][-1]}"].items():
-        print(f"  {OP_SHAPE_KEYS[args.op][-1]} {g:>6}: n {v['n']:3d}  geomean {v['geomean']:.3f}  "
-              f"min {v['min']:.3f}  max {v['max']:.3f}")  # fmt: skip
-    print(f"wrote {args.out}")
+        print(
+            f"  {OP_SHAPE_KEYS[args.op][-1]} {g:>6}: n {v['n']:3d}  geomean {v['geomean']:.3f}  "
+            f"min {v['min']:.3f}  max {v['max']:.3f}"
+        )
+    print(f"wrote {args.out}; {rec.summary()}")
 
 
 if __name__ == "__main__":

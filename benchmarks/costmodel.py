@@ -11,7 +11,11 @@ Two data sets:
   config effects from a realistic number of shapes; it is not a measurement of a GPU.
 
 For every (data set, op, estimator) it prints the model's and the fixed crossover's top-1 and regret (geomean,
-max) and the fit + cross-validation time, and writes ``benchmarks/results/costmodel-estimators.json``.
+max) and the fit + cross-validation time, and writes ``benchmarks/results/costmodel-estimators.json`` (``--out``)
+and one result row each (the harness, ``benchmarks/README.md``: item the estimator, shape data set and op; figures
+top-1 and regret of the model, the paired model and the crossover, and the seconds), filed under ``nvidia-h200``
+for the H200 data and ``cpu`` for the synthetic data (no GPU measured it). ``--seed``: the synthetic noise and the
+estimators' seed (default 0). Nothing is timed but the fits' bookkeeping.
 
     python3 benchmarks/costmodel.py [--estimators extra_trees,hist_gb,knn,linear_trees] [--out PATH]
 """
@@ -25,6 +29,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import harness
 import numpy as np
 
 import dora_tune
@@ -103,39 +108,52 @@ def synthetic_trials(op: str, seed: int = 0) -> list[TrialRow]:
             if op == "compose_train" and impl.name == "triton":
                 best = min(rows, key=lambda t: t.median_us).config["fwd"]
                 seen = {json.dumps(t.config, sort_keys=True) for t in rows}
-                out += [row("triton", shape, c) for c in train_bwd_stage(best)
-                        if json.dumps(c, sort_keys=True) not in seen]  # fmt: skip
+                out += [
+                    row("triton", shape, c) for c in train_bwd_stage(best) if json.dumps(c, sort_keys=True) not in seen
+                ]
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--estimators", default=",".join(ESTIMATORS))
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "costmodel-estimators.json"))
+    harness.add_flags(ap, out_default=str(Path(__file__).parent / "results" / "costmodel-estimators.json"))
     args = ap.parse_args()
+    rec = harness.start(__file__, args)
     with TuningDB.open(str(CACHE), readonly=True) as db:
         h200 = db.trials(status="ok")
+    gpus = {"h200": h200[0].gpu_name if h200 else "NVIDIA H200", "synthetic": None}
     sets = {"h200": {op: h200 for op in ("norm", "compose", "compose_train")}}
-    sets["synthetic"] = {op: synthetic_trials(op) for op in ("norm", "compose", "compose_train")}
+    sets["synthetic"] = {op: synthetic_trials(op, args.seed) for op in ("norm", "compose", "compose_train")}
     results = []
-    print(f"{'data':<10} {'op':<14} {'estimator':<13} {'shapes':>6} | model top1 (impl) geo / max | paired geo / max "
-          "| crossover top1 (impl) geo / max (excluded) | s")  # fmt: skip
+    print(
+        f"{'data':<10} {'op':<14} {'estimator':<13} {'shapes':>6} | model top1 (impl) geo / max | paired geo / max "
+        "| crossover top1 (impl) geo / max (excluded) | s"
+    )
     for name, per_op in sets.items():
         for op, trials in per_op.items():
             for est in args.estimators.split(","):
                 t0 = time.perf_counter()
-                cv = cross_validate(trials, op, "bf16", estimator=est)
+                cv = cross_validate(trials, op, "bf16", estimator=est, seed=args.seed)
                 dt = time.perf_counter() - t0
                 m, p, x = cv.model, cv.model_paired, cv.crossover
                 results.append({"data": name, "op": op, "estimator": est, "seconds": round(dt, 2), **cv.to_json()})
                 results[-1].pop("shapes")
-                print(f"{name:<10} {op:<14} {est:<13} {m.n_shapes:>6} | {m.top1:.2f} ({m.impl_top1:.2f}) "
-                      f"{m.regret_geomean:.3f} / {m.regret_max:.3f} | {p.regret_geomean:.3f} / {p.regret_max:.3f} | "
-                      f"{x.top1:.2f} ({x.impl_top1:.2f}) {x.regret_geomean:.3f} / {x.regret_max:.3f} ({x.excluded}) "
-                      f"| {dt:.1f}")  # fmt: skip
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {args.out}")
+                figures = {"shapes": m.n_shapes, "seconds": dt}
+                for tag, r in (("model", m), ("paired", p), ("crossover", x)):
+                    figures |= {f"{tag}_regret_geomean": r.regret_geomean, f"{tag}_regret_max": r.regret_max}
+                    if tag != "paired":
+                        figures |= {f"{tag}_top1": r.top1, f"{tag}_impl_top1": r.impl_top1}
+                figures["crossover_excluded"] = x.excluded
+                rec.record({"data": name, "op": op, "dtype": "bf16"}, figures, item=est, gpu=gpus[name])
+                print(
+                    f"{name:<10} {op:<14} {est:<13} {m.n_shapes:>6} | {m.top1:.2f} ({m.impl_top1:.2f}) "
+                    f"{m.regret_geomean:.3f} / {m.regret_max:.3f} | {p.regret_geomean:.3f} / {p.regret_max:.3f} | "
+                    f"{x.top1:.2f} ({x.impl_top1:.2f}) {x.regret_geomean:.3f} / {x.regret_max:.3f} ({x.excluded}) "
+                    f"| {dt:.1f}"
+                )
+    harness.write_json(args.out, results)
+    print(f"wrote {args.out}; {rec.summary()}")
 
 
 if __name__ == "__main__":

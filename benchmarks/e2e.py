@@ -47,7 +47,16 @@ twentieth of ``--tol-out`` / ``--tol-grad``; without a reference (``--no-ref``):
 whose defaults are a bound of the dtype's rounding noise, :func:`default_tolerances`), which exits with status 1
 after the JSON is written; so does any variant that fails. The JSON records the environment (GPU, torch, triton,
 peft, transformers versions, date, command). ``--device cpu --tiny`` runs the same code with tiny dims in fp32 on the
-CPU, timed by ``time.perf_counter`` (a smoke test, not a benchmark).
+CPU, timed by the harness's per-call wall times (``harness.call_times_us``; a smoke test, not a benchmark).
+
+Timing: ``do_bench`` is kept on CUDA on purpose, not the harness's GPU timer: its events around each call take in
+the host's time wherever enqueuing a step takes longer than the GPU runs it (the eager PEFT step at these sizes),
+which is what training pays and what (b) changes; the harness's timer holds the GPU ahead of the host and would hide
+it. It also keeps the figures comparable with the recorded ones. Result rows (the harness, ``benchmarks/README.md``):
+one per model and variant — shape the model, layers, tokens, rank, alpha, dtype, adapter dtype; figures the three
+times (median, p20, p80), their speedups over (a), peak memory, with ``--trace`` the traced wall and device-busy
+time per step, and for (b) whether it passed the correctness check. Shared flags (``--out --device --dtype --seed
+--note --no-record``) come from ``harness.add_flags``.
 """
 
 from __future__ import annotations
@@ -59,7 +68,6 @@ import gc
 import inspect
 import json
 import math
-import os
 import sys
 import time
 import traceback
@@ -68,15 +76,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import harness
 import torch
 import torch.nn.functional as F
+from bench_models import TARGETS, Spec, build_decoder
 from rich.console import Console
 from rich.table import Table
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from benchmarks.bench_models import TARGETS, Spec, build_decoder  # noqa: E402
 
 VARIANTS = {
     "peft_dora": "(a) PEFT DoRA",
@@ -91,7 +96,6 @@ VARIANTS = {
 DT_VARIANTS = {"dora_tune", "dora_tune_eager", "dora_tune_compiled", "dora_tune_cudagraphs"}  # need enable()
 DEFAULT_VARIANTS = ("peft_dora", "dora_tune", "lora")  # (d) on request: it separates kernel time from host cost
 GRAD_KINDS = {"lora_A": "grad lora_A", "lora_B": "grad lora_B", "lora_magnitude_vector": "grad magnitude"}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WARM_CALLS = 3  # untimed calls of each function before timing: Triton compilation, dispatcher first use
 DELTA_RATIO = 0.1  # lora_B is drawn so that ‖s·B·A‖ ≈ DELTA_RATIO·‖W‖ per row
 console = Console(width=None if sys.stdout.isatty() else 150)  # logs: no wrapping at 80
@@ -160,7 +164,7 @@ def build_model(spec: Spec, args: argparse.Namespace, use_dora: bool) -> tuple[t
         model = get_peft_model(base, lcfg, **kw)
     n_layers = perturb_lora_B(model, args.seed + 2)
     model.train()
-    sync(args.device)
+    harness.sync(args.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
     info = {
@@ -219,37 +223,30 @@ def loss_of(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> 
 
 
 # ---------------------------------------------------------------- measurement
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def zero_grads(params: list[torch.nn.Parameter]) -> None:
     for p in params:
         p.grad = None
 
 
 def bench(fn: Callable[[], object], args: argparse.Namespace, grads: list[torch.nn.Parameter] | None = None) -> dict:
-    """Median / p20 / p80 in ms: ``do_bench`` on CUDA, a perf_counter loop of the same shape elsewhere."""
+    """Median / p20 / p80 in ms: ``do_bench`` on CUDA (see the module docstring: kept on purpose), on the CPU the
+    harness's per-call wall times (``harness.call_times_us``), as many calls as ``--rep`` ms hold, after ``--warmup``
+    ms of calls; ``grads`` are set to None before every call."""
     if args.device.type == "cuda":
         from triton.testing import do_bench
 
         q = do_bench(fn, warmup=args.warmup, rep=args.rep, grad_to_none=grads, quantiles=[0.5, 0.2, 0.8])
     else:
-        fn()
-        t0 = time.perf_counter()
-        fn()
-        est = max((time.perf_counter() - t0) * 1e3, 1e-3)
-        for _ in range(max(1, int(args.warmup / est))):
-            fn()
-        times = []
-        for _ in range(max(5, int(args.rep / est))):
+
+        def call() -> None:
             zero_grads(grads or [])
-            t0 = time.perf_counter()
             fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
-        q = q.tolist()
+
+        call()
+        est = max(harness.wall_us(call, args.device) / 1e3, 1e-3)
+        reps = max(5, int(args.rep / est))
+        (times,) = harness.call_times_us([call], args.device, reps=reps, rounds=1, warmup_ms=args.warmup)
+        q = harness.quantiles([t / 1e3 for t in times], (0.5, 0.2, 0.8))
     return {"ms": q[0], "p20_ms": q[1], "p80_ms": q[2]}
 
 
@@ -295,7 +292,7 @@ def measure(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], ar
     for _ in range(WARM_CALLS):
         fwd_nograd()
     model.train()
-    sync(args.device)
+    harness.sync(args.device)
     res: dict[str, Any] = {"warm_s": time.perf_counter() - t0}
     res["fwd_train"] = bench(fwd_train, args)
     model.eval()
@@ -319,13 +316,13 @@ def trace(step: Callable[[], None], params: list[torch.nn.Parameter], args: argp
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     n = args.trace
     zero_grads(params)
-    sync(args.device)
+    harness.sync(args.device)
     with profile(activities=acts) as prof:
         t0 = time.perf_counter()
         for _ in range(n):
             step()
             zero_grads(params)
-        sync(args.device)
+        harness.sync(args.device)
         wall = (time.perf_counter() - t0) * 1e3 / n
     events = prof.key_averages()
 
@@ -621,8 +618,10 @@ def _f(v: float | None, fmt: str = ".2f") -> str:
 def print_tables(key: str, res: dict) -> None:
     v = res["variants"]
     a = v.get("peft_dora")
-    t = Table(title=f"{key}: {res['spec']['hidden']}/{res['spec']['intermediate']}, {res['args_layers']} layers, "
-                    f"{res['args_tokens']} tokens, r={res['args_rank']}, {res['args_dtype']}")  # fmt: skip
+    t = Table(
+        title=f"{key}: {res['spec']['hidden']}/{res['spec']['intermediate']}, {res['args_layers']} layers, "
+        f"{res['args_tokens']} tokens, r={res['args_rank']}, {res['args_dtype']}"
+    )
     for col in ("variant", "fwd ms (train)", "fwd ms (no grad)", "fwd+bwd ms", "peak MiB", "Δpeak MiB"):
         t.add_column(col, justify="left" if col == "variant" else "right")
     for col in ("× (a) fwd", "× (a) no grad", "× (a) fwd+bwd"):
@@ -673,10 +672,8 @@ def print_tables(key: str, res: dict) -> None:
 
 
 def environment(args: argparse.Namespace) -> dict:
-    """:func:`benchmarks.bench_env.environment`, and whether PEFT caches its DoRA weight norm."""
-    from benchmarks.bench_env import environment as base_environment
-
-    env = base_environment(args.device)
+    """:func:`harness.environment`, and whether PEFT caches its DoRA weight norm."""
+    env = harness.environment(args.device)
     try:
         from peft.tuners.lora import dora as peft_dora
 
@@ -684,6 +681,35 @@ def environment(args: argparse.Namespace) -> dict:
     except ImportError:
         pass
     return env
+
+
+def record_model(rec: harness.Recorder, key: str, m: dict, args: argparse.Namespace) -> None:
+    """One result row per variant measured on model ``key`` (the JSON keeps the rest)."""
+    shape = {
+        "model": key,
+        "layers": args.layers,
+        "tokens": args.tokens,
+        "rank": args.rank,
+        "alpha": args.alpha,
+        "dtype": args.dtype,
+        "fp32_adapters": args.fp32_adapters,
+        "tiny": args.tiny,
+    }
+    a = m["variants"].get("peft_dora")
+    correct = m.get("correctness", {}).get("ok")
+    for name, r in m["variants"].items():
+        figures: dict[str, Any] = {}
+        for k in ("fwd_train", "fwd_nograd", "fwd_bwd"):
+            figures |= {f"{k}_ms": r[k]["ms"], f"{k}_p20_ms": r[k]["p20_ms"], f"{k}_p80_ms": r[k]["p80_ms"]}
+            if a is not None:
+                figures[f"{k}_speedup_vs_peft_dora"] = a[k]["ms"] / r[k]["ms"]
+        figures |= {"peak_MiB": r["memory"]["peak_MiB"], "delta_MiB": r["memory"]["delta_MiB"]}
+        if "trace" in r:
+            t = r["trace"]
+            figures |= {"trace_wall_ms": t["wall_ms_per_step"], "trace_device_busy_ms": t["device_busy_ms_per_step"]}
+        if name == "dora_tune" and correct is not None:
+            figures["correct_vs_peft_dora"] = correct
+        rec.record(shape, figures, item=name)
 
 
 # ---------------------------------------------------------------- main
@@ -700,8 +726,6 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--vocab", type=int, default=None, help="vocabulary size (default 1024; --tiny 128)")
     ap.add_argument("--warmup", type=float, default=None, help="do_bench warm-up, ms (default 100; --tiny 20)")
     ap.add_argument("--rep", type=float, default=None, help="do_bench repetition time, ms (default 1000; --tiny 100)")
-    ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
-    ap.add_argument("--dtype", choices=list(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--tiny", action="store_true", help="tiny dims (smoke test)")
     ap.add_argument("--fp32-adapters", action="store_true", help="PEFT's autocast_adapter_dtype=True (fp32 adapters)")
     ap.add_argument(
@@ -722,23 +746,29 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="(b) vs (a) gradients (default: 15·u·√layers, 8.3e-2 for 2 bf16 layers; fp32 1e-3)",
     )
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--trace", type=int, default=0, metavar="N",
-                    help="also profile N forward+backward steps per variant (torch.profiler): device-busy vs wall "
-                    "time, top kernels and host ops, in the JSON")  # fmt: skip
-    ap.add_argument("--out", default=None, help="JSON path (default $OUT/h200-e2e.json or benchmarks/results/)")
-    args = ap.parse_args()
-
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda but CUDA is not available (use --device cpu --tiny)")
-    if args.device.type == "cuda" and args.device.index is None:
-        args.device = torch.device("cuda", torch.cuda.current_device())
-    args.dtype = args.dtype or ("bf16" if args.device.type == "cuda" else "fp32")
-    args.torch_dtype = DTYPES[args.dtype]
+    ap.add_argument(
+        "--trace",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also profile N forward+backward steps per variant (torch.profiler): device-busy vs wall "
+        "time, top kernels and host ops, in the JSON",
+    )
+    harness.add_flags(
+        ap,
+        out_help="JSON path (default $OUT/h200-e2e.json or benchmarks/results/; cpu-e2e-tiny.json on the CPU)",
+        device="auto",
+        dtype=True,
+    )
+    args = harness.resolve(ap.parse_args(), ap)
     tiny = args.tiny
-    for name, full, small in (("tokens", 4096, 64), ("rank", 384, 8), ("vocab", 1024, 128), ("warmup", 100.0, 20.0),
-                              ("rep", 1000.0, 100.0)):  # fmt: skip
+    for name, full, small in (
+        ("tokens", 4096, 64),
+        ("rank", 384, 8),
+        ("vocab", 1024, 128),
+        ("warmup", 100.0, 20.0),
+        ("rep", 1000.0, 100.0),
+    ):
         if getattr(args, name) is None:
             setattr(args, name, small if tiny else full)
     args.alpha = args.alpha if args.alpha is not None else 2 * args.rank
@@ -754,8 +784,7 @@ def parse_args() -> argparse.Namespace:
         if v not in VARIANTS:
             ap.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
     if args.out is None:
-        name = "cpu-e2e-tiny.json" if args.device.type == "cpu" else "h200-e2e.json"
-        args.out = os.path.join(os.environ.get("OUT", str(REPO / "benchmarks" / "results")), name)
+        args.out = harness.default_out("cpu-e2e-tiny.json" if args.device.type == "cpu" else "h200-e2e.json")
     return args
 
 
@@ -763,8 +792,9 @@ def main() -> None:
     args = parse_args()
     dt_peft = load_dt_peft() if DT_VARIANTS & set(args.variants) else None
     t0 = time.time()
+    rec = harness.start(__file__, args, env=environment(args))
     res: dict[str, Any] = {
-        "env": environment(args),
+        "env": rec.env,
         "args": {k: (str(v) if isinstance(v, torch.device | torch.dtype) else v) for k, v in vars(args).items()},
         "models": {},
     }
@@ -786,8 +816,9 @@ def main() -> None:
         res["seconds"] = time.time() - t0
         res["ok"] = not failures
         path.write_text(json.dumps(res, indent=1, default=str))  # after each model: a cut-short run keeps it
+        record_model(rec, key, m, args)
         print_tables(key, m)
-    console.print(f"wrote {path} in {res['seconds']:.0f} s", highlight=False)
+    console.print(f"wrote {path} in {res['seconds']:.0f} s; {rec.summary()}", highlight=False)
     if failures:
         console.print("[red]FAILED:[/red]\n  " + "\n  ".join(failures), highlight=False)
         sys.exit(1)

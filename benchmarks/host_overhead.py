@@ -12,30 +12,29 @@ forward+backward launches ~60 kernels: 40 calls filled the queue and read 3.8 ms
 items build a fresh graph and run ``backward`` each call; their difference to the forward item is the host cost of
 the backward (the autograd engine's thread).
 
-Shapes (default): one Llama-3-8B q_proj, ``W [4096, 4096]``, r = 384, 4096 tokens, bf16.
+Shapes (default): one Llama-3-8B q_proj, ``W [4096, 4096]``, r = 384, 4096 tokens, bf16 (``--dtype``).
+
+Timing: on purpose not the harness's timers — the GPU timer would count the GPU's time and the host timer
+(``harness.wall_us``) the slower of host and GPU, while this measures the host alone: :func:`host_us` holds the GPU
+with a spin kernel sized from a harness-timed batch. Writes ``--out`` (default ``$OUT/h200-host-overhead.json`` or
+``benchmarks/results/``) and one result row per item (the harness, ``benchmarks/README.md``: shape d, rank, tokens,
+dtype; figures median and min µs per call).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
+import harness
 import torch
 
 try:  # GPU-only script; the kernel below needs triton.language at module level (its annotations are strings)
     import triton.language as tl
 except ImportError:  # pragma: no cover
     tl = None
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def _empty_fn(a, b, c, d, e, f, n0, n1, n2, n3, n4, s, BLOCK: tl.constexpr):
@@ -48,12 +47,7 @@ def host_us(fn: Callable[[], object], calls: int, batches: int) -> dict:
 
     for _ in range(5):
         fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    est_s = time.perf_counter() - t0
+    est_s = harness.wall_us(fn, "cuda", calls=calls) * calls / 1e6  # one batch, synchronised: host or GPU bound
     spin = int(spin_cycles_per_ms() * (3 * est_s * 1e3 + 1.0))
     per = []
     for _ in range(batches):
@@ -74,10 +68,14 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=10, help="calls per batch (see the launch-queue note)")
     ap.add_argument("--batches", type=int, default=15)
     ap.add_argument("--cprofile", action="store_true", help="also cProfile the dora-tune layer (text in the JSON)")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("host_overhead.py needs a CUDA GPU")
+    harness.add_flags(
+        ap,
+        out_help="JSON path (default $OUT/h200-host-overhead.json or benchmarks/results/)",
+        device="cuda",
+        dtype="bf16",
+    )
+    args = harness.resolve(ap.parse_args(), ap)
+    rec = harness.start(__file__, args)
 
     import triton
 
@@ -87,11 +85,11 @@ def main() -> None:
     from dora_tune.kernels.norm import DEFAULT_NORM_CONFIG
 
     _empty = triton.jit(_empty_fn)
-    dev = torch.device("cuda")
-    bf16 = torch.bfloat16
+    dev = args.device
+    bf16 = args.torch_dtype  # the working dtype (bf16 unless --dtype)
     d, r, rows = args.d, args.rank, args.tokens
     s = 2.0
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     W = torch.randn(d, d, device=dev, dtype=bf16) / d**0.5
     A = (torch.randn(r, d, device=dev, dtype=bf16) / d**0.5).requires_grad_()
     B = (torch.randn(d, r, device=dev, dtype=bf16) / r**0.5).requires_grad_()
@@ -163,20 +161,8 @@ def main() -> None:
         items[f"layer_{tag}_fwd"] = lambda: m(x)
         items[f"layer_{tag}_fwd_bwd"] = lambda: m(x).backward(dout)
 
-    res: dict = {
-        "env": {
-            "device": torch.cuda.get_device_name(dev),
-            "cpu": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "triton": triton.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "command": " ".join(sys.argv),
-        },
-        "shape": {"d": d, "rank": r, "tokens": rows, "dtype": "bf16"},
-        "items": {},
-    }
+    shape = {"d": d, "rank": r, "tokens": rows, "dtype": args.dtype}
+    res: dict = {"env": rec.env, "shape": shape, "items": {}}
     from dora_tune import DoRALinear
 
     dl = DoRALinear(torch.nn.Linear(d, d, bias=False, device=dev, dtype=bf16), r=r, alpha=2 * r)
@@ -189,13 +175,17 @@ def main() -> None:
         layer_items("peft_dora", layers["peft_dora"])
     for name, fn in items.items():
         res["items"][name] = host_us(fn, args.calls, args.batches)
+        rec.record(shape, res["items"][name], item=name)
         print(f"{name:45s} {res['items'][name]['median_us']:9.1f} µs", flush=True)
     if "peft_dora" in layers:
         with dt_peft.enable(layers["peft_dora"]):
-            for tag, fn in (("dora_tune_fwd", lambda: layers["peft_dora"](x)),
-                            ("dora_tune_fwd_bwd", lambda: layers["peft_dora"](x).backward(dout))):  # fmt: skip
+            for tag, fn in (
+                ("dora_tune_fwd", lambda: layers["peft_dora"](x)),
+                ("dora_tune_fwd_bwd", lambda: layers["peft_dora"](x).backward(dout)),
+            ):
                 name = f"layer_{tag}"
                 res["items"][name] = host_us(fn, args.calls, args.batches)
+                rec.record(shape, res["items"][name], item=name)
                 print(f"{name:45s} {res['items'][name]['median_us']:9.1f} µs", flush=True)
     if args.cprofile and "peft_dora" in layers:  # where the enabled layer's host time goes, by Python function
         import cProfile
@@ -222,11 +212,8 @@ def main() -> None:
                 text.write(f"==== {tag}, {5 * args.calls} calls (cProfile inflates every Python call)\n")
                 pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(40)
         res["cprofile"] = text.getvalue()
-    out_dir = os.environ.get("OUT", str(REPO / "benchmarks" / "results"))
-    out = args.out or os.path.join(out_dir, "h200-host-overhead.json")
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(res, indent=1))
-    print(f"wrote {out}")
+    out = harness.write_json(args.out or harness.default_out("h200-host-overhead.json"), res)
+    print(f"wrote {out}; {rec.summary()}")
 
 
 if __name__ == "__main__":

@@ -3,11 +3,18 @@
 Run:  python benchmarks/kernel_bench.py [--quick] [--ops norm,compose,train]
           [--out benchmarks/results/h200-kernels.json]
 
-For each shape it prints and records: time (``triton.testing.do_bench`` median, ms or µs), the floor
-(max(bytes / copy bandwidth, FLOPs / bf16 matmul rate), both measured at the start of the same run), achieved
-bandwidth, extra peak memory above the inputs, and the relative error ‖out − ref‖ / ‖ref‖ against float64. Triton
-implementations are timed with the best config of a sweep over their config space (short do_bench per config,
-then a full measurement of the winner) and with the default config.
+For each shape it prints and records: time (the harness's GPU timer ``harness.gpu_us``, i.e. the median of
+``dora_tune.dispatch.timing.gpu_times``: GPU time, L2 flushed, the host kept out; ms or µs), the floor (max(bytes /
+copy bandwidth, FLOPs / bf16 matmul rate), both measured at the start of the same run), achieved bandwidth, extra
+peak memory above the inputs, and the relative error ‖out − ref‖ / ‖ref‖ against float64. Triton implementations are
+timed with the best config of a sweep over their config space (a short timing per config, then a full measurement
+of the winner) and with the default config. Runs before this harness timed with ``triton.testing.do_bench``, whose
+events also count the host where a call enqueues slower than the GPU runs it (small shapes). On purpose, a second
+figure for a few implementations: CUDA-graph replay (``do_bench_cudagraph``, ``graph_ms`` / ``graph_us``).
+
+Writes ``--out`` (default ``$OUT/h200-kernels.json`` or ``benchmarks/results/``) after each op, and one result row
+per shape and implementation (the harness, ``benchmarks/README.md``: item the implementation, shape op and dims;
+figures its time, ratio to the floor, bandwidth, extra memory, error) plus one of the ceilings. bf16 only.
 """
 
 from __future__ import annotations
@@ -16,16 +23,13 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import sys
 import time
 from pathlib import Path
 
+import harness
 import torch
 import triton
-from triton.testing import do_bench, do_bench_cudagraph
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from triton.testing import do_bench_cudagraph
 
 from dora_tune.kernels import (
     DEFAULT_COMPOSE_CONFIG,
@@ -47,16 +51,17 @@ from dora_tune.kernels import (
 )
 from dora_tune.kernels._compose_triton import compose_bwd_triton, compose_fwd_triton
 
-DEV = "cuda"
+DEV = "cuda"  # the current CUDA device (``--device`` makes it so)
 BF16 = torch.bfloat16
+SEED = 0  # ``--seed``: added to each shape's generator seed
 NORM_SHAPES = [(4096, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]
 NORM_RANKS = [16, 384, 768]
 COMPOSE_SHAPES = [(512, 4096), (2048, 4096), (4096, 4096), (2048, 6144), (8192, 8192), (32768, 8192), (8192, 28672)]
 
 
 def bench(fn, rep: int = 100, warmup: int = 25) -> float:
-    """Median time in ms."""
-    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+    """Median GPU time in ms: the harness's GPU timer, ``warmup`` and ``rep`` ms as do_bench's."""
+    return harness.gpu_us(fn, warmup_ms=warmup, rep_ms=rep) / 1e3
 
 
 def graph_ms(fn) -> float | None:
@@ -95,8 +100,17 @@ def _warm_worker(job: tuple[str, list[dict]]) -> int:
                 compose_fwd_triton(lora, base, g, 0.5, cfg)
                 compose_fwd_triton(lora, base, g, 0.5, cfg, write_inner=True)
             else:
-                compose_bwd_triton(lora, base, g, 0.5, ComposeBwdConfig.from_dict(c), lora_dtype=BF16,
-                                   need_dlora=True, need_dbase=True, need_dg=True)  # fmt: skip
+                compose_bwd_triton(
+                    lora,
+                    base,
+                    g,
+                    0.5,
+                    ComposeBwdConfig.from_dict(c),
+                    lora_dtype=BF16,
+                    need_dlora=True,
+                    need_dbase=True,
+                    need_dg=True,
+                )
             n += 1
     torch.cuda.synchronize()
     return n
@@ -198,7 +212,7 @@ def run_norm(ceil: dict, quick: bool, full_sweep: bool) -> list[dict]:
 
 
 def norm_shape(ceil: dict, d_out: int, d_in: int, r: int, quick: bool, full_sweep: bool) -> dict:
-    g = torch.Generator(device=DEV).manual_seed(d_out + d_in + r)
+    g = torch.Generator(device=DEV).manual_seed(SEED + d_out + d_in + r)
     W = torch.randn(d_out, d_in, device=DEV, dtype=BF16, generator=g) * 0.02
     A = torch.randn(r, d_in, device=DEV, dtype=BF16, generator=g) / math.sqrt(d_in)
     B = torch.randn(d_out, r, device=DEV, dtype=BF16, generator=g) * 0.02
@@ -248,7 +262,7 @@ def norm_shape(ceil: dict, d_out: int, d_in: int, r: int, quick: bool, full_swee
 
 
 def compose_inputs(rows: int, cols: int):
-    gen = torch.Generator(device=DEV).manual_seed(rows * 7 + cols)
+    gen = torch.Generator(device=DEV).manual_seed(SEED + rows * 7 + cols)
     lora = torch.randn(rows, cols, device=DEV, dtype=BF16, generator=gen)
     base = torch.randn(rows, cols, device=DEV, dtype=BF16, generator=gen)
     g = (1 + 0.01 * torch.randn(cols, device=DEV, generator=gen)).to(BF16)
@@ -316,17 +330,25 @@ def train_shape(ceil: dict, rows: int, cols: int) -> dict:
     floor_us = nbytes / ceil["copy_Bps"] * 1e6
     t0 = time.time()
     # The two halves are independent: tune the forward (writing inner) and the backward separately.
-    fbest, _, ff = sweep(lambda c: compose_fwd_triton(lora, base, gvec, s, c, write_inner=True),
-                         compose_config_space(), rep=10)  # fmt: skip
+    fbest, _, ff = sweep(
+        lambda c: compose_fwd_triton(lora, base, gvec, s, c, write_inner=True), compose_config_space(), rep=10
+    )
     _, inner = compose_fwd_triton(lora, base, gvec, s, fbest, write_inner=True)
     bbest, _, bf = sweep(
-        lambda c: compose_bwd_triton(dout, inner, gvec, s, c, lora_dtype=BF16, need_dlora=True,
-                                     need_dbase=True, need_dg=True),
-        compose_bwd_config_space(), rep=10,
-    )  # fmt: skip
+        lambda c: compose_bwd_triton(
+            dout, inner, gvec, s, c, lora_dtype=BF16, need_dlora=True, need_dbase=True, need_dg=True
+        ),
+        compose_bwd_config_space(),
+        rep=10,
+    )
     best = ComposeTrainConfig(fbest, bbest)
-    row = {"shape": [rows, cols], "floor_us": floor_us, "bytes": nbytes, "impls": {},
-           "sweep": {"failed": ff + bf, "seconds": time.time() - t0, "best": best.as_dict()}}  # fmt: skip
+    row = {
+        "shape": [rows, cols],
+        "floor_us": floor_us,
+        "bytes": nbytes,
+        "impls": {},
+        "sweep": {"failed": ff + bf, "seconds": time.time() - t0, "best": best.as_dict()},
+    }
     lr, br, gr = (t.clone().requires_grad_() for t in (lora, base, g))
     l64, b64, g64 = (t.double().requires_grad_() for t in (lora, base, g))
     ref_out = compose_reference(l64, b64, g64, s)
@@ -362,30 +384,52 @@ def train_shape(ceil: dict, rows: int, cols: int) -> dict:
     return row
 
 
+SHAPE_KEYS = {"norm": ("d_out", "d_in", "r"), "compose": ("rows", "cols"), "compose_train": ("rows", "cols")}
+
+
+def record_rows(rec: harness.Recorder, op: str, rows: list[dict]) -> None:
+    """One result row per shape and implementation of ``op`` (numbers only; the JSON keeps the rest)."""
+    for row in rows:
+        shape = {"op": op, **dict(zip(SHAPE_KEYS[op], row["shape"], strict=True)), "dtype": "bf16"}
+        for name, r in row["impls"].items():
+            figures = {k: v for k, v in r.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+            errs = r.get("relerr_out_dlora_dbase_dg")
+            if errs:
+                figures["relerr_max"] = max(errs)
+            if name == "triton":
+                figures |= {
+                    f"sweep_{k}": row["sweep"][k] for k in ("configs", "failed", "seconds") if k in row["sweep"]
+                }
+            rec.record(shape, figures, item=name)
+
+
 def main() -> None:
+    global SEED
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a few shapes only")
     ap.add_argument("--ops", default="norm,compose,train")
     ap.add_argument("--full-sweep", action="store_true", help="sweep the whole norm config space (slow to compile)")
     ap.add_argument("--jobs", type=int, default=0, help="compile the sweeps' configs first in this many processes")
-    ap.add_argument("--out", default=None, help="JSON path (default: $OUT/h200-kernels.json or benchmarks/results)")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("benchmarks/kernel_bench.py needs a CUDA GPU")
+    harness.add_flags(ap, out_help="JSON path (default: $OUT/h200-kernels.json or benchmarks/results)", device="cuda")
+    args = harness.resolve(ap.parse_args(), ap)
+    SEED = args.seed
+    rec = harness.start(__file__, args)
     res = {
-        "device": torch.cuda.get_device_name(0),
+        "device": rec.env["device"],
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "command": " ".join(sys.argv),
+        "date": rec.env["date"],
+        "command": rec.env["command"],
+        "env": rec.env,
     }
     t0 = time.time()
     res.update(ceilings())
+    rec.record({"dtype": "bf16"}, {"copy_Bps": res["copy_Bps"], "mm_flops": res["mm_flops"]}, item="ceilings")
     print(
         f"{res['device']}: copy {res['copy_Bps'] / 1e12:.2f} TB/s, bf16 mm {res['mm_flops'] / 1e12:.0f} TFLOP/s",
         flush=True,
     )
-    path = Path(args.out or os.path.join(os.environ.get("OUT", "benchmarks/results"), "h200-kernels.json"))
+    path = Path(args.out or harness.default_out("h200-kernels.json"))
     path.parent.mkdir(parents=True, exist_ok=True)
     if args.jobs > 0:
         try:
@@ -393,14 +437,17 @@ def main() -> None:
         except Exception as e:  # the sweeps compile for themselves then
             print(f"warm compile failed ({type(e).__name__}: {e}); sweeps will compile serially", flush=True)
     ops = args.ops.split(",")
-    for op, key, fn in (("norm", "norm", lambda: run_norm(res, args.quick, args.full_sweep)),
-                        ("compose", "compose", lambda: run_compose(res, args.quick)),
-                        ("train", "compose_train", lambda: run_train(res, args.quick))):  # fmt: skip
+    for op, key, fn in (
+        ("norm", "norm", lambda: run_norm(res, args.quick, args.full_sweep)),
+        ("compose", "compose", lambda: run_compose(res, args.quick)),
+        ("train", "compose_train", lambda: run_train(res, args.quick)),
+    ):
         if op in ops:
             res[key] = fn()
             res["seconds"] = time.time() - t0
             path.write_text(json.dumps(res, indent=1))  # after each op: a cut-short run keeps what it measured
-    print(f"wrote {path} in {res['seconds']:.0f} s")
+            record_rows(rec, key, res[key])
+    print(f"wrote {path} in {res.get('seconds', time.time() - t0):.0f} s; {rec.summary()}")
 
 
 if __name__ == "__main__":

@@ -6,23 +6,24 @@ machine conditions. Printed per item: the median of each method, its spread over
 host's enqueue time of one call. A method whose spread is large cannot rank configs that differ by less.
 
     python3 benchmarks/timing_noise.py [--runs 5] [--out benchmarks/results/h200-timing-noise.json]
+
+Timing: two methods on purpose — comparing them is the point: ``do_bench`` against the harness's GPU timer
+(``harness.gpu_us``, i.e. ``gpu_times``); the host's enqueue time is one unsynchronised call (perf_counter around
+the launch only). Writes ``--out`` and one result row per item (the harness, ``benchmarks/README.md``: shape the op,
+its dims, dtype and config index; item the implementation; figures each method's median and spread, host µs).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
+import harness
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from dora_tune.dispatch.registry import make_inputs, registry
-from dora_tune.dispatch.timing import gpu_times
 
 ITEMS = [  # (op, shape, impl, config index in the registry's space or None)
     ("norm", {"d_out": 4096, "d_in": 4096, "r": 16}, "triton", 0),
@@ -43,16 +44,22 @@ ITEMS = [  # (op, shape, impl, config index in the registry's space or None)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "h200-timing-noise.json"))
-    args = ap.parse_args()
+    harness.add_flags(
+        ap,
+        out_default=str(Path(__file__).parent / "results" / "h200-timing-noise.json"),
+        device="cuda",
+        dtype="bf16",
+    )
+    args = harness.resolve(ap.parse_args(), ap)
+    rec = harness.start(__file__, args)
     from triton.testing import do_bench
 
-    device = torch.device("cuda")
+    device = args.device
     fns = []
     for op, shape, name, idx in ITEMS:
         impl = next(i for i in registry()[op] if i.name == name)
         cfg = impl.configs(shape)[idx] if idx is not None else {}
-        fn = impl.runner(make_inputs(op, shape, "bf16", device), cfg)
+        fn = impl.runner(make_inputs(op, shape, args.dtype, device, seed=args.seed), cfg)
         fn()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -64,26 +71,31 @@ def main() -> None:
     for _ in range(args.runs):
         for k, (*_, fn, _h) in enumerate(fns):
             res[k]["do_bench"].append(do_bench(fn, warmup=5, rep=20, return_mode="median") * 1e3)
-            res[k]["gpu_times"].append(statistics.median(gpu_times(fn, warmup_ms=5, rep_ms=20)) * 1e3)
+            res[k]["gpu_times"].append(harness.gpu_us(fn, warmup_ms=5, rep_ms=20))
     out = []
-    print(f"{'op':14s} {'shape':18s} {'impl':7s} {'host µs':>8s} {'do_bench µs':>12s} {'spread':>7s} "
-          f"{'gpu_times µs':>13s} {'spread':>7s}")  # fmt: skip
+    print(
+        f"{'op':14s} {'shape':18s} {'impl':7s} {'host µs':>8s} {'do_bench µs':>12s} {'spread':>7s} "
+        f"{'gpu_times µs':>13s} {'spread':>7s}"
+    )
     for k, (op, shape, name, cfg, _fn, host_us) in enumerate(fns):
         row = {"op": op, "shape": shape, "impl": name, "config": cfg, "host_enqueue_us": round(host_us, 1)}
         cells = []
+        figures = {"host_enqueue_us": host_us, "runs": args.runs}
         for method, xs in res[k].items():
             med, spread = statistics.median(xs), max(xs) / min(xs)
             row[method] = {"runs_us": [round(x, 2) for x in xs], "median_us": round(med, 2), "spread": round(spread, 3)}
+            figures |= {f"{method}_median_us": med, f"{method}_spread": spread}
             cells.append(f"{med:12.1f} {spread:7.2f}")
+        config_index = ITEMS[k][3]
+        rec.record({"op": op, **shape, "dtype": args.dtype, "config_index": config_index}, figures, item=name)
         dims = "x".join(map(str, shape.values()))
         print(f"{op:14s} {dims:18s} {name:7s} {host_us:8.1f} {cells[0]} {cells[1]:>21s}")
         out.append(row)
     spreads = {m: statistics.median(r[m]["spread"] for r in out) for m in ("do_bench", "gpu_times")}
     print("median spread:", spreads)
-    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": args.runs}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"env": env, "median_spread": spreads, "items": out}, indent=1))
-    print(f"wrote {args.out}")
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": args.runs, **rec.env}
+    harness.write_json(args.out, {"env": env, "median_spread": spreads, "items": out})
+    print(f"wrote {args.out}; {rec.summary()}")
 
 
 if __name__ == "__main__":

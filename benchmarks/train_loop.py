@@ -7,7 +7,11 @@ Grid (GPU):           python benchmarks/train_loop.py --grid [--grid-tokens 256,
                           [--grid-ranks 16,64,384] [--grid-dropouts 0,0.05] [--grid-accums 1,4] [--max-minutes 25]
 Smoke (CPU):          python benchmarks/train_loop.py --device cpu --tiny --steps 2 --warmup 1 --tokens 16 --rank 4
 Default out: ``$OUT/train-loop.json`` if ``$OUT`` is set, else ``benchmarks/results/<gpu-slug>-train-loop.json``
-(``cpu-train-loop-tiny.json`` on the CPU).
+(``cpu-train-loop-tiny.json`` on the CPU): the whole run (profiles, losses, every step). Result rows (the harness,
+``benchmarks/README.md``): one per cell and variant — item the variant, shape the model, layers, tokens, rank,
+dropout, accum, dtype, compile, dropout mode; figures the step times, throughput, memory, ratios and loss gap (with
+``--profile`` also the GPU busy time, aten op count and the weight norm's calls and times). Shared flags
+(``--out --device --dtype --seed --note --no-record``) come from ``harness.add_flags``.
 
 Model: ``LlamaForCausalLM`` (``--model llama``: hidden 4096, intermediate 14336, 32 heads, 8 KV heads — the
 projection dims of Llama-3-8B) or ``Qwen2ForCausalLM`` (``--model qwen``: 3584, 18944, 28, 4, q/k/v with bias —
@@ -37,13 +41,15 @@ of ``--tokens`` tokens (batch 1; random ids and labels from a seeded generator, 
 with ``loss = model(input_ids, labels=labels).loss / K`` and ``backward()`` each, then ``optimizer.step();
 optimizer.zero_grad(set_to_none=True)``. ``--warmup`` untimed optimizer steps (the first, with Triton compilation,
 dora-tune's first-use race and torch.compile, is reported as ``first_step_ms``), then ``--steps`` timed steps: wall
-time from a ``torch.cuda.synchronize()`` before the step to one after it (what training pays, host included):
-median, min and max ms per optimizer step. ``--rounds R`` (use 2–3 where the step is host-bound: the device host's
-speed drifts within a run and differs up to 2× between machine starts) repeats that R times per cell, interleaved —
-every variant's run in turn, the order reversed every other round, one warm-up step in later rounds — and pools the
-timed steps of all rounds (``round_medians_ms`` keeps each round's median). Peak memory: ``max_memory_allocated``
-over the timed steps, absolute and above what was allocated when they started (in grid mode, and with ``--rounds``
-above 1, every variant's model stays on the device, so compare ``delta_MiB`` there). ``--profile`` adds one step per
+time from a ``torch.cuda.synchronize()`` before the step to one after it (what training pays, host included: the
+harness's host timer ``harness.wall_us`` on one call — on purpose not GPU time alone, since a step of small layers
+waits for the host): median, min and max ms per optimizer step. ``--rounds R`` (use 2–3 where the step is
+host-bound: the device host's speed drifts within a run and differs up to 2× between machine starts) repeats that R
+times per cell, interleaved — every variant's run in turn, the order reversed every other round, one warm-up step in
+later rounds — and pools the timed steps of all rounds (``round_medians_ms`` keeps each round's median). Peak
+memory: ``max_memory_allocated`` over the timed steps, absolute and above what was allocated when they started (in
+grid mode, and with ``--rounds`` above 1, every variant's model stays on the device, so compare ``delta_MiB``
+there). ``--profile`` adds one step per
 variant under ``torch.profiler``: the top ops by host and by GPU time, the aten op count, the GPU busy time (the
 kernels' own times), the weight norm's calls, host ms and GPU ms (PEFT's ``get_weight_norm``, dora-tune's
 ``factored_norm``; Triton kernels launched through dora-tune's lean launcher are not attributed to that range, so
@@ -80,14 +86,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import harness
 import torch
+from bench_models import TARGETS, Spec, build_decoder
 from rich.console import Console
 from rich.table import Table
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from benchmarks.bench_models import TARGETS, Spec, build_decoder  # noqa: E402
 
 VARIANTS = {
     "peft_dora": "PEFT DoRA",
@@ -96,7 +99,6 @@ VARIANTS = {
     "lora": "PEFT LoRA",
 }
 SHORT = {"peft_dora": "PEFT", "dora_tune": "+dt", "dora_linear": "DoRALin", "lora": "LoRA"}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DELTA_RATIO = 0.1  # lora_B is drawn so that ‖s·B·A‖ ≈ DELTA_RATIO·‖W‖ per row
 GRID_TOKENS = (256, 1024, 2048, 4096, 8192)
 GRID_RANKS = (16, 64, 384)
@@ -268,7 +270,7 @@ def build_variant(variant: str, spec: Spec, rank: int, dropout: float, args: arg
         built.handle = dt_enable(model, args)
     if args.compile:
         built.fn = torch.compile(model)
-    sync(args.device)
+    harness.sync(args.device)
     built.info = {
         "adapted_layers": len(slots),
         "trainable_params": sum(p.numel() for _, p in named),
@@ -286,11 +288,6 @@ def release(device: torch.device) -> None:
 
 
 # ---------------------------------------------------------------- one training run
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def make_batches(tokens: int, accum: int, args: argparse.Namespace) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every micro-batch of a cell (warm-up and timed steps): ids and labels [1, tokens] on the device."""
     n = (args.warmup + args.steps) * accum
@@ -325,30 +322,31 @@ def train(
     times: list[float] = []
     it = iter(batches[(args.warmup - warmup) * accum :])
     before = None
+
+    def step() -> None:  # one optimizer step: accum micro-batches, then AdamW
+        for _ in range(accum):
+            ids, labels = next(it)
+            loss = built.fn(input_ids=ids, labels=labels).loss
+            losses.append(loss.detach())
+            (loss / accum).backward()
+            del loss
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
     try:  # the optimizer and the gradients go whatever happens: the next run needs the memory
-        for step in range(warmup + args.steps):
-            if step == warmup and dev.type == "cuda":
-                sync(dev)
+        for n in range(warmup + args.steps):
+            if n == warmup and dev.type == "cuda":
+                harness.sync(dev)
                 torch.cuda.reset_peak_memory_stats(dev)
                 before = torch.cuda.memory_allocated(dev)
-            sync(dev)
-            t0 = time.perf_counter()
-            for _ in range(accum):
-                ids, labels = next(it)
-                loss = built.fn(input_ids=ids, labels=labels).loss
-                losses.append(loss.detach())
-                (loss / accum).backward()
-                del loss
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sync(dev)
-            times.append((time.perf_counter() - t0) * 1e3)
+            # the harness's host timer, one call: synchronised before and after the step (host included)
+            times.append(harness.wall_us(step, dev) / 1e3)
         peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
         loss_values = torch.stack(losses).float().cpu().tolist()
         prof = _profile_step(built, batches, accum, opt, args) if profile else None
     finally:
         opt.zero_grad(set_to_none=True)
-        del opt, losses
+        opt, losses = None, []  # the optimizer state goes now (the step closure holds these names)
     res = {
         "first_step_ms": times[0],
         "warmup_ms": times[:warmup],
@@ -421,7 +419,7 @@ def _profile_step(built: Built, batches: list, accum: int, opt: Any, args: argpa
             (built.fn(input_ids=ids, labels=labels).loss / accum).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sync(args.device)
+        harness.sync(args.device)
     avg = prof.key_averages()
     kernels = [e for e in avg if e.device_type == torch.autograd.DeviceType.CUDA]
     norm = next((e for e in avg if e.key == NORM_RANGE), None)
@@ -468,8 +466,9 @@ def finish_cell(cell: dict) -> None:
     for name, r in ok.items():
         gap = None
         if ref is not None and name != "peft_dora" and len(r["losses"]) == len(ref["losses"]):
-            gap = max((abs(a - b) / max(abs(b), 1e-30) for a, b in zip(r["losses"], ref["losses"], strict=True)),
-                      default=None)  # fmt: skip
+            gap = max(
+                (abs(a - b) / max(abs(b), 1e-30) for a, b in zip(r["losses"], ref["losses"], strict=True)), default=None
+            )
         r["loss_gap_vs_peft_dora"] = gap
         r["speedup_vs_peft_dora"] = None if ref is None else ref["median_ms"] / r["median_ms"]
         r["vs_lora"] = None if lora is None else r["median_ms"] / lora["median_ms"]
@@ -565,8 +564,37 @@ def run_cell(block: Block, tokens: int, accum: int, one_cell: bool) -> dict:
     return cell
 
 
-def run_all(args: argparse.Namespace, res: dict, path: Path) -> None:
-    """Every cell, (rank, dropout) blocks outside, (tokens, accum) inside; the JSON rewritten after each cell."""
+def record_cell(rec: harness.Recorder, cell: dict, args: argparse.Namespace) -> None:
+    """One result row per variant of ``cell`` that ran (the headline figures; the JSON keeps the rest)."""
+    shape = {
+        "model": args.model,
+        "layers": args.layers,
+        "tokens": cell["tokens"],
+        "rank": cell["rank"],
+        "dropout": cell["dropout"],
+        "accum": cell["accum"],
+        "dtype": args.dtype,
+        "compile": args.compile,
+        "dropout_mode": args.dropout_mode,
+        "tiny": args.tiny,
+    }
+    keys = ("median_ms", "min_ms", "max_ms", "first_step_ms", "tokens_per_s", "peak_MiB", "delta_MiB")
+    keys += ("speedup_vs_peft_dora", "vs_lora", "loss_gap_vs_peft_dora")
+    for v, r in cell["variants"].items():
+        if "error" in r:
+            continue
+        figures = {k: r.get(k) for k in keys} | {"steps_timed": len(r["steps_ms"])}
+        prof = r.get("profile")
+        if prof:
+            norm = prof.get("norm") or {}
+            figures |= {"gpu_busy_ms": prof.get("gpu_busy_ms"), "aten_ops": prof.get("ops")}
+            figures |= {f"norm_{k}": norm.get(k) for k in ("calls", "host_ms", "gpu_ms")}
+        rec.record(shape, figures, item=v)
+
+
+def run_all(args: argparse.Namespace, res: dict, path: Path, rec: harness.Recorder) -> None:
+    """Every cell, (rank, dropout) blocks outside, (tokens, accum) inside; the JSON rewritten and the cell's rows
+    appended after each cell."""
     spec = (TINY if args.tiny else MODELS)[args.model]
     res["spec"] = dataclasses.asdict(spec)
     t_start = time.time()
@@ -602,6 +630,7 @@ def run_all(args: argparse.Namespace, res: dict, path: Path) -> None:
                     cell = run_cell(block, tokens, accum, one_cell)
                     res["cells"].append(cell)
                     write()
+                    record_cell(rec, cell, args)
                     log_cell(cell)
             finally:
                 block.close()
@@ -631,11 +660,24 @@ def log_cell(cell: dict) -> None:
 def print_cell_table(cell: dict, res: dict) -> None:
     a = res["args"]
     s = res["spec"]
-    t = Table(title=f"{a['model']} {s['hidden']}/{s['intermediate']}, {a['layers']} layers, {cell['tokens']} tokens × "
-                    f"{cell['accum']} accum, r={cell['rank']}, dropout {cell['dropout']:g}, {a['dtype']}"
-                    + (", compiled" if a["compile"] else ""))  # fmt: skip
-    cols = ("variant", "first step ms", "median ms", "min ms", "max ms", "tok/s", "peak MiB", "Δpeak MiB",
-            "× PEFT DoRA", "÷ LoRA", "loss gap")  # fmt: skip
+    t = Table(
+        title=f"{a['model']} {s['hidden']}/{s['intermediate']}, {a['layers']} layers, {cell['tokens']} tokens × "
+        f"{cell['accum']} accum, r={cell['rank']}, dropout {cell['dropout']:g}, {a['dtype']}"
+        + (", compiled" if a["compile"] else "")
+    )
+    cols = (
+        "variant",
+        "first step ms",
+        "median ms",
+        "min ms",
+        "max ms",
+        "tok/s",
+        "peak MiB",
+        "Δpeak MiB",
+        "× PEFT DoRA",
+        "÷ LoRA",
+        "loss gap",
+    )
     for col in cols:
         t.add_column(col, justify="left" if col == "variant" else "right")
     for name, r in cell["variants"].items():
@@ -665,8 +707,10 @@ def print_grid_tables(res: dict) -> None:
     for cell in res["cells"]:
         groups.setdefault((cell["rank"], cell["dropout"]), []).append(cell)
     for (rank, dropout), cells in groups.items():
-        t = Table(title=f"r={rank}, dropout {dropout:g}: ms per optimizer step (median); × PEFT = speedup over PEFT "
-                        "DoRA; ÷ LoRA = time over plain LoRA")  # fmt: skip
+        t = Table(
+            title=f"r={rank}, dropout {dropout:g}: ms per optimizer step (median); × PEFT = speedup over PEFT "
+            "DoRA; ÷ LoRA = time over plain LoRA"
+        )
         t.add_column("tokens", justify="right")
         t.add_column("accum", justify="right")
         for v in variants:
@@ -691,13 +735,6 @@ def print_grid_tables(res: dict) -> None:
                 *(_f(get(v, "vs_lora")) for v in over),
             )
         console.print(t)
-
-
-def environment(args: argparse.Namespace) -> dict:
-    """:func:`benchmarks.bench_env.environment` of the run's device."""
-    from benchmarks.bench_env import environment as base_environment
-
-    return base_environment(args.device)
 
 
 # ---------------------------------------------------------------- main
@@ -745,20 +782,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--grid-dropouts", default=",".join(map(str, GRID_DROPOUTS)), help="default %(default)s")
     ap.add_argument("--grid-accums", default=",".join(map(str, GRID_ACCUMS)), help="default %(default)s")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop the grid between cells after this long")
-    ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
-    ap.add_argument("--dtype", choices=list(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--tiny", action="store_true", help="tiny dims (CPU smoke test)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="JSON path (default $OUT/train-loop.json or benchmarks/results/)")
-    args = ap.parse_args(argv)
-
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda but CUDA is not available (use --device cpu --tiny)")
-    if args.device.type == "cuda" and args.device.index is None:
-        args.device = torch.device("cuda", torch.cuda.current_device())
-    args.dtype = args.dtype or ("bf16" if args.device.type == "cuda" else "fp32")
-    args.torch_dtype = DTYPES[args.dtype]
+    harness.add_flags(
+        ap,
+        out_help="JSON path (default $OUT/train-loop.json or benchmarks/results/<gpu-slug>-train-loop.json)",
+        device="auto",
+        dtype=True,
+    )
+    args = harness.resolve(ap.parse_args(argv), ap)
     for name, full, small in (("tokens", 4096, 64), ("rank", 384, 8), ("vocab", 1024, 128)):
         if getattr(args, name) is None:
             setattr(args, name, small if args.tiny else full)
@@ -790,11 +821,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if os.environ.get("OUT"):
             args.out = os.path.join(os.environ["OUT"], "train-loop.json")
         else:
-            from dora_tune.autotune_db import gpu_slug
-
-            slug = "cpu" if args.device.type == "cpu" else gpu_slug(torch.cuda.get_device_name(args.device))
+            slug = harness.slug(harness.gpu_name(args.device))
             tail = "train-loop-tiny.json" if args.tiny else "train-loop.json"
-            args.out = str(REPO / "benchmarks" / "results" / f"{slug}-{tail}")
+            args.out = harness.default_out(f"{slug}-{tail}")
     return args
 
 
@@ -809,8 +838,9 @@ def main(argv: list[str] | None = None) -> int:
         ):
             if hasattr(torch._dynamo.config, knob):
                 setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 256))
+    rec = harness.start(__file__, args)
     res: dict[str, Any] = {
-        "env": environment(args),
+        "env": rec.env,
         "args": {k: (str(v) if isinstance(v, torch.device | torch.dtype) else v) for k, v in vars(args).items()},
         "grid": args.grid,
         "blocks": {},
@@ -826,7 +856,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    run_all(args, res, path)
+    run_all(args, res, path, rec)
     if args.grid:
         print_grid_tables(res)
     else:
@@ -834,7 +864,7 @@ def main(argv: list[str] | None = None) -> int:
             print_cell_table(cell, res)
     if res["skipped_cells"]:
         console.print(f"[yellow]--max-minutes reached: {len(res['skipped_cells'])} cells skipped[/yellow]")
-    console.print(f"wrote {path} in {res['seconds']:.0f} s", highlight=False)
+    console.print(f"wrote {path} in {res['seconds']:.0f} s; {rec.summary()}", highlight=False)
     if res["errors"]:
         console.print("[red]FAILED:[/red]\n  " + "\n  ".join(res["errors"]), highlight=False)
         return 1

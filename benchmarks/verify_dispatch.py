@@ -28,7 +28,12 @@ verification database gets that from ``--confirm-only``)::
     python3 benchmarks/verify_dispatch.py --db tuning.sqlite --verify verify.sqlite --measure
 
 Without ``--measure`` (any machine) it only reads the two databases and writes
-``benchmarks/results/h200-verify-dispatch.json``.
+``benchmarks/results/h200-verify-dispatch.json`` (``--out``). Either way it appends one result row per op and
+chooser (the harness, ``benchmarks/README.md``: item the chooser, shape op, dtype, the two databases' file names and
+``--shipped``; figures shapes, regret geomean and max), filed under the GPU the verification database measured.
+Timing (``--measure``): the harness's interleaved GPU times (``harness.call_times_us``, the profiler's confirmation
+method); ``--race`` runs the dispatcher's own race. ``--device`` (default cuda when available) is where they run;
+``--seed`` seeds the inputs they time.
 """
 
 from __future__ import annotations
@@ -37,12 +42,11 @@ import argparse
 import functools
 import json
 import math
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness
 
 from dora_tune.autotune_db import TuningDB, canonical_json
 from dora_tune.dispatch.costmodel import crossover_choice
@@ -101,28 +105,44 @@ def _race_runner(op: str, x: dict[str, Any]) -> Any:
     return race_step(x["lora"], x["base"], x["g"], x["s"])
 
 
-def race_runs(db_path: str, verify_path: str, gpu: str, dtype: str, shipped: bool = False) -> dict[str, dict[str, Any]]:
-    """On the GPU: for every verification shape of an op that races, the config :meth:`Dispatcher.settle` keeps
-    after timing the shortlist on fresh inputs, and its detail line (the race's times). Keyed by "op shape-json"."""
+def race_runs(
+    db_path: str,
+    verify_path: str,
+    gpu: str,
+    dtype: str,
+    shipped: bool = False,
+    *,
+    device: Any = None,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """On the GPU (``device``, default the current CUDA device): for every verification shape of an op that races,
+    the config :meth:`Dispatcher.settle` keeps after timing the shortlist on fresh inputs (from ``seed``), and its
+    detail line (the race's times). Keyed by "op shape-json"."""
     import torch
 
     from dora_tune.dispatch.decisions import RACE_OPS
     from dora_tune.dispatch.registry import make_inputs
     from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
 
-    device = torch.device("cuda", torch.cuda.current_device())  # as the kernels key their plans (tensor.device)
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # as the kernels key their plans (tensor.device)
     dispatcher = Dispatcher(db_path, use_shipped=shipped, force_env="", race=True)
     out = {}
     for op, s_json in sorted(measured(verify_path, gpu, dtype)):
         if op not in RACE_OPS:
             continue
         shape = json.loads(s_json)
-        x = make_inputs(op, shape, dtype, device)
+        x = make_inputs(op, shape, dtype, device, seed=seed)
         dims = tuple(shape[k] for k in OP_SHAPE_KEYS[op])
         plan = dispatcher.plan_key(op, dims, dtype, device)
         settled = dispatcher.settle(op, dims, dtype, device, plan, _race_runner(op, x))
-        out[f"{op} {s_json}"] = {"impl": settled.impl, "config": _config_dict(settled.config), "source": plan.source,
-                                 "shortlist": len(plan.race), "detail": settled.detail}  # fmt: skip
+        out[f"{op} {s_json}"] = {
+            "impl": settled.impl,
+            "config": _config_dict(settled.config),
+            "source": plan.source,
+            "shortlist": len(plan.race),
+            "detail": settled.detail,
+        }
         print(f"  race {op} {dims}: {settled.detail}", flush=True)
     return out
 
@@ -136,8 +156,25 @@ def measured(verify_path: str, gpu: str, dtype: str) -> dict[tuple[str, str], di
     return out
 
 
-def measure_missing(db_path: str, verify_path: str, gpu: str, dtype: str, shipped: bool = False) -> int:
-    """Time every pick the verification sweep lacks (CUDA) and record it; returns how many were measured.
+def verify_gpu(verify_path: str, gpu: str, dtype: str) -> str:
+    """The name of the GPU whose trials the verification database holds (``gpu`` itself if it holds none)."""
+    with TuningDB.open(verify_path, readonly=True) as db:
+        trials = db.trials(gpu=gpu, dtype=dtype, status="ok")
+    return trials[0].gpu_name if trials else gpu
+
+
+def measure_missing(
+    db_path: str,
+    verify_path: str,
+    gpu: str,
+    dtype: str,
+    shipped: bool = False,
+    *,
+    device: Any = None,
+    seed: int = 0,
+) -> int:
+    """Time every pick the verification sweep lacks (CUDA: ``device``, default ``cuda``) and record it; returns how
+    many were measured.
 
     Each shape's missing picks are timed together with the shape's fastest measured trial — interleaved,
     :data:`~dora_tune.dispatch.profiler.CONFIRM_REPS` calls each, as the profiler's confirmation stage does — and
@@ -149,9 +186,8 @@ def measure_missing(db_path: str, verify_path: str, gpu: str, dtype: str, shippe
     from dora_tune.dispatch.env import environment
     from dora_tune.dispatch.profiler import CONFIRM_REPS, trial_result
     from dora_tune.dispatch.registry import make_inputs
-    from dora_tune.dispatch.timing import interleaved_times
 
-    device = torch.device("cuda")
+    device = torch.device(device if device is not None else "cuda")
     env = environment(device)
     have = measured(verify_path, gpu, dtype)
     impls = {(op, i.name): i for op, v in registry().items() for i in v}
@@ -167,11 +203,13 @@ def measure_missing(db_path: str, verify_path: str, gpu: str, dtype: str, shippe
                 continue
             best = min(have[(op, s_json)], key=have[(op, s_json)].get)
             pairs = [best, *sorted(missing)]
-            inputs = make_inputs(op, shape, dtype, device)
+            inputs = make_inputs(op, shape, dtype, device, seed=seed)
             fns = [impls[(op, name)].runner(inputs, json.loads(cfg)) for name, cfg in pairs]
-            peak = {(t.impl, canonical_json(t.config)): t.peak_mem_bytes
-                    for t in vdb.trials(gpu=gpu, op=op, dtype=dtype, shape=shape)}  # fmt: skip
-            for (name, cfg), ts in zip(pairs, interleaved_times(fns, device, reps=CONFIRM_REPS), strict=True):
+            peak = {
+                (t.impl, canonical_json(t.config)): t.peak_mem_bytes
+                for t in vdb.trials(gpu=gpu, op=op, dtype=dtype, shape=shape)
+            }
+            for (name, cfg), ts in zip(pairs, harness.call_times_us(fns, device, reps=CONFIRM_REPS), strict=True):
                 impl, res = impls[(op, name)], trial_result(ts, peak.get((name, cfg)))
                 vdb.record_trial(env, op, impl.name, impl.version, shape, dtype, json.loads(cfg), res)
                 have[(op, s_json)][(name, cfg)] = res.median_us
@@ -228,30 +266,50 @@ def main() -> None:
     ap.add_argument("--db", required=True, help="main tuning DB holding the fitted models (dora-tune fit)")
     ap.add_argument("--verify", required=True, help="DB of the verification sweep")
     ap.add_argument("--gpu", default="NVIDIA H200")
-    ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--measure", action="store_true", help="first time the picks the sweep lacks (needs CUDA)")
-    ap.add_argument("--race", action="store_true",
-                    help="run the dispatcher's race at each shape of a racing op (needs CUDA)")  # fmt: skip
+    ap.add_argument(
+        "--race", action="store_true", help="run the dispatcher's race at each shape of a racing op (needs CUDA)"
+    )
     shipped_help = "the dispatcher also reads the shipped caches (transfer from a same-architecture GPU's tables)"
     ap.add_argument("--shipped", action="store_true", help=shipped_help)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "h200-verify-dispatch.json"))
-    args = ap.parse_args()
+    harness.add_flags(
+        ap,
+        out_default=str(Path(__file__).parent / "results" / "h200-verify-dispatch.json"),
+        device="auto",
+        dtype="bf16",
+        dtype_choices=None,
+        dtype_help="the trials' dtype (default %(default)s)",
+    )
+    args = harness.resolve(ap.parse_args(), ap)
+    if (args.measure or args.race) and args.device.type != "cuda":
+        ap.error("--measure and --race need a CUDA device")
+    rec = harness.start(__file__, args)
+    on = {"device": args.device, "seed": args.seed}
     if args.measure:
-        print(f"measured {measure_missing(args.db, args.verify, args.gpu, args.dtype, args.shipped)} missing picks")
-    races = race_runs(args.db, args.verify, args.gpu, args.dtype, args.shipped) if args.race else None
+        n = measure_missing(args.db, args.verify, args.gpu, args.dtype, args.shipped, **on)
+        print(f"measured {n} missing picks")
+    races = race_runs(args.db, args.verify, args.gpu, args.dtype, args.shipped, **on) if args.race else None
     res = report(args.db, args.verify, args.gpu, args.dtype, races, args.shipped)
     for op, by in res["summary"].items():
-        cells = "  ".join(f"{w} {v['regret_geomean']:.3f}/{v['regret_max']:.3f} (n={v['n_shapes']})" for w, v in
-                          sorted(by.items()))  # fmt: skip
+        cells = "  ".join(
+            f"{w} {v['regret_geomean']:.3f}/{v['regret_max']:.3f} (n={v['n_shapes']})" for w, v in sorted(by.items())
+        )
         print(f"{op:14s} regret geomean/max: {cells}")
     for row in res["shapes"]:
         dims = " ".join(f"{k}={v}" for k, v in row["shape"].items())
-        regs = " ".join(f"{w}={row[w]['impl']}:{row[w]['regret']:.2f}" if row.get(w) and row[w]["regret"] else
-                        f"{w}=unmeasured" for w in (*WHO, "race_ideal", "race") if w in row or w in WHO)  # fmt: skip
+        regs = " ".join(
+            f"{w}={row[w]['impl']}:{row[w]['regret']:.2f}" if row.get(w) and row[w]["regret"] else f"{w}=unmeasured"
+            for w in (*WHO, "race_ideal", "race")
+            if w in row or w in WHO
+        )
         print(f"  {row['op']:14s} {dims:28s} best {row['best'][0]} {row['best'][2]:8.1f} µs  {regs}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1))
-    print(f"wrote {args.out}")
+    gpu_name = verify_gpu(args.verify, args.gpu, args.dtype)
+    base = {"dtype": args.dtype, "db": Path(args.db).name, "verify": Path(args.verify).name, "shipped": args.shipped}
+    for op, by in res["summary"].items():
+        for who, figures in by.items():
+            rec.record({"op": op, **base}, figures, item=who, gpu=gpu_name)
+    harness.write_json(args.out, res)
+    print(f"wrote {args.out}; {rec.summary()}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """The end-to-end benchmark's CPU smoke run and its correctness criterion (benchmarks/e2e.py)."""
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from benchutil import load_script, script_env
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
@@ -16,14 +16,11 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "e2e.py"
 
 @pytest.fixture(scope="module")
 def e2e():
-    spec = importlib.util.spec_from_file_location("bench_e2e", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
+    module = load_script("e2e")  # registered in sys.modules: its dataclasses look their module up
     try:
-        spec.loader.exec_module(module)
         yield module
     finally:
-        del sys.modules[spec.name]
+        del sys.modules[module.__name__]
 
 
 def test_no_reference_tolerances_bound_bf16_rounding(e2e):
@@ -57,9 +54,16 @@ def test_cpu_smoke_run_without_reference(tmp_path):
     out = tmp_path / "e2e.json"
     cmd = [sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--no-ref", "--models", "llama-3-8b"]
     cmd += ["--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    rows = tmp_path / "rows"
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=script_env(rows))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["ok"] and res["args"]["ref"] is False and res["args"]["tol_out"] == 1e-4
     model = res["models"]["llama-3-8b"]
     assert set(model["variants"]) >= {"peft_dora", "dora_tune", "lora"} and not model["failures"]
+    # the headline figures also went out as result rows: one per variant, into the CPU's file
+    recorded = [json.loads(line) for line in (rows / "cpu.jsonl").read_text().splitlines()]
+    assert {r["item"] for r in recorded} == set(model["variants"]) and {r["script"] for r in recorded} == {"e2e"}
+    for r in recorded:
+        assert r["shape"]["model"] == "llama-3-8b" and r["shape"]["tokens"] == res["args"]["tokens"]
+        assert r["figures"]["fwd_bwd_ms"] == pytest.approx(model["variants"][r["item"]]["fwd_bwd"]["ms"], rel=1e-5)

@@ -2,12 +2,12 @@
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from benchutil import script_env
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
@@ -19,7 +19,8 @@ TINY = ["--device", "cpu", "--tiny", "--steps", "2", "--warmup", "1", "--rank", 
 
 def run(out: Path, *extra: str, variants: tuple[str, ...] = VARIANTS) -> dict:
     cmd = [sys.executable, str(SCRIPT), *TINY, "--variants", ",".join(variants), "--out", str(out), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny matmuls: one thread, no spinning pool on a busy machine
+    # tiny matmuls: one thread, no spinning pool on a busy machine; result rows next to the JSON, not in the repository
+    env = script_env(out.parent / "rows", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
@@ -52,6 +53,13 @@ def test_cpu_one_cell_every_variant_same_losses(tmp_path):
     models = res["blocks"]["r4-p0"]["models"]
     assert models["dora_linear"]["trainable_params"] == models["peft_dora"]["trainable_params"]
     assert models["lora"]["trainable_params"] < models["peft_dora"]["trainable_params"]
+    # the headline figures also went out as result rows: one per variant, into the CPU's file
+    recorded = [json.loads(line) for line in (tmp_path / "rows" / "cpu.jsonl").read_text().splitlines()]
+    assert [r["item"] for r in recorded] == list(v)
+    for r in recorded:
+        assert r["script"] == "train_loop" and r["gpu"] == "cpu" and r["env"]["torch"]
+        assert (r["shape"]["tokens"], r["shape"]["rank"], r["shape"]["accum"], r["shape"]["tiny"]) == (16, 4, 2, True)
+        assert r["figures"]["median_ms"] == pytest.approx(v[r["item"]]["median_ms"], rel=1e-5)
 
 
 def test_cpu_grid_writes_every_cell(tmp_path):
@@ -83,8 +91,17 @@ def test_cpu_grid_cells_start_from_the_same_weights(tmp_path):
 
 def test_cpu_lora_only_dropout_mode_and_profile(tmp_path):
     variants = ("dora_tune", "dora_linear")
-    res = run(tmp_path / "lo.json", "--tokens", "16", "--dropout", "0.1", "--dropout-mode", "lora_only", "--profile",
-              variants=variants)  # fmt: skip
+    res = run(
+        tmp_path / "lo.json",
+        "--tokens",
+        "16",
+        "--dropout",
+        "0.1",
+        "--dropout-mode",
+        "lora_only",
+        "--profile",
+        variants=variants,
+    )
     assert res["ok"] and res["args"]["dropout_mode"] == "lora_only"
     (cell,) = res["cells"]
     for name in variants:
