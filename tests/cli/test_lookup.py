@@ -42,21 +42,9 @@ def test_lookup_uses_the_shipped_h200_cache_for_a_measured_shape(tmp_path):
 
 def test_lookup_shows_the_norm_shortlist_raced_at_first_use(tmp_path):
     # an unmeasured norm shape on the shipped H200 cache: the model's decision and the configs raced at first use
-    res = run(
-        "lookup",
-        "--op",
-        "norm",
-        "--rows",
-        "6000",
-        "--cols",
-        "3000",
-        "--rank",
-        "100",
-        "--gpu",
-        "NVIDIA H200",
-        "--db",
-        str(tmp_path / "none.sqlite"),
-    )
+    args = ["lookup", "--op", "norm", "--rows", "6000", "--cols", "3000", "--rank", "100", "--gpu", "NVIDIA H200"]
+    args += ["--db", str(tmp_path / "none.sqlite")]
+    res = run(*args)
     assert res.exit_code == 0, res.output
     assert "source: model — shipped DB decision table" in res.output
     assert "raced at the first call (fastest kept), on the call's own inputs: 3 configs" in res.output
@@ -64,21 +52,7 @@ def test_lookup_shows_the_norm_shortlist_raced_at_first_use(tmp_path):
     assert res.output.count("'split_k'") == 4  # the plan's config and the three raced
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DORA_TUNE_RACE", "0")
-        off = run(
-            "lookup",
-            "--op",
-            "norm",
-            "--rows",
-            "6000",
-            "--cols",
-            "3000",
-            "--rank",
-            "100",
-            "--gpu",
-            "NVIDIA H200",
-            "--db",
-            str(tmp_path / "none.sqlite"),
-        )
+        off = run(*args)
     assert off.exit_code == 0 and "raced" not in off.output
 
 
