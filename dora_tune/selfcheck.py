@@ -15,9 +15,7 @@ from collections.abc import Callable
 import torch
 
 from dora_tune.kernels import compose, compose_reference, compose_train, factored_norm, norm_reference
-from dora_tune.kernels._common import triton_available
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from dora_tune.kernels._common import DTYPES, triton_available
 
 #: relative-error bound per (implementation family, dtype): fp32 accumulation everywhere; "fused" implementations
 #: round their output once, "eager" compose rounds in the working dtype after every op.

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from dora_tune.cli._common import db_option
+from dora_tune.ops import DTYPE_NAMES, OPS
 
 if TYPE_CHECKING:
     from dora_tune.autotune_db import TrialRow
@@ -100,11 +101,11 @@ def _measured_lines(origin: str, rows: list[TrialRow], impl: str, config: dict[s
 
 
 @click.command()
-@click.option("--op", required=True, type=click.Choice(["norm", "compose", "compose_train"]))
+@click.option("--op", required=True, type=click.Choice(list(OPS)))
 @click.option("--rows", required=True, type=click.IntRange(min=1), help="norm: d_out; compose ops: tokens")
 @click.option("--cols", required=True, type=click.IntRange(min=1), help="norm: d_in; compose ops: d_out")
 @click.option("--rank", type=click.IntRange(min=1), help="LoRA rank (norm only)")
-@click.option("--dtype", default="bf16", show_default=True, type=click.Choice(["bf16", "fp16", "fp32"]))
+@click.option("--dtype", default="bf16", show_default=True, type=click.Choice(DTYPE_NAMES))
 @click.option("--gpu", default=None, help="plan for this GPU model (default: the local CUDA GPU)")
 @db_option
 @click.option("--shipped/--no-shipped", default=True, help="consult the shipped cache for the GPU")

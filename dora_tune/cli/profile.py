@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from dora_tune.cli._common import db_option, open_db
+from dora_tune.ops import DTYPE_NAMES, OPS
 
 
 @click.command()
@@ -14,9 +15,9 @@ from dora_tune.cli._common import db_option, open_db
 @click.option("--rank", "ranks", multiple=True, type=click.IntRange(min=1), help="LoRA rank(s) for the norm shapes")
 @click.option("--tokens", multiple=True, type=click.IntRange(min=1), help="token counts (rows) for compose shapes")
 @click.option("--shapes", "shapes_file", type=click.Path(dir_okay=False), help="shapes file (.json or .csv)")
-@click.option("--op", "ops", multiple=True, type=click.Choice(["norm", "compose", "compose_train"]), help="only these")
+@click.option("--op", "ops", multiple=True, type=click.Choice(list(OPS)), help="only these")
 @click.option("--impl", "impls", multiple=True, help="only these implementations (e.g. triton)")
-@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["bf16", "fp16", "fp32"]), help="default bf16")
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(DTYPE_NAMES), help="default bf16")
 @click.option("--warmup", "warmup_ms", default=5.0, show_default=True, help="warm-up per trial, ms")
 @click.option("--rep", "rep_ms", default=20.0, show_default=True, help="timed repetitions per trial, ms")
 @click.option(

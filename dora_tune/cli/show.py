@@ -7,6 +7,7 @@ import json
 import click
 
 from dora_tune.cli._common import db_option, open_db, parse_shape
+from dora_tune.ops import DTYPE_NAMES, OPS
 
 
 def _fmt_shape(shape: dict) -> str:
@@ -16,8 +17,8 @@ def _fmt_shape(shape: dict) -> str:
 @click.command()
 @db_option
 @click.option("--gpu", default=None, help="GPU name, slug or part of a name (e.g. h200)")
-@click.option("--op", default=None, type=click.Choice(["norm", "compose", "compose_train"]))
-@click.option("--dtype", default=None, type=click.Choice(["bf16", "fp16", "fp32"]))
+@click.option("--op", default=None, type=click.Choice(list(OPS)))
+@click.option("--dtype", default=None, type=click.Choice(DTYPE_NAMES))
 @click.option("--shape", default=None, help="e.g. d_out=4096,d_in=4096,r=16 or rows=2048,cols=4096")
 @click.option("--trials", "show_trials", is_flag=True, help="every trial, not only the best per shape")
 @click.option("--limit", default=200, show_default=True, help="at most this many rows")

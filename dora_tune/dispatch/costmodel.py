@@ -43,10 +43,6 @@ trial the same. Chosen on leave-shapes-out regret over fit seeds and on the held
 compose_train's regret was worse with it (CV 1.016 / 1.090 against 1.014 / 1.077; on the confirmed trials, mean over
 fit seeds 0–2, 1.0130 / 1.103 against 1.0105 / 1.053)."""
 
-CROSSOVER_TRAIN_MIN_COLS = 2048
-CROSSOVER_TRAIN_MIN_ELEMS = 2048 * 6144
-"""The paper's fixed crossover for compose_train: the fused path iff ``cols ≥ 2048`` and ``rows·cols ≥ 2048·6144``."""
-
 
 # ------------------------------------------------------------------------------------------------- estimators
 
@@ -446,20 +442,15 @@ def _fit_data(data: _Data, estimator: str, seed: int) -> FitResult:
 
 
 def crossover_choice(op: str, shape: Mapping[str, int]) -> tuple[str, dict[str, Any]]:
-    """The paper's fixed crossover: compose and norm → Triton with the library default config; compose_train →
-    Triton with its default config iff ``cols ≥ 2048`` and ``rows·cols ≥ 2048·6144``, else eager."""
-    from dora_tune.kernels import DEFAULT_COMPOSE_CONFIG, DEFAULT_COMPOSE_TRAIN_CONFIG, DEFAULT_NORM_CONFIG
+    """The paper's fixed crossover (:class:`~dora_tune.kernels.spec.OpSpec`): ``(implementation, config dict)`` at
+    ``shape`` — Triton with the default config, or the torch implementation with ``{}``."""
+    from dora_tune.kernels import OP_SPECS
 
-    if op == "compose":
-        return "triton", DEFAULT_COMPOSE_CONFIG.as_dict()
-    if op == "norm":
-        return "triton", DEFAULT_NORM_CONFIG.as_dict()
-    if op == "compose_train":
-        rows, cols = shape["rows"], shape["cols"]
-        if cols >= CROSSOVER_TRAIN_MIN_COLS and rows * cols >= CROSSOVER_TRAIN_MIN_ELEMS:
-            return "triton", DEFAULT_COMPOSE_TRAIN_CONFIG.as_dict()
-        return "eager", {}
-    raise ValueError(f"unknown op {op!r}; expected one of {list(OP_SHAPE_KEYS)}")
+    spec = OP_SPECS.get(op)
+    if spec is None:
+        raise ValueError(f"unknown op {op!r}; expected one of {list(OP_SHAPE_KEYS)}")
+    impl, config = spec.crossover_choice(tuple(shape[k] for k in spec.facts.shape_keys))
+    return impl, ({} if config is None else config.as_dict())
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
+from dora_tune.ops import DTYPE_NAMES, OPS
 
 FORMAT = 2
 """Version of :meth:`DecisionTable.to_json`'s layout (``"format"`` key); :meth:`DecisionTable.from_json` also
 reads format 1 (no runners-up)."""
 
-RACE_OPS: dict[str, int] = {"norm": 3, "compose_train": 3}
+RACE_OPS: dict[str, int] = {name: facts.race for name, facts in OPS.items() if facts.race}
 """Ops whose decisions are raced at first use, and the size of each cell's shortlist (the decision plus its
 runners-up). The norm: its shapes are the weights', fixed for a whole run (one race per layer shape), its call is a
 pure function of tensors the call already has, and its config landscape has cliffs between split-K values that the
@@ -36,12 +37,12 @@ cost model ranks within ~2 % of each other. compose_train: its forward × backwa
 of each other at most shapes, more than the model resolves; its shapes follow the token count, so one race serves
 a whole decision-table cell (:data:`RACE_PER_CELL`). NOTES.md, "Race"."""
 
-RACE_PER_CELL: frozenset[str] = frozenset({"compose_train"})
+RACE_PER_CELL: frozenset[str] = frozenset(name for name, facts in OPS.items() if facts.race_per_cell)
 """Ops of :data:`RACE_OPS` whose race is shared by every shape of a decision-table cell (the first shape of the cell
 to run is timed; the others take its winner): ops whose shapes follow the batch's token count, which may change
 every step. The other ops race once per exact shape."""
 
-_DTYPES = ("bf16", "fp16", "fp32")
+_DTYPES = DTYPE_NAMES
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,9 @@ import numpy as np
 
 from dora_tune.autotune_db import EnvInfo, gpu_slug
 from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
+from dora_tune.ops import DTYPE_NAMES as _DTYPE_NAMES
 
-DTYPE_NAMES: tuple[str, ...] = ("bf16", "fp16", "fp32")
+DTYPE_NAMES: tuple[str, ...] = _DTYPE_NAMES
 """The dtypes of the one-hot block, in order (the registry's ``DTYPES`` keys)."""
 
 

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 
 from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
+from dora_tune.kernels._common import DTYPES as _DTYPES
 
-DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES: dict[str, torch.dtype] = _DTYPES  # the kernels' one table
 _ELEM = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 

@@ -56,13 +56,13 @@ import torch
 from dora_tune.autotune_db.common import canonical_json
 from dora_tune.dispatch.decisions import RACE_OPS, RACE_PER_CELL, race_shortlist
 from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
+from dora_tune.kernels._common import DTYPE_NAME as _DTYPE_NAMES
+from dora_tune.ops import OPS
 
-_TORCH_IMPL = {"norm": "factored_torch", "compose": "eager", "compose_train": "eager"}
 #: timed calls of each shortlisted config in a race, the rounds they are taken in, and the warm-up per config (ms)
 RACE_REPS, RACE_ROUNDS, RACE_WARMUP_MS = 30, 3, 2.0
 #: back-to-back calls of each shortlisted config whose wall time the race also takes (host included), per round
 RACE_WALL_CALLS = 10
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 SOURCES = ("measured", "model", "heuristic", "fallback")
 _FORCE: contextvars.ContextVar[str | None] = contextvars.ContextVar("dora_tune_force", default=None)
 
@@ -277,7 +277,9 @@ class Dispatcher:
         if failed.impl == "triton" and failed.config != default:
             plan = Plan("triton", default, "heuristic", f"{failed.source} plan failed ({why}); default config")
         else:
-            plan = Plan(_TORCH_IMPL[op], None, "fallback", f"{failed.source} plan failed ({why}); torch implementation")
+            plan = Plan(
+                OPS[op].torch_impl, None, "fallback", f"{failed.source} plan failed ({why}); torch implementation"
+            )
         with self._lock:
             self._memo[(op, dims, dtype, device, forced)] = plan
         self._warn(
@@ -475,7 +477,7 @@ class Dispatcher:
         from dora_tune.dispatch.registry import registry
 
         impls = {i.name: i for i in registry()[op]}
-        torch_impl = _TORCH_IMPL[op]
+        torch_impl = OPS[op].torch_impl
         if device is not None and (device.type != "cuda" or not torch.cuda.is_available() or not _triton_ok()):
             if device.type != "cuda":
                 why = "no CUDA device"
@@ -503,7 +505,7 @@ class Dispatcher:
             table = tables.models.get((origin, op, dtype))
             if table is None:
                 continue
-            shape = dict(zip(_shape_keys(op), dims, strict=True))
+            shape = dict(zip(OP_SHAPE_KEYS[op], dims, strict=True))
             shortlist = table.shortlist(shape)
             name, cfg = shortlist[0]
             if name in allowed and name in impls:
@@ -526,12 +528,13 @@ class Dispatcher:
         # 3. the fixed crossover
         if forced == "eager":
             return Plan(torch_impl, None, "fallback", "forced: torch implementation")
-        name = _crossover(op, dims)
+        facts = OPS[op]
+        name = facts.crossover(dims)
         if forced == "triton":
             name = "triton"
         if name == "triton":
-            return Plan("triton", _default_config(op), "heuristic", _CROSSOVER_TEXT[op])
-        return Plan(torch_impl, None, "heuristic", _CROSSOVER_TEXT[op] + " → eager below it")
+            return Plan("triton", _default_config(op), "heuristic", facts.crossover_text)
+        return Plan(torch_impl, None, "heuristic", facts.crossover_text + " → eager below it")
 
     def _parse(self, impl: Any, cfg: dict, origin: str) -> Any:
         try:
@@ -664,37 +667,15 @@ def _short(config: Any) -> str:
     return "/".join(str(v) for v in values)
 
 
-_CROSSOVER_TEXT = {
-    "norm": "fixed rule: fused norm whenever Triton and CUDA are available",
-    "compose": "fixed crossover: fused forward whenever Triton and CUDA are available",
-    "compose_train": "fixed crossover: fused backward iff cols ≥ 2048 and rows·cols ≥ 2048·6144",
-}
-
-
 def crossover_impl(op: str, shape: dict[str, int]) -> str:
     """The paper's fixed rule for ``op`` at ``shape`` on a CUDA GPU with Triton: ``"triton"`` or the torch impl."""
-    return _crossover(op, _shape_key(op, shape))
-
-
-def _crossover(op: str, dims: tuple[int, ...]) -> str:
-    if op == "compose_train":
-        rows, cols = dims
-        return "triton" if cols >= 2048 and rows * cols >= 2048 * 6144 else "eager"
-    return "triton"
-
-
-def _shape_keys(op: str) -> tuple[str, ...]:
-    return OP_SHAPE_KEYS[op]
+    return OPS[op].crossover(_shape_key(op, shape))
 
 
 def _default_config(op: str) -> Any:
-    from dora_tune.kernels import DEFAULT_COMPOSE_CONFIG, DEFAULT_COMPOSE_TRAIN_CONFIG, DEFAULT_NORM_CONFIG
+    from dora_tune.kernels import OP_SPECS
 
-    return {
-        "norm": DEFAULT_NORM_CONFIG,
-        "compose": DEFAULT_COMPOSE_CONFIG,
-        "compose_train": DEFAULT_COMPOSE_TRAIN_CONFIG,
-    }[op]
+    return OP_SPECS[op].default_config
 
 
 def _decision_table(stored: tuple[str, str, str, str], versions: dict, dispatcher: Dispatcher, origin: str) -> Any:

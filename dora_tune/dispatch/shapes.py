@@ -12,11 +12,10 @@ import itertools
 import json
 from pathlib import Path
 
-OP_SHAPE_KEYS: dict[str, tuple[str, ...]] = {
-    "norm": ("d_out", "d_in", "r"),
-    "compose": ("rows", "cols"),
-    "compose_train": ("rows", "cols"),
-}
+from dora_tune.ops import OPS
+
+#: each op's shape keys (:mod:`dora_tune.ops`)
+OP_SHAPE_KEYS: dict[str, tuple[str, ...]] = {name: facts.shape_keys for name, facts in OPS.items()}
 OPS: tuple[str, ...] = tuple(OP_SHAPE_KEYS)
 
 

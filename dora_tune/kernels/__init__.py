@@ -13,8 +13,12 @@ Public ops (the contract later layers build on):
 Triton kernels are imported only when a Triton implementation runs (through :func:`~dora_tune.kernels._launch.lean`,
 whose one switch is ``DORA_TUNE_LEAN_LAUNCH=0``); this package opens no database and picks no configs by itself
 (``impl="auto"`` asks :mod:`dora_tune.dispatch`).
+
+Each op's facts: :data:`OP_SPECS` (:class:`OpSpec`: the torch-free :class:`~dora_tune.ops.OpFacts` with the config
+class and the default config, declared next to each op's kernels); the dtypes every op takes: :data:`DTYPES`.
 """
 
+from dora_tune.kernels._common import DTYPES
 from dora_tune.kernels.compose import (
     DEFAULT_COMPOSE_CONFIG,
     ComposeConfig,
@@ -41,15 +45,22 @@ from dora_tune.kernels.norm import (
     norm_reference,
     norm_tuning_space,
 )
+from dora_tune.kernels.spec import OpSpec, op_specs
+
+#: every op's :class:`OpSpec`, by name (the order of :data:`dora_tune.ops.OPS`)
+OP_SPECS: dict[str, OpSpec] = op_specs()
 
 __all__ = [
     "DEFAULT_COMPOSE_CONFIG",
     "DEFAULT_COMPOSE_TRAIN_CONFIG",
     "DEFAULT_NORM_CONFIG",
+    "DTYPES",
+    "OP_SPECS",
     "ComposeBwdConfig",
     "ComposeConfig",
     "ComposeTrainConfig",
     "NormConfig",
+    "OpSpec",
     "compose",
     "compose_bwd_config_space",
     "compose_config_space",

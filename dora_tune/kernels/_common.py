@@ -15,7 +15,13 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.float32)
+from dora_tune.ops import DTYPE_NAMES
+
+#: the dtypes every op takes, by the names plans, databases and the CLI use (:data:`~dora_tune.ops.DTYPE_NAMES`)
+DTYPES: dict[str, torch.dtype] = dict(zip(DTYPE_NAMES, (torch.bfloat16, torch.float16, torch.float32), strict=True))
+#: each of those dtypes' name
+DTYPE_NAME: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+SUPPORTED_DTYPES: tuple[torch.dtype, ...] = tuple(DTYPES.values())
 _DTYPE_NAMES = "bfloat16, float16 or float32"
 
 C = TypeVar("C", bound="KernelConfig")

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch.compiler import is_compiling
 
+from dora_tune import ops
 from dora_tune.kernels._common import (
     KernelConfig,
     as_rows,
@@ -31,8 +32,9 @@ from dora_tune.kernels._common import (
     config_field,
     require_triton,
 )
+from dora_tune.kernels.spec import OpSpec
 
-IMPLS: tuple[str, ...] = ("eager", "triton")
+IMPLS: tuple[str, ...] = ops.COMPOSE.impls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +48,9 @@ class ComposeConfig(KernelConfig):
 
 
 DEFAULT_COMPOSE_CONFIG = ComposeConfig(block_r=8, block_c=512, num_warps=4)
+
+#: compose's facts with its config class and default config (:data:`dora_tune.kernels.OP_SPECS`)
+COMPOSE_SPEC = OpSpec(ops.COMPOSE, ComposeConfig, DEFAULT_COMPOSE_CONFIG)
 
 
 def compose_config_space() -> list[ComposeConfig]:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.compiler import is_compiling
 
+from dora_tune import ops
 from dora_tune.kernels._common import KernelConfig, as_rows, config_field, require_triton
 from dora_tune.kernels.compose import (
     DEFAULT_COMPOSE_CONFIG,
@@ -33,8 +34,9 @@ from dora_tune.kernels.compose import (
     g_vector,
     resolve_impl,
 )
+from dora_tune.kernels.spec import OpSpec
 
-IMPLS: tuple[str, ...] = ("eager", "triton")
+IMPLS: tuple[str, ...] = ops.COMPOSE_TRAIN.impls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +77,9 @@ class ComposeTrainConfig:
 
 DEFAULT_COMPOSE_BWD_CONFIG = ComposeBwdConfig(block_r=8, block_c=512, row_iters=8, num_warps=4)
 DEFAULT_COMPOSE_TRAIN_CONFIG = ComposeTrainConfig(DEFAULT_COMPOSE_CONFIG, DEFAULT_COMPOSE_BWD_CONFIG)
+
+#: compose_train's facts with its config class and default config (:data:`dora_tune.kernels.OP_SPECS`)
+COMPOSE_TRAIN_SPEC = OpSpec(ops.COMPOSE_TRAIN, ComposeTrainConfig, DEFAULT_COMPOSE_TRAIN_CONFIG)
 
 
 def compose_bwd_config_space() -> list[ComposeBwdConfig]:

@@ -36,14 +36,15 @@ from typing import Any
 
 import torch
 
+from dora_tune import ops
 from dora_tune.kernels._common import as_rows, require_triton
 
 NAMESPACE = "dora_tune"
 _LOCK = threading.Lock()
 _REGISTERED = False
 
-_TRAIN_IMPLS = ("eager", "triton")
-_NORM_IMPLS = ("dense", "factored_torch", "triton")
+_TRAIN_IMPLS = ops.COMPOSE_TRAIN.impls
+_NORM_IMPLS = ops.NORM.impls
 
 
 # ----------------------------------------------------------------------------------------------- configs and plans
@@ -73,13 +74,9 @@ def _resolve(op: str, impl: str, config: str, t: torch.Tensor, race: Any = None)
 
 
 def _default(op: str) -> Any:
-    from dora_tune.kernels import DEFAULT_COMPOSE_CONFIG, DEFAULT_COMPOSE_TRAIN_CONFIG, DEFAULT_NORM_CONFIG
+    from dora_tune.kernels import OP_SPECS
 
-    return {
-        "norm": DEFAULT_NORM_CONFIG,
-        "compose": DEFAULT_COMPOSE_CONFIG,
-        "compose_train": DEFAULT_COMPOSE_TRAIN_CONFIG,
-    }[op]
+    return OP_SPECS[op].default_config
 
 
 # ----------------------------------------------------------------------------------------------- implementations

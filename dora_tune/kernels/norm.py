@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch.compiler import is_compiling
 
+from dora_tune import ops
 from dora_tune.kernels._common import (
     KernelConfig,
     check_same_device,
@@ -32,8 +33,9 @@ from dora_tune.kernels._common import (
     config_field,
     require_triton,
 )
+from dora_tune.kernels.spec import OpSpec
 
-IMPLS: tuple[str, ...] = ("dense", "factored_torch", "triton")
+IMPLS: tuple[str, ...] = ops.NORM.impls
 
 #: working-memory budget of one d_in chunk in ``factored_torch`` (bytes of the float32 chunk of W).
 _CHUNK_BYTES = 16 << 20
@@ -57,6 +59,9 @@ class NormConfig(KernelConfig):
 
 
 DEFAULT_NORM_CONFIG = NormConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3, split_k=1)
+
+#: the norm's facts with its config class and default config (:data:`dora_tune.kernels.OP_SPECS`)
+NORM_SPEC = OpSpec(ops.NORM, NormConfig, DEFAULT_NORM_CONFIG)
 #: shared memory per SM on the GPUs we target (H100/H200: 227 KB usable by one block).
 _SMEM_LIMIT = 220 * 1024
 
