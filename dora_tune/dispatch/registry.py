@@ -14,7 +14,6 @@ import importlib
 import importlib.util
 import inspect
 import linecache
-import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -115,12 +114,15 @@ class Impl:
 
     def runner(self, inputs: dict[str, Any], config: dict) -> Callable[[], Any]:
         """A zero-argument callable that runs the op once on ``inputs`` with ``config``."""
-        cfg = self.parse_config(config)
-        return _RUNNERS[self.op](self.name, inputs, cfg)
+        from dora_tune.kernels import OP_SPECS
+
+        return OP_SPECS[self.op].runner(self.name, inputs, self.parse_config(config))
 
 
 def make_inputs(op: str, shape: dict[str, int], dtype: str, device: torch.device, seed: int = 0) -> dict[str, Any]:
-    """Random inputs (never zeros) for ``op`` at ``shape``, scaled like real DoRA tensors."""
+    """Random inputs (never zeros) for ``op`` at ``shape``, scaled like real DoRA tensors (the op spec's recipe)."""
+    from dora_tune.kernels import OP_SPECS
+
     if set(shape) != set(OP_SHAPE_KEYS[op]):
         raise ValueError(f"{op} shape needs keys {OP_SHAPE_KEYS[op]}, got {sorted(shape)}")
     dt = DTYPES[dtype]
@@ -129,119 +131,15 @@ def make_inputs(op: str, shape: dict[str, int], dtype: str, device: torch.device
     def rnd(*size: int, scale: float = 1.0) -> torch.Tensor:
         return (torch.randn(*size, device=device, generator=g) * scale).to(dt)
 
-    if op == "norm":
-        o, i, r = shape["d_out"], shape["d_in"], shape["r"]
-        return {
-            "W": rnd(o, i, scale=0.02),
-            "A": rnd(r, i, scale=1 / math.sqrt(i)),
-            "B": rnd(o, r, scale=0.02),
-            "s": 2.0,
-        }
-    rows, cols = shape["rows"], shape["cols"]
-    out = {"lora": rnd(rows, cols), "base": rnd(rows, cols), "g": 1 + rnd(cols, scale=0.01), "s": 0.5}
-    if op == "compose_train":
-        out["dout"] = rnd(rows, cols)
-        out["leaves"] = [out[k].clone().requires_grad_() for k in ("lora", "base", "g")]
-    return out
-
-
-def _norm_runner(name: str, x: dict[str, Any], cfg: Any) -> Callable[[], Any]:
-    from dora_tune.kernels import factored_norm
-
-    return lambda: factored_norm(x["W"], x["A"], x["B"], x["s"], impl=name, config=cfg)
-
-
-def _compose_runner(name: str, x: dict[str, Any], cfg: Any) -> Callable[[], Any]:
-    from dora_tune.kernels import compose
-
-    return lambda: compose(x["lora"], x["base"], x["g"], x["s"], impl=name, config=cfg)
-
-
-def _train_runner(name: str, x: dict[str, Any], cfg: Any) -> Callable[[], Any]:
-    from dora_tune.kernels import compose_train
-
-    leaves, dout = x["leaves"], x["dout"]
-
-    def step() -> Any:
-        out = compose_train(*leaves, x["s"], impl=name, config=cfg)
-        return torch.autograd.grad(out, leaves, dout)
-
-    return step
-
-
-_RUNNERS = {"norm": _norm_runner, "compose": _compose_runner, "compose_train": _train_runner}
-
-
-def _no_config(data: dict) -> None:
-    if data:
-        raise ValueError(f"this implementation takes no config, got {data!r}")
-    return None
+    return OP_SPECS[op].inputs(shape, rnd)
 
 
 def _registry() -> dict[str, list[Impl]]:
-    from dora_tune.kernels import (
-        DEFAULT_COMPOSE_TRAIN_CONFIG,
-        DEFAULT_NORM_CONFIG,
-        ComposeConfig,
-        ComposeTrainConfig,
-        NormConfig,
-        compose_config_space,
-        norm_tuning_space,
-    )
-
-    none: Callable[[dict[str, int]], list[dict]] = lambda shape: [{}]  # noqa: E731
-    both, cuda = ("cuda", "cpu"), ("cuda",)
-    k = "dora_tune.kernels."
-    formula, fused_train = k + "compose:compose_formula", k + "compose_train:_ComposeTrainFn"
-    default_bwd = DEFAULT_COMPOSE_TRAIN_CONFIG.bwd.as_dict()
-
-    def norm_space(rank: int) -> list[dict]:
-        # the tuning space, plus the default config (the fixed crossover's pick, measured so it can be compared)
-        space = [c.as_dict() for c in norm_tuning_space(rank)]
-        default = DEFAULT_NORM_CONFIG.as_dict()
-        return space if default in space else [*space, default]
-
-    def train_space(shape: dict[str, int]) -> list[dict]:
-        # Stage 1 of the coordinate sweep: every forward config with the default backward (the profiler adds
-        # stage 2, the backward configs with the best forward, once stage 1 is measured).
-        return [{"fwd": f.as_dict(), "bwd": default_bwd} for f in compose_config_space()]
+    from dora_tune.kernels import OP_SPECS
 
     return {
-        "norm": [
-            Impl("norm", "dense", both, (k + "norm:norm_reference",), none, _no_config),
-            Impl("norm", "factored_torch", both, (k + "norm:norm_factored_torch",), none, _no_config),
-            Impl(
-                "norm",
-                "triton",
-                cuda,
-                (k + "_norm_triton",),
-                lambda shape: norm_space(shape["r"]),
-                NormConfig.from_dict,
-                ("r",),
-            ),
-        ],
-        "compose": [
-            Impl("compose", "eager", both, (formula,), none, _no_config),
-            Impl(
-                "compose",
-                "triton",
-                cuda,
-                (k + "_compose_triton",),
-                lambda shape: [c.as_dict() for c in compose_config_space()],
-                ComposeConfig.from_dict,
-            ),
-        ],
-        "compose_train": [
-            Impl("compose_train", "eager", both, (formula,), none, _no_config),
-            Impl(
-                "compose_train",
-                "triton",
-                cuda,
-                (k + "_compose_triton", fused_train),
-                train_space,
-                ComposeTrainConfig.from_dict,
-            ),
-        ],
+        op: [Impl(op, i.name, i.devices, i.sources, i.space, i.parse_config, i.space_keys) for i in spec.impls]
+        for op, spec in OP_SPECS.items()
     }
 
 

@@ -32,7 +32,7 @@ from dora_tune.kernels._common import (
     config_field,
     require_triton,
 )
-from dora_tune.kernels.spec import OpSpec
+from dora_tune.kernels.spec import ANY_DEVICE, CUDA_ONLY, ImplSpec, OpSpec
 
 IMPLS: tuple[str, ...] = ops.COMPOSE.impls
 
@@ -48,9 +48,6 @@ class ComposeConfig(KernelConfig):
 
 
 DEFAULT_COMPOSE_CONFIG = ComposeConfig(block_r=8, block_c=512, num_warps=4)
-
-#: compose's facts with its config class and default config (:data:`dora_tune.kernels.OP_SPECS`)
-COMPOSE_SPEC = OpSpec(ops.COMPOSE, ComposeConfig, DEFAULT_COMPOSE_CONFIG)
 
 
 def compose_config_space() -> list[ComposeConfig]:
@@ -197,3 +194,38 @@ def compose(
             )
             return out if base.dim() == 2 else out.view(base.shape)
     raise ValueError(f"impl must be one of {IMPLS} or 'auto', got {impl!r}")
+
+
+# ----------------------------------------------------------------------------------------------- the op's spec
+
+
+def _compose_runner(name: str, x: dict[str, Any], cfg: ComposeConfig | None) -> Any:
+    return lambda: compose(x["lora"], x["base"], x["g"], x["s"], impl=name, config=cfg)
+
+
+def compose_inputs(shape: dict[str, int], rnd: Any) -> dict[str, Any]:
+    """Inputs of the compose ops at ``{"rows", "cols"}``: lora, base ``[rows, cols]``, ``g ≈ 1`` ``[cols]``, s."""
+    rows, cols = shape["rows"], shape["cols"]
+    return {"lora": rnd(rows, cols), "base": rnd(rows, cols), "g": 1 + rnd(cols, scale=0.01), "s": 0.5}
+
+
+#: where compose_formula lives (the version source of every torch compose)
+FORMULA_SOURCE = "dora_tune.kernels.compose:compose_formula"
+#: compose's facts, configs, implementations, runner and inputs (:data:`dora_tune.kernels.OP_SPECS`)
+COMPOSE_SPEC = OpSpec(
+    ops.COMPOSE,
+    ComposeConfig,
+    DEFAULT_COMPOSE_CONFIG,
+    impls=(
+        ImplSpec("eager", ANY_DEVICE, (FORMULA_SOURCE,)),
+        ImplSpec(
+            "triton",
+            CUDA_ONLY,
+            ("dora_tune.kernels._compose_triton",),
+            lambda shape: [c.as_dict() for c in compose_config_space()],
+            ComposeConfig.from_dict,
+        ),
+    ),
+    runner=_compose_runner,
+    inputs=compose_inputs,
+)

@@ -25,16 +25,18 @@ from dora_tune import ops
 from dora_tune.kernels._common import KernelConfig, as_rows, config_field, require_triton
 from dora_tune.kernels.compose import (
     DEFAULT_COMPOSE_CONFIG,
+    FORMULA_SOURCE,
     ComposeConfig,
     _dora_scale,
     check_compose_inputs,
     check_scale_inputs,
     compose_config_space,
     compose_formula,
+    compose_inputs,
     g_vector,
     resolve_impl,
 )
-from dora_tune.kernels.spec import OpSpec
+from dora_tune.kernels.spec import ANY_DEVICE, CUDA_ONLY, ImplSpec, OpSpec
 
 IMPLS: tuple[str, ...] = ops.COMPOSE_TRAIN.impls
 
@@ -77,9 +79,6 @@ class ComposeTrainConfig:
 
 DEFAULT_COMPOSE_BWD_CONFIG = ComposeBwdConfig(block_r=8, block_c=512, row_iters=8, num_warps=4)
 DEFAULT_COMPOSE_TRAIN_CONFIG = ComposeTrainConfig(DEFAULT_COMPOSE_CONFIG, DEFAULT_COMPOSE_BWD_CONFIG)
-
-#: compose_train's facts with its config class and default config (:data:`dora_tune.kernels.OP_SPECS`)
-COMPOSE_TRAIN_SPEC = OpSpec(ops.COMPOSE_TRAIN, ComposeTrainConfig, DEFAULT_COMPOSE_TRAIN_CONFIG)
 
 
 def compose_bwd_config_space() -> list[ComposeBwdConfig]:
@@ -273,3 +272,50 @@ def dora_compose_train(
     if config is not None and not isinstance(config, ComposeTrainConfig):
         raise TypeError(f"config must be a ComposeTrainConfig, got {type(config).__name__}")
     return _DoraComposeTrainFn.apply(lora, base, magnitude, norm.detach(), s, config or DEFAULT_COMPOSE_TRAIN_CONFIG)
+
+
+# ----------------------------------------------------------------------------------------------- the op's spec
+
+
+def _train_space(shape: dict[str, int]) -> list[dict]:
+    # Stage 1 of the coordinate sweep: every forward config with the default backward (the profiler adds stage 2,
+    # the backward configs with the best forward, once stage 1 is measured).
+    default_bwd = DEFAULT_COMPOSE_TRAIN_CONFIG.bwd.as_dict()
+    return [{"fwd": f.as_dict(), "bwd": default_bwd} for f in compose_config_space()]
+
+
+def _train_runner(name: str, x: dict[str, Any], cfg: ComposeTrainConfig | None) -> Callable[[], Any]:
+    leaves, dout = x["leaves"], x["dout"]
+
+    def step() -> Any:
+        out = compose_train(*leaves, x["s"], impl=name, config=cfg)
+        return torch.autograd.grad(out, leaves, dout)
+
+    return step
+
+
+def _train_inputs(shape: dict[str, int], rnd: Any) -> dict[str, Any]:
+    out = compose_inputs(shape, rnd)
+    out["dout"] = rnd(shape["rows"], shape["cols"])
+    out["leaves"] = [out[k].clone().requires_grad_() for k in ("lora", "base", "g")]
+    return out
+
+
+#: compose_train's facts, configs, implementations, runner and inputs (:data:`dora_tune.kernels.OP_SPECS`)
+COMPOSE_TRAIN_SPEC = OpSpec(
+    ops.COMPOSE_TRAIN,
+    ComposeTrainConfig,
+    DEFAULT_COMPOSE_TRAIN_CONFIG,
+    impls=(
+        ImplSpec("eager", ANY_DEVICE, (FORMULA_SOURCE,)),
+        ImplSpec(
+            "triton",
+            CUDA_ONLY,
+            ("dora_tune.kernels._compose_triton", "dora_tune.kernels.compose_train:_ComposeTrainFn"),
+            _train_space,
+            ComposeTrainConfig.from_dict,
+        ),
+    ),
+    runner=_train_runner,
+    inputs=_train_inputs,
+)

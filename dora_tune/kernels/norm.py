@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import math
 from typing import Any
 
 import torch
@@ -33,7 +34,7 @@ from dora_tune.kernels._common import (
     config_field,
     require_triton,
 )
-from dora_tune.kernels.spec import OpSpec
+from dora_tune.kernels.spec import ANY_DEVICE, CUDA_ONLY, ImplSpec, OpSpec
 
 IMPLS: tuple[str, ...] = ops.NORM.impls
 
@@ -60,8 +61,6 @@ class NormConfig(KernelConfig):
 
 DEFAULT_NORM_CONFIG = NormConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3, split_k=1)
 
-#: the norm's facts with its config class and default config (:data:`dora_tune.kernels.OP_SPECS`)
-NORM_SPEC = OpSpec(ops.NORM, NormConfig, DEFAULT_NORM_CONFIG)
 #: shared memory per SM on the GPUs we target (H100/H200: 227 KB usable by one block).
 _SMEM_LIMIT = 220 * 1024
 
@@ -298,3 +297,38 @@ def factored_norm(
             auto_failed("norm", dims, compute, weight.device, chosen, str(e).split(".")[0])
             return factored_norm(weight, lora_A, lora_B, s)  # the new plan: the default config, then torch
     raise ValueError(f"impl must be one of {IMPLS} or 'auto', got {impl!r}")
+
+
+# ----------------------------------------------------------------------------------------------- the op's spec
+
+
+def _norm_space(shape: dict[str, int]) -> list[dict]:
+    # the tuning space, plus the default config (the fixed crossover's pick, measured so it can be compared)
+    space = [c.as_dict() for c in norm_tuning_space(shape["r"])]
+    default = DEFAULT_NORM_CONFIG.as_dict()
+    return space if default in space else [*space, default]
+
+
+def _norm_runner(name: str, x: dict[str, Any], cfg: NormConfig | None) -> Any:
+    return lambda: factored_norm(x["W"], x["A"], x["B"], x["s"], impl=name, config=cfg)
+
+
+def _norm_inputs(shape: dict[str, int], rnd: Any) -> dict[str, Any]:
+    o, i, r = shape["d_out"], shape["d_in"], shape["r"]
+    return {"W": rnd(o, i, scale=0.02), "A": rnd(r, i, scale=1 / math.sqrt(i)), "B": rnd(o, r, scale=0.02), "s": 2.0}
+
+
+_K = "dora_tune.kernels."
+#: the norm's facts, configs, implementations, runner and inputs (:data:`dora_tune.kernels.OP_SPECS`)
+NORM_SPEC = OpSpec(
+    ops.NORM,
+    NormConfig,
+    DEFAULT_NORM_CONFIG,
+    impls=(
+        ImplSpec("dense", ANY_DEVICE, (_K + "norm:norm_reference",)),
+        ImplSpec("factored_torch", ANY_DEVICE, (_K + "norm:norm_factored_torch",)),
+        ImplSpec("triton", CUDA_ONLY, (_K + "_norm_triton",), _norm_space, NormConfig.from_dict, ("r",)),
+    ),
+    runner=_norm_runner,
+    inputs=_norm_inputs,
+)

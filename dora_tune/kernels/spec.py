@@ -1,25 +1,72 @@
 """Each op's :class:`OpSpec`: its torch-free facts (:mod:`dora_tune.ops`) with what needs torch — the config
-class and the default config — as its kernel module declares it (``NORM_SPEC`` in :mod:`~dora_tune.kernels.norm`,
-``COMPOSE_SPEC``, ``COMPOSE_TRAIN_SPEC``); :func:`op_specs` (``dora_tune.kernels.OP_SPECS``) collects them."""
+class, the default config, its implementations (:class:`ImplSpec`: devices, the sources their version hashes, the
+config space to sweep), how to run it once and how to make inputs for it — as its kernel module declares it
+(``NORM_SPEC`` in :mod:`~dora_tune.kernels.norm`, ``COMPOSE_SPEC``, ``COMPOSE_TRAIN_SPEC``); :func:`op_specs`
+(``dora_tune.kernels.OP_SPECS``) collects them. The registry of the profiler and the planner
+(:mod:`dora_tune.dispatch.registry`) is a read of them."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 from dora_tune.ops import OpFacts
 
+#: the devices an implementation runs on: torch ones anywhere, Triton ones on CUDA
+ANY_DEVICE, CUDA_ONLY = ("cuda", "cpu"), ("cuda",)
+
+
+def no_configs(shape: dict[str, int]) -> list[dict]:
+    """The config space of an implementation that takes no config: one empty config."""
+    return [{}]
+
+
+def no_config(data: dict) -> None:
+    """The config parser of an implementation that takes no config: only ``{}``."""
+    if data:
+        raise ValueError(f"this implementation takes no config, got {data!r}")
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class ImplSpec:
+    """One implementation of an op, as the profiler and the planner see it.
+
+    Attributes:
+        name: as the op's ``impl=`` takes it.
+        devices: the device types it runs on.
+        sources: what its version hashes — ``"module"`` (the whole file) or ``"module:qualname"`` — so that a change
+            of what computes it makes its stored measurements stale, and nothing else does.
+        space: the config dicts to sweep at a shape (``[{}]`` when it takes no config).
+        parse_config: a config dict → the validated config object (None when it takes no config).
+        space_keys: the shape keys ``space`` depends on.
+    """
+
+    name: str
+    devices: tuple[str, ...]
+    sources: tuple[str, ...]
+    space: Callable[[dict[str, int]], list[dict]] = no_configs
+    parse_config: Callable[[dict], Any] = no_config
+    space_keys: tuple[str, ...] = ()
+
 
 @dataclasses.dataclass(frozen=True)
 class OpSpec:
-    """One op: its :class:`~dora_tune.ops.OpFacts`, its Triton config class and default config.
+    """One op: its :class:`~dora_tune.ops.OpFacts`, its Triton config class and default config, its
+    implementations, ``runner(impl, inputs, config)`` → a zero-argument callable running it once (forward and
+    backward for a training op), and ``inputs(shape, rnd)`` → the inputs ``runner`` takes, made with
+    ``rnd(*size, scale=…)`` (random, never zero, in the trial's dtype, scaled like real DoRA tensors).
 
     ``crossover_choice(dims)`` is the paper's fixed crossover as a plan: ``(implementation, config or None)``."""
 
     facts: OpFacts
     config_class: type
     default_config: Any
+    impls: tuple[ImplSpec, ...]
+    runner: Callable[[str, dict[str, Any], Any], Callable[[], Any]]
+    inputs: Callable[[dict[str, int], Callable[..., Any]], dict[str, Any]]
 
     @property
     def name(self) -> str:
