@@ -13,7 +13,8 @@ next to its kernels. This module imports nothing.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 #: the dtype names plans, databases and the CLI use, in order (the torch dtypes: ``dora_tune.kernels.DTYPES``)
 DTYPE_NAMES: tuple[str, ...] = ("bf16", "fp16", "fp32")
@@ -21,6 +22,33 @@ DTYPE_NAMES: tuple[str, ...] = ("bf16", "fp16", "fp32")
 #: the paper's fixed crossover for the training compose: fused iff cols ≥ this and rows·cols ≥ the next
 CROSSOVER_TRAIN_MIN_COLS = 2048
 CROSSOVER_TRAIN_MIN_ELEMS = 2048 * 6144
+
+
+def cdiv(a: Any, b: Any) -> Any:
+    """⌈a / b⌉ for ints or integer arrays (operators only)."""
+    return -(-a // b)
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchGrid:
+    """A Triton launch grid whose geometry the cost model uses as features.
+
+    ``geometry(dims, cfg)`` → ``(programs, main-loop trips per program)`` from the shape's dims and the flattened
+    config values (ints or integer arrays of one entry a row; written with operators only, so numpy arrays work);
+    ``config_keys``: the flattened config keys it needs."""
+
+    name: str
+    config_keys: tuple[str, ...]
+    geometry: Callable[[Mapping[str, Any], Mapping[str, Any]], tuple[Any, Any]]
+
+
+def _norm_main_grid(dims: Mapping[str, Any], cfg: Mapping[str, Any]) -> tuple[Any, Any]:
+    # cdiv(d_out, block_m) · cdiv(r, block_n) · S programs, S = cdiv(d_in, k_per_split) K ranges of
+    # k_per_split = cdiv(cdiv(d_in, split_k), block_k) · block_k; each program loops k_per_split / block_k times
+    o, i, r = dims["d_out"], dims["d_in"], dims["r"]
+    k_per_split = cdiv(cdiv(i, cfg["split_k"]), cfg["block_k"]) * cfg["block_k"]
+    programs = cdiv(o, cfg["block_m"]) * cdiv(r, cfg["block_n"]) * cdiv(i, k_per_split)
+    return programs, k_per_split // cfg["block_k"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,9 +63,14 @@ class OpFacts:
         crossover: the paper's fixed rule: dims in ``shape_keys`` order → the implementation it runs on a CUDA GPU
             with Triton (with the default config when that is ``"triton"``).
         crossover_text: that rule in words (plan details, ``dora-tune lookup``).
+        bytes: ``(shape, bytes per element)`` → the fewest bytes the op must move through memory (each input read
+            once, each output written once): the memory floor of a kernel.
+        flops: ``shape`` → its floating-point operations: the compute floor.
         race: how many configs of a decision-table cell's shortlist the dispatcher times at first use (0: none).
         race_per_cell: that race is run once per decision-table cell, its winner shared by the cell's shapes (ops whose
             shapes follow the token count, which may change every step), not once per shape.
+        launch_grids: the Triton launch grids whose geometry the cost model takes as features (compose and
+            compose_train have none: their grid features lowered neither CV regret, benchmarks/NOTES.md).
     """
 
     name: str
@@ -46,8 +79,21 @@ class OpFacts:
     torch_impl: str
     crossover: Callable[[tuple[int, ...]], str]
     crossover_text: str
+    bytes: Callable[[dict[str, int], int], int]
+    flops: Callable[[dict[str, int]], int]
     race: int = 0
     race_per_cell: bool = False
+    launch_grids: tuple[LaunchGrid, ...] = ()
+
+
+def _norm_bytes(shape: dict[str, int], elem: int) -> int:
+    o, i, r = shape["d_out"], shape["d_in"], shape["r"]
+    return elem * (o * i + r * i + o * r) + 4 * o  # W, A, B read; the float32 norm written
+
+
+def _norm_flops(shape: dict[str, int]) -> int:
+    o, i, r = shape["d_out"], shape["d_in"], shape["r"]
+    return 2 * o * i * r + 2 * r * r * (i + o)  # the U GEMM, then G = A·Aᵀ and B·G
 
 
 def _always_triton(dims: tuple[int, ...]) -> str:
@@ -69,7 +115,10 @@ NORM = OpFacts(
     torch_impl="factored_torch",
     crossover=_always_triton,
     crossover_text="fixed rule: fused norm whenever Triton and CUDA are available",
+    bytes=_norm_bytes,
+    flops=_norm_flops,
     race=3,
+    launch_grids=(LaunchGrid("main", ("block_m", "block_n", "block_k", "split_k"), _norm_main_grid),),
 )
 
 COMPOSE = OpFacts(
@@ -79,6 +128,8 @@ COMPOSE = OpFacts(
     torch_impl="eager",
     crossover=_always_triton,
     crossover_text="fixed crossover: fused forward whenever Triton and CUDA are available",
+    bytes=lambda shape, elem: elem * shape["rows"] * shape["cols"] * 3,  # lora, base read; out written
+    flops=lambda shape: shape["rows"] * shape["cols"] * 4,
 )
 
 #: the training compose: its forward × backward configs lie within a few per cent of each other at most shapes, more
@@ -90,6 +141,9 @@ COMPOSE_TRAIN = OpFacts(
     torch_impl="eager",
     crossover=_train_crossover,
     crossover_text="fixed crossover: fused backward iff cols ≥ 2048 and rows·cols ≥ 2048·6144",
+    # forward: lora, base read, out and inner written; backward: dout, inner read, d_lora, d_base written
+    bytes=lambda shape, elem: elem * shape["rows"] * shape["cols"] * 8,
+    flops=lambda shape: shape["rows"] * shape["cols"] * 10,
     race=3,
     race_per_cell=True,
 )

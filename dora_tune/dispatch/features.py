@@ -32,6 +32,7 @@ import numpy as np
 from dora_tune.autotune_db import EnvInfo, gpu_slug
 from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
 from dora_tune.ops import DTYPE_NAMES as _DTYPE_NAMES
+from dora_tune.ops import OPS, cdiv
 
 DTYPE_NAMES: tuple[str, ...] = _DTYPE_NAMES
 """The dtypes of the one-hot block, in order (the registry's ``DTYPES`` keys)."""
@@ -102,18 +103,14 @@ def flatten_config(config: Mapping[str, Any]) -> dict[str, float]:
 
 
 LAUNCH_GRIDS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
-    "norm": (("main", ("block_m", "block_n", "block_k", "split_k")),),
+    op: tuple((g.name, g.config_keys) for g in facts.launch_grids) for op, facts in OPS.items() if facts.launch_grids
 }
-"""The launch grids with features, per op: ``(name, the flattened config keys the grid needs)``; a layout gets a
-grid's features when its config keys hold all of them (the Triton implementation; configless ones have none).
-compose and compose_train have none: their grid features lowered neither CV regret (benchmarks/NOTES.md)."""
+"""The launch grids with features, per op (its facts, :class:`~dora_tune.ops.LaunchGrid`): ``(name, the flattened
+config keys the grid needs)``; a layout gets a grid's features when its config keys hold all of them (the Triton
+implementation; configless ones have none)."""
 
 
 _GRID_PARTS = ("log2_programs", "wave_eff", "log2_loop_iters")
-
-
-def _cdiv(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return -(-a // b)
 
 
 def launch_geometry(
@@ -122,15 +119,13 @@ def launch_geometry(
     """Programs and main-loop trips per program (int64 ``[n]`` each) of the launch grid ``grid`` of ``op`` for shape
     dimensions ``dims`` and flattened config values ``cfg`` (int64 arrays of one entry a row, config values ≥ 1).
 
-    The norm's main kernel launches ``cdiv(d_out, block_m) · cdiv(r, block_n) · S`` programs, with
-    ``S = cdiv(d_in, k_per_split)`` K ranges of ``k_per_split = cdiv(cdiv(d_in, split_k), block_k) · block_k``; each
-    program loops ``k_per_split / block_k`` times over its K range.
+    The formulas are the op's facts (:attr:`~dora_tune.ops.OpFacts.launch_grids`), e.g. the norm's main kernel:
+    ``cdiv(d_out, block_m) · cdiv(r, block_n) · S`` programs, ``S = cdiv(d_in, k_per_split)`` K ranges of
+    ``k_per_split = cdiv(cdiv(d_in, split_k), block_k) · block_k``, each looping ``k_per_split / block_k`` times.
     """
-    if op == "norm" and grid == "main":
-        o, i, r = dims["d_out"], dims["d_in"], dims["r"]
-        k_per_split = _cdiv(_cdiv(i, cfg["split_k"]), cfg["block_k"]) * cfg["block_k"]
-        programs = _cdiv(o, cfg["block_m"]) * _cdiv(r, cfg["block_n"]) * _cdiv(i, k_per_split)
-        return programs, k_per_split // cfg["block_k"]
+    for g in OPS[op].launch_grids if op in OPS else ():
+        if g.name == grid:
+            return g.geometry(dims, cfg)
     raise ValueError(f"no launch grid {grid!r} for {op!r}")
 
 
@@ -255,7 +250,7 @@ class FeatureSpec:
             programs, trips = launch_geometry(self.op, name, dims, cfg)
             programs = np.maximum(programs, 1)
             if sm_count > 0:
-                wave = programs / (_cdiv(programs, np.int64(sm_count)) * sm_count)
+                wave = programs / (cdiv(programs, np.int64(sm_count)) * sm_count)
             else:
                 wave = np.ones(n)
             out[:, k * gi] = np.where(ok, np.log2(programs), 0.0)

@@ -23,9 +23,9 @@ import torch
 
 from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
 from dora_tune.kernels._common import DTYPES as _DTYPES
+from dora_tune.ops import OPS
 
 DTYPES: dict[str, torch.dtype] = _DTYPES  # the kernels' one table
-_ELEM = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 #: Source versions whose GPU behaviour is that of an earlier version: ``(op, impl, new hash) → the earlier hash``,
@@ -74,22 +74,13 @@ def _object_source(module: Any, qualname: str) -> str:
 
 
 def op_bytes(op: str, shape: dict[str, int], dtype: str) -> int:
-    """Fewest bytes the op must move through memory (each input read once, each output written once)."""
-    e = _ELEM[dtype]
-    if op == "norm":
-        o, i, r = shape["d_out"], shape["d_in"], shape["r"]
-        return e * (o * i + r * i + o * r) + 4 * o
-    n = shape["rows"] * shape["cols"]
-    return e * n * (3 if op == "compose" else 8)
+    """Fewest bytes the op must move through memory (each input read once, each output written once; its facts)."""
+    return OPS[op].bytes(shape, DTYPES[dtype].itemsize)
 
 
 def op_flops(op: str, shape: dict[str, int]) -> int:
-    """Floating-point operations of the op (the factored norm: the U GEMM plus G and B·G)."""
-    if op == "norm":
-        o, i, r = shape["d_out"], shape["d_in"], shape["r"]
-        return 2 * o * i * r + 2 * r * r * (i + o)
-    n = shape["rows"] * shape["cols"]
-    return n * (4 if op == "compose" else 10)
+    """Floating-point operations of the op (the factored norm: the U GEMM plus G and B·G; its facts)."""
+    return OPS[op].flops(shape)
 
 
 @dataclasses.dataclass(frozen=True)
