@@ -14,22 +14,14 @@ from collections.abc import Callable
 
 import torch
 
-from dora_tune.kernels import compose, compose_reference, compose_train, factored_norm, norm_reference
+from dora_tune import ops
+from dora_tune.kernels import OP_SPECS, compose, compose_reference, compose_train, factored_norm, norm_reference
 from dora_tune.kernels._common import DTYPES, triton_available
 
-#: relative-error bound per (implementation family, dtype): fp32 accumulation everywhere; "fused" implementations
-#: round their output once, "eager" compose rounds in the working dtype after every op.
-TOLERANCE = {
-    ("norm", "bf16"): 1e-5,
-    ("norm", "fp16"): 1e-5,
-    ("norm", "fp32"): 1e-5,
-    ("fused", "bf16"): 8e-3,
-    ("fused", "fp16"): 1e-3,
-    ("fused", "fp32"): 1e-5,
-    ("eager", "bf16"): 3e-2,
-    ("eager", "fp16"): 4e-3,
-    ("eager", "fp32"): 1e-5,
-}
+
+def tolerance(op: str, impl: str, dtype: str) -> float:
+    """The relative-error bound of ``impl`` of ``op`` at ``dtype`` against float64 (its implementation spec's)."""
+    return OP_SPECS[op].impl(impl).tolerance(dtype)
 
 
 @dataclasses.dataclass
@@ -90,8 +82,8 @@ def run_selfcheck(device: str | torch.device | None = None, *, small: bool | Non
     def rnd(*shape: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
         return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(dev)
 
-    def record(op: str, impl: str, dname: str, shape: tuple, fam: str, run: Callable, ref: Callable) -> None:
-        tol = TOLERANCE[(fam, dname)]
+    def record(op: str, impl: str, dname: str, shape: tuple, spec_op: str, run: Callable, ref: Callable) -> None:
+        tol = tolerance(spec_op, impl, dname)
         shape_s = "x".join(map(str, shape))
         if impl == "triton" and triton_why:
             results.append(CheckResult(op, impl, dname, shape_s, None, tol, None, f"skipped: {triton_why}"))
@@ -108,7 +100,7 @@ def run_selfcheck(device: str | torch.device | None = None, *, small: bool | Non
         d_out, d_in, r = norm_shape
         W, A, B = rnd(d_out, d_in, dtype=dt, scale=0.02), rnd(r, d_in, dtype=dt, scale=0.05), rnd(d_out, r, dtype=dt)
         nref = norm_reference(W, A, B, 2.0)
-        for impl in ("dense", "factored_torch", "triton"):
+        for impl in ops.NORM.impls:
             record(
                 "factored_norm",
                 impl,
@@ -126,14 +118,13 @@ def run_selfcheck(device: str | torch.device | None = None, *, small: bool | Non
         leaves64 = [t.double().requires_grad_() for t in (lora, base, g)]
         tref = compose_reference(*leaves64, 0.5).reshape(base.shape)
         tgrads = torch.autograd.grad(tref, leaves64, dout.double())
-        for impl in ("eager", "triton"):
-            fam = "fused" if impl == "triton" else "eager"
+        for impl in ops.COMPOSE.impls:
             record(
                 "compose",
                 impl,
                 dname,
                 comp_shape,
-                fam,
+                "compose",
                 lambda impl=impl: _relerr(compose(lora, base, g, 0.5, impl=impl), cref),
                 lambda impl=impl: compose(lora, base, g, 0.5, impl=impl),
             )
@@ -148,7 +139,7 @@ def run_selfcheck(device: str | torch.device | None = None, *, small: bool | Non
                 impl,
                 dname,
                 comp_shape,
-                fam,
+                "compose_train",
                 lambda train=train: max(_relerr(a, b) for a, b in zip(train(), [tref, *tgrads], strict=True)),
                 train,
             )

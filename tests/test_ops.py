@@ -39,6 +39,11 @@ def test_every_table_reads_the_facts():
     for name, spec in OP_SPECS.items():
         assert spec.facts is ops.OPS[name] and isinstance(spec.default_config, spec.config_class)
         assert spec.facts.torch_impl in spec.facts.impls and "triton" in spec.facts.impls
+        assert tuple(i.name for i in spec.impls) == spec.facts.impls  # one implementation spec for each name
+        for impl in spec.impls:  # a self-check bound at every dtype
+            assert all(0 < impl.tolerance(d) < 0.1 for d in ops.DTYPE_NAMES)
+        with pytest.raises(ValueError, match="no implementation"):
+            spec.impl("cuda")
 
 
 @pytest.mark.parametrize(

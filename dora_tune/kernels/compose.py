@@ -32,7 +32,7 @@ from dora_tune.kernels._common import (
     config_field,
     require_triton,
 )
-from dora_tune.kernels.spec import ANY_DEVICE, CUDA_ONLY, ImplSpec, OpSpec
+from dora_tune.kernels.spec import ANY_DEVICE, CUDA_ONLY, EAGER_TOL, FUSED_TOL, ImplSpec, OpSpec
 
 IMPLS: tuple[str, ...] = ops.COMPOSE.impls
 
@@ -217,13 +217,14 @@ COMPOSE_SPEC = OpSpec(
     ComposeConfig,
     DEFAULT_COMPOSE_CONFIG,
     impls=(
-        ImplSpec("eager", ANY_DEVICE, (FORMULA_SOURCE,)),
+        ImplSpec("eager", ANY_DEVICE, (FORMULA_SOURCE,), selfcheck_tol=EAGER_TOL),
         ImplSpec(
             "triton",
             CUDA_ONLY,
             ("dora_tune.kernels._compose_triton",),
             lambda shape: [c.as_dict() for c in compose_config_space()],
             ComposeConfig.from_dict,
+            selfcheck_tol=FUSED_TOL,
         ),
     ),
     runner=_compose_runner,

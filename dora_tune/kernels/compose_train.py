@@ -36,7 +36,7 @@ from dora_tune.kernels.compose import (
     g_vector,
     resolve_impl,
 )
-from dora_tune.kernels.spec import ANY_DEVICE, CUDA_ONLY, ImplSpec, OpSpec
+from dora_tune.kernels.spec import ANY_DEVICE, CUDA_ONLY, EAGER_TOL, FUSED_TOL, ImplSpec, OpSpec
 
 IMPLS: tuple[str, ...] = ops.COMPOSE_TRAIN.impls
 
@@ -307,13 +307,14 @@ COMPOSE_TRAIN_SPEC = OpSpec(
     ComposeTrainConfig,
     DEFAULT_COMPOSE_TRAIN_CONFIG,
     impls=(
-        ImplSpec("eager", ANY_DEVICE, (FORMULA_SOURCE,)),
+        ImplSpec("eager", ANY_DEVICE, (FORMULA_SOURCE,), selfcheck_tol=EAGER_TOL),
         ImplSpec(
             "triton",
             CUDA_ONLY,
             ("dora_tune.kernels._compose_triton", "dora_tune.kernels.compose_train:_ComposeTrainFn"),
             _train_space,
             ComposeTrainConfig.from_dict,
+            selfcheck_tol=FUSED_TOL,
         ),
     ),
     runner=_train_runner,

@@ -34,7 +34,7 @@ from dora_tune.kernels._common import (
     config_field,
     require_triton,
 )
-from dora_tune.kernels.spec import ANY_DEVICE, CUDA_ONLY, ImplSpec, OpSpec
+from dora_tune.kernels.spec import ANY_DEVICE, CUDA_ONLY, NORM_TOL, ImplSpec, OpSpec
 
 IMPLS: tuple[str, ...] = ops.NORM.impls
 
@@ -325,9 +325,9 @@ NORM_SPEC = OpSpec(
     NormConfig,
     DEFAULT_NORM_CONFIG,
     impls=(
-        ImplSpec("dense", ANY_DEVICE, (_K + "norm:norm_reference",)),
-        ImplSpec("factored_torch", ANY_DEVICE, (_K + "norm:norm_factored_torch",)),
-        ImplSpec("triton", CUDA_ONLY, (_K + "_norm_triton",), _norm_space, NormConfig.from_dict, ("r",)),
+        ImplSpec("dense", ANY_DEVICE, (_K + "norm:norm_reference",), selfcheck_tol=NORM_TOL),
+        ImplSpec("factored_torch", ANY_DEVICE, (_K + "norm:norm_factored_torch",), selfcheck_tol=NORM_TOL),
+        ImplSpec("triton", CUDA_ONLY, (_K + "_norm_triton",), _norm_space, NormConfig.from_dict, ("r",), NORM_TOL),
     ),
     runner=_norm_runner,
     inputs=_norm_inputs,

@@ -42,6 +42,7 @@ class ImplSpec:
         space: the config dicts to sweep at a shape (``[{}]`` when it takes no config).
         parse_config: a config dict → the validated config object (None when it takes no config).
         space_keys: the shape keys ``space`` depends on.
+        selfcheck_tol: the self-check's relative-error bound against float64, per dtype name.
     """
 
     name: str
@@ -50,6 +51,19 @@ class ImplSpec:
     space: Callable[[dict[str, int]], list[dict]] = no_configs
     parse_config: Callable[[dict], Any] = no_config
     space_keys: tuple[str, ...] = ()
+    selfcheck_tol: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def tolerance(self, dtype: str) -> float:
+        """The self-check's relative-error bound against float64 at ``dtype`` (``dora-tune selfcheck``)."""
+        return self.selfcheck_tol[dtype]
+
+
+#: relative-error bounds against float64 of the self-check, per dtype: fp32 accumulation everywhere; the norm's
+#: implementations compute in float32 from the weights, a fused compose rounds its output once, a torch compose
+#: rounds in the working dtype after every op
+NORM_TOL = {"bf16": 1e-5, "fp16": 1e-5, "fp32": 1e-5}
+FUSED_TOL = {"bf16": 8e-3, "fp16": 1e-3, "fp32": 1e-5}
+EAGER_TOL = {"bf16": 3e-2, "fp16": 4e-3, "fp32": 1e-5}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +81,13 @@ class OpSpec:
     impls: tuple[ImplSpec, ...]
     runner: Callable[[str, dict[str, Any], Any], Callable[[], Any]]
     inputs: Callable[[dict[str, int], Callable[..., Any]], dict[str, Any]]
+
+    def impl(self, name: str) -> ImplSpec:
+        """The implementation called ``name``."""
+        for impl in self.impls:
+            if impl.name == name:
+                return impl
+        raise ValueError(f"{self.name} has no implementation {name!r}; it has {[i.name for i in self.impls]}")
 
     @property
     def name(self) -> str:
