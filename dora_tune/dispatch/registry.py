@@ -1,4 +1,6 @@
-"""Implementation registry: for each op, its implementations, their versions, configs, inputs and runners.
+"""Implementation registry: for each op, its implementations with their versions — a read of the op specs
+(:data:`dora_tune.kernels.OP_SPECS`: devices, version sources, config spaces, runners and input recipes are declared
+next to each op's kernels) — plus the hashing of versions and the random inputs of a trial.
 
 An implementation's *version* is a hash of the source that computes it — the Triton kernel module (kernels and
 launcher), the autograd Function, or the torch function — so a kernel change makes old measurements of it stale
