@@ -1,7 +1,7 @@
 """dora-tune: autotuned, dispatched DoRA kernels (factored row norm, fused compose) for PyTorch.
 
 Importing this package is cheap: it opens no database and imports neither Triton nor scikit-learn. The kernels live
-in :mod:`dora_tune.kernels`; :class:`DoRALinear` (from :mod:`dora_tune.dispatch.layer`) is imported on first access,
+in :mod:`dora_tune.kernels`; :class:`DoRALinear` (from :mod:`dora_tune.nn.layer`) is imported on first access,
 and the PEFT switch lives in :mod:`dora_tune.integrations.peft`.
 """
 
@@ -11,7 +11,7 @@ __version__ = "0.1.0"  # the one source of the version (pyproject.toml reads it)
 
 __all__ = ["DoRALinear", "__version__"]
 
-_LAZY = {"DoRALinear": "dora_tune.dispatch.layer"}
+_LAZY = {"DoRALinear": "dora_tune.nn.layer"}
 
 
 def __getattr__(name: str) -> Any:

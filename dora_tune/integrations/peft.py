@@ -8,7 +8,7 @@ inactive), else ``x·Wᵀ`` of the (dropped-out) ``x`` it was given — the sema
 
 :func:`enable` replaces that method so that, for the layers it covers, the norm is :func:`~dora_tune.kernels.
 factored_norm` (never building ``B·A``), computed once while W, A and B are unchanged (once per optimizer step in
-training; :class:`~dora_tune.dispatch.layer.NormCache`), and the rest — the LoRA GEMMs through the adapters'
+training; :class:`~dora_tune.nn.layer.NormCache`), and the rest — the LoRA GEMMs through the adapters'
 weights, ``g = m / n`` (rows with a zero norm get ``g = 1`` instead of PEFT's inf/NaN), PEFT's bias subtraction and
 the composition — is :func:`~dora_tune.kernels.dora_layer.dora_layer` with ``impl="auto"`` (a few torch ops or one
 autograd node around the fused kernels, whichever the first training step timed cheaper).
@@ -64,10 +64,10 @@ try:  # the LoRA Linear layer holding the DoRA layer: its forward gets the one-c
 except ImportError:  # pragma: no cover - depends on the installed PEFT
     LoraLinear = None
 
-from dora_tune.dispatch.layer import DROPOUT_MODES, NormCache
 from dora_tune.kernels._common import SUPPORTED_DTYPES
 from dora_tune.kernels.custom_ops import cached_norm_op
 from dora_tune.kernels.dora_layer import dora_layer_unchecked
+from dora_tune.nn.layer import DROPOUT_MODES, NormCache
 
 __all__ = ["DoraTuneHandle", "disable", "enable", "is_enabled"]
 

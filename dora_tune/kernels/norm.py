@@ -225,7 +225,7 @@ def run_norm(
     """The computation of :func:`factored_norm` for inputs it validated and an implementation it resolved —
     ``"dense"``, ``"factored_torch"`` or ``"triton"`` (Triton available; ``config`` None: the default) — with
     nothing checked or planned: the hot path of a norm recomputed for the same tensors after an optimizer step
-    (:class:`~dora_tune.dispatch.layer.NormCache`). float32 ``[d_out]``, no gradient."""
+    (:class:`~dora_tune.nn.layer.NormCache`). float32 ``[d_out]``, no gradient."""
     with torch.no_grad():
         if impl == "dense":
             return norm_reference(weight, lora_A, lora_B, scale, dtype=torch.float32)

@@ -97,7 +97,7 @@ def clean(monkeypatch):
 def calls(monkeypatch):
     """Counts of dora-tune's kernels called by the integration: the norm, and the one-node layer with autograd
     recording ("compose_train") or without ("compose")."""
-    from dora_tune.dispatch import layer
+    from dora_tune.nn import layer
 
     counts = {"factored_norm": 0, "compose_train": 0, "compose": 0}
     for name in ("factored_norm", "run_norm"):  # the norm caches (layer.NormCache): in full, or by a known plan

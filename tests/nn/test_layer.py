@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import dora_tune
-from dora_tune.dispatch import layer as layer_mod
-from dora_tune.dispatch.layer import DoRALinear
+from dora_tune.nn import layer as layer_mod
+from dora_tune.nn.layer import DoRALinear
 
 from conftest import HAS_CUDA, relerr
 
@@ -455,7 +455,7 @@ def test_lazy_export():
     assert "DoRALinear" in dora_tune.__all__ and "DoRALinear" in dir(dora_tune)
     with pytest.raises(AttributeError):
         dora_tune.NoSuchThing  # noqa: B018
-    mods = "('torch', 'dora_tune.dispatch.layer', 'peft')"
+    mods = "('torch', 'dora_tune.nn.layer', 'peft')"
     code = f"import sys, dora_tune; print([m for m in {mods} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["[]"]
@@ -590,3 +590,19 @@ def test_cuda_both_paths_and_the_path_race(dtype):
         assert max(errs) <= TOL[dtype], (path, errs)
     notes = [v for k, v in default_dispatcher().path_notes().items() if k[0] == "dora_layer" and k[2] == 70]
     assert notes and "raced at first use" in notes[0] and "eager" in notes[0] and "triton" in notes[0]
+
+
+def test_old_module_path_still_works_with_a_deprecation_warning():
+    """dora_tune.dispatch.layer moved to dora_tune.nn.layer: the old path gives the same objects, and says so."""
+    import importlib
+
+    old = importlib.import_module("dora_tune.dispatch.layer")
+    with pytest.warns(DeprecationWarning, match=r"moved to dora_tune\.nn\.layer\.DoRALinear"):
+        assert old.DoRALinear is DoRALinear
+    with pytest.warns(DeprecationWarning):
+        assert old.NormCache is layer_mod.NormCache
+    with pytest.raises(AttributeError):
+        old.NoSuchThing  # noqa: B018
+    from dora_tune.nn import DoRALinear as from_package
+
+    assert from_package is DoRALinear is dora_tune.DoRALinear
