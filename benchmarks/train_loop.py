@@ -390,7 +390,7 @@ def _norm_ranges() -> Iterator[None]:
     """PEFT's and dora-tune's weight-norm functions wrapped in one profiler range while the block runs."""
     from peft.tuners.lora.dora import DoraLinearLayer
 
-    import dora_tune.dispatch.layer as dt_layer
+    import dora_tune.nn.layer as dt_layer
 
     def ranged(fn: Callable) -> Callable:
         @functools.wraps(fn)
