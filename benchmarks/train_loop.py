@@ -400,12 +400,15 @@ def _norm_ranges() -> Iterator[None]:
 
         return wrapper
 
-    peft_fn, dt_fn = DoraLinearLayer.get_weight_norm, dt_layer.factored_norm
-    DoraLinearLayer.get_weight_norm, dt_layer.factored_norm = ranged(peft_fn), ranged(dt_fn)
+    # dora-tune's norm cache computes in full (factored_norm) or, for the same tensors after an optimizer step, by
+    # the known plan (run_norm): both are the norm
+    peft_fn, dt_full, dt_again = DoraLinearLayer.get_weight_norm, dt_layer.factored_norm, dt_layer.run_norm
+    DoraLinearLayer.get_weight_norm = ranged(peft_fn)
+    dt_layer.factored_norm, dt_layer.run_norm = ranged(dt_full), ranged(dt_again)
     try:
         yield
     finally:
-        DoraLinearLayer.get_weight_norm, dt_layer.factored_norm = peft_fn, dt_fn
+        DoraLinearLayer.get_weight_norm, dt_layer.factored_norm, dt_layer.run_norm = peft_fn, dt_full, dt_again
 
 
 def _profile_step(built: Built, batches: list, accum: int, opt: Any, args: argparse.Namespace) -> dict:

@@ -108,3 +108,6 @@ def test_cpu_lora_only_dropout_mode_and_profile(tmp_path):
         r = cell["variants"][name]
         assert "error" not in r and all(math.isfinite(x) for x in r["losses"]), name
         assert "Self CPU" in r["profile"]["host_top"] and "path_races" in r["profile"]
+        # the profiled step follows an optimizer step: every adapted layer recomputes its norm once, in its range
+        (block,) = res["blocks"].values()
+        assert r["profile"]["norm"]["calls"] == block["models"][name]["adapted_layers"] > 0, name
