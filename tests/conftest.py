@@ -20,6 +20,11 @@ HAS_CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def cpu_profile_args(db_path: str, *extra: str, rep: str = "1", warmup: str = "0") -> list[str]:
+    """``dora-tune profile`` on the CPU into ``db_path``, quiet, with short trials, then ``extra``."""
+    return ["profile", "--gpu", "cpu", "--db", db_path, "--rep", rep, "--warmup", warmup, "--no-progress", *extra]
+
+
 def relerr(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out − ref‖ / ‖ref‖ in float64; inf when out has a NaN or inf (so NaN never passes)."""
     out = out.detach().double().cpu()

@@ -7,6 +7,8 @@ from dora_tune.autotune_db import TuningDB
 from dora_tune.cli import cli
 from dora_tune.dispatch.profiler import CONFIRM_REPS
 
+from conftest import cpu_profile_args
+
 
 def shapes_file(tmp_path, n_norm=2, n_comp=2):
     p = tmp_path / "shapes.json"
@@ -27,20 +29,7 @@ def run(*args):
 
 def test_cpu_profile_end_to_end_and_idempotent(tmp_path):
     db_path = str(tmp_path / "t.sqlite")
-    args = [
-        "profile",
-        "--gpu",
-        "cpu",
-        "--db",
-        db_path,
-        "--shapes",
-        shapes_file(tmp_path),
-        "--rep",
-        "2",
-        "--warmup",
-        "1",
-        "--no-progress",
-    ]
+    args = cpu_profile_args(db_path, "--shapes", shapes_file(tmp_path), rep="2", warmup="1")
     res = run(*args)
     assert res.exit_code == 0, res.output
     assert "No CUDA GPU selected" in res.output
@@ -108,23 +97,7 @@ def test_profile_bad_input_is_one_clear_line(tmp_path, extra, match):
 
 def test_show_gpus_and_cache_commands(tmp_path, monkeypatch):
     db_path = str(tmp_path / "t.sqlite")
-    assert (
-        run(
-            "profile",
-            "--gpu",
-            "cpu",
-            "--db",
-            db_path,
-            "--shapes",
-            shapes_file(tmp_path),
-            "--rep",
-            "1",
-            "--warmup",
-            "0",
-            "--no-progress",
-        ).exit_code
-        == 0
-    )
+    assert run(*cpu_profile_args(db_path, "--shapes", shapes_file(tmp_path))).exit_code == 0
     res = run("show", "--db", db_path, "--op", "norm")
     assert res.exit_code == 0 and "best per shape (2 rows)" in res.output
     assert "p80/p20" in res.output and "calls" in res.output
@@ -230,22 +203,7 @@ def test_cache_list_shows_what_the_device_said(tmp_path):
 
 
 def test_quick_flag_on_the_cpu_and_with_confirm_only(tmp_path):
-    base = [
-        "profile",
-        "--gpu",
-        "cpu",
-        "--db",
-        str(tmp_path / "t.sqlite"),
-        "--shapes",
-        shapes_file(tmp_path),
-        "--rep",
-        "1",
-        "--warmup",
-        "0",
-        "--no-progress",
-        "--confirm-top",
-        "0",
-    ]
+    base = cpu_profile_args(str(tmp_path / "t.sqlite"), "--shapes", shapes_file(tmp_path), "--confirm-top", "0")
     res = CliRunner().invoke(cli, [*base, "--quick", "--confirm-only"])
     assert res.exit_code == 2 and "exclude each other" in res.output
     res = run(*base, "--quick")

@@ -16,6 +16,8 @@ from dora_tune.dispatch.env import environment
 from dora_tune.dispatch.registry import make_inputs, registry
 from dora_tune.dispatch.runtime import RACE_ROUNDS, RACE_WALL_CALLS
 
+from conftest import cpu_profile_args
+
 CPU = torch.device("cpu")
 SHAPE = {"d_out": 48, "d_in": 64, "r": 4}
 
@@ -128,20 +130,7 @@ def test_profile_cli_confirms_and_reports_it(tmp_path):
     db_path = str(tmp_path / "t.sqlite")
     shapes = tmp_path / "s.json"
     shapes.write_text('{"norm": [{"d_out": 40, "d_in": 48, "r": 4}]}')
-    base = [
-        "profile",
-        "--gpu",
-        "cpu",
-        "--db",
-        db_path,
-        "--shapes",
-        str(shapes),
-        "--rep",
-        "0.01",
-        "--warmup",
-        "0",
-        "--no-progress",
-    ]
+    base = cpu_profile_args(db_path, "--shapes", str(shapes), rep="0.01")
     res = CliRunner().invoke(cli, [*base, "--confirm-top", "0"], catch_exceptions=False)
     assert res.exit_code == 0 and "confirmed" not in res.output, res.output
     with TuningDB.open(db_path, readonly=True) as db:
@@ -200,19 +189,7 @@ def test_confirm_only_retimes_the_measured_shapes_without_sweeping(tmp_path):
         fake(db, dataclasses.replace(env, torch="0.0.1"), "dense", 1e-3)  # another environment's: not this machine's
     res = CliRunner().invoke(
         cli,
-        [
-            "profile",
-            "--gpu",
-            "cpu",
-            "--db",
-            db_path,
-            "--confirm-only",
-            "--confirm-reps",
-            "15",
-            "--warmup",
-            "0",
-            "--no-progress",
-        ],
+        cpu_profile_args(db_path, "--confirm-only", "--confirm-reps", "15"),
         catch_exceptions=False,
     )
     assert res.exit_code == 0, res.output
