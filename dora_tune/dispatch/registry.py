@@ -138,7 +138,7 @@ def _registry() -> dict[str, list[Impl]]:
 
 @functools.cache
 def registry() -> dict[str, tuple[Impl, ...]]:
-    """``op → implementations`` (built on first use; importing this module imports no kernels)."""
+    """``op → implementations`` (built on first use, from the op specs)."""
     return {op: tuple(v) for op, v in _registry().items()}
 
 
