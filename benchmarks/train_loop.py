@@ -333,14 +333,21 @@ def train(
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    collections = 0
     try:  # the optimizer and the gradients go whatever happens: the next run needs the memory
         for n in range(warmup + args.steps):
-            if n == warmup and dev.type == "cuda":
-                harness.sync(dev)
-                torch.cuda.reset_peak_memory_stats(dev)
-                before = torch.cuda.memory_allocated(dev)
+            if n == warmup:
+                # every variant starts its timed steps with no garbage left by the previous run; the collector
+                # stays on (a variant that makes cyclic garbage pays for it) and its full collections are counted
+                gc.collect()
+                collections = gc.get_stats()[2]["collections"]
+                if dev.type == "cuda":
+                    harness.sync(dev)
+                    torch.cuda.reset_peak_memory_stats(dev)
+                    before = torch.cuda.memory_allocated(dev)
             # the harness's host timer, one call: synchronised before and after the step (host included)
             times.append(harness.wall_us(step, dev) / 1e3)
+        collections = gc.get_stats()[2]["collections"] - collections
         peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
         loss_values = torch.stack(losses).float().cpu().tolist()
         prof = _profile_step(built, batches, accum, opt, args) if profile else None
@@ -354,6 +361,7 @@ def train(
         "peak_MiB": None if peak is None else peak / MIB,
         "before_MiB": None if before is None else before / MIB,
         "losses": loss_values,
+        "gc_full_collections": collections,  # during the timed steps
         **({"profile": prof} if prof is not None else {}),
     }
     summarise(res, accum * batches[0][0].shape[-1])
@@ -375,6 +383,7 @@ def merge_round(first: dict, later: dict, tokens_per_step: int) -> None:
     losses, first step and warm-up stay the first round's (later rounds start warm)."""
     first.setdefault("round_medians_ms", [first["median_ms"]]).append(later["median_ms"])
     first["steps_ms"] = first["steps_ms"] + later["steps_ms"]
+    first["gc_full_collections"] = first.get("gc_full_collections", 0) + later.get("gc_full_collections", 0)
     if later["peak_MiB"] is not None:
         first["peak_MiB"] = max(first["peak_MiB"], later["peak_MiB"])
     if "profile" in later:

@@ -19,6 +19,12 @@ from typing import Any
 #: the dtype names plans, databases and the CLI use, in order (the torch dtypes: ``dora_tune.kernels.DTYPES``)
 DTYPE_NAMES: tuple[str, ...] = ("bf16", "fp16", "fp32")
 
+#: a dtype's same-rate sibling, whose decision table plans it where it has none of its own: fp16 and bf16 have the
+#: same element size and the same tensor-core rate on every GPU with bf16 (sm 8.0+), so the kernels' memory traffic,
+#: tiles, shared memory and occupancy — what a config decides — are the same
+SAME_RATE_DTYPE: dict[str, str] = {"fp16": "bf16", "bf16": "fp16"}
+SAME_RATE_TEXT = "fp16 and bf16 run the kernels at the same size and tensor-core rate"
+
 #: the paper's fixed crossover for the training compose: fused iff cols ≥ this and rows·cols ≥ the next
 CROSSOVER_TRAIN_MIN_COLS = 2048
 CROSSOVER_TRAIN_MIN_ELEMS = 2048 * 6144

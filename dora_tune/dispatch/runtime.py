@@ -57,7 +57,7 @@ from dora_tune.autotune_db.common import canonical_json
 from dora_tune.dispatch.decisions import RACE_OPS, RACE_PER_CELL, race_shortlist
 from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
 from dora_tune.kernels._common import DTYPE_NAME as _DTYPE_NAMES
-from dora_tune.ops import OPS
+from dora_tune.ops import OPS, SAME_RATE_DTYPE, SAME_RATE_TEXT
 
 #: timed calls of each shortlisted config in a race, the rounds they are taken in, and the warm-up per config (ms)
 RACE_REPS, RACE_ROUNDS, RACE_WARMUP_MS = 30, 3, 2.0
@@ -65,6 +65,21 @@ RACE_REPS, RACE_ROUNDS, RACE_WARMUP_MS = 30, 3, 2.0
 RACE_WALL_CALLS = 10
 SOURCES = ("measured", "model", "heuristic", "fallback")
 _FORCE: contextvars.ContextVar[str | None] = contextvars.ContextVar("dora_tune_force", default=None)
+
+
+#: the order model tables are tried in: (origin, whether of the sibling dtype) — this GPU's own tables (user DB, then
+#: the shipped cache) of the dtype, then of its same-rate sibling, then the transferred ones in the same order
+_TABLE_ORDER: dict[bool, tuple[tuple[str, bool], ...]] = {
+    False: (("user", False), ("shipped", False), ("transfer", False)),
+    True: (
+        ("user", False),
+        ("shipped", False),
+        ("user", True),
+        ("shipped", True),
+        ("transfer", False),
+        ("transfer", True),
+    ),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -500,9 +515,11 @@ class Dispatcher:
                     parsed = self._parse(impls[name], json.loads(cfg), f"{origin} DB")
                     if parsed is not _INVALID:
                         return Plan(name, parsed, "measured", f"{origin} DB: {us:.1f} µs for this exact shape")
-        # 2. model decisions (with the cell's shortlist to race, for the ops that race); a profiled GPU's last
-        for origin in ("user", "shipped", "transfer"):
-            table = tables.models.get((origin, op, dtype))
+        # 2. model decisions (with the cell's shortlist to race, for the ops that race): this GPU's tables, of this
+        # dtype, then of its same-rate sibling (fp16 ↔ bf16); then a profiled GPU's (transferred) in the same order
+        sibling = SAME_RATE_DTYPE.get(dtype)
+        for origin, of_sibling in _TABLE_ORDER[sibling is not None]:
+            table = tables.models.get((origin, op, sibling if of_sibling else dtype))
             if table is None:
                 continue
             shape = dict(zip(OP_SHAPE_KEYS[op], dims, strict=True))
@@ -524,6 +541,8 @@ class Dispatcher:
                         where = f"decision table transferred from {table.gpu_name} (no table of this GPU)"
                     else:
                         where = f"{origin} DB decision table ({table.gpu_name})"
+                    if table.dtype != dtype:
+                        where += f" for {table.dtype} (no {dtype} table; {SAME_RATE_TEXT})"
                     return Plan(name, parsed, "model", where, race, cell)
         # 3. the fixed crossover
         if forced == "eager":

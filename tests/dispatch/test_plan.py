@@ -297,15 +297,15 @@ NORM_SHAPE = {"d_out": 1000, "d_in": 3000, "r": 48}
 NORM_CFGS = [dict(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=4, split_k=k) for k in (3, 1, 4)]
 
 
-def _norm_table_db(path, runners):
+def _norm_table_db(path, runners, dtype="bf16", decision=NORM_CFGS[0]):
     from dora_tune.dispatch.decisions import DecisionTable
 
     versions = {i.name: i.version for i in registry()["norm"]}
     axes = {"d_out": [512, 2048], "d_in": [4096], "r": [32, 64]}
-    cells = [("triton", NORM_CFGS[0])] * 4
-    table = DecisionTable("norm", "bf16", GPU, versions, axes, cells, [tuple(("triton", c) for c in runners)] * 4)
+    cells = [("triton", decision)] * 4
+    table = DecisionTable("norm", dtype, GPU, versions, axes, cells, [tuple(("triton", c) for c in runners)] * 4)
     with TuningDB.open(path) as db:
-        db.save_model(ENV, "norm", "bf16", "linear_trees", table.to_json(), {"cv": {}})
+        db.save_model(ENV, "norm", dtype, "linear_trees", table.to_json(), {"cv": {}})
 
 
 def test_model_plan_carries_the_validated_shortlist(tmp_path, shipped):
@@ -321,6 +321,24 @@ def test_model_plan_carries_the_validated_shortlist(tmp_path, shipped):
     assert Dispatcher(user, force_env="", race=False).plan_for_gpu(GPU, "norm", NORM_SHAPE, "bf16").race == ()
     _norm_table_db(user, [])  # no runners-up: nothing to race
     assert Dispatcher(user, force_env="").plan_for_gpu(GPU, "norm", NORM_SHAPE, "bf16").race == ()
+
+
+def test_fp16_plans_from_the_bf16_table_where_it_has_none(tmp_path, shipped):
+    """fp16 and bf16 run the kernels at the same size and rate: a GPU's bf16 table plans fp16 (shortlist included,
+    said in the plan's detail) until an fp16 table of its own exists; fp32 never borrows one."""
+    from dora_tune.kernels import NormConfig
+
+    user = str(tmp_path / "user.sqlite")
+    _norm_table_db(user, [NORM_CFGS[1]])
+    d = Dispatcher(user, force_env="")
+    p = d.plan_for_gpu(GPU, "norm", NORM_SHAPE, "fp16")
+    assert (p.impl, p.source, p.config) == ("triton", "model", NormConfig(**NORM_CFGS[0]))
+    assert p.race == (NormConfig(**NORM_CFGS[0]), NormConfig(**NORM_CFGS[1]))
+    assert "for bf16 (no fp16 table" in p.detail
+    assert d.plan_for_gpu(GPU, "norm", NORM_SHAPE, "fp32").source == "heuristic"
+    _norm_table_db(user, [], dtype="fp16", decision=NORM_CFGS[2])
+    p = Dispatcher(user, force_env="").plan_for_gpu(GPU, "norm", NORM_SHAPE, "fp16")
+    assert (p.source, p.config) == ("model", NormConfig(**NORM_CFGS[2])) and "for bf16" not in p.detail
 
 
 def test_race_switch_from_the_environment(monkeypatch):
@@ -558,7 +576,8 @@ def test_plan_keys_cuda_by_the_current_index(monkeypatch):
 
 def test_shipped_cache_plans_the_same_through_sqlite_and_sqlalchemy():
     """The dispatcher reads SQLite files with the standard library; the same file through its SQLAlchemy URL (the
-    store's reading) must give the same plan for every shape — measured ones, the model's and the crossover's."""
+    store's reading) must give the same plan for every shape — measured ones, the model's (fp16 from the bf16
+    tables) and the crossover's (fp32)."""
     from pathlib import Path
 
     import dora_tune
@@ -572,7 +591,7 @@ def test_shipped_cache_plans_the_same_through_sqlite_and_sqlalchemy():
     shapes = [("norm", {"d_out": o, "d_in": i, "r": r}) for o in sizes[3:] for i in sizes[3:] for r in (8, 16, 64)]
     shapes += [(op, {"rows": n, "cols": c}) for op in ("compose", "compose_train") for n in sizes for c in sizes[3:]]
     for op, shape in shapes:
-        for dtype in ("bf16", "fp16"):
+        for dtype in ("bf16", "fp16", "fp32"):
             a, b = direct.plan_for_gpu(gpu, op, shape, dtype), via_url.plan_for_gpu(gpu, op, shape, dtype)
             assert (a.impl, a.config, a.source, a.race, a.race_cell) == (
                 b.impl,
@@ -698,6 +717,8 @@ def test_an_unprofiled_gpu_of_a_profiled_architecture_plans_from_its_tables(tmp_
     shape = {"d_out": 5376, "d_in": 21504, "r": 64}
     p = d.plan_for_gpu(h100, "norm", shape, "bf16")
     assert p.source == "model" and "transferred from NVIDIA H200" in p.detail and len(p.race) == 3
+    p16 = d.plan_for_gpu(h100, "norm", shape, "fp16")  # no fp16 table anywhere: the H200's bf16 one
+    assert (p16.impl, p16.config, p16.race) == (p.impl, p.config, p.race) and "for bf16" in p16.detail
     assert any(n.startswith("transferred from NVIDIA H200") and "9.0" in n for n in d.explain(h100))
     own = d.plan_for_gpu("NVIDIA H200", "norm", shape, "bf16")  # the H200 plans from its own cache
     assert (own.impl, own.config) == (p.impl, p.config) and "transferred" not in own.detail
