@@ -136,21 +136,25 @@ def _terms(n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(ok, nf.reciprocal(), 0.0), torch.where(ok, 0.0, 1.0)
 
 
-def _scale_terms(n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _scale_terms(n: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """``(inv, c)`` with ``g = c + m·inv`` = :func:`~dora_tune.kernels.compose.dora_scale` (``inv = 1/n``, ``c = 0``
-    where ``n > 0``; ``inv = 0``, ``c = 1`` elsewhere), float32. Kept on the norm tensor (a norm cached per optimizer
-    step pays for them once), keyed on its version counter."""
+    where ``n > 0``; ``inv = 0``, ``c = 1`` elsewhere), computed in float32 and held in ``dtype``. Kept on the norm
+    tensor (a norm cached per optimizer step pays for them once), keyed on its version counter and ``dtype``."""
     if is_compiling():  # traced: plain ops for Inductor to fuse, no memo on the tensor
-        return _terms(n)
+        inv, c = _terms(n)
+        return (inv, c) if dtype == torch.float32 else (inv.to(dtype), c.to(dtype))
     version = None if n.is_inference() else n._version  # inference tensors have no version counter: no memo
     memo = getattr(n, "_dora_tune_terms", None)
-    if memo is not None and version is not None and memo[0] == version:
-        return memo[1], memo[2]
-    with torch.no_grad():
-        inv, c = _terms(n)
-    if version is not None:
-        n._dora_tune_terms = (version, inv, c)
-    return inv, c
+    if memo is None or version is None or memo[0] != version:
+        memo = (version, {})
+        if version is not None:
+            n._dora_tune_terms = memo
+    terms = memo[1].get(dtype)
+    if terms is None:
+        with torch.no_grad():
+            inv, c = _terms(n)
+            terms = memo[1][dtype] = (inv, c) if dtype == torch.float32 else (inv.to(dtype), c.to(dtype))
+    return terms
 
 
 def _torch_path(
@@ -177,8 +181,11 @@ def _torch_path(
     lora, base = (lora if lora.dtype == dt else lora.to(dt)), (base if base.dtype == dt else base.to(dt))
     if base_result is not None and sub_bias and bias is not None:
         base = base - bias
-    inv, c = _scale_terms(n)
-    g = torch.addcmul(c, m, inv)  # = m / n (1 where n = 0); d_m = d_g / n (0 there)
+    # g = m / n (1 where n = 0; d_m = d_g / n, 0 there) in float32 — but directly in bf16 for the full output of a
+    # bf16 layer: no (g − 1) to cancel there, bf16 has float32's range, and it saves a cast each way (host cost)
+    bf16 = full and dt == torch.bfloat16 and m.dtype == dt
+    inv, c = _scale_terms(n, dt if bf16 else torch.float32)
+    g = torch.addcmul(c, m, inv)
     g = g if g.dtype == dt else g.to(dt)
     if full:  # g ⊙ (base + s·lora) + bias: no subtraction, no cancellation
         y = g * torch.add(base, lora, alpha=scale)

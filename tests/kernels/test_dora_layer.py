@@ -160,3 +160,27 @@ def test_scale_terms_give_dora_scale_including_zero_and_non_finite_norms():
     g = c + m * inv
     assert torch.allclose(g[:2], torch.ones(2)) and g[3] == 0
     assert torch.allclose(g[4:], dora_scale(m[4:], n[4:]), rtol=1e-6, atol=0)
+
+
+def test_bf16_full_output_on_the_torch_path_casts_nothing():
+    """The host-bound path's op count is its cost: a bf16 layer's full output forms g in bf16 (no subtraction to
+    cancel), so neither the forward nor the backward casts (each cast was a launch and an autograd node)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, W, A, B, m, n, bias, s, dout = make((2, 5), 24, 37, 3, torch.bfloat16, "cpu", seed=7)
+    leaves = [t.detach().requires_grad_() for t in (x, A, B, m)]
+    dora_layer(*leaves[:1], W, *leaves[1:], n, s, bias=bias, output="full", impl="eager")  # the memoised terms
+    with Ops() as ops:
+        out = dora_layer(leaves[0], W, *leaves[1:], n, s, bias=bias, output="full", impl="eager")
+        out.backward(dout)
+    assert out.dtype == torch.bfloat16 and not [o for o in ops.names if "_to_copy" in o], ops.names
+    assert all(t.grad.dtype == torch.bfloat16 for t in leaves)
