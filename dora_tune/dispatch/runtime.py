@@ -55,9 +55,8 @@ import torch
 
 from dora_tune.autotune_db.common import canonical_json
 from dora_tune.dispatch.decisions import RACE_OPS, RACE_PER_CELL, race_shortlist
-from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
 from dora_tune.kernels._common import DTYPE_NAME as _DTYPE_NAMES
-from dora_tune.ops import OPS, SAME_RATE_DTYPE, SAME_RATE_TEXT
+from dora_tune.ops import OP_SHAPE_KEYS, OPS, SAME_RATE_DTYPE, SAME_RATE_TEXT
 
 #: timed calls of each shortlisted config in a race, the rounds they are taken in, and the warm-up per config (ms)
 RACE_REPS, RACE_ROUNDS, RACE_WARMUP_MS = 30, 3, 2.0
