@@ -94,13 +94,13 @@ class Impl:
 
     def runner(self, inputs: dict[str, Any], config: dict) -> Callable[[], Any]:
         """A zero-argument callable that runs the op once on ``inputs`` with ``config``."""
-        from dora_tune.kernels import OP_SPECS
+        from dora_tune.kernels.catalog import OP_SPECS
 
         return OP_SPECS[self.op].runner(self.name, inputs, self.parse_config(config))
 
 
 def _registry() -> dict[str, list[Impl]]:
-    from dora_tune.kernels import OP_SPECS
+    from dora_tune.kernels.catalog import OP_SPECS
 
     return {
         op: [Impl(op, i.name, i.devices, i.sources, i.space, i.parse_config, i.space_keys) for i in spec.impls]

@@ -25,7 +25,7 @@ from dora_tune.tuning.estimators import DEFAULT_ESTIMATOR, FitResult, _fit_model
 def crossover_choice(op: str, shape: Mapping[str, int]) -> tuple[str, dict[str, Any]]:
     """The paper's fixed crossover (:class:`~dora_tune.kernels.spec.OpSpec`): ``(implementation, config dict)`` at
     ``shape`` — Triton with the default config, or the torch implementation with ``{}``."""
-    from dora_tune.kernels import OP_SPECS
+    from dora_tune.kernels.catalog import OP_SPECS
 
     spec = OP_SPECS.get(op)
     if spec is None:

@@ -94,7 +94,7 @@ def quick_configs(gpu_name: str, db_location: str | None, summary: ProfileSummar
     whole space: a torch implementation, or no decision table serves this GPU). Plans as the dispatcher would with
     the database at ``db_location`` and the shipped caches. Each shortlist it names sets ``summary.narrowed``."""
     from dora_tune.dispatch.runtime import Dispatcher
-    from dora_tune.kernels import DEFAULT_NORM_CONFIG
+    from dora_tune.kernels.norm import DEFAULT_NORM_CONFIG
 
     defaults = {
         "norm": DEFAULT_NORM_CONFIG,

@@ -26,7 +26,7 @@ def op_flops(op: str, shape: dict[str, int]) -> int:
 
 def make_inputs(op: str, shape: dict[str, int], dtype: str, device: torch.device, seed: int = 0) -> dict[str, Any]:
     """Random inputs (never zeros) for ``op`` at ``shape``, scaled like real DoRA tensors (the op spec's recipe)."""
-    from dora_tune.kernels import OP_SPECS
+    from dora_tune.kernels.catalog import OP_SPECS
 
     if set(shape) != set(OP_SHAPE_KEYS[op]):
         raise ValueError(f"{op} shape needs keys {OP_SHAPE_KEYS[op]}, got {sorted(shape)}")
@@ -41,6 +41,6 @@ def make_inputs(op: str, shape: dict[str, int], dtype: str, device: torch.device
 
 def train_bwd_stage(best_fwd: dict) -> list[dict]:
     """Stage 2 of the compose_train sweep: every backward config with the best forward of stage 1."""
-    from dora_tune.kernels import compose_bwd_config_space
+    from dora_tune.kernels.compose_train import compose_bwd_config_space
 
     return [{"fwd": best_fwd, "bwd": b.as_dict()} for b in compose_bwd_config_space()]

@@ -1,5 +1,6 @@
-"""The old ``dora_tune.dispatch.*`` paths of the offline tools (moved to :mod:`dora_tune.tuning`) still give the same
-objects for one release, each with a DeprecationWarning naming the new path."""
+"""The old paths of moved modules — the offline tools (now :mod:`dora_tune.tuning`), the training layer (now
+:mod:`dora_tune.nn`), the custom ops (now :mod:`dora_tune.auto`) — still give the same objects for one release, each
+with a DeprecationWarning naming the new path."""
 
 import importlib
 import re
@@ -22,6 +23,7 @@ ALIASES = [
     ("dora_tune.dispatch.costmodel", "_prepare", "dora_tune.tuning.data", "prepare_trials"),
     ("dora_tune.dispatch.registry", "make_inputs", "dora_tune.tuning.trials", "make_inputs"),
     ("dora_tune.dispatch.layer", "NormCache", "dora_tune.nn.layer", "NormCache"),
+    ("dora_tune.kernels.custom_ops", "cached_norm_op", "dora_tune.auto.custom_ops", "cached_norm_op"),
 ]
 
 
