@@ -58,6 +58,7 @@ _FRONT_DOOR = ("compose", "compose_train", "dora_compose_train", "dora_layer", "
 # (as they always were; the modules stay importable by their full names)
 for _name in _FRONT_DOOR:
     globals().pop(_name, None)
+del _name
 
 
 def __getattr__(name: str) -> Any:
