@@ -25,8 +25,8 @@ from datetime import datetime, timezone
 import harness
 
 from dora_tune.autotune_db import TuningDB
-from dora_tune.dispatch.costmodel import _prepare
-from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
+from dora_tune.tuning.data import prepare_trials
+from dora_tune.tuning.shapes import OP_SHAPE_KEYS
 
 
 def sweep(path: str, gpu: str, op: str, impl: str, dtype: str) -> tuple[str, dict[tuple[int, ...], dict], str]:
@@ -34,7 +34,7 @@ def sweep(path: str, gpu: str, op: str, impl: str, dtype: str) -> tuple[str, dic
     ``path``."""
     with TuningDB.open(path, readonly=True) as db:
         trials = db.trials(gpu=gpu, op=op, impl=impl)
-    data = _prepare(trials, op, dtype, None)
+    data = prepare_trials(trials, op, dtype, None)
     out: dict[tuple[int, ...], dict] = {}
     for t in data.rows:
         key = tuple(int(t.shape[k]) for k in OP_SHAPE_KEYS[op])

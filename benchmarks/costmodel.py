@@ -34,9 +34,11 @@ import numpy as np
 
 import dora_tune
 from dora_tune.autotune_db import TrialRow, TuningDB
-from dora_tune.dispatch.costmodel import ESTIMATORS, cross_validate
-from dora_tune.dispatch.registry import registry, train_bwd_stage
-from dora_tune.dispatch.shapes import default_shapes
+from dora_tune.dispatch.registry import registry
+from dora_tune.tuning.estimators import ESTIMATORS
+from dora_tune.tuning.evaluation import cross_validate
+from dora_tune.tuning.shapes import default_shapes
+from dora_tune.tuning.trials import train_bwd_stage
 
 BW = 4.25e6  # bytes per µs (H200 copy, benchmarks/NOTES.md)
 PEAK = 694e6  # bf16 FLOP per µs

@@ -25,7 +25,7 @@ from pathlib import Path
 import harness
 
 from dora_tune.autotune_db import TuningDB
-from dora_tune.dispatch import costmodel
+from dora_tune.tuning import evaluation
 
 
 def cv_over_seeds(path: str, gpu: str, op: str, dtype: str, seeds: int, first_seed: int = 0) -> dict:
@@ -37,7 +37,7 @@ def cv_over_seeds(path: str, gpu: str, op: str, dtype: str, seeds: int, first_se
     runs = []
     for seed in range(first_seed, first_seed + seeds):
         t0 = time.time()
-        r = costmodel.cross_validate(trials, op, dtype, env=env, seed=seed)
+        r = evaluation.cross_validate(trials, op, dtype, env=env, seed=seed)
         runs.append(
             {
                 "seed": seed,

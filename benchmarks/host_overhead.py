@@ -109,8 +109,8 @@ def main() -> None:
 
         return f
 
+    from dora_tune.kernels import dora_layer
     from dora_tune.kernels._launch import lean
-    from dora_tune.kernels.dora_layer import dora_layer
 
     x_in = torch.randn(rows, d, device=dev, dtype=bf16).requires_grad_()
     base_out = torch.randn(rows, d, device=dev, dtype=bf16).requires_grad_()

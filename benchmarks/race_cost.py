@@ -28,9 +28,9 @@ import harness
 import torch
 
 from dora_tune.dispatch import runtime
-from dora_tune.dispatch.registry import make_inputs
-from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
 from dora_tune.kernels import dora_compose_train, factored_norm
+from dora_tune.tuning.shapes import OP_SHAPE_KEYS
+from dora_tune.tuning.trials import make_inputs
 
 #: unmeasured shapes: norm — projections of real models (Llama-2-7B / 13B, Mixtral experts) at common ranks;
 #: compose_train — token counts the default set lacks (pairs within one table cell) at projection widths

@@ -23,7 +23,8 @@ from pathlib import Path
 import harness
 import torch
 
-from dora_tune.dispatch.registry import make_inputs, registry
+from dora_tune.dispatch.registry import registry
+from dora_tune.tuning.trials import make_inputs
 
 ITEMS = [  # (op, shape, impl, config index in the registry's space or None)
     ("norm", {"d_out": 4096, "d_in": 4096, "r": 16}, "triton", 0),

@@ -5,7 +5,7 @@ compose_train, none in the profiled sets) are swept by the profiler into their o
 implementation+config of each is measured. This script then asks, for every shape, what
 
 * the **model** (the decision table ``dora-tune fit`` stored in the main database) picks,
-* the **crossover** (the paper's fixed rule, :func:`dora_tune.dispatch.costmodel.crossover_choice`) picks,
+* the **crossover** (the paper's fixed rule, :func:`dora_tune.tuning.evaluation.crossover_choice`) picks,
 * the **dispatcher** (:class:`dora_tune.dispatch.runtime.Dispatcher` on the main database, i.e. what training code
   runs: the model where its cross-validation beats the crossover, else the crossover) picks,
 
@@ -49,10 +49,10 @@ from typing import Any
 import harness
 
 from dora_tune.autotune_db import TuningDB, canonical_json
-from dora_tune.dispatch.costmodel import crossover_choice
 from dora_tune.dispatch.decisions import DecisionTable
 from dora_tune.dispatch.registry import registry
 from dora_tune.dispatch.runtime import Dispatcher
+from dora_tune.tuning.evaluation import crossover_choice
 
 WHO = ("model", "crossover", "dispatcher")
 
@@ -121,8 +121,8 @@ def race_runs(
     import torch
 
     from dora_tune.dispatch.decisions import RACE_OPS
-    from dora_tune.dispatch.registry import make_inputs
-    from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
+    from dora_tune.tuning.shapes import OP_SHAPE_KEYS
+    from dora_tune.tuning.trials import make_inputs
 
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device())  # as the kernels key their plans (tensor.device)
@@ -177,15 +177,15 @@ def measure_missing(
     many were measured.
 
     Each shape's missing picks are timed together with the shape's fastest measured trial — interleaved,
-    :data:`~dora_tune.dispatch.profiler.CONFIRM_REPS` calls each, as the profiler's confirmation stage does — and
+    :data:`~dora_tune.tuning.profiler.CONFIRM_REPS` calls each, as the profiler's confirmation stage does — and
     both are recorded, so that a pick and the best it is scored against come from the same machine and minutes (two
     machines of the pool can differ by a few per cent on calls of a few µs; benchmarks/NOTES.md).
     """
     import torch
 
-    from dora_tune.dispatch.env import environment
-    from dora_tune.dispatch.profiler import CONFIRM_REPS, trial_result
-    from dora_tune.dispatch.registry import make_inputs
+    from dora_tune.tuning.env import environment
+    from dora_tune.tuning.profiler import CONFIRM_REPS, trial_result
+    from dora_tune.tuning.trials import make_inputs
 
     device = torch.device(device if device is not None else "cuda")
     env = environment(device)

@@ -156,3 +156,5 @@ COMPOSE_TRAIN = OpFacts(
 
 #: every op's facts, by name, in the order of the profiler, the CLI and the decision tables
 OPS: dict[str, OpFacts] = {facts.name: facts for facts in (NORM, COMPOSE, COMPOSE_TRAIN)}
+#: each op's shape keys, in the order plans and decision tables key its dims
+OP_SHAPE_KEYS: dict[str, tuple[str, ...]] = {name: facts.shape_keys for name, facts in OPS.items()}

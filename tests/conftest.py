@@ -76,8 +76,8 @@ def racing_dispatcher(tmp_path, op: str, axes: dict, cfgs: list[dict]):
     from dora_tune.autotune_db import TuningDB
     from dora_tune.dispatch import runtime
     from dora_tune.dispatch.decisions import DecisionTable
-    from dora_tune.dispatch.env import environment
     from dora_tune.dispatch.registry import registry
+    from dora_tune.tuning.env import environment
 
     env = environment(torch.device("cuda"))
     versions = {i.name: i.version for i in registry()[op]}

@@ -20,10 +20,10 @@ def test_ops_module_imports_nothing():
 
 
 def test_every_table_reads_the_facts():
+    from dora_tune.auto import custom_ops as co
     from dora_tune.dispatch.decisions import RACE_OPS, RACE_PER_CELL
-    from dora_tune.dispatch.shapes import OP_SHAPE_KEYS, OPS
     from dora_tune.kernels import DTYPES, OP_SPECS
-    from dora_tune.kernels import custom_ops as co
+    from dora_tune.tuning.shapes import OP_SHAPE_KEYS, OPS
 
     # the modules (the package's attributes of these names are the op functions)
     compose_mod, train_mod, norm_mod = (
@@ -58,9 +58,9 @@ def test_every_table_reads_the_facts():
 )
 def test_the_fixed_crossover_is_one_rule(op, shape, impl):
     """The planner's fixed rule, the cost model's crossover chooser and the spec agree (the paper's thresholds)."""
-    from dora_tune.dispatch.costmodel import crossover_choice
     from dora_tune.dispatch.runtime import Dispatcher, crossover_impl
     from dora_tune.kernels import OP_SPECS
+    from dora_tune.tuning.evaluation import crossover_choice
 
     spec = OP_SPECS[op]
     chosen, config = crossover_choice(op, shape)

@@ -100,8 +100,8 @@ def fit(db_location: str | None, gpu: str | None, estimator: str, cross_gpu: boo
     --cross-gpu then asks what a GPU nobody profiled would get: for each GPU in turn, a model fitted on the other
     GPUs' trials (each with its GPU's features), the transfer rule (the nearest other GPU's own model) and the fixed
     crossover, scored on that GPU's measured shapes."""
-    from dora_tune.dispatch.costmodel import MIN_SHAPES
-    from dora_tune.dispatch.costmodel import fit as fit_models
+    from dora_tune.tuning.fitting import MIN_SHAPES
+    from dora_tune.tuning.fitting import fit as fit_models
 
     with open_db(db_location) as db:
         summaries = fit_models(db, gpu=gpu, estimator=estimator)
@@ -131,9 +131,9 @@ def fit(db_location: str | None, gpu: str | None, estimator: str, cross_gpu: boo
 
 def _leave_one_gpu_out(db: Any, estimator: str) -> list[tuple[str, str, Any]] | str:
     """Leave-one-GPU-out reports per (op, dtype) with trials of two or more GPUs, or why there are none."""
-    from dora_tune.dispatch.crossgpu import GpuTrials, leave_one_gpu_out
-    from dora_tune.dispatch.features import DTYPE_NAMES
-    from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
+    from dora_tune.ops import OP_SHAPE_KEYS
+    from dora_tune.tuning.crossgpu import GpuTrials, leave_one_gpu_out
+    from dora_tune.tuning.features import DTYPE_NAMES
 
     envs = {e.id: e.info for e in db.environments() if e.kind == "cuda"}
     by_env: dict[int, list] = {i: [] for i in envs}
@@ -248,7 +248,7 @@ def _plot(panels: list, out: str) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
+    from dora_tune.ops import OP_SHAPE_KEYS
 
     impls = sorted({c[0] for _, t, _ in panels for c in t.cells} | {b.impl for _, _, best in panels for b in best})
     spare = iter(c for c in plt.get_cmap("tab10").colors if c not in _COLOURS.values())

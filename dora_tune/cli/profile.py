@@ -84,10 +84,10 @@ def profile(
     that model has more than shortlists to learn from (this GPU's own tables existed, or the whole space was
     timed). Measured shapes are then served from their trials, the rest by the tables.
     """
-    from dora_tune.dispatch.env import environment, resolve_device
-    from dora_tune.dispatch.profiler import profile as run_profile
-    from dora_tune.dispatch.shapes import ShapeError, build_shape_set
-    from dora_tune.dispatch.warm import default_jobs
+    from dora_tune.tuning.env import environment, resolve_device
+    from dora_tune.tuning.profiler import profile as run_profile
+    from dora_tune.tuning.shapes import ShapeError, build_shape_set
+    from dora_tune.tuning.warm import default_jobs
 
     try:
         device = resolve_device(gpu)
@@ -112,7 +112,7 @@ def profile(
         click.echo(f"database: {db.location}")
         own_tables = quick and not cpu and bool(db.models(gpu=env.gpu_name))
         if confirm_only and not given:
-            from dora_tune.dispatch.profiler import measured_shapes
+            from dora_tune.tuning.profiler import measured_shapes
 
             shapes, measured_dtypes = measured_shapes(db, env)
             shapes = {op: s for op, s in shapes.items() if not ops or op in ops}
@@ -182,7 +182,7 @@ def _after_quick(db: object, gpu_name: str, *, own_tables: bool, narrowed: bool)
 
 def _refit(db: object, gpu_name: str) -> str:
     """Fit this GPU's cost model after a quick run; one line per decision table (or why none was stored)."""
-    from dora_tune.dispatch.costmodel import MIN_SHAPES, fit
+    from dora_tune.tuning.fitting import MIN_SHAPES, fit
 
     summaries = fit(db, gpu=gpu_name)  # type: ignore[arg-type]
     if not summaries:

@@ -73,7 +73,7 @@ def show(
 @db_option
 def gpus(db_location: str | None) -> None:
     """The GPUs this machine has, and whether the tuning DB holds measurements for each model."""
-    from dora_tune.dispatch.env import list_gpus
+    from dora_tune.tuning.env import list_gpus
 
     found = list_gpus()
     if not found:

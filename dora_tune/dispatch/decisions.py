@@ -1,6 +1,6 @@
 """Compiled dispatch decisions: a grid over shape buckets holding the (implementation, config) chosen for each.
 
-The cost model (:mod:`dora_tune.dispatch.costmodel`, fit time, scikit-learn) evaluates its predictions on a grid of
+The cost model (:mod:`dora_tune.tuning.fitting`, fit time, scikit-learn) evaluates its predictions on a grid of
 shapes and stores the winner of each grid point in a :class:`DecisionTable`; run time only looks the table up. The
 table is plain data: it travels as JSON (no pickle) and this module imports neither scikit-learn nor torch, so the
 run-time path can load it cheaply.
@@ -22,8 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
-from dora_tune.ops import DTYPE_NAMES, OPS
+from dora_tune.ops import DTYPE_NAMES, OP_SHAPE_KEYS, OPS
 
 FORMAT = 2
 """Version of :meth:`DecisionTable.to_json`'s layout (``"format"`` key); :meth:`DecisionTable.from_json` also

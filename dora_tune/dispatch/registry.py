@@ -1,6 +1,8 @@
 """Implementation registry: for each op, its implementations with their versions — a read of the op specs
 (:data:`dora_tune.kernels.OP_SPECS`: devices, version sources, config spaces, runners and input recipes are declared
-next to each op's kernels) — plus the hashing of versions and the random inputs of a trial.
+next to each op's kernels) — and the hashing of versions. The dispatcher reads it at run time (which stored
+measurements and decision tables are current); what only a trial needs — its random inputs, the second stage of the
+compose_train sweep, an op's bytes and FLOPs — is :mod:`dora_tune.tuning.trials`.
 
 An implementation's *version* is a hash of the source that computes it — the Triton kernel module (kernels and
 launcher), the autograd Function, or the torch function — so a kernel change makes old measurements of it stale
@@ -23,12 +25,7 @@ from typing import Any
 
 import torch
 
-from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
-from dora_tune.kernels._common import DTYPES as _DTYPES
-from dora_tune.ops import OPS
-
-DTYPES: dict[str, torch.dtype] = _DTYPES  # the kernels' one table
-
+from dora_tune._moved import forwarder
 
 #: Source versions whose GPU behaviour is that of an earlier version: ``(op, impl, new hash) → the earlier hash``,
 #: under which measurements, decision tables and new trials are then kept. Only for edits that cannot change what
@@ -75,16 +72,6 @@ def _object_source(module: Any, qualname: str) -> str:
     return inspect.getsource(obj)
 
 
-def op_bytes(op: str, shape: dict[str, int], dtype: str) -> int:
-    """Fewest bytes the op must move through memory (each input read once, each output written once; its facts)."""
-    return OPS[op].bytes(shape, DTYPES[dtype].itemsize)
-
-
-def op_flops(op: str, shape: dict[str, int]) -> int:
-    """Floating-point operations of the op (the factored norm: the U GEMM plus G and B·G; its facts)."""
-    return OPS[op].flops(shape)
-
-
 @dataclasses.dataclass(frozen=True)
 class Impl:
     """One implementation of one op."""
@@ -107,28 +94,13 @@ class Impl:
 
     def runner(self, inputs: dict[str, Any], config: dict) -> Callable[[], Any]:
         """A zero-argument callable that runs the op once on ``inputs`` with ``config``."""
-        from dora_tune.kernels import OP_SPECS
+        from dora_tune.kernels.catalog import OP_SPECS
 
         return OP_SPECS[self.op].runner(self.name, inputs, self.parse_config(config))
 
 
-def make_inputs(op: str, shape: dict[str, int], dtype: str, device: torch.device, seed: int = 0) -> dict[str, Any]:
-    """Random inputs (never zeros) for ``op`` at ``shape``, scaled like real DoRA tensors (the op spec's recipe)."""
-    from dora_tune.kernels import OP_SPECS
-
-    if set(shape) != set(OP_SHAPE_KEYS[op]):
-        raise ValueError(f"{op} shape needs keys {OP_SHAPE_KEYS[op]}, got {sorted(shape)}")
-    dt = DTYPES[dtype]
-    g = torch.Generator(device=device).manual_seed(seed)
-
-    def rnd(*size: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*size, device=device, generator=g) * scale).to(dt)
-
-    return OP_SPECS[op].inputs(shape, rnd)
-
-
 def _registry() -> dict[str, list[Impl]]:
-    from dora_tune.kernels import OP_SPECS
+    from dora_tune.kernels.catalog import OP_SPECS
 
     return {
         op: [Impl(op, i.name, i.devices, i.sources, i.space, i.parse_config, i.space_keys) for i in spec.impls]
@@ -142,8 +114,12 @@ def registry() -> dict[str, tuple[Impl, ...]]:
     return {op: tuple(v) for op, v in _registry().items()}
 
 
-def train_bwd_stage(best_fwd: dict) -> list[dict]:
-    """Stage 2 of the compose_train sweep: every backward config with the best forward of stage 1."""
-    from dora_tune.kernels import compose_bwd_config_space
+#: names this module had before the trial helpers moved to :mod:`dora_tune.tuning.trials` (deprecated here)
+_MOVED = ("DTYPES", "make_inputs", "op_bytes", "op_flops", "train_bwd_stage")
+_forward = forwarder(__name__, ["dora_tune.tuning.trials"])
 
-    return [{"fwd": best_fwd, "bwd": b.as_dict()} for b in compose_bwd_config_space()]
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        return _forward(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -45,6 +45,7 @@ import numbers
 import operator
 import os
 import statistics
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -55,9 +56,8 @@ import torch
 
 from dora_tune.autotune_db.common import canonical_json
 from dora_tune.dispatch.decisions import RACE_OPS, RACE_PER_CELL, race_shortlist
-from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
 from dora_tune.kernels._common import DTYPE_NAME as _DTYPE_NAMES
-from dora_tune.ops import OPS, SAME_RATE_DTYPE, SAME_RATE_TEXT
+from dora_tune.ops import OP_SHAPE_KEYS, OPS, SAME_RATE_DTYPE, SAME_RATE_TEXT
 
 #: timed calls of each shortlisted config in a race, the rounds they are taken in, and the warm-up per config (ms)
 RACE_REPS, RACE_ROUNDS, RACE_WARMUP_MS = 30, 3, 2.0
@@ -200,7 +200,7 @@ class Dispatcher:
         from dora_tune.kernels.norm import SharedNormCache
 
         #: norms the compiled path reuses between optimizer steps (``dora_tune::cached_norm``)
-        self.norms = SharedNormCache()
+        self.norms = SharedNormCache(_auto_norm)
         env_force = os.environ.get("DORA_TUNE_FORCE") if force_env is None else force_env
         if env_force in ("", None):
             self.env_force = None
@@ -692,7 +692,7 @@ def crossover_impl(op: str, shape: dict[str, int]) -> str:
 
 
 def _default_config(op: str) -> Any:
-    from dora_tune.kernels import OP_SPECS
+    from dora_tune.kernels.catalog import OP_SPECS
 
     return OP_SPECS[op].default_config
 
@@ -817,7 +817,9 @@ def auto(
     device: torch.device,
     race: Callable[[], Callable[[Any], Any]] | None = None,
 ) -> Plan:
-    """The kernels' ``impl="auto"`` hook: the process-wide plan for ``op`` (hot path, memoised).
+    """The kernels' ``impl="auto"`` hook: the process-wide plan for ``op`` (hot path, memoised). With
+    :func:`auto_path` and :func:`auto_failed` it makes this module the kernels' planner
+    (:class:`~dora_tune.kernels._common.Planner`), which the front door (:mod:`dora_tune.auto`) hands them.
 
     ``race``: a factory of the runner :meth:`Dispatcher.settle` times on the caller's inputs (None: the caller cannot
     race, e.g. it brought its own config). It is called only when the plan still has a shortlist — the first call of
@@ -828,6 +830,14 @@ def auto(
     if plan.race and race is not None:
         return d.settle(op, dims, name, device, plan, race())
     return plan
+
+
+def _auto_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """The norm with ``impl="auto"``, planned by this module's hooks: what the dispatcher's ``SharedNormCache``
+    computes."""
+    from dora_tune.kernels.norm import factored_norm
+
+    return factored_norm(weight, lora_A, lora_B, scale, planner=sys.modules[__name__])
 
 
 def _saved_tensors_hooks_active() -> bool:

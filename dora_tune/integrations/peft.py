@@ -64,9 +64,9 @@ try:  # the LoRA Linear layer holding the DoRA layer: its forward gets the one-c
 except ImportError:  # pragma: no cover - depends on the installed PEFT
     LoraLinear = None
 
+from dora_tune.auto import dora_layer_unchecked
+from dora_tune.auto.custom_ops import cached_norm_op
 from dora_tune.kernels._common import SUPPORTED_DTYPES
-from dora_tune.kernels.custom_ops import cached_norm_op
-from dora_tune.kernels.dora_layer import dora_layer_unchecked
 from dora_tune.nn.layer import DROPOUT_MODES, NormCache
 
 __all__ = ["DoraTuneHandle", "disable", "enable", "is_enabled"]

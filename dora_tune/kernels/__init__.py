@@ -11,18 +11,26 @@ Public ops (the contract later layers build on):
   whichever the dispatcher's first-use race found cheaper for the step.
 
 Triton kernels are imported only when a Triton implementation runs (through :func:`~dora_tune.kernels._launch.lean`,
-whose one switch is ``DORA_TUNE_LEAN_LAUNCH=0``); this package opens no database and picks no configs by itself
-(``impl="auto"`` asks :mod:`dora_tune.dispatch`).
+whose one switch is ``DORA_TUNE_LEAN_LAUNCH=0``); this package opens no database and picks no configs by itself.
+
+Imports point one way: no module of this package imports :mod:`dora_tune.dispatch`, :mod:`dora_tune.tuning` or
+:mod:`dora_tune.nn`. A kernel function's ``impl="auto"`` asks the planner it is handed (``planner=``,
+:class:`~dora_tune.kernels._common.Planner`); the public functions that plan — :func:`factored_norm`,
+:func:`compose`, :func:`compose_train`, :func:`dora_compose_train`, :func:`dora_layer` — are the front door's
+(:mod:`dora_tune.auto`: the dispatcher's plan, then these kernels), the same objects, resolved on first access by
+this module's ``__getattr__``; importing this package imports neither the front door nor the dispatcher.
 
 Each op's facts: :data:`OP_SPECS` (:class:`OpSpec`: the torch-free :class:`~dora_tune.ops.OpFacts` with the config
 class and the default config, declared next to each op's kernels); the dtypes every op takes: :data:`DTYPES`.
 """
 
+from typing import Any
+
 from dora_tune.kernels._common import DTYPES
+from dora_tune.kernels.catalog import OP_SPECS
 from dora_tune.kernels.compose import (
     DEFAULT_COMPOSE_CONFIG,
     ComposeConfig,
-    compose,
     compose_config_space,
     compose_reference,
     dora_scale,
@@ -32,23 +40,39 @@ from dora_tune.kernels.compose_train import (
     ComposeBwdConfig,
     ComposeTrainConfig,
     compose_bwd_config_space,
-    compose_train,
     compose_train_config_space,
-    dora_compose_train,
 )
-from dora_tune.kernels.dora_layer import dora_layer, dora_layer_reference
+from dora_tune.kernels.dora_layer import dora_layer_reference
 from dora_tune.kernels.norm import (
     DEFAULT_NORM_CONFIG,
     NormConfig,
-    factored_norm,
     norm_config_space,
     norm_reference,
     norm_tuning_space,
 )
-from dora_tune.kernels.spec import OpSpec, op_specs
+from dora_tune.kernels.spec import OpSpec
 
-#: every op's :class:`OpSpec`, by name (the order of :data:`dora_tune.ops.OPS`)
-OP_SPECS: dict[str, OpSpec] = op_specs()
+#: the public functions that plan (``impl="auto"``): the front door's, :mod:`dora_tune.auto`
+_FRONT_DOOR = ("compose", "compose_train", "dora_compose_train", "dora_layer", "factored_norm")
+# three of them are named like this package's modules, which importing them bound here: the names are the functions
+# (as they always were; the modules stay importable by their full names)
+for _name in _FRONT_DOOR:
+    globals().pop(_name, None)
+del _name
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _FRONT_DOOR:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import dora_tune.auto
+
+    value = globals()[name] = getattr(dora_tune.auto, name)  # once: later reads are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_FRONT_DOOR))
+
 
 __all__ = [
     "DEFAULT_COMPOSE_CONFIG",

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, ClassVar, TypeVar
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import torch
 
@@ -25,6 +26,42 @@ SUPPORTED_DTYPES: tuple[torch.dtype, ...] = tuple(DTYPES.values())
 _DTYPE_NAMES = "bfloat16, float16 or float32"
 
 C = TypeVar("C", bound="KernelConfig")
+
+
+class Planner(Protocol):
+    """What answers ``impl="auto"`` for a kernel function, handed in as its ``planner`` argument: the kernels import
+    nothing above them. The front door (:mod:`dora_tune.auto`, whose functions are :mod:`dora_tune.kernels`' public
+    ones) passes the run-time dispatcher's hooks (the module :mod:`dora_tune.dispatch.runtime`).
+
+    - ``auto(op, dims, dtype, device, race)`` → a plan (``.impl``, ``.config``): the memoised choice for ``op`` at
+      ``dims``; ``race`` (None: no race) is a factory of a runner of the caller's inputs, called only when a race of
+      the plan's shortlist is due.
+    - ``auto_failed(op, dims, dtype, device, failed, why)``: a planned config could not launch; re-plan without it.
+    - ``auto_path(key, device, make_runners, default)`` → the name of the whole code path to run (a first-use race
+      of the runners ``make_runners()`` builds).
+    """
+
+    def auto(
+        self, op: str, dims: tuple[int, ...], dtype: torch.dtype, device: torch.device, race: Any = None
+    ) -> Any: ...
+
+    def auto_failed(
+        self, op: str, dims: tuple[int, ...], dtype: torch.dtype, device: torch.device, failed: Any, why: str
+    ) -> Any: ...
+
+    def auto_path(
+        self, key: tuple, device: torch.device, make_runners: Callable[[], dict[str, Callable[[], Any]]], default: str
+    ) -> str: ...
+
+
+def need_planner(function: str, planner: Planner | None) -> Planner:
+    """``planner``, or the ``ValueError`` of an ``impl="auto"`` call of a kernel function that was given none."""
+    if planner is None:
+        raise ValueError(
+            f"{function}: impl='auto' needs a planner; call dora_tune.kernels.{function} (the front door, "
+            "dora_tune.auto), which plans with the dispatcher, or pass an implementation"
+        )
+    return planner
 
 
 def check_tensor(name: str, t: Any, *, ndim: int | None = None, min_ndim: int = 1) -> torch.Tensor:

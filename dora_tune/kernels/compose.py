@@ -20,16 +20,17 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.compiler import is_compiling
 
 from dora_tune import ops
 from dora_tune.kernels._common import (
     KernelConfig,
+    Planner,
     as_rows,
     check_same_device,
     check_scale,
     check_tensor,
     config_field,
+    need_planner,
     require_triton,
 )
 from dora_tune.kernels.spec import ANY_DEVICE, CUDA_ONLY, EAGER_TOL, FUSED_TOL, ImplSpec, OpSpec
@@ -130,17 +131,22 @@ def check_compose_inputs(lora: object, base: object, g: object, scale: object) -
 
 
 def resolve_impl(
-    op: str, base: torch.Tensor, impl: str, config: Any, race: Callable[[], Callable[[Any], Any]] | None = None
+    op: str,
+    base: torch.Tensor,
+    impl: str,
+    config: Any,
+    race: Callable[[], Callable[[Any], Any]] | None = None,
+    planner: Planner | None = None,
 ) -> tuple[str, Any]:
-    """``(impl, config)`` of a compose-family call: ``impl="auto"`` asks the dispatcher for ``op`` at ``base``'s
-    rows × cols, dtype and device (the caller's own ``config`` wins over the plan's); anything else passes through.
+    """``(impl, config)`` of a compose-family call: ``impl="auto"`` asks ``planner`` (the dispatcher's hooks, from
+    the front door) for ``op`` at ``base``'s rows × cols, dtype and device (the caller's own ``config`` wins over the
+    plan's); anything else passes through.
 
-    ``race``: for ops that race a model plan's shortlist at first use, a factory of the runner
-    :meth:`~dora_tune.dispatch.runtime.Dispatcher.settle` times (called only when a race is due)."""
+    ``race``: for ops that race a model plan's shortlist at first use, a factory of the runner the dispatcher times
+    (:meth:`~dora_tune.dispatch.runtime.Dispatcher.settle`; called only when a race is due)."""
     if impl != "auto":
         return impl, config
-    from dora_tune.dispatch.runtime import auto
-
+    auto = need_planner(op, planner).auto
     cols = base.shape[-1]
     race = race if config is None and base.numel() else None
     chosen = auto(op, (base.numel() // max(cols, 1), cols), base.dtype, base.device, race)
@@ -160,6 +166,7 @@ def compose(
     *,
     impl: str = "auto",
     config: ComposeConfig | None = None,
+    planner: Planner | None = None,
 ) -> torch.Tensor:
     """``(g−1)·base + g·(scale·lora)`` without autograd.
 
@@ -168,18 +175,16 @@ def compose(
         base: ``[..., cols]`` base layer output ``x·Wᵀ``, same dtype as ``lora``.
         g: ``[cols]`` or ``[1, cols]`` DoRA scale ``m / ‖W + s·B·A‖`` (see :func:`dora_scale`).
         scale: the LoRA scale s, a Python number.
-        impl: ``"eager"``, ``"triton"`` or ``"auto"`` (chosen by :mod:`dora_tune.dispatch`).
+        impl: ``"eager"``, ``"triton"`` or ``"auto"`` (chosen by ``planner``).
         config: launch config for ``impl="triton"`` (default :data:`DEFAULT_COMPOSE_CONFIG`).
+        planner: what answers ``impl="auto"`` (:class:`~dora_tune.kernels._common.Planner`); the public
+            :func:`dora_tune.kernels.compose` (the front door, :mod:`dora_tune.auto`) passes the dispatcher's.
 
     Returns:
         Tensor of ``base``'s shape and dtype. Eager computes in that dtype; Triton in float32, rounded once.
     """
     s = check_compose_inputs(lora, base, g, scale)
-    if is_compiling():  # torch.compile: one opaque custom op (dora_tune::compose), planned when it runs
-        from dora_tune.kernels.custom_ops import compose_op
-
-        return compose_op(lora, base, g, s, impl, config)
-    impl, config = resolve_impl("compose", base, impl, config)
+    impl, config = resolve_impl("compose", base, impl, config, planner=planner)
     with torch.no_grad():
         if impl == "eager":
             return compose_formula(lora, base, g_vector(g).to(base.dtype), s)

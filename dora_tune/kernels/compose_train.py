@@ -19,10 +19,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.compiler import is_compiling
 
 from dora_tune import ops
-from dora_tune.kernels._common import KernelConfig, as_rows, config_field, require_triton
+from dora_tune.kernels._common import KernelConfig, Planner, as_rows, config_field, require_triton
 from dora_tune.kernels.compose import (
     DEFAULT_COMPOSE_CONFIG,
     FORMULA_SOURCE,
@@ -168,6 +167,7 @@ def compose_train(
     *,
     impl: str = "auto",
     config: ComposeTrainConfig | None = None,
+    planner: Planner | None = None,
 ) -> torch.Tensor:
     """``(g−1)·base + g·(scale·lora)`` with autograd (see the module docstring for the backward).
 
@@ -176,18 +176,17 @@ def compose_train(
         base: ``[..., cols]`` base layer output, same dtype as ``lora``.
         g: ``[cols]`` or ``[1, cols]`` DoRA scale; ``d_g`` is produced only if it requires grad.
         scale: the LoRA scale s, a Python number.
-        impl: ``"eager"``, ``"triton"`` or ``"auto"`` (chosen by :mod:`dora_tune.dispatch`).
+        impl: ``"eager"``, ``"triton"`` or ``"auto"`` (chosen by ``planner``).
         config: launch configs for ``impl="triton"`` (default :data:`DEFAULT_COMPOSE_TRAIN_CONFIG`).
+        planner: what answers ``impl="auto"`` (:class:`~dora_tune.kernels._common.Planner`); the public
+            :func:`dora_tune.kernels.compose_train` (the front door, :mod:`dora_tune.auto`) passes the dispatcher's.
 
     Returns:
         Tensor of ``base``'s shape and dtype, differentiable with respect to ``lora``, ``base`` and ``g``.
     """
     s = check_compose_inputs(lora, base, g, scale)
-    if is_compiling():  # torch.compile: one opaque custom op (dora_tune::compose_train_fwd), planned when it runs
-        from dora_tune.kernels.custom_ops import compose_train_op
-
-        return compose_train_op(lora, base, g, s, impl, config)
-    impl, config = resolve_impl("compose_train", base, impl, config, lambda: race_step(lora, base, g.detach(), s))
+    race = lambda: race_step(lora, base, g.detach(), s)  # noqa: E731
+    impl, config = resolve_impl("compose_train", base, impl, config, race, planner)
     if impl == "eager":
         return compose_formula(lora, base, (g if g.dim() == 1 else g.reshape(-1)).to(base.dtype), s)
     if impl == "triton":
@@ -238,6 +237,7 @@ def dora_compose_train(
     *,
     impl: str = "auto",
     config: ComposeTrainConfig | None = None,
+    planner: Planner | None = None,
 ) -> torch.Tensor:
     """The DoRA delta for training: ``compose_train(lora, base, dora_scale(magnitude, norm), scale)``.
 
@@ -252,21 +252,23 @@ def dora_compose_train(
         magnitude: ``[cols]`` DoRA magnitude vector m (any supported float dtype); gets ``d_m`` if it requires grad.
         norm: ``[cols]`` row norms ``‖W + s·B·A‖`` (e.g. from :func:`factored_norm`), detached.
         scale: the LoRA scale s, a Python number.
-        impl: ``"eager"``, ``"triton"`` or ``"auto"`` (the plan of op ``compose_train``).
+        impl: ``"eager"``, ``"triton"`` or ``"auto"`` (the plan of op ``compose_train``, from ``planner``).
         config: launch configs for ``impl="triton"`` (default :data:`DEFAULT_COMPOSE_TRAIN_CONFIG`).
+        planner: what answers ``impl="auto"`` (:class:`~dora_tune.kernels._common.Planner`); the public
+            :func:`dora_tune.kernels.dora_compose_train` (the front door, :mod:`dora_tune.auto`) passes the
+            dispatcher's.
 
     Returns:
         Tensor of ``base``'s shape and dtype, differentiable with respect to ``lora``, ``base`` and ``magnitude``.
     """
     check_scale_inputs(magnitude, norm)
     s = check_compose_inputs(lora, base, magnitude, scale)  # magnitude in g's place: [cols] on base's device
-    if not is_compiling():
 
-        def race() -> Callable[[Any], Any]:  # g's values do not change the kernels' time: the torch formula
-            return race_step(lora, base, _dora_scale(magnitude.detach(), norm), s)
+    def race() -> Callable[[Any], Any]:  # g's values do not change the kernels' time: the torch formula
+        return race_step(lora, base, _dora_scale(magnitude.detach(), norm), s)
 
-        impl, config = resolve_impl("compose_train", base, impl, config, race)
-    if impl != "triton" or is_compiling():  # eager, or torch.compile's custom op: the composition as written
+    impl, config = resolve_impl("compose_train", base, impl, config, race, planner)
+    if impl != "triton":  # eager: the composition as written
         return compose_train(lora, base, _dora_scale(magnitude, norm), s, impl=impl, config=config)
     require_triton(base.device)
     if config is not None and not isinstance(config, ComposeTrainConfig):

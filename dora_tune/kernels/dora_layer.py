@@ -22,8 +22,10 @@ Paths (``impl``):
   this layer shape and token bucket, with the ``compose_train`` plan's config for the node; without autograd, the
   ``compose`` plan's implementation; on the CPU, ``"eager"``.
 
-The weight W must be frozen: a W that requires grad, autocast, or ``torch.compile`` take the composed multi-node
-path (:func:`dora_layer_composed`, same values; its compose ops are custom ops under compilation).
+The weight W must be frozen: a W that requires grad, or autocast, take the composed multi-node path
+(:func:`dora_layer_composed`, same values); under ``torch.compile`` the layer is plain torch ops for Inductor to fuse.
+``impl="auto"`` asks the planner handed in (``planner=``; :func:`dora_tune.kernels.dora_layer`, the front door
+:mod:`dora_tune.auto`, hands in the dispatcher's).
 """
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ import torch.nn.functional as F
 from torch.compiler import is_compiling
 
 from dora_tune.kernels._common import (
+    Planner,
     as_rows,
     check_same_device,
     check_scale,
     check_tensor,
+    need_planner,
     require_triton,
     triton_available,
 )
@@ -342,6 +346,7 @@ def dora_layer(
     output: str = "delta",
     impl: str = "auto",
     config: ComposeTrainConfig | None = None,
+    planner: Planner | None = None,
 ) -> torch.Tensor:
     """A DoRA layer's adapter in one autograd node (see the module docstring for the math).
 
@@ -359,6 +364,8 @@ def dora_layer(
             ``g ⊙ (base + s·lora) + bias`` in ``base``'s dtype.
         impl: ``"eager"``, ``"triton"`` or ``"auto"`` (the plan of op ``compose_train`` at rows × d_out).
         config: a :class:`ComposeTrainConfig` for ``impl="triton"``.
+        planner: what answers ``impl="auto"`` (:class:`~dora_tune.kernels._common.Planner`); the public
+            :func:`dora_tune.kernels.dora_layer` (the front door, :mod:`dora_tune.auto`) passes the dispatcher's.
 
     Returns:
         ``[..., d_out]``, differentiable with respect to ``x``, ``base_result``, ``lora_A``, ``lora_B``,
@@ -371,7 +378,7 @@ def dora_layer(
         raise TypeError(f"config must be a ComposeTrainConfig, got {type(config).__name__}")
     sub = base_includes_bias and base_result is not None
     return dora_layer_unchecked(
-        x, weight, lora_A, lora_B, magnitude, norm, s, bias, base_result, sub, output == "full", impl, config
+        x, weight, lora_A, lora_B, magnitude, norm, s, bias, base_result, sub, output == "full", impl, config, planner
     )
 
 
@@ -389,6 +396,7 @@ def dora_layer_unchecked(
     full: bool = False,
     impl: str = "auto",
     config: ComposeTrainConfig | None = None,
+    planner: Planner | None = None,
 ) -> torch.Tensor:
     """:func:`dora_layer` without the argument checks: for layers that validated their tensors once (their shapes,
     dtypes and devices are fixed while they stay the same tensors). ``sub_bias``: ``base_result`` includes ``bias``;
@@ -397,7 +405,9 @@ def dora_layer_unchecked(
         n = norm.detach().float()
         return _torch_path(x, weight, bias, base_result, lora_A, lora_B, magnitude, n, scale, sub_bias, full)
     if weight.requires_grad or torch.is_autocast_enabled(x.device.type):
-        return dora_layer_composed(x, weight, lora_A, lora_B, magnitude, norm, scale, bias, base_result, sub_bias, full)
+        return dora_layer_composed(
+            x, weight, lora_A, lora_B, magnitude, norm, scale, bias, base_result, sub_bias, full, planner
+        )
     grad = torch.is_grad_enabled() and (
         x.requires_grad
         or lora_A.requires_grad
@@ -411,7 +421,10 @@ def dora_layer_unchecked(
     plain = norm.dtype == torch.float32 and not norm.requires_grad and norm.is_contiguous()
     n = norm if plain else norm.detach().float().contiguous()
     if impl == "auto":
-        impl, config = _choose(x, weight, bias, base_result, lora_A, lora_B, magnitude, n, scale, sub_bias, full, grad)
+        planner = need_planner("dora_layer", planner)
+        impl, config = _choose(
+            x, weight, bias, base_result, lora_A, lora_B, magnitude, n, scale, sub_bias, full, grad, planner
+        )
     if impl == "eager":
         return _torch_path(x, weight, bias, base_result, lora_A, lora_B, magnitude, n, scale, sub_bias, full)
     if impl != "triton":
@@ -441,6 +454,7 @@ def _choose(
     sub_bias: bool,
     full: bool,
     grad: bool,
+    planner: Planner,
 ) -> tuple[str, Any]:
     """``("eager" | "triton", config)`` for a call: the compose plan's config for the Triton node, and — with
     autograd recording on CUDA — the path the dispatcher's host-aware race found cheaper for this layer's shape
@@ -448,12 +462,11 @@ def _choose(
     rows, d_out = x.numel() // max(x.shape[-1], 1), weight.shape[0]
     if x.device.type != "cuda" or rows == 0 or not triton_available():
         return "eager", None
-    plan_impl, config = resolve_impl("compose_train" if grad else "compose", _Rows(rows, d_out, x), "auto", None)
+    op = "compose_train" if grad else "compose"
+    plan_impl, config = resolve_impl(op, _Rows(rows, d_out, x), "auto", None, planner=planner)
     cfg = config if isinstance(config, ComposeTrainConfig) else DEFAULT_COMPOSE_TRAIN_CONFIG
     if not grad:
         return plan_impl, cfg
-    from dora_tune.dispatch.runtime import auto_path
-
     A_dt = lora_A.dtype
 
     def runners() -> dict[str, Callable[[], Any]]:
@@ -478,7 +491,7 @@ def _choose(
 
     bucket = 1 << (rows - 1).bit_length()  # token counts change per batch: one race per power-of-2 bucket
     key = ("dora_layer", bucket, d_out, weight.shape[1], lora_A.shape[0], full, base_result is None, x.dtype, A_dt)
-    return auto_path(key, x.device, runners, default="triton"), cfg
+    return planner.auto_path(key, x.device, runners, "triton"), cfg
 
 
 class _Rows:
@@ -506,9 +519,10 @@ def dora_layer_composed(
     base_result: torch.Tensor | None,
     sub_bias: bool,
     full: bool,
+    planner: Planner | None = None,
 ) -> torch.Tensor:
-    """The same values through torch autograd and the compose ops (several nodes): under ``torch.compile`` (the
-    compose ops are custom ops there), autocast, or a trainable W."""
+    """The same values through torch autograd and the compose ops (several nodes), each planned by ``planner``:
+    under autocast, or with a trainable W."""
     from dora_tune.kernels.compose import compose, dora_scale
     from dora_tune.kernels.compose_train import dora_compose_train
 
@@ -520,9 +534,9 @@ def dora_layer_composed(
     dt = torch.promote_types(lora.dtype, base.dtype)
     lora_c, base_c = lora.to(dt), base.to(dt)
     if torch.is_grad_enabled():
-        delta = dora_compose_train(lora_c, base_c, magnitude, norm, scale)
+        delta = dora_compose_train(lora_c, base_c, magnitude, norm, scale, planner=planner)
     else:
-        delta = compose(lora_c, base_c, dora_scale(magnitude, norm), scale)
+        delta = compose(lora_c, base_c, dora_scale(magnitude, norm), scale, planner=planner)
     if not full:
         return delta
     out = base_c + delta

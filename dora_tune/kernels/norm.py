@@ -20,18 +20,20 @@ import dataclasses
 import functools
 import itertools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.compiler import is_compiling
 
 from dora_tune import ops
 from dora_tune.kernels._common import (
     KernelConfig,
+    Planner,
     check_same_device,
     check_scale,
     check_tensor,
     config_field,
+    need_planner,
     require_triton,
 )
 from dora_tune.kernels.spec import ANY_DEVICE, CUDA_ONLY, NORM_TOL, ImplSpec, OpSpec
@@ -172,9 +174,11 @@ class SharedNormCache:
     are dropped as the table grows. A norm computed under ``torch.inference_mode`` is reused only there.
     """
 
-    __slots__ = ("_entries", "_prune_at", "computed")
+    __slots__ = ("_compute", "_entries", "_prune_at", "computed")
 
-    def __init__(self) -> None:
+    def __init__(self, compute: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]) -> None:
+        #: ``(W, A, B, scale)`` → the norm (the dispatcher's: :func:`factored_norm` with ``impl="auto"``)
+        self._compute = compute
         self._entries: dict[tuple, tuple[tuple, tuple, torch.Tensor, bool]] = {}
         self._prune_at = 64
         #: how many norms were computed (not reused) — for tests and benchmarks
@@ -203,7 +207,7 @@ class SharedNormCache:
                 return norm
         from torch.multiprocessing.reductions import StorageWeakRef
 
-        norm = factored_norm(W, A, B, scale)
+        norm = self._compute(W, A, B, scale)
         self.computed += 1
         refs = tuple(StorageWeakRef(t.untyped_storage()) for t in (W, A, B))
         self._entries[key] = (refs, stamp, norm, norm.is_inference())
@@ -244,6 +248,7 @@ def factored_norm(
     *,
     impl: str = "auto",
     config: NormConfig | None = None,
+    planner: Planner | None = None,
 ) -> torch.Tensor:
     """Row norm of ``W + scale·B·A``, never building ``B·A`` (except ``impl="dense"``).
 
@@ -252,21 +257,18 @@ def factored_norm(
         lora_A: ``[r, d_in]`` LoRA down-projection A.
         lora_B: ``[d_out, r]`` LoRA up-projection B, same dtype as ``lora_A``.
         scale: the LoRA scale s (e.g. ``lora_alpha / r``), a Python number.
-        impl: ``"dense"``, ``"factored_torch"``, ``"triton"`` or ``"auto"`` (chosen by :mod:`dora_tune.dispatch`).
+        impl: ``"dense"``, ``"factored_torch"``, ``"triton"`` or ``"auto"`` (chosen by ``planner``).
         config: launch config for ``impl="triton"`` (default :data:`DEFAULT_NORM_CONFIG`); ignored otherwise.
+        planner: what answers ``impl="auto"`` (:class:`~dora_tune.kernels._common.Planner`); the public
+            :func:`dora_tune.kernels.factored_norm` (the front door, :mod:`dora_tune.auto`) passes the dispatcher's.
 
     Returns:
         ``[d_out]`` float32 tensor of row norms, ≥ 0 and never NaN for finite inputs. It carries no gradient.
     """
     s = _check_norm_inputs(weight, lora_A, lora_B, scale)
-    if is_compiling():  # torch.compile: one opaque custom op (dora_tune::factored_norm), planned when it runs
-        from dora_tune.kernels.custom_ops import factored_norm_op
-
-        return factored_norm_op(weight, lora_A, lora_B, s, impl, config)
     chosen = None
     if impl == "auto":
-        from dora_tune.dispatch.runtime import auto
-
+        auto = need_planner("factored_norm", planner).auto
         # keyed on the dtype the kernel computes in (fp32 adapters on a bf16 W compute in fp32: other configs fit)
         dims, compute = (weight.shape[0], weight.shape[1], lora_A.shape[0]), _compute_dtype(weight, lora_A)
         # the first call of a model plan with a shortlist times it on these inputs and keeps the fastest (dispatch)
@@ -287,15 +289,14 @@ def factored_norm(
             raise TypeError(f"config must be a NormConfig, got {type(config).__name__}")
         try:
             return run_norm(weight, lora_A, lora_B, s, impl, config)
-        except Exception as e:  # a planned config that cannot launch here must not break training
+        except Exception as e:  # a planned config that cannot launch must not break training
             from triton.runtime.errors import OutOfResources
 
             if chosen is None or not isinstance(e, OutOfResources):
                 raise
-            from dora_tune.dispatch.runtime import auto_failed
-
-            auto_failed("norm", dims, compute, weight.device, chosen, str(e).split(".")[0])
-            return factored_norm(weight, lora_A, lora_B, s)  # the new plan: the default config, then torch
+            planner.auto_failed("norm", dims, compute, weight.device, chosen, str(e).split(".")[0])
+            # the new plan: the default config, then torch
+            return factored_norm(weight, lora_A, lora_B, s, planner=planner)
     raise ValueError(f"impl must be one of {IMPLS} or 'auto', got {impl!r}")
 
 

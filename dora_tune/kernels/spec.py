@@ -1,14 +1,13 @@
 """Each op's :class:`OpSpec`: its torch-free facts (:mod:`dora_tune.ops`) with what needs torch — the config
 class, the default config, its implementations (:class:`ImplSpec`: devices, the sources their version hashes, the
 config space to sweep), how to run it once and how to make inputs for it — as its kernel module declares it
-(``NORM_SPEC`` in :mod:`~dora_tune.kernels.norm`, ``COMPOSE_SPEC``, ``COMPOSE_TRAIN_SPEC``); :func:`op_specs`
-(``dora_tune.kernels.OP_SPECS``) collects them. The registry of the profiler and the planner
-(:mod:`dora_tune.dispatch.registry`) is a read of them."""
+(``NORM_SPEC`` in :mod:`~dora_tune.kernels.norm`, ``COMPOSE_SPEC``, ``COMPOSE_TRAIN_SPEC``);
+:mod:`~dora_tune.kernels.catalog` (``dora_tune.kernels.OP_SPECS``) collects them. The registry of the profiler and
+the planner (:mod:`dora_tune.dispatch.registry`) is a read of them."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -98,13 +97,3 @@ class OpSpec:
         """``("triton", the default config)`` or ``(the torch implementation, None)`` at ``dims``, by the fixed rule."""
         impl = self.facts.crossover(dims)
         return (impl, self.default_config) if impl == "triton" else (self.facts.torch_impl, None)
-
-
-@functools.cache
-def op_specs() -> dict[str, OpSpec]:
-    """Every op's spec, by name, in the order of :data:`dora_tune.ops.OPS` (``dora_tune.kernels.OP_SPECS``)."""
-    from dora_tune.kernels.compose import COMPOSE_SPEC
-    from dora_tune.kernels.compose_train import COMPOSE_TRAIN_SPEC
-    from dora_tune.kernels.norm import NORM_SPEC
-
-    return {spec.name: spec for spec in (NORM_SPEC, COMPOSE_SPEC, COMPOSE_TRAIN_SPEC)}

@@ -4,7 +4,7 @@ Math (DESIGN.md §1): ``y = g ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + bias`` with `
 The norm comes from :func:`~dora_tune.kernels.factored_norm` (never building ``B·A``), cached while W, A and B are
 unchanged (:class:`NormCache`: once per optimizer step in training); the rest of the layer is
 :func:`~dora_tune.kernels.dora_layer.dora_layer` (GEMMs, ``g`` and the compose: a few torch ops or one node around
-the fused kernels), each with ``impl="auto"`` (the dispatcher's choice).
+the fused kernels), each with ``impl="auto"`` (the dispatcher's choice, through the front door :mod:`dora_tune.auto`).
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dora_tune.auto import dora_layer_unchecked, factored_norm
+from dora_tune.auto.custom_ops import cached_norm_op
 from dora_tune.dispatch.runtime import auto
-from dora_tune.kernels import dora_scale, factored_norm
 from dora_tune.kernels._common import SUPPORTED_DTYPES
-from dora_tune.kernels.custom_ops import cached_norm_op
-from dora_tune.kernels.dora_layer import dora_layer_unchecked
+from dora_tune.kernels.compose import dora_scale
 from dora_tune.kernels.norm import run_norm
 
 _INITS = (True, False, "gaussian")

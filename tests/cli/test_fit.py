@@ -87,7 +87,7 @@ def test_report_without_models_fails_clearly(tmp_path, known_db):
 
 def test_estimator_option_lists_the_library_estimators():
     from dora_tune.cli.fit import fit
-    from dora_tune.dispatch.costmodel import DEFAULT_ESTIMATOR, ESTIMATORS
+    from dora_tune.tuning.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
 
     option = next(p for p in fit.params if p.name == "estimator")
     assert sorted(option.type.choices) == sorted(ESTIMATORS) and option.default == DEFAULT_ESTIMATOR

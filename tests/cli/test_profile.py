@@ -5,7 +5,7 @@ from click.testing import CliRunner
 
 from dora_tune.autotune_db import TuningDB
 from dora_tune.cli import cli
-from dora_tune.dispatch.profiler import CONFIRM_REPS
+from dora_tune.tuning.profiler import CONFIRM_REPS
 
 from conftest import cpu_profile_args
 
@@ -137,7 +137,7 @@ def test_newer_schema_is_refused_by_commands(tmp_path):
 
 
 def test_profile_jobs_default_to_the_cpus_and_reject_negatives(tmp_path, monkeypatch):
-    from dora_tune.dispatch import profiler, warm
+    from dora_tune.tuning import profiler, warm
 
     seen = []
 

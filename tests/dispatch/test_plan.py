@@ -254,7 +254,7 @@ def test_importing_dispatch_is_light():
 
 
 def test_model_source_between_measured_and_crossover(tmp_path, shipped):
-    from dora_tune.dispatch.costmodel import fit
+    from dora_tune.tuning.fitting import fit
 
     from conftest import H200, fill_known_crossover
 
@@ -274,7 +274,7 @@ def test_model_source_between_measured_and_crossover(tmp_path, shipped):
 
 
 def test_table_that_loses_to_the_crossover_is_not_used(tmp_path, shipped):
-    from dora_tune.dispatch.costmodel import fit
+    from dora_tune.tuning.fitting import fit
 
     from conftest import H200, fill_known_crossover
 

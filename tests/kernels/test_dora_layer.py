@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from dora_tune.kernels import ComposeBwdConfig, ComposeConfig, ComposeTrainConfig
-from dora_tune.kernels.dora_layer import dora_layer, dora_layer_reference
+from dora_tune.kernels import ComposeBwdConfig, ComposeConfig, ComposeTrainConfig, dora_layer, dora_layer_reference
 
 from conftest import relerr
 

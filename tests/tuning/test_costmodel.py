@@ -18,12 +18,13 @@ import pytest
 
 import dora_tune
 from dora_tune.autotune_db import EnvInfo, TrialRow, TuningDB
-from dora_tune.dispatch import costmodel as cm
 from dora_tune.dispatch.decisions import DecisionTable
-from dora_tune.dispatch.features import FeatureSpec, flatten_config, gpu_features, gpu_spec
 from dora_tune.dispatch.registry import registry
-from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
 from dora_tune.kernels import DEFAULT_COMPOSE_TRAIN_CONFIG
+from dora_tune.tuning import data as trial_data
+from dora_tune.tuning import estimators, evaluation, fitting
+from dora_tune.tuning.features import FeatureSpec, flatten_config, gpu_features, gpu_spec
+from dora_tune.tuning.shapes import OP_SHAPE_KEYS
 
 from conftest import COLS, H200, ROWS, fill_known_crossover, ok
 
@@ -284,19 +285,19 @@ def test_decisions_module_imports_neither_sklearn_nor_torch():
 
 
 def test_model_recovers_a_known_crossover(known_trials):
-    cv = cm.cross_validate(known_trials, "compose_train", "bf16")
+    cv = evaluation.cross_validate(known_trials, "compose_train", "bf16")
     assert cv.model.n_shapes == len(ROWS) * len(COLS) and cv.n_splits == 5
     assert cv.model.top1 >= 0.9, cv.shapes
     assert cv.model.regret_geomean <= 1.02 and cv.model.regret_max <= 1.2
-    result = cm.fit_op(known_trials, "compose_train", "bf16", env=H200)
+    result = estimators.fit_op(known_trials, "compose_train", "bf16", env=H200)
     assert set(result.models) == {"eager", "triton"}
-    table = cm.compile_decisions(
+    table = fitting.compile_decisions(
         result,
         "compose_train",
         "bf16",
         "NVIDIA H200",
         result.impl_versions,
-        cm.measured_best(known_trials, "compose_train", "bf16"),
+        trial_data.measured_best(known_trials, "compose_train", "bf16"),
     )
     for rows, cols in ((64, 512), (128, 1024), (1, 512), (256, 1024), (4096, 512)):  # n ≤ 2.1e6 ... eager side
         if rows * cols < 3e5:
@@ -320,11 +321,11 @@ def test_model_recovers_a_known_crossover(known_trials):
 
 
 def test_race_metrics_score_the_fastest_of_the_shortlist(known_trials, monkeypatch):
-    monkeypatch.setattr(cm, "RACE_OPS", {"norm": 3})
-    base = cm.cross_validate(known_trials, "compose_train", "bf16")
+    monkeypatch.setattr(evaluation, "RACE_OPS", {"norm": 3})
+    base = evaluation.cross_validate(known_trials, "compose_train", "bf16")
     assert base.race is None  # an op that does not race
-    monkeypatch.setattr(cm, "RACE_OPS", {"compose_train": 3})
-    rep = cm.cross_validate(known_trials, "compose_train", "bf16")
+    monkeypatch.setattr(evaluation, "RACE_OPS", {"compose_train": 3})
+    rep = evaluation.cross_validate(known_trials, "compose_train", "bf16")
     assert rep.model == base.model
     assert rep.race is not None and rep.race.n_shapes == rep.model.n_shapes
     for s in rep.shapes:
@@ -332,23 +333,25 @@ def test_race_metrics_score_the_fastest_of_the_shortlist(known_trials, monkeypat
     assert rep.race.regret_geomean <= rep.model.regret_geomean and rep.race.regret_max <= rep.model.regret_max
     assert rep.to_json()["race"]["n_shapes"] == rep.race.n_shapes
     cpu = EnvInfo("cpu", "CPU (x86_64)", "", 0, 0, "", "", "", "", "")
-    assert cm.cross_validate(known_trials, "compose_train", "bf16", env=cpu).race is None  # nothing races on a CPU
-    monkeypatch.setattr(cm, "RACE_OPS", {"compose_train": 1})  # a shortlist of one is the model's choice
-    one = cm.cross_validate(known_trials, "compose_train", "bf16")
+    assert (
+        evaluation.cross_validate(known_trials, "compose_train", "bf16", env=cpu).race is None
+    )  # nothing races on a CPU
+    monkeypatch.setattr(evaluation, "RACE_OPS", {"compose_train": 1})  # a shortlist of one is the model's choice
+    one = evaluation.cross_validate(known_trials, "compose_train", "bf16")
     assert one.race == one.model
 
 
 def test_compiled_runners_up_follow_prediction_and_measurement(known_trials):
-    data = cm._prepare(known_trials, "compose_train", "bf16", None)
-    result = cm._fit_data(data, cm.DEFAULT_ESTIMATOR, 0)
-    ranked = cm._ranked_data(data, 3)
-    table = cm.compile_decisions(
+    data = trial_data.prepare_trials(known_trials, "compose_train", "bf16", None)
+    result = estimators._fit_data(data, estimators.DEFAULT_ESTIMATOR, 0)
+    ranked = trial_data._ranked_data(data, 3)
+    table = fitting.compile_decisions(
         result,
         "compose_train",
         "bf16",
         "G",
         result.impl_versions,
-        cm._best_data(data),
+        trial_data._best_data(data),
         shortlist=3,
         measured_ranked=ranked,
     )
@@ -363,7 +366,9 @@ def test_compiled_runners_up_follow_prediction_and_measurement(known_trials):
     expected = [(cands[j][0], dict(cands[j][1])) for j in np.argsort(pred, kind="stable")[:3]]
     assert table.shortlist(unmeasured) == expected
     assert (
-        cm.compile_decisions(result, "compose_train", "bf16", "G", result.impl_versions, cm._best_data(data)).runners_up
+        fitting.compile_decisions(
+            result, "compose_train", "bf16", "G", result.impl_versions, trial_data._best_data(data)
+        ).runners_up
         == []
     )
 
@@ -389,15 +394,15 @@ def test_crossover_metrics_on_a_hand_made_case():
         row(c, "triton", other, 90.0),
         row(c, "eager", {}, 300.0),  # → triton default: not measured
     ]
-    m = cm.crossover_metrics(trials, "compose_train", "bf16")
+    m = evaluation.crossover_metrics(trials, "compose_train", "bf16")
     assert (m.n_shapes, m.excluded) == (2, 1)
     assert m.top1 == 0.5 and m.impl_top1 == 1.0
     assert m.regret_max == pytest.approx(1.25) and m.regret_geomean == pytest.approx(1.25**0.5)
-    assert cm.crossover_choice("compose_train", {"rows": 2048, "cols": 6144}) == ("triton", default)
-    assert cm.crossover_choice("compose_train", {"rows": 2047, "cols": 6144})[0] == "eager"
-    assert cm.crossover_choice("compose_train", {"rows": 100_000, "cols": 1024})[0] == "eager"
+    assert evaluation.crossover_choice("compose_train", {"rows": 2048, "cols": 6144}) == ("triton", default)
+    assert evaluation.crossover_choice("compose_train", {"rows": 2047, "cols": 6144})[0] == "eager"
+    assert evaluation.crossover_choice("compose_train", {"rows": 100_000, "cols": 1024})[0] == "eager"
     # cross_validate scores the crossover on the same rows, shape by shape
-    cv = cm.cross_validate(trials, "compose_train", "bf16", estimator="knn")
+    cv = evaluation.cross_validate(trials, "compose_train", "bf16", estimator="knn")
     assert cv.crossover == m
     assert cv.model_paired.n_shapes == 2 and cv.model.n_shapes == 3
     by_shape = {json.dumps(s.shape, sort_keys=True): s for s in cv.shapes}
@@ -406,7 +411,7 @@ def test_crossover_metrics_on_a_hand_made_case():
 
 
 def test_candidates_are_the_registry_space_plus_seen_stage_two(known_trials):
-    result = cm.fit_op(known_trials, "compose_train", "bf16")
+    result = estimators.fit_op(known_trials, "compose_train", "bf16")
     space = _impls("compose_train")["triton"].configs({"rows": 4096, "cols": 4096})
     stage2 = {"fwd": space[0]["fwd"], "bwd": {"block_r": 1, "block_c": 256, "row_iters": 1, "num_warps": 4}}
     result.seen_configs["triton"].append(stage2)
@@ -418,15 +423,15 @@ def test_candidates_are_the_registry_space_plus_seen_stage_two(known_trials):
     # the norm's space depends on r: the memo must not hand one rank's configs to another
     norm = _impls("norm")["triton"]
     for r in (8, 384):
-        got = cm._registry_configs("norm", "triton", {"d_out": 64, "d_in": 64, "r": r}, result._memo)
+        got = estimators._registry_configs("norm", "triton", {"d_out": 64, "d_in": 64, "r": r}, result._memo)
         assert got == norm.configs({"d_out": 64, "d_in": 64, "r": r})
-    assert cm.candidate_configs("norm", "dense", {"d_out": 4, "d_in": 4, "r": 1}) == [{}]
-    assert cm.candidate_configs("norm", "mystery", {"d_out": 4, "d_in": 4, "r": 1}, [{"x": 1}]) == [{"x": 1}]
+    assert estimators.candidate_configs("norm", "dense", {"d_out": 4, "d_in": 4, "r": 1}) == [{}]
+    assert estimators.candidate_configs("norm", "mystery", {"d_out": 4, "d_in": 4, "r": 1}, [{"x": 1}]) == [{"x": 1}]
 
 
-@pytest.mark.parametrize("estimator", cm.ESTIMATORS)
+@pytest.mark.parametrize("estimator", estimators.ESTIMATORS)
 def test_every_estimator_fits_and_predicts(known_trials, estimator):
-    result = cm.fit_op(known_trials, "compose_train", "bf16", estimator=estimator)
+    result = estimators.fit_op(known_trials, "compose_train", "bf16", estimator=estimator)
     impl, _, us = result.choose({"rows": 4096, "cols": 8192})
     assert impl == "triton" and us > 0
     assert result.choose({"rows": 64, "cols": 512})[0] == "eager"
@@ -436,8 +441,12 @@ def test_linear_trees_focus_by_op_and_weighted_fit():
     import numpy as np
 
     specs = {op: FeatureSpec.for_configs(op, "triton", [{"block_r": 1}]) for op in ("compose", "compose_train", "norm")}
-    focus = {op: cm.make_estimator("linear_trees", spec, 10).focus for op, spec in specs.items()}
-    assert focus == {"compose": 0.1, "compose_train": None, "norm": 0.1} == {op: cm.TREE_FOCUS.get(op) for op in focus}
+    focus = {op: estimators.make_estimator("linear_trees", spec, 10).focus for op, spec in specs.items()}
+    assert (
+        focus
+        == {"compose": 0.1, "compose_train": None, "norm": 0.1}
+        == {op: estimators.TREE_FOCUS.get(op) for op in focus}
+    )
 
     # two shapes (column 0) × four configs (column 1): the config trees get weights (t_min / t)^(1/focus) per shape
     from sklearn.ensemble import ExtraTreesRegressor
@@ -456,21 +465,21 @@ def test_linear_trees_focus_by_op_and_weighted_fit():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ExtraTreesRegressor, "fit", spy)
         for f in (None, 0.1):
-            model = cm.LinearTrees([0], shape_columns=[0], focus=f).fit(x, y)
+            model = estimators.LinearTrees([0], shape_columns=[0], focus=f).fit(x, y)
             assert np.argmin(model.predict(x[:4])) == 0 and np.allclose(model.predict(x), y, atol=1e-9)
     assert len(seen) == 2 and seen[0] is None and np.allclose(seen[1], np.exp(-rel / 0.1))
 
 
 def test_fit_rejects_bad_input(known_trials):
     with pytest.raises(ValueError, match="op"):
-        cm.fit_op(known_trials, "matmul", "bf16")
+        estimators.fit_op(known_trials, "matmul", "bf16")
     with pytest.raises(ValueError, match="no 'ok'"):
-        cm.fit_op(known_trials, "compose_train", "fp32")
+        estimators.fit_op(known_trials, "compose_train", "fp32")
     with pytest.raises(ValueError, match="estimator"):
-        cm.fit_op(known_trials, "compose_train", "bf16", estimator="svm")
+        estimators.fit_op(known_trials, "compose_train", "bf16", estimator="svm")
     two_envs = [*known_trials[:5], dataclasses.replace(known_trials[5], env_id=99)]
     with pytest.raises(ValueError, match="environments"):
-        cm.fit_op(two_envs, "compose_train", "bf16")
+        estimators.fit_op(two_envs, "compose_train", "bf16")
 
 
 def test_fit_keeps_the_newest_version_of_each_impl(known_trials):
@@ -478,7 +487,7 @@ def test_fit_keeps_the_newest_version_of_each_impl(known_trials):
         dataclasses.replace(t, impl_version="old", median_us=1.0, created_at=t.created_at.replace(year=2000))
         for t in known_trials
     ]
-    result = cm.fit_op(stale + list(known_trials), "compose_train", "bf16")
+    result = estimators.fit_op(stale + list(known_trials), "compose_train", "bf16")
     assert result.impl_versions == {n: i.version for n, i in _impls("compose_train").items()}
     assert result.n_trials == len(known_trials)
 
@@ -491,11 +500,11 @@ def test_fit_stores_tables_and_metrics(tmp_path):
     with TuningDB.open(path) as db:
         fill_known_crossover(db)
         db.record_trial(H200, "compose", "eager", "v", {"rows": 8, "cols": 8}, "bf16", {}, ok(5.0))  # 1 shape: skipped
-        [s] = cm.fit(db)
+        [s] = fitting.fit(db)
         assert (s.op, s.dtype, s.gpu_name, s.estimator) == ("compose_train", "bf16", "NVIDIA H200", "linear_trees")
         assert s.n_shapes == 35 and s.n_trials == 35 * 5 and s.fit_seconds > 0
         assert s.model.regret_geomean <= 1.02 and s.crossover.n_shapes + s.crossover.excluded == 35
-        assert cm.fit(db, gpu="a100") == []
+        assert fitting.fit(db, gpu="a100") == []
     with TuningDB.open(path, readonly=True) as db:
         [m] = db.models()
     assert (m.op, m.dtype, m.estimator, m.gpu_name) == ("compose_train", "bf16", "linear_trees", "NVIDIA H200")
@@ -527,7 +536,7 @@ def test_no_pickle_anywhere_in_fit_store_and_load(tmp_path, monkeypatch, known_d
     path = tmp_path / "np.sqlite"
     shutil.copy(known_db, path)
     with TuningDB.open(str(path)) as db:
-        assert len(cm.fit(db)) == 1
+        assert len(fitting.fit(db)) == 1
     with TuningDB.open(str(path), readonly=True) as db:
         [m] = db.models()
     table = DecisionTable.from_json(m.payload)
@@ -539,7 +548,7 @@ def test_fit_on_the_shipped_h200_cache(tmp_path):
     path = tmp_path / "h200.sqlite"
     shutil.copy(CACHE, path)
     with TuningDB.open(str(path)) as db:  # a writable open migrates the copy to the current schema
-        summaries = cm.fit(db)
+        summaries = fitting.fit(db)
         best = db.best()
         models = db.models(gpu="h200")
     assert hashlib.sha256(CACHE.read_bytes()).hexdigest() == digest  # the shipped file is untouched
@@ -574,7 +583,7 @@ def test_fit_on_the_shipped_h200_cache(tmp_path):
         assert len(differ) <= 0.3 * len(grid), (m.op, len(differ))
         if not differ:
             continue
-        refit = cm.fit_op([t for t in trials if t.op == m.op], m.op, m.dtype, env=env)
+        refit = estimators.fit_op([t for t in trials if t.op == m.op], m.op, m.dtype, env=env)
         pairs = [(grid[i], *cells[i]) for i in differ for cells in (old.cells, new.cells)]
         pred = refit.predict_log_us(pairs).reshape(-1, 2)
         ratio = np.exp(pred[:, 0] - pred[:, 1])  # the stored pick's predicted time over the refit's pick's

@@ -7,10 +7,10 @@ import time
 import pytest
 import torch
 
-from dora_tune.dispatch import profiler
-from dora_tune.dispatch.profiler import measure
 from dora_tune.dispatch.runtime import RACE_ROUNDS, RACE_WALL_CALLS
 from dora_tune.dispatch.timing import MIN_REPS
+from dora_tune.tuning import profiler
+from dora_tune.tuning.profiler import measure
 
 
 def test_cpu_measure_reports_ordered_quantiles():
@@ -75,8 +75,8 @@ def test_cuda_measure_matches_the_work():
 
 def test_wall_plan_keeps_long_kernels_cheap():
     """Short calls get the race's calls × rounds; long ones one round within the budget, never fewer than 2 calls."""
-    from dora_tune.dispatch.profiler import WALL_BUDGET_US, wall_plan
     from dora_tune.dispatch.runtime import RACE_ROUNDS, RACE_WALL_CALLS
+    from dora_tune.tuning.profiler import WALL_BUDGET_US, wall_plan
 
     assert wall_plan(5.0) == (RACE_WALL_CALLS, RACE_ROUNDS)
     assert wall_plan(0.0) == (RACE_WALL_CALLS, RACE_ROUNDS)

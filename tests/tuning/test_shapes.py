@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from dora_tune.dispatch.shapes import (
+from dora_tune.tuning.shapes import (
     MODEL_PRESETS,
     ShapeError,
     build_shape_set,

@@ -2,10 +2,10 @@ import json
 
 import torch
 
-from dora_tune.dispatch import warm
-from dora_tune.dispatch.profiler import _Task
 from dora_tune.dispatch.registry import registry
-from dora_tune.dispatch.warm import default_jobs, proxy_shape, warm_compile, warm_items
+from dora_tune.tuning import warm
+from dora_tune.tuning.profiler import _Task
+from dora_tune.tuning.warm import default_jobs, proxy_shape, warm_compile, warm_items
 
 
 def test_proxy_keeps_what_triton_specialises_on():

@@ -5,9 +5,9 @@ import json
 import torch
 
 from dora_tune.autotune_db import EnvInfo, TrialResult, TuningDB, canonical_json
-from dora_tune.dispatch import profiler
 from dora_tune.dispatch.registry import registry
 from dora_tune.kernels import DEFAULT_COMPOSE_CONFIG, compose_bwd_config_space
+from dora_tune.tuning import profiler
 
 GPU = EnvInfo("cuda", "Test GPU", "9.0", 132, 150_000_000_000, "570.1", "12.8", "2.11.0", "3.6.0", "0.1.0")
 SHAPE = {"rows": 64, "cols": 4096}

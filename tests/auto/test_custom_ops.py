@@ -4,6 +4,7 @@ import sys
 import pytest
 import torch
 
+from dora_tune.auto import custom_ops as co
 from dora_tune.kernels import (
     DEFAULT_COMPOSE_TRAIN_CONFIG,
     ComposeBwdConfig,
@@ -17,7 +18,6 @@ from dora_tune.kernels import (
     factored_norm,
     norm_reference,
 )
-from dora_tune.kernels import custom_ops as co
 
 from conftest import relerr
 
@@ -59,7 +59,7 @@ args = [torch.randn(3, 5, 8, requires_grad=True), torch.randn(3, 5, 8, requires_
 out = torch.compile(f, backend="eager", fullgraph=True)(*args)
 print(hasattr(torch.ops.dora_tune, "compose_train_fwd"))
 print(torch.allclose(out, f(*args)))
-from dora_tune.kernels import custom_ops
+from dora_tune.auto import custom_ops
 print(custom_ops.ensure_registered() and custom_ops.ensure_registered())
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -221,7 +221,7 @@ def test_cached_norm_op_is_kept_out_of_cuda_graphs():
     CUDA-graph replay never reuses a stale norm and no cached norm is allocated in a graph's memory pool."""
     if not hasattr(torch.Tag, "cudagraph_unsafe"):
         pytest.skip("this torch has no cudagraph_unsafe tag")
-    from dora_tune.kernels.custom_ops import ensure_registered
+    from dora_tune.auto.custom_ops import ensure_registered
 
     ensure_registered()
     assert torch.Tag.cudagraph_unsafe in torch.ops.dora_tune.cached_norm.default.tags

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from dora_tune.autotune_db import EnvInfo, GpuFeatures, TuningDB
-from dora_tune.dispatch.crossgpu import GpuTrials, leave_one_gpu_out, nearest_gpu
+from dora_tune.tuning.crossgpu import GpuTrials, leave_one_gpu_out, nearest_gpu
 
 from conftest import COLS, FACTORS, ROWS, ok
 

@@ -11,10 +11,12 @@ from click.testing import CliRunner
 
 from dora_tune.autotune_db import TrialResult, TuningDB
 from dora_tune.cli import cli
-from dora_tune.dispatch import profiler, timing
-from dora_tune.dispatch.env import environment
-from dora_tune.dispatch.registry import make_inputs, registry
+from dora_tune.dispatch import timing
+from dora_tune.dispatch.registry import registry
 from dora_tune.dispatch.runtime import RACE_ROUNDS, RACE_WALL_CALLS
+from dora_tune.tuning import profiler
+from dora_tune.tuning.env import environment
+from dora_tune.tuning.trials import make_inputs
 
 from conftest import cpu_profile_args
 
