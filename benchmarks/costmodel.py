@@ -38,7 +38,7 @@ from dora_tune.dispatch.costmodel import ESTIMATORS, cross_validate
 from dora_tune.dispatch.registry import registry, train_bwd_stage
 from dora_tune.dispatch.shapes import default_shapes
 
-BW = 4.25e6  # bytes per µs (H200 copy, benchmarks/NOTES.md)
+BW = 4.25e6  # bytes per µs (H200 copy, docs/norm.md)
 PEAK = 694e6  # bf16 FLOP per µs
 SMS = 132
 CACHE = Path(dora_tune.__file__).parent / "caches" / "nvidia-h200.sqlite"

@@ -29,10 +29,10 @@ from dora_tune.dispatch.features import DTYPE_NAMES, FeatureSpec
 from dora_tune.dispatch.shapes import OP_SHAPE_KEYS
 
 ESTIMATORS: tuple[str, ...] = ("extra_trees", "hist_gb", "knn", "linear_trees")
-"""Regressors :func:`make_estimator` builds (``benchmarks/NOTES.md``, "Cost model: estimator choice")."""
+"""Regressors :func:`make_estimator` builds (``docs/cost-model.md``, "Estimator choice")."""
 
 DEFAULT_ESTIMATOR = "linear_trees"
-"""The regressor :func:`fit` uses unless told otherwise (chosen on leave-shapes-out regret, see NOTES.md)."""
+"""The regressor :func:`fit` uses unless told otherwise (chosen on leave-shapes-out regret, docs/cost-model.md)."""
 
 MIN_SHAPES = 3
 """Fewest distinct shapes an (environment, op, dtype) needs before :func:`fit` fits it."""
