@@ -40,7 +40,7 @@ from dora_tune.tuning.evaluation import cross_validate
 from dora_tune.tuning.shapes import default_shapes
 from dora_tune.tuning.trials import train_bwd_stage
 
-BW = 4.25e6  # bytes per µs (H200 copy, benchmarks/NOTES.md)
+BW = 4.25e6  # bytes per µs (H200 copy, docs/norm.md)
 PEAK = 694e6  # bf16 FLOP per µs
 SMS = 132
 CACHE = Path(dora_tune.__file__).parent / "caches" / "nvidia-h200.sqlite"

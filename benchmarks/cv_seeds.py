@@ -6,7 +6,7 @@ geomean / max and their mean — for the ops that race (``RACE_OPS``: the norm, 
 fastest measured of the model's shortlist: what the dispatcher runs) — and writes them to ``--out``::
 
     python3 benchmarks/cv_seeds.py --db before=old.sqlite --db after=dora_tune/caches/nvidia-h200.sqlite \\
-        --op compose_train --op norm --seeds 3 --out benchmarks/results/h200-cv-confirm.json
+        --op compose_train --op norm --seeds 3 --out /tmp/cv.json
 
 ``--seed S`` starts the fit seeds at S (seeds S … S + ``--seeds`` − 1; default 0). Nothing is timed (the ``seconds``
 are the fits' bookkeeping). Writes ``--out`` and one result row per (database, op) (the harness,

@@ -3,7 +3,7 @@
 For every shape measured (ok) in both databases with at least 3 common (implementation, config) pairs, the pair
 fastest in ``A`` is scored by its time in ``B``: regret = B(pair) ÷ the fastest of the common pairs in ``B``. The
 geomean / max per op is the floor under any model's regret on data timed like this. Used on the two discarded
-do_bench-timed H200 sweeps (benchmarks/NOTES.md, "Timing"); runs on any machine:
+do_bench-timed H200 sweeps (docs/timing.md); runs on any machine:
 
     python3 benchmarks/retest.py A.sqlite B.sqlite [--out benchmarks/results/h200-retest-do_bench.json]
 

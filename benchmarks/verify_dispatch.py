@@ -22,10 +22,13 @@ On the GPU, ``--measure`` first times the picks the sweep did not cover (compose
 only part of its forward × backward space; the shortlists included), each shape's together with its best trial, and
 records them in the
 verification database (the sweep's own confirmation stage has re-timed each shape's fastest trials; an older
-verification database gets that from ``--confirm-only``)::
+verification database gets that from ``--confirm-only``). The verification database is not committed; these two
+commands regenerate it on a GPU and score the shipped H200 tables on it (``docs/dispatch-and-race.md``, "Held-out
+shapes"; for another GPU pass its own tuning database as ``--db``)::
 
-    dora-tune profile --gpu auto --shapes benchmarks/verify_shapes.json --db verify.sqlite
-    python3 benchmarks/verify_dispatch.py --db tuning.sqlite --verify verify.sqlite --measure
+    dora-tune profile --gpu auto --shapes benchmarks/verify_shapes.json --no-progress --db verify.sqlite
+    python3 benchmarks/verify_dispatch.py --db dora_tune/caches/nvidia-h200.sqlite --verify verify.sqlite \\
+        --measure --race
 
 Without ``--measure`` (any machine) it only reads the two databases and writes
 ``benchmarks/results/h200-verify-dispatch.json`` (``--out``). Either way it appends one result row per op and
@@ -179,7 +182,7 @@ def measure_missing(
     Each shape's missing picks are timed together with the shape's fastest measured trial — interleaved,
     :data:`~dora_tune.tuning.profiler.CONFIRM_REPS` calls each, as the profiler's confirmation stage does — and
     both are recorded, so that a pick and the best it is scored against come from the same machine and minutes (two
-    machines of the pool can differ by a few per cent on calls of a few µs; benchmarks/NOTES.md).
+    machines of the pool can differ by a few per cent on calls of a few µs; docs/dispatch-and-race.md).
     """
     import torch
 

@@ -76,7 +76,7 @@ class OpFacts:
         race_per_cell: that race is run once per decision-table cell, its winner shared by the cell's shapes (ops whose
             shapes follow the token count, which may change every step), not once per shape.
         launch_grids: the Triton launch grids whose geometry the cost model takes as features (compose and
-            compose_train have none: their grid features lowered neither CV regret, benchmarks/NOTES.md).
+            compose_train have none: their grid features lowered neither CV regret, docs/cost-model.md).
     """
 
     name: str
@@ -113,7 +113,7 @@ def _train_crossover(dims: tuple[int, ...]) -> str:
 
 #: the norm: raced once per weight shape (fixed for a whole run) — its call is a pure function of tensors the call
 #: already has, and its config landscape has cliffs between split-K values that the cost model ranks within ~2 % of
-#: each other (benchmarks/NOTES.md, "Race")
+#: each other (docs/dispatch-and-race.md, "Race")
 NORM = OpFacts(
     name="norm",
     shape_keys=("d_out", "d_in", "r"),

@@ -86,7 +86,7 @@ def _print_table(title: str, rows: list[list[str]]) -> None:
     default="linear_trees",
     show_default=True,
     type=click.Choice(["linear_trees", "extra_trees", "hist_gb", "knn"]),
-    help="the regressor (benchmarks/NOTES.md compares them)",
+    help="the regressor (docs/cost-model.md compares them)",
 )
 @click.option(
     "--cross-gpu",

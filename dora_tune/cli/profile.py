@@ -170,7 +170,7 @@ def profile(
 _NO_REFIT = (
     "no refit: this GPU's trials are shortlists of decision tables transferred from another GPU, and a model fitted "
     "on shortlists alone plans unseen shapes worse than the tables it came from (on an H100, norm regret 1.22 "
-    "against the transfer's 1.006; benchmarks/NOTES.md). The dispatcher keeps the transferred tables and serves "
+    "against the transfer's 1.006; docs/cross-gpu.md). The dispatcher keeps the transferred tables and serves "
     "the measured shapes from these trials; a full `dora-tune profile` and `dora-tune fit` give this GPU its own."
 )
 

@@ -34,7 +34,7 @@ runners-up). The norm: its shapes are the weights', fixed for a whole run (one r
 pure function of tensors the call already has, and its config landscape has cliffs between split-K values that the
 cost model ranks within ~2 % of each other. compose_train: its forward × backward configs lie within a few per cent
 of each other at most shapes, more than the model resolves; its shapes follow the token count, so one race serves
-a whole decision-table cell (:data:`RACE_PER_CELL`). NOTES.md, "Race"."""
+a whole decision-table cell (:data:`RACE_PER_CELL`). docs/dispatch-and-race.md, "Race"."""
 
 RACE_PER_CELL: frozenset[str] = frozenset(name for name, facts in OPS.items() if facts.race_per_cell)
 """Ops of :data:`RACE_OPS` whose race is shared by every shape of a decision-table cell (the first shape of the cell

@@ -234,7 +234,7 @@ class Dispatcher:
             device: a torch device or its string; "cuda" means the current CUDA device, keyed by its index as the
                 kernels key their plans (by their tensors' device).
 
-        A hot call (a key planned before) costs a few dict look-ups (~0.5 µs on a 2-core CPU; NOTES.md).
+        A hot call (a key planned before) costs a few dict look-ups (~0.5 µs, 2-core CPU; docs/dispatch-and-race.md).
 
         Raises:
             ValueError: an unknown op, or a shape with a missing key, the wrong length, or a dimension below 1 (other

@@ -80,7 +80,7 @@ def gpu_times(fn: Callable[[], Any], *, warmup_ms: float, rep_ms: float) -> list
     (``torch.cuda._sleep``) keeps the GPU busy for ~1.5× the host time one call takes to enqueue, so the GPU never
     waits for the host inside the timed span. do_bench's events also time the host whenever enqueuing ``fn`` takes
     longer than the flush (~75 µs on an H200), which makes every small op a measurement of the host: on the H200
-    machine two runs of the same sweep disagreed by 1.16–1.50× in regret (benchmarks/NOTES.md, "Timing").
+    machine two runs of the same sweep disagreed by 1.16–1.50× in regret (docs/timing.md).
     """
     flush = torch.empty(_FLUSH_BYTES, dtype=torch.int8, device="cuda")
     timer = _CudaTimer(fn, flush, spin_cycles_per_ms())

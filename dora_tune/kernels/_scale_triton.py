@@ -4,7 +4,7 @@
 backward. In torch each is about five elementwise launches on a ``[d_out]`` vector (compare, two ``where``, a cast,
 a divide: the formulas of :func:`~dora_tune.kernels.compose._dora_scale` and
 :func:`~dora_tune.kernels.compose.dora_scale_backward`); the GPU work is nothing, the host's is 60–100 µs a layer
-(benchmarks/NOTES.md, "Host cost"). Here each is one launch computing the same formula with IEEE round-to-nearest
+(docs/end-to-end.md, "Host cost"). Here each is one launch computing the same formula with IEEE round-to-nearest
 division, so the results are bitwise those of the torch formulas:
 
     g   = m / n      where n > 0, else 1      (float32)

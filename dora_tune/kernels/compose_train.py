@@ -244,7 +244,7 @@ def dora_compose_train(
     Same values and gradients as that composition (``norm`` is treated as a constant), but with ``impl="triton"``
     the scale ``g`` is formed inside one autograd node instead of a graph of small ops: per adapted layer that saves
     the host the bookkeeping of about five autograd nodes in the forward and as many in the backward, which is what
-    limits a training step when the GPU work per layer is small (benchmarks/NOTES.md, "Host cost").
+    limits a training step when the GPU work per layer is small (docs/end-to-end.md, "Host cost").
 
     Args:
         lora: ``[..., cols]`` LoRA branch output (unscaled).

@@ -90,7 +90,7 @@ def norm_config_space(rank: int | None = None) -> list[NormConfig]:
 
 def norm_tuning_space(rank: int | None = None) -> list[NormConfig]:
     """The part of :func:`norm_config_space` that profiling sweeps by default: ``block_k = 64``, 8 warps,
-    ``block_m ≤ 128``. Every winner of a full sweep on the H200 lay there (benchmarks/NOTES.md), and it compiles in a
+    ``block_m ≤ 128``. Every winner of a full sweep on the H200 lay there (docs/norm.md), and it compiles in a
     quarter of the time."""
     return [c for c in norm_config_space(rank) if c.block_k == 64 and c.num_warps == 8 and c.block_m <= 128]
 

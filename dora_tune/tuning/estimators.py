@@ -25,11 +25,11 @@ from dora_tune.tuning.data import TrialData, prepare_trials
 from dora_tune.tuning.features import FeatureSpec
 
 ESTIMATORS: tuple[str, ...] = ("extra_trees", "hist_gb", "knn", "linear_trees")
-"""Regressors :func:`make_estimator` builds (``benchmarks/NOTES.md``, "Cost model: estimator choice")."""
+"""Regressors :func:`make_estimator` builds (``docs/cost-model.md``, "Estimator choice")."""
 
 DEFAULT_ESTIMATOR = "linear_trees"
 """The regressor :func:`~dora_tune.tuning.fitting.fit` uses unless told otherwise (chosen on leave-shapes-out
-regret, see NOTES.md)."""
+regret, docs/cost-model.md)."""
 TREE_FOCUS: dict[str, float] = {"compose": 0.1, "norm": 0.1}
 """Per op, the ``focus`` of ``linear_trees``' config trees (:class:`LinearTrees`); an op not listed weighs every
 trial the same. Chosen on leave-shapes-out regret over fit seeds and on the held-out shapes (``caches/README.md``);

@@ -49,7 +49,7 @@ class GpuSpec:
 
 
 KNOWN_GPUS: dict[str, GpuSpec] = {
-    "h200": GpuSpec(4.8, 60.0, 4.25),  # H200 SXM 141 GB HBM3e; copy measured in benchmarks/NOTES.md
+    "h200": GpuSpec(4.8, 60.0, 4.25),  # H200 SXM 141 GB HBM3e; copy measured in docs/norm.md
     "h100-sxm": GpuSpec(3.35, 50.0),  # H100 SXM5 80 GB HBM3 (NVML: "NVIDIA H100 80GB HBM3")
     "a100-80gb": GpuSpec(2.0, 40.0),  # A100 80 GB (SXM4 2.04 TB/s, PCIe 1.94 TB/s)
 }

@@ -7,7 +7,7 @@ their error text and the sweep goes on.
 
 What a CUDA trial measures (:func:`measure`): its times (median, p20, p80) are GPU time (:func:`gpu_times`, the GPU
 kept ahead of the host): what an op costs in a training step whose GPU is busy; the host's launch cost is not in
-them (benchmarks/NOTES.md, "Timing"). Then, as a separate figure (``wall_us``), the candidate is timed the way the
+them (docs/timing.md). Then, as a separate figure (``wall_us``), the candidate is timed the way the
 training step runs it, host included: the wall time of one call when :data:`RACE_WALL_CALLS` calls run back to back
 with the GPU not held ahead, the least of :data:`RACE_ROUNDS` rounds (:func:`wall_times`, as the dispatcher's
 first-use race takes it; fewer calls for long kernels, :func:`wall_plan`). Where launches cost the host more than the
@@ -57,7 +57,8 @@ TRAIN_FWD_SHORTLIST = 6
 #: trials of a shape (any implementation) the confirmation stage re-times: its fastest this many.
 CONFIRM_TOP = 8
 #: timed calls each confirmed trial holds; a trial with fewer among its shape's fastest is re-timed. 100 (not 200)
-#: is meant to keep the default set within 10 minutes on one H200: at 200 the stage took ~3.4 of ~11 (NOTES.md).
+#: is meant to keep the default set within 10 minutes on one H200: at 200 the stage took ~3.4 of ~11
+#: (docs/profiling-and-cache.md).
 CONFIRM_REPS = 100
 
 

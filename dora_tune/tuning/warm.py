@@ -76,7 +76,7 @@ MAX_DEFAULT_JOBS = 16
 def default_jobs() -> int:
     """Compile processes for ``dora-tune profile`` when ``--jobs`` is not given: the CPUs this process may use, at
     most :data:`MAX_DEFAULT_JOBS` (on the 16-core H200 machine the default set's kernels compiled in 27 s with 14
-    processes and 51 s with 8: benchmarks/NOTES.md)."""
+    processes and 51 s with 8: docs/profiling-and-cache.md)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not on Linux
