@@ -89,11 +89,19 @@ def _print_table(title: str, rows: list[list[str]]) -> None:
     help="the regressor (docs/cost-model.md compares them)",
 )
 @click.option(
+    "--dtype",
+    "dtypes",
+    multiple=True,
+    type=click.Choice(["bf16", "fp16", "fp32"]),
+    help="only these dtypes (repeatable; default: every dtype). E.g. --dtype bf16 after a --quick fp16 run: fp16 "
+    "then keeps planning from the bf16 table its shortlists came from",
+)
+@click.option(
     "--cross-gpu",
     is_flag=True,
     help="also fit one model over every GPU's trials (with the GPU features) and report leave-one-GPU-out regret",
 )
-def fit(db_location: str | None, gpu: str | None, estimator: str, cross_gpu: bool) -> None:
+def fit(db_location: str | None, gpu: str | None, estimator: str, dtypes: tuple[str, ...], cross_gpu: bool) -> None:
     """Fit the cost model on the tuning DB's trials, cross-validate it against the fixed crossover, and store its
     decision tables in the DB (one per GPU environment, op and dtype with at least 3 measured shapes).
 
@@ -104,11 +112,11 @@ def fit(db_location: str | None, gpu: str | None, estimator: str, cross_gpu: boo
     from dora_tune.tuning.fitting import fit as fit_models
 
     with open_db(db_location) as db:
-        summaries = fit_models(db, gpu=gpu, estimator=estimator)
+        summaries = fit_models(db, gpu=gpu, estimator=estimator, dtypes=dtypes or None)
         location = db.location
         logo = _leave_one_gpu_out(db, estimator) if cross_gpu else None
     if not summaries:
-        where = f" for GPU {gpu!r}" if gpu else ""
+        where = (f" for GPU {gpu!r}" if gpu else "") + (f" in {', '.join(dtypes)}" if dtypes else "")
         raise click.ClickException(
             f"nothing to fit{where}: no (GPU, op, dtype) has 'ok' trials at {MIN_SHAPES} or more distinct shapes; "
             "run `dora-tune profile` first"

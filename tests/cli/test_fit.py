@@ -40,6 +40,16 @@ def test_fit_stores_decision_tables_and_prints_the_cv_table(known_db):
         assert len(db.models()) == 1
 
 
+def test_fit_only_the_dtypes_asked_for(known_db):
+    """--dtype limits the fit: the bf16 trials are not fitted under --dtype fp16 (and nothing else is touched)."""
+    res = CliRunner().invoke(cli, ["fit", "--db", known_db, "--dtype", "fp16"])
+    assert res.exit_code == 1 and "nothing to fit in fp16" in res.output
+    with TuningDB.open(known_db, readonly=True) as db:
+        assert db.models() == []
+    res = run("fit", "--db", known_db, "--dtype", "bf16", "--dtype", "fp16")
+    assert res.exit_code == 0 and "stored 1 decision table" in res.output, res.output
+
+
 def test_fit_with_nothing_to_fit_fails_clearly(tmp_path, known_db):
     res = CliRunner().invoke(cli, ["fit", "--db", known_db, "--gpu", "a100"])
     assert res.exit_code == 1 and "nothing to fit for GPU 'a100'" in res.output

@@ -588,3 +588,13 @@ def test_fit_on_the_shipped_h200_cache(tmp_path):
         pred = refit.predict_log_us(pairs).reshape(-1, 2)
         ratio = np.exp(pred[:, 0] - pred[:, 1])  # the stored pick's predicted time over the refit's pick's
         assert ratio.max() <= 1.15 and np.exp(np.log(ratio).mean()) <= 1.03, (m.op, ratio.max())
+
+
+def test_fit_refuses_an_unknown_dtype_and_fits_only_those_asked_for(tmp_path, known_db):
+    path = tmp_path / "k.sqlite"
+    shutil.copy(known_db, path)
+    with TuningDB.open(str(path)) as db:
+        with pytest.raises(ValueError, match="unknown dtype"):
+            fitting.fit(db, dtypes=["bf8"])
+        assert fitting.fit(db, dtypes=["fp16"]) == [] and db.models() == []
+        assert [(s.op, s.dtype) for s in fitting.fit(db, dtypes=["bf16"])] == [("compose_train", "bf16")]
