@@ -16,28 +16,13 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 from dora_tune.autotune_db.common import (
+    FASTEST_SQL,
     DatabaseError,
     MissingDatabaseError,
     SchemaError,
     check_readable,
     stored_schema_version,
 )
-
-FASTEST_SQL = """
-SELECT i.op, i.name, i.version, b.shape, b.dtype, b.config, b.median_us
-FROM (
-    SELECT t.impl_id, t.shape, t.dtype, t.config, MIN(t.median_us) AS median_us
-    FROM trials AS t
-    WHERE t.env_id IN (SELECT id FROM environments WHERE gpu_name = ?)
-        AND t.status = 'ok' AND t.median_us IS NOT NULL
-    GROUP BY t.env_id, t.impl_id, t.shape, t.dtype
-) AS b
-JOIN implementations AS i ON b.impl_id = i.id
-"""
-"""SQLite: the fastest "ok" trial of each (environment, implementation, shape, dtype) of one GPU model, as
-``(op, impl, impl_version, shape JSON, dtype, config JSON, median_us)``. Grouped in the order of the trials' unique
-key, so SQLite walks that index instead of sorting (the shipped cache: 13 ms against 57 ms on a slow host); the bare
-``config`` column comes from the row holding the ``MIN`` (SQLite's documented rule for a lone min/max aggregate)."""
 
 _MODELS_SQL = """
 SELECT m.op, m.dtype, m.payload, m.metrics

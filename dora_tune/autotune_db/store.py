@@ -56,6 +56,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from dora_tune.autotune_db.common import (
+    FASTEST_SQL,
     SCHEMA_VERSION,
     DatabaseError,
     GpuFeatures,
@@ -76,7 +77,6 @@ from dora_tune.autotune_db.models import (
     Trial,
     canonical_json,
 )
-from dora_tune.autotune_db.snapshot import FASTEST_SQL
 
 STATUSES = ("ok", "failed", "oom", "invalid")
 """Allowed values of :attr:`TrialResult.status`."""
@@ -824,7 +824,7 @@ class TuningDB:
         shape, dtype): plain tuples ``(op, impl, impl_version, shape JSON, dtype, config JSON, median_us)``, in no
         set order.
 
-        On SQLite the reduction runs in SQL (:data:`~dora_tune.autotune_db.snapshot.FASTEST_SQL`, shared with the
+        On SQLite the reduction runs in SQL (:data:`~dora_tune.autotune_db.common.FASTEST_SQL`, shared with the
         dispatcher's snapshot reader); elsewhere one plain scan (no ORM objects, no window sort) reduced in Python.
         """
         with self._session(write=False) as s:
