@@ -16,7 +16,8 @@ Everything else — dropout, input casts, adapter selection, merging — stays P
 dropout_mode="lora_only")`` opts into dropout on the LoRA branch only (see :func:`enable`).
 
 Where PEFT's LoRA ``Linear.forward`` would only call the base layer, then the DoRA layer, and add the two (one active
-DoRA adapter, no dropout acting, one dtype throughout, no hooks on the base layer, no autocast, not merged or
+DoRA adapter, no dropout acting, the input in the base weight's dtype (the adapters may be float32, PEFT's default on
+a bf16 model), no hooks on the base layer, no autocast, not merged or
 disabled: :func:`_one_call_route`), :func:`enable` computes that whole call as one DoRA layer call with the full
 output ``g ⊙ (x·Wᵀ + s·lora) + bias`` — PEFT's wrapper and the extra add and base-layer call are host time at small
 token counts. Any other call goes to PEFT's ``Linear.forward`` unchanged.
@@ -441,7 +442,7 @@ def _one_call_route(self: nn.Module, x: Any) -> tuple | None:
     That needs: one active DoRA adapter on a layer dora-tune covers (the same checks as the DoRA layer's own call),
     adapters neither merged nor disabled, no dropout acting (eval, or ``lora_dropout`` 0; with dropout PEFT's
     semantics use the dropped-out input for the delta only, and ``dropout_mode="lora_only"`` keeps its own route),
-    input, base weight and adapters of one dtype (no input cast), no hooks on the base layer or global module hooks
+    input in the base weight's dtype (adapters of any float dtype), no hooks on the base layer or global module hooks
     (the base layer is not called), no autocast and no ``torch.compile`` tracing (those keep the measured routes)."""
     if type(x) is not torch.Tensor or self.disable_adapters or self.merged or torch.compiler.is_compiling():
         return None
@@ -471,7 +472,10 @@ def _one_call_route(self: nn.Module, x: Any) -> tuple | None:
     if _hooked(base_layer):
         return None
     W, A = getattr(base_layer, "weight", None), getattr(lora_A, "weight", None)
-    if not isinstance(W, torch.Tensor) or not isinstance(A, torch.Tensor) or not x.dtype == W.dtype == A.dtype:
+    # the input in the base layer's dtype (PEFT's base call takes it as it comes); the adapters may be of another
+    # (PEFT's default upcasts them to float32 on a bf16 model): the LoRA branch then runs on x cast to theirs, as
+    # PEFT's does, and the output is cast back to the base's dtype, as PEFT's is
+    if not isinstance(W, torch.Tensor) or not isinstance(A, torch.Tensor) or x.dtype != W.dtype:
         return None
     scaling = self.scaling[name]
     kwargs = {"lora_A": lora_A, "lora_B": lora_B, "scaling": scaling, "base_layer": base_layer}
