@@ -21,8 +21,9 @@ the LM head and loss cost little. ``--tiny`` shrinks the dims (64/128, 4 heads, 
 CPU smoke run.
 
 Adapters on q, k, v, o, gate, up, down: ``LoraConfig(r=--rank, lora_alpha=2·r, lora_dropout=--dropout,
-use_dora=...)`` with ``autocast_adapter_dtype=False`` (adapters in the model dtype). Every variant starts from the
-same weights: the base model from one seed, and per adapted projection A ~ U(±1/√d_in) (PEFT's Kaiming-uniform
+use_dora=...)`` with ``autocast_adapter_dtype=False`` (adapters in the model dtype; ``--adapter-dtype fp32``: PEFT's
+default instead, float32 adapters on a bf16 model, and ``DoRALinear(dtype=torch.float32)``). Every variant starts
+from the same weights: the base model from one seed, and per adapted projection A ~ U(±1/√d_in) (PEFT's Kaiming-uniform
 init) and B ~ N(0, σ²) redrawn from a generator seeded by the projection's name, σ such that ‖s·B·A‖ ≈ 0.1·‖W‖ per
 row (PEFT starts B at 0, which makes DoRA an identity); DoRA's magnitude is then set to ‖W + s·B·A‖_row computed in
 float32, as PEFT would initialise it for those weights. Variants (``--variants``, default all four):
@@ -236,6 +237,8 @@ def build_variant(variant: str, spec: Spec, rank: int, dropout: float, args: arg
         for p in base.parameters():
             p.requires_grad_(False)
         kw: dict[str, Any] = {} if args.dropout_mode == "peft" else {"dropout_mode": args.dropout_mode}
+        if args.adapter_dtype == "fp32":
+            kw["dtype"] = torch.float32
         for name, mod in list(base.named_modules()):
             if name.rsplit(".", 1)[-1] in TARGETS and isinstance(mod, torch.nn.Linear):
                 base.set_submodule(name, DoRALinear(mod, r=rank, alpha=2 * rank, dropout=dropout, **kw))
@@ -254,7 +257,9 @@ def build_variant(variant: str, spec: Spec, rank: int, dropout: float, args: arg
         )
         kw = {}
         if "autocast_adapter_dtype" in inspect.signature(get_peft_model).parameters:
-            kw["autocast_adapter_dtype"] = False
+            kw["autocast_adapter_dtype"] = args.adapter_dtype == "fp32"  # PEFT's default is True (float32)
+        elif args.adapter_dtype == "fp32":
+            raise RuntimeError("--adapter-dtype fp32 needs a PEFT with get_peft_model(autocast_adapter_dtype=...)")
         with torch.device(args.device):
             model = get_peft_model(base, lcfg, **kw)
         slots = peft_slots(model)
@@ -588,6 +593,7 @@ def record_cell(rec: harness.Recorder, cell: dict, args: argparse.Namespace) -> 
         "dtype": args.dtype,
         "compile": args.compile,
         "dropout_mode": args.dropout_mode,
+        "adapter_dtype": args.adapter_dtype,
         "tiny": args.tiny,
     }
     keys = ("median_ms", "min_ms", "max_ms", "first_step_ms", "tokens_per_s", "peak_MiB", "delta_MiB")
@@ -771,6 +777,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["peft", "lora_only"],
         default="peft",
         help="dora-tune's dropout semantics (default peft: PEFT's exactly; passed to dora-tune only when not peft)",
+    )
+    ap.add_argument(
+        "--adapter-dtype",
+        choices=("model", "fp32"),
+        default="model",
+        help="adapters in the model's dtype (default) or in float32 on a bf16/fp16 model (PEFT's own default, "
+        "autocast_adapter_dtype=True; DoRALinear(dtype=torch.float32))",
     )
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first (default 3, at least 1)")

@@ -111,3 +111,19 @@ def test_cpu_lora_only_dropout_mode_and_profile(tmp_path):
         # the profiled step follows an optimizer step: every adapted layer recomputes its norm once, in its range
         (block,) = res["blocks"].values()
         assert r["profile"]["norm"]["calls"] == block["models"][name]["adapted_layers"] > 0, name
+
+
+def test_cpu_float32_adapters_on_a_bf16_model(tmp_path):
+    """--adapter-dtype fp32: PEFT's default (float32 adapters on a bf16 model) for every variant, recorded in the rows;
+    dora-tune and DoRALinear stay within bf16 rounding of PEFT's losses."""
+    variants = ("peft_dora", "dora_tune", "dora_linear")
+    res = run(tmp_path / "a32.json", "--tokens", "16", "--dtype", "bf16", "--adapter-dtype", "fp32", variants=variants)
+    assert res["ok"] and res["args"]["adapter_dtype"] == "fp32"
+    models = res["blocks"]["r4-p0"]["models"]
+    assert all(models[v]["adapter_dtypes"] == ["torch.float32"] for v in variants), models
+    (cell,) = res["cells"]
+    assert cell["variants"]["dora_tune"]["enabled_layers"] == 2 * 7
+    for v in ("dora_tune", "dora_linear"):
+        assert cell["variants"][v]["loss_gap_vs_peft_dora"] < 2e-2, v
+    rows = [json.loads(line) for line in (tmp_path / "rows" / "cpu.jsonl").read_text().splitlines()]
+    assert {r["shape"]["adapter_dtype"] for r in rows} == {"fp32"}
