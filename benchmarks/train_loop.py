@@ -462,17 +462,34 @@ def _profile_step(built: Built, batches: list, accum: int, opt: Any, args: argpa
 def run_variant(
     variant: str, built: Built, batches: list, accum: int, args: argparse.Namespace, warmup: int, profile: bool
 ) -> dict:
-    """One variant's run in one cell; ``dora_tune`` eager is enabled for the run only (PEFT's path stays pure)."""
+    """One variant's run in one cell; ``dora_tune`` eager is enabled for the run only (PEFT's path stays pure).
+
+    Compiled, a dora-tune variant must compute its norms in ``dora_tune::cached_norm``: none computed means its
+    compiled code is another model's (dynamo reused PEFT's compiled DoRA on torch 2.11), and the run is an error."""
+    norms = compiled_norms() if args.compile and variant in ("dora_tune", "dora_linear") else None
+    before = None if norms is None else norms.computed
     if variant != "dora_tune":
-        return train(built, batches, accum, args, warmup, profile)
-    handle = built.handle if built.handle is not None else dt_enable(built.model, args)
-    try:
         res = train(built, batches, accum, args, warmup, profile)
-    finally:
-        if built.handle is None:
-            dt_disable()
-    res["enabled_layers"] = getattr(handle, "layers", None)  # PEFT DoRA layers dora-tune computed
+    else:
+        handle = built.handle if built.handle is not None else dt_enable(built.model, args)
+        try:
+            res = train(built, batches, accum, args, warmup, profile)
+        finally:
+            if built.handle is None:
+                dt_disable()
+        res["enabled_layers"] = getattr(handle, "layers", None)  # PEFT DoRA layers dora-tune computed
+    if norms is not None:
+        res["norms_computed"] = norms.computed - before
+        if res["norms_computed"] == 0:
+            raise RuntimeError(f"{variant}: the compiled model computed no dora-tune norm: it ran other code")
     return res
+
+
+def compiled_norms() -> Any:
+    """The norm cache that ``dora_tune::cached_norm`` (compiled graphs) fills: its ``computed`` counts norms."""
+    from dora_tune.dispatch.runtime import default_dispatcher
+
+    return default_dispatcher().norms
 
 
 def finish_cell(cell: dict) -> None:

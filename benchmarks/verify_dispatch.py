@@ -31,9 +31,10 @@ shapes"; for another GPU pass its own tuning database as ``--db``)::
         --measure --race
 
 Without ``--measure`` (any machine) it only reads the two databases and writes
-``benchmarks/results/h200-verify-dispatch.json`` (``--out``). Either way it appends one result row per op and
-chooser (the harness, ``benchmarks/README.md``: item the chooser, shape op, dtype, the two databases' file names and
-``--shipped``; figures shapes, regret geomean and max), filed under the GPU the verification database measured.
+``<gpu-slug>-verify-dispatch.json`` (``$OUT/`` on the device machine, else ``benchmarks/results/``; ``--out``).
+Either way it appends one result row per op and chooser (the harness, ``benchmarks/README.md``: item the chooser,
+shape op, dtype, the two databases' file names and ``--shipped``; figures shapes, regret geomean and max), filed
+under the GPU the verification database measured.
 Timing (``--measure``): the harness's interleaved GPU times (``harness.call_times_us``, the profiler's confirmation
 method); ``--race`` runs the dispatcher's own race. ``--device`` (default cuda when available) is where they run;
 ``--seed`` seeds the inputs they time.
@@ -51,7 +52,7 @@ from typing import Any
 
 import harness
 
-from dora_tune.autotune_db import TuningDB, canonical_json
+from dora_tune.autotune_db import TuningDB, canonical_json, gpu_slug
 from dora_tune.dispatch.decisions import DecisionTable
 from dora_tune.dispatch.registry import registry
 from dora_tune.dispatch.runtime import Dispatcher
@@ -277,13 +278,16 @@ def main() -> None:
     ap.add_argument("--shipped", action="store_true", help=shipped_help)
     harness.add_flags(
         ap,
-        out_default=str(Path(__file__).parent / "results" / "h200-verify-dispatch.json"),
+        out_help="JSON output (default $OUT/<gpu-slug>-verify-dispatch.json on the device machine, else "
+        "benchmarks/results/<gpu-slug>-verify-dispatch.json; the slug of --gpu)",
         device="auto",
         dtype="bf16",
         dtype_choices=None,
         dtype_help="the trials' dtype (default %(default)s)",
     )
     args = harness.resolve(ap.parse_args(), ap)
+    if args.out is None:
+        args.out = harness.default_out(f"{gpu_slug(args.gpu)}-verify-dispatch.json")
     if (args.measure or args.race) and args.device.type != "cuda":
         ap.error("--measure and --race need a CUDA device")
     rec = harness.start(__file__, args)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import click
 
 from dora_tune.cli._common import db_option, open_db
@@ -80,9 +82,10 @@ def profile(
 
     --quick times only the configs the dispatcher would consider on this GPU (the shortlists of the decision tables
     it has, or transfers from a profiled GPU of the same architecture, plus each default config; the whole space
-    where no table serves the GPU) and confirms each shape's 2 fastest; then it refits this GPU's cost model where
-    that model has more than shortlists to learn from (this GPU's own tables existed, or the whole space was
-    timed). Measured shapes are then served from their trials, the rest by the tables.
+    where no table serves the GPU) and confirms each shape's 2 fastest; then it refits this GPU's cost model for each
+    dtype where that model has more than shortlists to learn from (this GPU had its own tables of the dtype, or the
+    whole space was timed) — an fp16 quick run on a GPU with bf16 tables keeps planning fp16 by them. Measured
+    shapes are then served from their trials, the rest by the tables.
     """
     from dora_tune.tuning.env import environment, resolve_device
     from dora_tune.tuning.profiler import profile as run_profile
@@ -110,7 +113,8 @@ def profile(
     fitted = None
     with open_db(db_location) as db:
         click.echo(f"database: {db.location}")
-        own_tables = quick and not cpu and bool(db.models(gpu=env.gpu_name))
+        # the dtypes this GPU has decision tables of: a quick run extends their full sweeps (others: shortlists only)
+        own_dtypes = {m.dtype for m in db.models(gpu=env.gpu_name)} if quick and not cpu else set()
         if confirm_only and not given:
             from dora_tune.tuning.profiler import measured_shapes
 
@@ -137,7 +141,9 @@ def profile(
             quick=quick and not cpu,
         )
         if quick and not cpu and not summary.interrupted:
-            fitted = _after_quick(db, env.gpu_name, own_tables=own_tables, narrowed=summary.narrowed)
+            fitted = _after_quick(
+                db, env.gpu_name, dtypes=dtypes or ("bf16",), own_dtypes=own_dtypes, narrowed=summary.narrowed
+            )
     if summary.warm_launches or summary.warm_error:
         click.echo(
             f"compiled ahead: {summary.warm_launches} launches in {summary.warm_seconds:.0f} s"
@@ -168,23 +174,31 @@ def profile(
 
 
 _NO_REFIT = (
-    "no refit: this GPU's trials are shortlists of decision tables transferred from another GPU, and a model fitted "
-    "on shortlists alone plans unseen shapes worse than the tables it came from (on an H100, norm regret 1.22 "
-    "against the transfer's 1.006; docs/cross-gpu.md). The dispatcher keeps the transferred tables and serves "
-    "the measured shapes from these trials; a full `dora-tune profile` and `dora-tune fit` give this GPU its own."
+    "no refit for {dtypes}: this GPU's trials of it are shortlists of other decision tables (this GPU's of the "
+    "sibling dtype, or another GPU's), and a model fitted on shortlists alone plans unseen shapes worse than the "
+    "tables it came from (on an H100, norm regret 1.22 against the transfer's 1.006; docs/cross-gpu.md). The "
+    "dispatcher keeps planning by those tables and serves the measured shapes from these trials; a full `dora-tune "
+    "profile` and `dora-tune fit` give this GPU its own."
 )
 
 
-def _after_quick(db: object, gpu_name: str, *, own_tables: bool, narrowed: bool) -> str:
-    """Refit this GPU's cost model after a quick run where it learns from more than transferred shortlists."""
-    return _refit(db, gpu_name) if own_tables or not narrowed else _NO_REFIT
+def _after_quick(db: object, gpu_name: str, *, dtypes: Sequence[str], own_dtypes: set[str], narrowed: bool) -> str:
+    """Refit this GPU's cost model after a quick run, for each profiled dtype it learns more than shortlists of:
+    every dtype when the run timed the whole space (nothing narrowed), else those this GPU had tables of."""
+    refit = list(dtypes) if not narrowed else [d for d in dtypes if d in own_dtypes]
+    kept = [d for d in dtypes if d not in refit]
+    lines = [_refit(db, gpu_name, refit)] if refit else []
+    if kept:
+        lines.append(_NO_REFIT.format(dtypes=", ".join(kept)))
+    return "\n".join(lines)
 
 
-def _refit(db: object, gpu_name: str) -> str:
-    """Fit this GPU's cost model after a quick run; one line per decision table (or why none was stored)."""
+def _refit(db: object, gpu_name: str, dtypes: Sequence[str] | None = None) -> str:
+    """Fit this GPU's cost model (``dtypes``: only these; None: every dtype) after a quick run; one line per
+    decision table (or why none was stored)."""
     from dora_tune.tuning.fitting import MIN_SHAPES, fit
 
-    summaries = fit(db, gpu=gpu_name)  # type: ignore[arg-type]
+    summaries = fit(db, gpu=gpu_name, dtypes=dtypes)  # type: ignore[arg-type]
     if not summaries:
         return f"refit: nothing to fit (each (op, dtype) needs {MIN_SHAPES} or more measured shapes)"
     lines = [f"refit for {gpu_name}: {len(summaries)} decision table(s) stored"]

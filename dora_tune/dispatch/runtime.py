@@ -5,8 +5,9 @@ Resolution order for ``(op, shape, dtype, device)``:
 1. **measured** — the fastest trial of the current implementation versions for exactly this shape and dtype on this
    GPU model, in the user tuning DB, then in the shipped cache for this GPU (``dora_tune/caches/<slug>.sqlite``);
 2. **model** — the fitted decision table for (op, dtype) of this GPU (user DB first, then the shipped cache); for a
-   GPU with no table of its own, those of a profiled GPU of the same architecture (compute capability) in the shipped
-   caches ("transferred from NVIDIA H200"), shortlisted and raced at first use like any model plan;
+   GPU with no table of its own, those of the nearest profiled GPU of the same architecture in the shipped caches
+   (:func:`~dora_tune.autotune_db.gpus.nearest_gpu`: compute capability, then SMs, bandwidth and L2; "transferred
+   from NVIDIA H100 80GB HBM3"), shortlisted and raced at first use like any model plan;
 3. **heuristic** — the fixed crossover of the paper: fused forward always; fused backward only when
    ``cols ≥ 2048`` and ``rows·cols ≥ 2048·6144``; the fused norm always (default configs);
 4. **fallback** — the torch implementation (always the case without CUDA + Triton).
@@ -55,6 +56,7 @@ from typing import Any
 import torch
 
 from dora_tune.autotune_db.common import canonical_json
+from dora_tune.autotune_db.gpus import GpuFacts, gpu_facts, nearest_gpu
 from dora_tune.dispatch.decisions import RACE_OPS, RACE_PER_CELL, race_shortlist
 from dora_tune.kernels._common import DTYPE_NAME as _DTYPE_NAMES
 from dora_tune.ops import OP_SHAPE_KEYS, OPS, SAME_RATE_DTYPE, SAME_RATE_TEXT
@@ -576,40 +578,43 @@ class Dispatcher:
                     else:
                         tables.notes.append(f"shipped cache: none for {gpu_name} ({path.name})")
                     if not tables.models:
-                        self._transfer(tables, _capability(gpu_name, device))
+                        self._transfer(tables, _target_facts(gpu_name, device))
             self._tables[gpu_name] = tables
         return tables
 
-    def _transfer(self, tables: _Tables, capability: str | None) -> None:
-        """No decision table for this GPU: borrow those of a profiled GPU of the same architecture (compute
-        capability; the exact one first) from the shipped caches, as origin ``"transfer"``. Their plans are raced at
-        first use like any model plan, so the configs are timed on this GPU before they stay. Measured on an H100
-        with the H200's shipped tables, 20 shapes of no preset (regret geomean / max): norm 1.006 / 1.030, compose
-        1.012 / 1.054, compose_train 1.027 / 1.109 — the crossover 1.475 / 2.404, 1.022 / 1.041, 1.846 / 3.462."""
-        if capability is None:
+    def _transfer(self, tables: _Tables, target: GpuFacts) -> None:
+        """No decision table for this GPU: borrow those of a profiled GPU of the same architecture from the shipped
+        caches, as origin ``"transfer"``: the GPU :func:`~dora_tune.autotune_db.gpus.nearest_gpu` picks (the same
+        compute capability first, then the nearest by SMs, bandwidth and L2). Their plans are raced at first use
+        like any model plan, so the configs are timed on this GPU before they stay. Measured on an H100 with the
+        H200's shipped tables, 20 shapes of no preset (regret geomean / max): norm 1.006 / 1.030, compose 1.012 /
+        1.054, compose_train 1.027 / 1.109 — the crossover 1.475 / 2.404, 1.022 / 1.041, 1.846 / 3.462."""
+        capability = target.capability
+        if not capability:
             tables.notes.append("transfer: no compute capability known for this GPU; none")
             return
-        best: tuple | None = None
+        found: dict[str, tuple[Path, GpuFacts]] = {}
         for path in sorted(shipped_cache_path("x").parent.glob("*.sqlite")):
-            for name, cc in _cache_gpus(path):
-                if name == tables.gpu_name or cc.split(".")[0] != capability.split(".")[0]:
-                    continue
-                rank = (cc != capability, name)
-                if best is None or rank < best[0]:
-                    best = (rank, path, name, cc)
-        if best is None:
+            for facts in _cache_gpus(path):
+                if facts.name != tables.gpu_name and facts.capability.split(".")[0] == capability.split(".")[0]:
+                    found.setdefault(facts.name, (path, facts))
+        if not found:
             tables.notes.append(f"transfer: no profiled GPU of compute capability {capability} shipped; none")
             return
-        _, path, name, cc = best
+        chosen = nearest_gpu(target, [f for _, f in found.values()])
+        path, (name, cc) = found[chosen.name][0], (chosen.name, chosen.capability)
         source = _Tables(name, {}, {}, [])
         self._read("shipped", str(path), source)
         for (_, op, dtype), table in source.models.items():
             tables.models[("transfer", op, dtype)] = table
         if source.models:
             why = "the same compute capability" if cc == capability else f"the same architecture (sm {cc})"
+            why += f" as this GPU's {capability}"
+            if len(found) > 1:
+                why += f"; of {len(found)} such GPUs shipped, the nearest by SMs, bandwidth and L2"
             tables.notes.append(
-                f"transferred from {name}: {len(source.models)} decision tables of {path.name} ({why} as this GPU's "
-                f"{capability}); their plans are raced at first use on this GPU"
+                f"transferred from {name}: {len(source.models)} decision tables of {path.name} ({why}); their plans "
+                "are raced at first use on this GPU"
             )
 
     def _read(self, origin: str, location: str | None, tables: _Tables) -> None:
@@ -755,23 +760,47 @@ def _capability(gpu_name: str, device: torch.device | None) -> str | None:
     return next((cc for family, cc in _FAMILY_CAPABILITY if family in slug.split("-")), None)
 
 
-def _cache_gpus(path: Path) -> list[tuple[str, str]]:
-    """``(gpu_name, compute capability)`` of the CUDA environments of a shipped cache (read-only; none when it cannot
-    be read)."""
+def _target_facts(gpu_name: str, device: torch.device | None) -> GpuFacts:
+    """This GPU's facts for the transfer rule: capability, SMs and L2 from the device when there is one (bandwidth
+    from the published figures: NVML is not asked at run time), else what its name tells."""
+    sm_count = l2_bytes = 0
+    if device is not None and device.type == "cuda":
+        try:
+            props = torch.cuda.get_device_properties(device)
+            sm_count, l2_bytes = int(props.multi_processor_count), int(getattr(props, "L2_cache_size", 0))
+        except Exception:  # a stand-in device in tests, a driver without the query
+            pass
+    return gpu_facts(gpu_name, _capability(gpu_name, device) or "", sm_count, l2_bytes=l2_bytes)
+
+
+def _cache_gpus(path: Path) -> list[GpuFacts]:
+    """The facts of the CUDA GPUs of a shipped cache (its environments, with the features the device recorded where
+    the cache has them; read-only; none when it cannot be read)."""
     import sqlite3
     from urllib.parse import quote
 
+    env_sql = "SELECT {} FROM environments e{} WHERE e.compute_capability != ''"
+    cols = "e.gpu_name, e.compute_capability, e.sm_count"
+    feats = ", f.l2_bytes, f.mem_bandwidth_gbs"
     try:
         conn = sqlite3.connect(f"file:{quote(str(path), safe='/')}?mode=ro", uri=True, timeout=5.0)
         try:
-            rows = conn.execute(
-                "SELECT DISTINCT gpu_name, compute_capability FROM environments WHERE compute_capability != ''"
-            ).fetchall()
+            try:  # schema 3 and later: the device-read features
+                rows = conn.execute(
+                    env_sql.format(cols + feats, " LEFT JOIN gpu_features f ON f.env_id = e.id")
+                ).fetchall()
+            except sqlite3.OperationalError:  # an older cache: no gpu_features table
+                rows = [(*r, None, None) for r in conn.execute(env_sql.format(cols, "")).fetchall()]
         finally:
             conn.close()
     except sqlite3.Error:
         return []
-    return [(str(n), str(c)) for n, c in rows if n and c]
+    out = []
+    for name, cc, sms, l2, bw in rows:
+        if not name or not cc:
+            continue
+        out.append(gpu_facts(str(name), str(cc), int(sms or 0), l2_bytes=int(l2 or 0), bandwidth_gbs=float(bw or 0)))
+    return out
 
 
 @functools.cache

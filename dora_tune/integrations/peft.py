@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 import threading
 import warnings
 import weakref
@@ -124,6 +125,9 @@ def enable(model: nn.Module | None = None, *, dropout_mode: str = "peft") -> Dor
             (torchtune's choice) — a different model, not a faster PEFT. It moves each DoRA adapter's
             ``lora_dropout`` module out of PEFT's sight (an ``nn.Identity`` stands in; :func:`disable` puts it back).
 
+    Functions ``torch.compile`` compiled before the call are dropped (``torch.compiler.reset()``) and trace again at
+    their next call, so that no compiled code keeps PEFT's path; :func:`disable` does the same.
+
     Returns:
         A :class:`DoraTuneHandle` (usable as ``with enable(model): ...``).
 
@@ -141,6 +145,7 @@ def enable(model: nn.Module | None = None, *, dropout_mode: str = "peft") -> Dor
         if model is None:
             _install(shim_subclasses=True)
             _STATE["global"] = True
+            _forget_compiled_code()
             return DoraTuneHandle(None, None)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
@@ -168,6 +173,7 @@ def enable(model: nn.Module | None = None, *, dropout_mode: str = "peft") -> Dor
             m.__dict__[_FLAG] = True
             _ENABLED.add(m)
         _set_dropout_mode(model, dropout_mode)
+        _forget_compiled_code()
         return DoraTuneHandle(model, len(layers))
 
 
@@ -202,6 +208,7 @@ def disable() -> None:
     """Undo every :func:`enable`: PEFT's classes get their original methods back and no layer keeps a dora-tune
     flag or cache, so PEFT computes exactly what it computes without dora-tune. A no-op when nothing is enabled."""
     with _LOCK:
+        changed = bool(_ORIG or _ENABLED or _SWAPPED)
         _restore_dropouts()
         for cls, (had_own, fwd) in _ORIG.items():
             if had_own:
@@ -223,6 +230,19 @@ def disable() -> None:
             m.__dict__.pop(_VERDICT, None)
             m.__dict__.pop(_ROUTE_VERDICT, None)
         _CACHED.clear()
+        if changed:
+            _forget_compiled_code()
+
+
+def _forget_compiled_code() -> None:
+    """Drop every function ``torch.compile`` compiled in this process (``torch.compiler.reset()``), if any was.
+
+    Compiled code inlines the ``forward`` it traced, PEFT's or dora-tune's, and its guards need not re-check a class
+    method patched later: on the H100 (torch 2.11) an enabled model compiled after a PEFT DoRA model of the same
+    architecture ran that model's compiled PEFT code (its first step took no compile time and its first losses
+    equalled PEFT's bit for bit). Each compiled module traces again at its next call, on the path now set."""
+    if "torch._dynamo" in sys.modules:  # nothing can have been compiled before dynamo was imported
+        torch.compiler.reset()
 
 
 def is_enabled(layer: nn.Module | None = None) -> bool:

@@ -14,16 +14,15 @@ scikit-learn is imported by the fitting functions only, never at module level.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from dora_tune.autotune_db import EnvInfo, TrialRow, canonical_json
+from dora_tune.autotune_db import EnvInfo, TrialRow, canonical_json, gpus
+from dora_tune.autotune_db.gpus import GpuFacts, gpu_facts
 from dora_tune.tuning.data import TrialData, prepare_trials
 from dora_tune.tuning.estimators import DEFAULT_ESTIMATOR, FitResult, _fit_data, _seen_configs, fit_impls
 from dora_tune.tuning.evaluation import Metrics, _metrics, _races, _score_shape
-from dora_tune.tuning.features import gpu_features
 from dora_tune.tuning.fitting import MIN_SHAPES
 
 
@@ -52,26 +51,19 @@ class HeldOut:
     crossover: Metrics
 
 
+def facts_of(env: EnvInfo) -> GpuFacts:
+    """What the transfer rule compares of an environment's GPU (its recorded features, else published figures)."""
+    return gpu_facts(env.gpu_name, env.compute_capability, env.sm_count, env.features)
+
+
 def nearest_gpu(target: EnvInfo, candidates: Sequence[EnvInfo]) -> EnvInfo:
-    """The candidate GPU a plan for ``target`` should come from: the same compute capability, else the same
-    architecture (major version), else any; among those the nearest by the GPU features (sum of |log ratio| of
-    SMs, bandwidth and L2 where both know them), the name breaking ties."""
+    """The candidate GPU a plan for ``target`` should come from, by the dispatcher's transfer rule
+    (:func:`dora_tune.autotune_db.gpus.nearest_gpu`: the same compute capability, else architecture, else any; then
+    the nearest by SMs, bandwidth and L2; then the name)."""
     if not candidates:
         raise ValueError("no candidate GPU")
-
-    def major(cc: str) -> str:
-        return cc.split(".")[0] if cc else ""
-
-    def distance(c: EnvInfo) -> float:
-        a, b = gpu_features(target), gpu_features(c)
-        return sum(abs(math.log(x / y)) for i in (0, 2, 3) if (x := a[i]) > 0 and (y := b[i]) > 0)
-
-    def rank(c: EnvInfo) -> tuple:
-        same = c.compute_capability == target.compute_capability and bool(target.compute_capability)
-        arch = major(c.compute_capability) == major(target.compute_capability) and bool(target.compute_capability)
-        return (not same, not arch, distance(c), c.gpu_name)
-
-    return min(candidates, key=rank)
+    facts = [facts_of(c) for c in candidates]
+    return candidates[facts.index(gpus.nearest_gpu(facts_of(target), facts))]
 
 
 def _data_of(group: GpuTrials, op: str, dtype: str) -> TrialData | None:

@@ -14,7 +14,8 @@ vectors hold, in order (:meth:`FeatureSpec.names`):
   share of the SM slots of the waves they take (``programs ÷ (ceil(programs / SMs) · SMs)``; log sizes alone cannot
   show a partial last wave) and the trip count of each program's main loop;
 * GPU: ``gpu_sm_count``, ``gpu_log2_memory`` (bytes), ``gpu_bandwidth_tbs`` and ``gpu_l2_mb`` as the device
-  reported them (NVML, torch's device properties; recorded with the environment), else from :data:`KNOWN_GPUS`
+  reported them (NVML, torch's device properties; recorded with the environment), else published
+  (:data:`~dora_tune.autotune_db.gpus.KNOWN_GPUS`)
   (0 where neither knows), ``gpu_unknown`` (1 when bandwidth or L2 is known from neither).
 
 Pure numpy; no scikit-learn. torch is imported (through the traffic model of :mod:`~dora_tune.tuning.trials`) only
@@ -30,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from dora_tune.autotune_db import EnvInfo, gpu_slug
+from dora_tune.autotune_db import EnvInfo
+from dora_tune.autotune_db.gpus import gpu_facts
 from dora_tune.ops import DTYPE_NAMES as _DTYPE_NAMES
 from dora_tune.ops import OP_SHAPE_KEYS, OPS, cdiv
 
@@ -38,54 +40,19 @@ DTYPE_NAMES: tuple[str, ...] = _DTYPE_NAMES
 """The dtypes of the one-hot block, in order (the registry's ``DTYPES`` keys)."""
 
 
-@dataclass(frozen=True)
-class GpuSpec:
-    """Published figures of one GPU model: HBM bandwidth (TB/s), L2 size (MB), and the copy bandwidth we measured
-    (TB/s, read + write; None where not measured)."""
-
-    bandwidth_tbs: float
-    l2_mb: float
-    measured_copy_tbs: float | None = None
-
-
-KNOWN_GPUS: dict[str, GpuSpec] = {
-    "h200": GpuSpec(4.8, 60.0, 4.25),  # H200 SXM 141 GB HBM3e; copy measured in docs/norm.md
-    "h100-sxm": GpuSpec(3.35, 50.0),  # H100 SXM5 80 GB HBM3 (NVML: "NVIDIA H100 80GB HBM3")
-    "a100-80gb": GpuSpec(2.0, 40.0),  # A100 80 GB (SXM4 2.04 TB/s, PCIe 1.94 TB/s)
-}
-"""Published figures of known GPUs by key (:func:`gpu_spec` maps a GPU name to its key): the fallback where the
-device did not report its own (an environment recorded before schema 3, or without NVML)."""
-
-
-def gpu_spec(gpu_name: str) -> GpuSpec | None:
-    """The :data:`KNOWN_GPUS` entry of a GPU name as NVML reports it ("NVIDIA H200", "NVIDIA H100 80GB HBM3",
-    "NVIDIA A100-SXM4-80GB"), or None when it is not known (H100 PCIe/NVL too: other bandwidths)."""
-    slug = gpu_slug(gpu_name)
-    if "h200" in slug:
-        return KNOWN_GPUS["h200"]
-    if "h100" in slug and ("sxm" in slug or "hbm3" in slug) and "pcie" not in slug and "nvl" not in slug:
-        return KNOWN_GPUS["h100-sxm"]
-    if "a100" in slug and "80gb" in slug:
-        return KNOWN_GPUS["a100-80gb"]
-    return None
-
-
 def gpu_features(env: EnvInfo) -> list[float]:
     """``[sm_count, log2 memory bytes, bandwidth TB/s, L2 MB, unknown flag]`` of ``env``'s GPU.
 
     Bandwidth and L2 come from what the device said when the environment was recorded (``env.features``: NVML's
     peak memory bandwidth, torch's L2 size); each figure the device did not give falls back to the published one
-    in :data:`KNOWN_GPUS`, and to 0 with the unknown flag set when neither knows it."""
-    spec = gpu_spec(env.gpu_name) if env.kind == "cuda" else None
+    in :data:`~dora_tune.autotune_db.gpus.KNOWN_GPUS`, and to 0 with the unknown flag set when neither knows it
+    (:func:`~dora_tune.autotune_db.gpus.gpu_facts`)."""
     mem = math.log2(env.memory_bytes) if env.memory_bytes > 0 else 0.0
-    f = env.features if env.kind == "cuda" else None
-    bw = f.mem_bandwidth_gbs / 1e3 if f is not None and f.mem_bandwidth_gbs > 0 else None
-    l2 = f.l2_bytes / 2**20 if f is not None and f.l2_bytes > 0 else None
-    if spec is not None:
-        bw = spec.bandwidth_tbs if bw is None else bw
-        l2 = spec.l2_mb if l2 is None else l2
-    unknown = bw is None or l2 is None
-    return [float(env.sm_count), mem, bw or 0.0, l2 or 0.0, float(unknown)]
+    if env.kind != "cuda":
+        return [float(env.sm_count), mem, 0.0, 0.0, 1.0]
+    facts = gpu_facts(env.gpu_name, env.compute_capability, env.sm_count, env.features)
+    bw, l2 = facts.bandwidth_tbs, facts.l2_mb
+    return [float(env.sm_count), mem, bw or 0.0, l2 or 0.0, float(bw is None or l2 is None)]
 
 
 def flatten_config(config: Mapping[str, Any]) -> dict[str, float]:

@@ -198,8 +198,9 @@ def test_cache_list_shows_what_the_device_said(tmp_path):
             )
     res = run("cache", "list", "--db", db_path)
     assert res.exit_code == 0, res.output
-    assert "device: L2 50 MB, 3.35 TB/s, SM 1980 MHz (from nvml)" in res.output
-    assert res.output.count("device:") == 1  # the H200 row was recorded without features: nothing invented
+    ours = res.output.split("shipped caches:")[0]  # this database's section (the shipped caches follow)
+    assert "device: L2 50 MB, 3.35 TB/s, SM 1980 MHz (from nvml)" in ours
+    assert ours.count("device:") == 1  # the H200 row was recorded without features: nothing invented
 
 
 def test_quick_flag_on_the_cpu_and_with_confirm_only(tmp_path):
@@ -227,8 +228,9 @@ def test_refit_after_a_quick_run_reports_each_table(tmp_path):
 
 
 def test_no_refit_on_transferred_shortlists_alone(tmp_path):
-    """After a quick run that timed only transferred tables' shortlists, no table of this GPU is fitted (the
-    transferred tables keep serving it); with this GPU's own tables, or the whole space timed, it refits."""
+    """After a quick run that timed only shortlists of other tables (another GPU's, or this GPU's bf16 ones for an
+    fp16 run), no table of that dtype is fitted (those tables keep serving it); with this GPU's own tables of the
+    dtype, or the whole space timed, it refits that dtype alone."""
     from dora_tune.cli.profile import _NO_REFIT, _after_quick
 
     from conftest import fill_known_crossover
@@ -236,8 +238,14 @@ def test_no_refit_on_transferred_shortlists_alone(tmp_path):
     path = str(tmp_path / "k.sqlite")
     with TuningDB.open(path) as db:
         fill_known_crossover(db)
-        assert _after_quick(db, "NVIDIA H200", own_tables=False, narrowed=True) == _NO_REFIT
+        quick = {"dtypes": ("bf16",), "narrowed": True}
+        assert _after_quick(db, "NVIDIA H200", own_dtypes=set(), **quick) == _NO_REFIT.format(dtypes="bf16")
         assert db.models(gpu="h200") == []
-        assert _after_quick(db, "NVIDIA H200", own_tables=False, narrowed=False).startswith("refit for")
-        assert len(db.models(gpu="h200")) == 1
-        assert _after_quick(db, "NVIDIA H200", own_tables=True, narrowed=True).startswith("refit for")
+        # fp16 shortlists of this GPU's bf16 tables: bf16 is not refitted by an fp16 run, fp16 not fitted at all
+        text = _after_quick(db, "NVIDIA H200", dtypes=("fp16",), own_dtypes={"bf16"}, narrowed=True)
+        assert text == _NO_REFIT.format(dtypes="fp16") and db.models(gpu="h200") == []
+        full = _after_quick(db, "NVIDIA H200", dtypes=("bf16",), own_dtypes=set(), narrowed=False)
+        assert full.startswith("refit for") and len(db.models(gpu="h200")) == 1
+        assert _after_quick(db, "NVIDIA H200", own_dtypes={"bf16"}, **quick).startswith("refit for")
+        both = _after_quick(db, "NVIDIA H200", dtypes=("bf16", "fp16"), own_dtypes={"bf16"}, narrowed=True)
+        assert both.startswith("refit for") and both.endswith(_NO_REFIT.format(dtypes="fp16"))

@@ -710,19 +710,22 @@ def test_pick_path_does_not_race_under_saved_tensors_hooks():
 
 
 def test_an_unprofiled_gpu_of_a_profiled_architecture_plans_from_its_tables(tmp_path):
-    """An H100 has no shipped cache: the H200's decision tables (same compute capability) stand in, shortlist and
-    first-use race included, and lookup's notes say where they came from; another architecture gets none."""
+    """A GPU with no cache borrows the decision tables of the nearest shipped GPU of its architecture (the same
+    compute capability, then SMs, bandwidth and L2), shortlist and first-use race included, and lookup's notes say
+    where they came from; another architecture gets none. The H100 and the H200 plan from their own caches."""
     d = Dispatcher(str(tmp_path / "none.sqlite"), force_env="")
-    h100 = "NVIDIA H100 80GB HBM3"
     shape = {"d_out": 5376, "d_in": 21504, "r": 64}
-    p = d.plan_for_gpu(h100, "norm", shape, "bf16")
-    assert p.source == "model" and "transferred from NVIDIA H200" in p.detail and len(p.race) == 3
-    p16 = d.plan_for_gpu(h100, "norm", shape, "fp16")  # no fp16 table anywhere: the H200's bf16 one
-    assert (p16.impl, p16.config, p16.race) == (p.impl, p.config, p.race) and "for bf16" in p16.detail
-    assert any(n.startswith("transferred from NVIDIA H200") and "9.0" in n for n in d.explain(h100))
-    own = d.plan_for_gpu("NVIDIA H200", "norm", shape, "bf16")  # the H200 plans from its own cache
-    assert (own.impl, own.config) == (p.impl, p.config) and "transferred" not in own.detail
-    assert not any("transferred" in n for n in d.explain("NVIDIA H200"))
+    for gpu, nearest in (("NVIDIA H200 NVL", "NVIDIA H200"), ("NVIDIA H800", "NVIDIA H100 80GB HBM3")):
+        p = d.plan_for_gpu(gpu, "norm", shape, "bf16")
+        assert p.source == "model" and f"transferred from {nearest}" in p.detail and len(p.race) == 3, gpu
+        own = d.plan_for_gpu(nearest, "norm", shape, "bf16")  # the same table, on its own GPU
+        assert own.source == "model" and "transferred" not in own.detail
+        assert (own.impl, own.config, own.race) == (p.impl, p.config, p.race)
+        assert not any("transferred" in n for n in d.explain(nearest))
+        p16 = d.plan_for_gpu(gpu, "norm", shape, "fp16")  # no fp16 table anywhere: the bf16 one
+        assert (p16.impl, p16.config, p16.race) == (p.impl, p.config, p.race) and "for bf16" in p16.detail
+        note = next(n for n in d.explain(gpu) if n.startswith("transferred from"))
+        assert nearest in note and "9.0" in note and "nearest by SMs, bandwidth and L2" in note
     for other in ("NVIDIA A100-SXM4-80GB", "Some Unknown GPU"):  # sm 8.0: nothing shipped; unknown: no capability
         q = d.plan_for_gpu(other, "norm", shape, "bf16")
         assert q.source == "heuristic" and any(n.startswith("transfer: ") for n in d.explain(other)), other
@@ -730,7 +733,21 @@ def test_an_unprofiled_gpu_of_a_profiled_architecture_plans_from_its_tables(tmp_
     assert plan_mod._capability("NVIDIA GH200 480GB", None) == "9.0" and plan_mod._capability("GPU X", None) is None
     # transfer draws on the shipped caches: without them, the crossover
     no_shipped = Dispatcher(str(tmp_path / "none.sqlite"), force_env="", use_shipped=False)
-    assert no_shipped.plan_for_gpu(h100, "norm", shape, "bf16").source == "heuristic"
+    assert no_shipped.plan_for_gpu("NVIDIA H800", "norm", shape, "bf16").source == "heuristic"
+
+
+def test_transfer_reads_each_shipped_gpu_with_its_recorded_features():
+    """The H100 cache recorded what the device said (L2, bandwidth from NVML); the H200 cache predates that
+    (schema 2 rows): its figures come from the published table."""
+    from dora_tune.autotune_db.gpus import KNOWN_GPUS
+
+    caches = Path(plan_mod.__file__).parents[1] / "caches"
+    (h100,) = plan_mod._cache_gpus(caches / "nvidia-h100-80gb-hbm3.sqlite")
+    (h200,) = plan_mod._cache_gpus(caches / "nvidia-h200.sqlite")
+    assert (h100.name, h100.capability, h100.sm_count, h100.l2_mb) == ("NVIDIA H100 80GB HBM3", "9.0", 132, 50.0)
+    assert h100.bandwidth_tbs == pytest.approx(3.352, abs=1e-3)  # NVML: max memory clock × bus width
+    assert (h200.bandwidth_tbs, h200.l2_mb) == (KNOWN_GPUS["h200"].bandwidth_tbs, KNOWN_GPUS["h200"].l2_mb)
+    assert plan_mod._cache_gpus(Path("/nonexistent/cache.sqlite")) == []
 
 
 def test_broken_caches_fall_back_with_one_warning_and_stay_untouched(tmp_path, shipped):

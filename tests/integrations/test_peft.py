@@ -483,6 +483,45 @@ def test_compiled_peft_model_has_no_graph_break():
     assert ops == {"dora_tune.cached_norm"}
 
 
+def test_enable_and_disable_drop_code_compiled_on_the_other_path(monkeypatch):
+    """A model compiled before enable() must not go on running PEFT's compiled DoRA (torch 2.11 reused it: no guard
+    on the patched class method), nor one compiled while enabled go on running dora-tune's after disable()."""
+    resets = []
+    real_reset = torch.compiler.reset
+    monkeypatch.setattr(torch.compiler, "reset", lambda: (resets.append(1), real_reset()))
+    pm = mixed_model(target_modules=["lin"]).train()
+    ids = torch.randint(0, 50, (3, 9), generator=torch.Generator().manual_seed(0))
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        from torch._dynamo.backends.common import aot_autograd
+
+        return aot_autograd(fw_compiler=lambda g, _: g, bw_compiler=lambda g, _: g)(gm, example_inputs)
+
+    def dora_tune_ops():
+        return {str(n.target) for gm in graphs for n in gm.graph.nodes if "dora_tune" in str(n.target)}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # AOTAutograd's note on boxed calling conventions, PEFT's graph breaks
+        compiled = torch.compile(pm, backend=backend)
+        want = run(compiled, ids)
+        assert graphs and not dora_tune_ops()
+        dp.enable(pm)
+        assert resets, "enable() kept the code compiled on PEFT's path"
+        graphs.clear()
+        got = run(compiled, ids)
+        assert dora_tune_ops() == {"dora_tune.cached_norm"}
+        assert_close(got, want, 1e-5)
+        dp.disable()
+        assert len(resets) == 2
+        graphs.clear()
+        run(compiled, ids)
+        assert graphs and not dora_tune_ops()
+    dp.disable()  # nothing enabled: nothing to drop
+    assert len(resets) == 2
+
+
 def test_refuses_an_unknown_peft_api(monkeypatch):
     def forward(self, x, *, lora_A, lora_B):  # no scaling, no base_layer
         raise AssertionError

@@ -18,12 +18,13 @@ import pytest
 
 import dora_tune
 from dora_tune.autotune_db import EnvInfo, TrialRow, TuningDB
+from dora_tune.autotune_db.gpus import gpu_spec
 from dora_tune.dispatch.decisions import DecisionTable
 from dora_tune.dispatch.registry import registry
 from dora_tune.kernels import DEFAULT_COMPOSE_TRAIN_CONFIG
 from dora_tune.tuning import data as trial_data
 from dora_tune.tuning import estimators, evaluation, fitting
-from dora_tune.tuning.features import FeatureSpec, flatten_config, gpu_features, gpu_spec
+from dora_tune.tuning.features import FeatureSpec, flatten_config, gpu_features
 from dora_tune.tuning.shapes import OP_SHAPE_KEYS
 
 from conftest import COLS, H200, ROWS, fill_known_crossover, ok

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from dora_tune.autotune_db import EnvInfo, GpuFeatures
+from dora_tune.autotune_db.gpus import KNOWN_GPUS
 from dora_tune.tuning import env as env_mod
-from dora_tune.tuning.features import KNOWN_GPUS, gpu_features
+from dora_tune.tuning.features import gpu_features
 
 H100_UUID = "GPU-5f0e3c1a-0000-1111-2222-333344445555"
 
