@@ -1,0 +1,244 @@
+"""The fused DoRA linear: a whole DoRA ``Linear`` (base GEMM, LoRA, DoRA scale, bias) as one GEMM with the DoRA
+epilogue, forward and backward (issue 20; see :mod:`~dora_tune.kernels._dora_linear_triton` for the kernels).
+
+With ``g = m / n`` (``n`` the detached row norm ``‖W + s·B·A‖_row``; ``g = 1`` where ``n = 0``) and ``u = x·Aᵀ``::
+
+    y     = g ⊙ ([x, s·u] · [W, B]ᵀ) + bias = g ⊙ (x·Wᵀ + s·u·Bᵀ) + bias        (one GEMM, K = d_in + r)
+    e     = g ⊙ d_y;   v = e·B;   d_x = [e, s·v] · [W; A]                       (one GEMM, K = d_out + r)
+    d_B   = s·eᵀ·u;   d_A = s·vᵀ·x;   d_m = Σ_rows(d_y ⊙ y_pre) / n;   d_bias = Σ_rows d_y
+
+where ``y_pre = [x, s·u]·[W, B]ᵀ`` is written by the forward only when ``m`` needs a gradient. There is no
+``(g − 1)·base`` term, so no cancellation near ``g ≈ 1``. The same layer output as :func:`~dora_tune.kernels.
+dora_layer.dora_layer` with ``output="full"``.
+
+Implementations (``impl``):
+
+- ``"composed"``: today's path — the base GEMM, the LoRA GEMMs and the fused compose (:func:`~dora_tune.kernels.
+  dora_layer.dora_layer_unchecked`, ``"triton"`` on CUDA, its torch ops elsewhere).
+- ``"fused"``: the two Triton GEMMs above with an explicit :class:`DoraLinearConfig` (x, W, A, B and bias of one
+  dtype; the weight may require a gradient: ``d_W = eᵀ·x`` by cuBLAS).
+
+Not yet: ``impl="auto"`` (the op's registration, profiling and dispatch come next; docs/fused-linear.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from dora_tune.kernels._common import (
+    KernelConfig,
+    Planner,
+    as_rows,
+    check_same_device,
+    config_field,
+    require_triton,
+)
+
+IMPLS: tuple[str, ...] = ("composed", "fused")
+
+
+@dataclasses.dataclass(frozen=True)
+class DoraLinearConfig(KernelConfig):
+    """Launch config of the fused DoRA linear's two GEMMs (forward over ``[rows, d_out]`` tiles, the ``d_x`` GEMM
+    over ``[rows, d_in]`` tiles): ``block_m`` rows × ``block_n`` columns per program, ``block_k`` the main loop's
+    K step, ``group_m`` row tiles per program group (L2 reuse), ``num_warps``, ``num_stages``. The r loop's step
+    follows r (16–64)."""
+
+    op = "dora_linear"
+    block_m: int = config_field(lo=16, hi=256)
+    block_n: int = config_field(lo=16, hi=256)
+    block_k: int = config_field(lo=16, hi=256)
+    group_m: int = config_field(lo=1, hi=64)
+    num_warps: int = config_field(lo=1, hi=16)
+    num_stages: int = config_field(lo=1, hi=8, pow2=False)
+
+
+#: the default: 128 × 128 tiles, K step 64, groups of 8 row tiles, 8 warps, 3 stages (the usual Hopper GEMM start)
+DEFAULT_DORA_LINEAR_CONFIG = DoraLinearConfig(128, 128, 64, 8, 8, 3)
+
+
+def dora_linear_tuning_space(shape: dict[str, int]) -> list[dict[str, int]]:
+    """The configs to sweep at ``shape`` (``rows``, ``d_out``, ``d_in``, ``r``): tiles 64–256 × 64–256 (no wider
+    than the output needs), K steps 32/64, groups 8, 4 or 8 warps, 3–4 stages."""
+    rows, cols = shape["rows"], max(shape["d_out"], shape["d_in"])
+    out = []
+    for bm in (64, 128, 256):
+        if bm > 64 and bm >= 2 * rows:
+            continue
+        for bn in (64, 128, 256):
+            if bn > 64 and bn >= 2 * cols:
+                continue
+            for bk in (32, 64):
+                for warps in (4, 8):
+                    for stages in (3, 4):
+                        if bm * bn >= 128 * 256 and warps == 4:
+                            continue
+                        out.append(DoraLinearConfig(bm, bn, bk, 8, warps, stages).as_dict())
+    return out
+
+
+def dora_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    scale: float,
+    *,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """:func:`dora_linear` evaluated in ``dtype`` (float64 for tests), differentiable (the norm detached)."""
+    c = [t.to(dtype) for t in (x, weight, lora_A, lora_B, magnitude)]
+    x_, W, A, B, m = c
+    n = norm.detach().to(dtype)
+    g = torch.where(n > 0, m / torch.where(n > 0, n, 1.0), 1.0)
+    y = g * (x_ @ W.t() + scale * ((x_ @ A.t()) @ B.t()))
+    return y if bias is None else y + bias.to(dtype)
+
+
+def check_dora_linear_inputs(
+    x: Any,
+    weight: Any,
+    bias: Any,
+    lora_A: Any,
+    lora_B: Any,
+    magnitude: Any,
+    norm: Any,
+    scale: Any,
+) -> float:
+    """Validate :func:`dora_linear`'s arguments (``TypeError``/``ValueError`` naming the argument); return
+    ``scale``."""
+    from dora_tune.kernels.dora_layer import check_dora_layer_inputs
+
+    return check_dora_layer_inputs(x, weight, lora_A, lora_B, magnitude, norm, scale, bias, None, "full")
+
+
+class _FusedFn(torch.autograd.Function):
+    """The fused forward and backward on ``x2 [rows, d_in]``; inputs checked by the caller."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x2: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        magnitude: torch.Tensor,
+        n: torch.Tensor,
+        scale: float,
+        config: DoraLinearConfig,
+    ) -> torch.Tensor:
+        from dora_tune.kernels._dora_linear_triton import dora_linear_fwd_triton
+
+        u = torch.mm(x2, lora_A.t())
+        need_dm = ctx.needs_input_grad[5]
+        b = None if bias is None else bias.detach()
+        y, pre = dora_linear_fwd_triton(x2, weight, u, lora_B, magnitude.detach(), n, b, scale, config, need_dm)
+        ctx.save_for_backward(x2, weight, u, lora_A, lora_B, magnitude, n, pre)
+        ctx.scale, ctx.config = scale, config
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> Any:
+        from dora_tune.kernels._dora_linear_triton import dora_linear_dx_triton
+
+        x2, W, u, A, B, m, n, pre = ctx.saved_tensors
+        nx, nW, nbias, nA, nB, nm = ctx.needs_input_grad[:6]
+        s = ctx.scale
+        inv = torch.where(n > 0, n.reciprocal(), 0.0)
+        g = torch.where(n > 0, m.detach().float() * inv, 1.0)  # the kernels' g, for the small cuBLAS operands
+        v = None
+        if nx or nA:
+            v = torch.mm(dy, (B.float() * g[:, None]).to(B.dtype))  # v = e·B = d_y·(diag(g)·B)
+        dx, dm = dora_linear_dx_triton(
+            dy, W, v if v is not None else u, A, m.detach(), n, pre if nm else None, s, ctx.config, nx, m.dtype
+        )
+        dW = dA = dB = dbias = None
+        if nW:  # d_W = eᵀ·x = diag(g)·(d_yᵀ·x)
+            dW = (torch.mm(dy.t(), x2).float() * g[:, None]).to(W.dtype)
+        if nB:  # d_B = s·eᵀ·u = s·diag(g)·(d_yᵀ·u)
+            dB = (torch.mm(dy.t(), u).float() * (s * g)[:, None]).to(B.dtype)
+        if nA:  # d_A = s·vᵀ·x
+            dA = (torch.mm(v.t(), x2).float() * s).to(A.dtype)
+        if nbias:
+            dbias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        return dx, dW, dbias, dA, dB, dm, None, None, None
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    scale: float,
+    *,
+    impl: str = "composed",
+    config: DoraLinearConfig | None = None,
+    planner: Planner | None = None,
+) -> torch.Tensor:
+    """A DoRA ``Linear``'s output ``g ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + bias`` (see the module docstring), differentiable.
+
+    Args:
+        x: ``[..., d_in]`` (leading dims flatten); weight: ``[d_out, d_in]``; bias: ``[d_out]`` or None;
+            lora_A: ``[r, d_in]``; lora_B: ``[d_out, r]``; magnitude: ``[d_out]`` m; norm: ``[d_out]`` the detached
+            ``‖W + s·B·A‖_row`` (e.g. :func:`~dora_tune.kernels.factored_norm`); scale: the LoRA scale s.
+            bfloat16, float16 or float32, all on one device.
+        impl: ``"composed"`` or ``"fused"`` (Triton: CUDA, or the CPU under ``TRITON_INTERPRET=1``; x, weight,
+            lora_A, lora_B and bias of one dtype).
+        config: a :class:`DoraLinearConfig` for ``impl="fused"`` (None: :data:`DEFAULT_DORA_LINEAR_CONFIG`).
+        planner: what plans the composed path's compose where it asks (a weight that requires grad, autocast:
+            :func:`~dora_tune.kernels.dora_layer.dora_layer_composed`); the run-time dispatcher's hooks
+            (:mod:`dora_tune.dispatch.runtime`).
+
+    Returns:
+        ``[..., d_out]`` in x's dtype, differentiable with respect to x, weight, bias, lora_A, lora_B and magnitude.
+    """
+    s = check_dora_linear_inputs(x, weight, bias, lora_A, lora_B, magnitude, norm, scale)
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if config is not None and not isinstance(config, DoraLinearConfig):
+        raise TypeError(f"config must be a DoraLinearConfig, got {type(config).__name__}")
+    n = norm.detach().float().contiguous()
+    if impl == "composed":
+        from dora_tune.kernels.dora_layer import dora_layer_unchecked
+
+        path = "triton" if x.is_cuda else "eager"
+        return dora_layer_unchecked(
+            x, weight, lora_A, lora_B, magnitude, n, s, bias, None, False, True, path, None, planner
+        )
+    require_triton(x.device)
+    dtypes = {t.dtype for t in (x, weight, lora_A, lora_B, *(() if bias is None else (bias,)))}
+    if len(dtypes) != 1:
+        raise TypeError(
+            "impl='fused' needs x, weight, lora_A, lora_B and bias of one dtype, got "
+            + ", ".join(str(d) for d in sorted(dtypes, key=str))
+            + " (impl='composed' takes mixed dtypes)"
+        )
+    check_same_device(x=x, norm=n)
+    lead = x.shape[:-1]
+    x2 = as_rows("x", x)
+    out = _FusedFn.apply(
+        x2, weight, bias, lora_A, lora_B, magnitude.contiguous(), n, s, config or DEFAULT_DORA_LINEAR_CONFIG
+    )
+    return out if len(lead) == 1 else out.view(*lead, out.shape[-1])
+
+
+__all__ = [
+    "DEFAULT_DORA_LINEAR_CONFIG",
+    "IMPLS",
+    "DoraLinearConfig",
+    "check_dora_linear_inputs",
+    "dora_linear",
+    "dora_linear_reference",
+    "dora_linear_tuning_space",
+]

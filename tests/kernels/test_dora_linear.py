@@ -1,0 +1,177 @@
+"""The fused DoRA linear (dora_linear): values and every gradient against a float64 reference, both
+implementations, each dtype, odd shapes, every config of its space at a small shape, and its bad-input errors."""
+
+import pytest
+import torch
+
+import dora_tune.dispatch.runtime as planner
+from dora_tune.kernels.dora_linear import (
+    DEFAULT_DORA_LINEAR_CONFIG,
+    DoraLinearConfig,
+    dora_linear,
+    dora_linear_reference,
+    dora_linear_tuning_space,
+)
+
+from conftest import relerr
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (lead dims, d_in, d_out, r): rows = 1 and r = 1, a 3-D input, every size off every block (16, 32, 64)
+SHAPES = [((1,), 33, 17, 1), ((2, 5), 24, 37, 3), ((70,), 50, 130, 9)]
+# outputs and gradients rounded to the dtype once (fp32 accumulation)
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+SMALL = DoraLinearConfig(16, 16, 16, 2, 4, 2)  # many programs and loop trips at the test sizes
+
+
+def make(lead, d_in, d_out, r, dtype, device, seed=0, zero_rows=()):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, std=1.0):
+        return (std * torch.randn(*shape, generator=gen)).to(dtype).to(device)
+
+    W = rnd(d_out, d_in, std=d_in**-0.5)
+    A = rnd(r, d_in, std=d_in**-0.5)
+    B = rnd(d_out, r, std=0.3 * r**-0.5)
+    for j in zero_rows:
+        W[j] = 0
+        B[j] = 0
+    s = 1.5
+    n = torch.linalg.vector_norm(W.double() + s * (B.double() @ A.double()), dim=1).float()
+    m = (n.double() * (1 + 0.1 * torch.randn(d_out, generator=gen, dtype=torch.float64).to(device))).to(dtype)
+    return {"x": rnd(*lead, d_in), "W": W, "bias": rnd(d_out), "A": A, "B": B, "m": m}, n, s, rnd(*lead, d_out)
+
+
+def run(impl, ins, n, s, dout, grads=("x", "bias", "A", "B", "m"), config=None):
+    """(value, {name: gradient}) of dora_linear and of the float64 reference on the same inputs (``ins["bias"]``
+    may be None)."""
+    outs = []
+    for ref in (False, True):
+        leaves = {
+            k: None if v is None else (v.detach().double() if ref else v.detach().clone()).requires_grad_(k in grads)
+            for k, v in ins.items()
+        }
+        args = (leaves["x"], leaves["W"], leaves["bias"], leaves["A"], leaves["B"], leaves["m"], n, s)
+        if ref:
+            y = dora_linear_reference(*args)
+        else:
+            y = dora_linear(*args, impl=impl, config=config, planner=planner)
+        g = torch.autograd.grad(y, [leaves[k] for k in grads], dout.to(y.dtype))
+        outs.append((y, dict(zip(grads, g, strict=True))))
+    return outs
+
+
+@pytest.mark.parametrize("impl", ["composed", "fused"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_float64_values_and_gradients(impl, dtype, shape, dev_for):
+    dev = dev_for("triton" if impl == "fused" or dtype != torch.float32 else "eager")
+    ins, n, s, dout = make(*shape, dtype, dev)
+    (y, g), (ry, rg) = run(impl, ins, n, s, dout, config=SMALL if impl == "fused" else None)
+    assert y.dtype == dtype and y.shape == (*shape[0], shape[2])
+    assert relerr(y, ry) < TOL[dtype]
+    for k in g:
+        assert g[k].dtype == ins[k].dtype and relerr(g[k], rg[k]) < TOL[dtype], k
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_error_is_at_most_the_composed_paths(dtype, triton_device):
+    """The fused op rounds the output once and has no (g − 1)·base term: its error against float64 is no worse
+    than the composed path's (1.5× for rounding luck on one small shape)."""
+    ins, n, s, dout = make((64,), 80, 96, 8, dtype, triton_device, seed=3)
+    (fy, fg), (ry, rg) = run("fused", ins, n, s, dout, config=SMALL)
+    (cy, cg), _ = run("composed", ins, n, s, dout)
+    assert relerr(fy, ry) <= 1.5 * relerr(cy, ry) + 1e-7
+    for k in fg:
+        assert relerr(fg[k], rg[k]) <= 1.5 * relerr(cg[k], rg[k]) + 1e-7, k
+
+
+@pytest.mark.parametrize("impl", ["composed", "fused"])
+def test_weight_gradient_and_no_bias(impl, triton_device):
+    """A weight that requires a gradient (d_W = eᵀ·x) and a layer without bias."""
+    ins, n, s, dout = make((9,), 40, 24, 4, torch.float32, triton_device)
+    ins["bias"] = None
+    (y, g), (ry, rg) = run(impl, ins, n, s, dout, grads=("x", "W", "A", "B", "m"), config=SMALL)
+    assert relerr(y, ry) < TOL[torch.float32]
+    for k in g:
+        assert relerr(g[k], rg[k]) < TOL[torch.float32], k
+
+
+def test_every_config_of_the_space(triton_device):
+    """Every config the profiler would sweep at this shape launches and is right (bf16: the dots upcast under the
+    interpreter, as for the norm)."""
+    shape = ((20,), 72, 40, 5)
+    space = dora_linear_tuning_space({"rows": 20, "d_out": 40, "d_in": 72, "r": 5})
+    assert space and all(DoraLinearConfig.from_dict(c) for c in space)
+    ins, n, s, dout = make(*shape, torch.bfloat16, triton_device)
+    for c in space:
+        (y, g), (ry, rg) = run("fused", ins, n, s, dout, config=DoraLinearConfig.from_dict(c))
+        assert relerr(y, ry) < TOL[torch.bfloat16], c
+        assert all(relerr(g[k], rg[k]) < TOL[torch.bfloat16] for k in g), c
+
+
+def test_zero_norm_rows_keep_the_base_output_and_get_no_magnitude_gradient(triton_device):
+    ins, n, s, dout = make((8,), 32, 24, 4, torch.float32, triton_device, zero_rows=(3, 7))
+    assert (n[[3, 7]] == 0).all()
+    (y, g), (ry, rg) = run("fused", ins, n, s, dout, config=SMALL)
+    assert torch.isfinite(y).all() and relerr(y, ry) < 2e-5
+    assert (g["m"][[3, 7]] == 0).all() and relerr(g["m"], rg["m"]) < 2e-5
+
+
+def test_y_pre_is_kept_only_when_the_magnitude_needs_a_gradient(triton_device):
+    """The forward writes and saves y_pre [rows, d_out] for d_m only: without a magnitude gradient the node keeps
+    no tensor of the output's size."""
+    ins, n, s, _ = make((30,), 24, 40, 4, torch.float32, triton_device)
+
+    def saved_shapes(grads):
+        shapes = []
+        leaves = {k: v.detach().clone().requires_grad_(k in grads) for k, v in ins.items()}
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            dora_linear(*leaves.values(), n, s, impl="fused", config=SMALL)
+        return shapes
+
+    assert (30, 40) in saved_shapes(("x", "A", "B", "m"))
+    assert (30, 40) not in saved_shapes(("x", "A", "B"))
+
+
+def test_magnitude_gradient_is_deterministic(triton_device):
+    ins, n, s, dout = make((70,), 48, 130, 8, torch.bfloat16, triton_device)
+    first = run("fused", ins, n, s, dout, grads=("m",), config=SMALL)[0][1]["m"]
+    again = run("fused", ins, n, s, dout, grads=("m",), config=SMALL)[0][1]["m"]
+    assert torch.equal(first, again)
+
+
+def test_no_grad_forward_and_empty_input(triton_device):
+    ins, n, s, _ = make((6,), 24, 20, 2, torch.float32, triton_device)
+    with torch.no_grad():
+        y = dora_linear(*ins.values(), n, s, impl="fused", config=SMALL)
+    assert relerr(y, dora_linear_reference(*ins.values(), n, s)) < 2e-5
+    empty = dora_linear(ins["x"][:0], *list(ins.values())[1:], n, s, impl="fused", config=SMALL)
+    assert empty.shape == (0, 20)
+
+
+def test_bad_input_is_refused_with_a_clear_error():
+    ins, n, s, _ = make((4,), 16, 8, 2, torch.float32, "cpu")
+    args = list(ins.values())
+    with pytest.raises(ValueError, match="impl must be one of"):
+        dora_linear(*args, n, s, impl="auto")
+    with pytest.raises(TypeError, match="DoraLinearConfig"):
+        dora_linear(*args, n, s, impl="fused", config={"block_m": 16})
+    with pytest.raises(ValueError, match="d_in"):
+        dora_linear(args[0][:, :15], *args[1:], n, s)
+    mixed = [args[0], args[1], args[2], args[3].double().float().to(torch.bfloat16), *args[4:]]
+    with pytest.raises(TypeError, match="one dtype"):
+        dora_linear(*mixed, n, s, impl="fused")
+    with pytest.raises(ValueError, match="outside"):
+        DoraLinearConfig(16, 16, 16, 2, 32, 2)
+    assert DoraLinearConfig.from_dict(DEFAULT_DORA_LINEAR_CONFIG.as_dict()) == DEFAULT_DORA_LINEAR_CONFIG
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_realistic_shape_with_the_default_config(dtype):
+    """A Llama-3-8B q_proj at 1024 tokens, r 64, with the default config: values and gradients against float64."""
+    ins, n, s, dout = make((2, 512), 4096, 4096, 64, dtype, "cuda")
+    (y, g), (ry, rg) = run("fused", ins, n, s, dout)
+    assert relerr(y, ry) < TOL[dtype]
+    for k in g:
+        assert relerr(g[k], rg[k]) < TOL[dtype], k
