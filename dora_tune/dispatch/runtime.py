@@ -417,7 +417,8 @@ class Dispatcher:
         race is due). ``DORA_TUNE_FORCE``/:func:`force` pick ``"eager"``/``"triton"`` without timing; no race (the
         ``default``) with racing off, under deterministic algorithms, during CUDA graph capture, under
         saved-tensors hooks (activation checkpointing: a later call races) or while another thread races the key;
-        out of memory keeps the ``default`` (one warning). Memoised; :meth:`path_notes` says what each race
+        out of memory keeps the ``default`` (one warning); a path that raises at its first use is left out of the
+        race (one warning; all failing: the ``default``). Memoised; :meth:`path_notes` says what each race
         measured."""
         forced = _FORCE.get() or self.env_force
         if forced is not None:
@@ -438,14 +439,29 @@ class Dispatcher:
         from dora_tune.dispatch.timing import wall_times
 
         try:
-            runners = make_runners()
-            for fn in runners.values():  # compile and warm each path
-                fn()
-                fn()
-            walls = wall_times(list(runners.values()), device, calls=RACE_WALL_CALLS, rounds=RACE_ROUNDS)
-            names = list(runners)
-            won = names[min(range(len(names)), key=walls.__getitem__)]
-            note = ", ".join(f"{n} {w:.0f} µs" for n, w in zip(names, walls, strict=True))
+            runners, failed = {}, []
+            for name, fn in make_runners().items():  # compile and warm each path; one that fails is left out
+                try:
+                    fn()
+                    fn()
+                except torch.cuda.OutOfMemoryError:
+                    raise
+                except Exception as e:
+                    failed.append(name)
+                    self._warn(
+                        f"{key[0]}: path {name!r} failed at its first use and is left out of the race "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                    )
+                    continue
+                runners[name] = fn
+            if runners:
+                walls = wall_times(list(runners.values()), device, calls=RACE_WALL_CALLS, rounds=RACE_ROUNDS)
+                names = list(runners)
+                won = names[min(range(len(names)), key=walls.__getitem__)]
+                note = ", ".join(f"{n} {w:.0f} µs" for n, w in zip(names, walls, strict=True))
+            else:
+                won, note = default, "not raced (every path failed)"
+            note += "".join(f", {n} failed" for n in failed)
         except torch.cuda.OutOfMemoryError as e:
             self._warn(f"{key[0]}: path not raced, out of memory ({str(e).splitlines()[0]}); using {default}")
             won, note = default, "not raced (out of memory)"

@@ -20,7 +20,9 @@ Paths (``impl``):
 - ``"auto"``: on CUDA with autograd recording, whichever of the two the dispatcher's first-use race of whole paths
   (:meth:`~dora_tune.dispatch.runtime.Dispatcher.pick_path`: wall time of back-to-back forward+backward) kept for
   this layer shape and token bucket, with the ``compose_train`` plan's config for the node; without autograd, the
-  ``compose`` plan's implementation; on the CPU, ``"eager"``.
+  ``compose`` plan's implementation; on the CPU, ``"eager"``. With ``DORA_TUNE_FUSED_LINEAR=1`` the race also
+  times the fused DoRA linear (:mod:`~dora_tune.kernels.dora_linear`: one GEMM with the DoRA epilogue) where it
+  applies (``FUSED_LINEAR_ENV``).
 
 The weight W must be frozen: a W that requires grad, or autocast, take the composed multi-node path
 (:func:`dora_layer_composed`, same values); under ``torch.compile`` the layer is plain torch ops for Inductor to fuse.
@@ -30,6 +32,7 @@ The weight W must be frozen: a W that requires grad, or autocast, take the compo
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -51,6 +54,10 @@ from dora_tune.kernels.compose import check_scale_inputs, resolve_impl
 from dora_tune.kernels.compose_train import DEFAULT_COMPOSE_TRAIN_CONFIG, ComposeTrainConfig
 
 IMPLS: tuple[str, ...] = ("eager", "triton")
+#: ``DORA_TUNE_FUSED_LINEAR=1``: the training path race also times the fused DoRA linear
+#: (:func:`~dora_tune.kernels.dora_linear.dora_linear_fused`) for full-output layers that compute their base output
+#: (``DoRALinear``, PEFT's one-call route) with x, W, A, B and bias of one dtype. Opt-in until measured on a GPU.
+FUSED_LINEAR_ENV = "DORA_TUNE_FUSED_LINEAR"
 OUTPUTS: tuple[str, ...] = ("delta", "full")
 
 
@@ -427,6 +434,10 @@ def dora_layer_unchecked(
         )
     if impl == "eager":
         return _torch_path(x, weight, bias, base_result, lora_A, lora_B, magnitude, n, scale, sub_bias, full)
+    if impl == "fused":  # only as the path race's pick (full output, W computed here, one dtype: see _choose)
+        from dora_tune.kernels.dora_linear import dora_linear_fused
+
+        return dora_linear_fused(x, weight, bias, lora_A, lora_B, magnitude, n, scale)
     if impl != "triton":
         raise ValueError(f"impl must be one of {IMPLS} or 'auto', got {impl!r}")
     lead = x.shape[:-1]
@@ -470,28 +481,60 @@ def _choose(
     A_dt = lora_A.dtype
 
     def runners() -> dict[str, Callable[[], Any]]:
-        def leaf(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.detach().requires_grad_(t.requires_grad)
-
-        xs, brs, As, Bs, ms = (leaf(t) for t in (x, base_result, lora_A, lora_B, m))
-        b = None if bias is None else bias.detach()
-        out_dtype = (base_result.dtype if base_result is not None else x.dtype) if full else None
-        dt = out_dtype or torch.promote_types(lora_A.dtype, x.dtype if base_result is None else base_result.dtype)
-        # a constant gradient: the kernels' time does not depend on the values, and the race must not draw from
-        # the global RNG (the step's dropout masks would change)
-        dout = torch.full((*x.shape[:-1], d_out), 1e-3, device=x.device, dtype=dt)
-
-        def eager() -> None:
-            _torch_path(xs, weight, b, brs, As, Bs, ms, n, scale, sub_bias, full).backward(dout)
-
-        def fused() -> None:
-            dora_layer_unchecked(xs, weight, As, Bs, ms, n, scale, b, brs, sub_bias, full, "triton", cfg).backward(dout)
-
-        return {"eager": eager, "triton": fused}
+        return _path_runners(x, weight, bias, base_result, lora_A, lora_B, m, n, scale, sub_bias, full, cfg)
 
     bucket = 1 << (rows - 1).bit_length()  # token counts change per batch: one race per power-of-2 bucket
     key = ("dora_layer", bucket, d_out, weight.shape[1], lora_A.shape[0], full, base_result is None, x.dtype, A_dt)
     return planner.auto_path(key, x.device, runners, "triton"), cfg
+
+
+def _path_runners(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    base_result: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    m: torch.Tensor,
+    n: torch.Tensor,
+    scale: float,
+    sub_bias: bool,
+    full: bool,
+    cfg: ComposeTrainConfig,
+) -> dict[str, Callable[[], Any]]:
+    """The whole paths the training race times for a call (name → forward+backward on the call's shapes, with
+    detached copies of its leaves: nothing the caller sees changes): ``"eager"``, ``"triton"``, and ``"fused"``
+    where :data:`FUSED_LINEAR_ENV` opts in and the call is a full-output layer computing its base output with
+    x, W, A, B and bias of one dtype."""
+
+    def leaf(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.detach().requires_grad_(t.requires_grad)
+
+    xs, brs, As, Bs, ms = (leaf(t) for t in (x, base_result, lora_A, lora_B, m))
+    b = None if bias is None else bias.detach()
+    out_dtype = (base_result.dtype if base_result is not None else x.dtype) if full else None
+    dt = out_dtype or torch.promote_types(lora_A.dtype, x.dtype if base_result is None else base_result.dtype)
+    # a constant gradient: the kernels' time does not depend on the values, and the race must not draw from
+    # the global RNG (the step's dropout masks would change)
+    dout = torch.full((*x.shape[:-1], weight.shape[0]), 1e-3, device=x.device, dtype=dt)
+
+    def eager() -> None:
+        _torch_path(xs, weight, b, brs, As, Bs, ms, n, scale, sub_bias, full).backward(dout)
+
+    def node() -> None:
+        dora_layer_unchecked(xs, weight, As, Bs, ms, n, scale, b, brs, sub_bias, full, "triton", cfg).backward(dout)
+
+    paths = {"eager": eager, "triton": node}
+    if os.environ.get(FUSED_LINEAR_ENV) == "1" and full and base_result is None:
+        from dora_tune.kernels.dora_linear import dora_linear_fused, fused_eligible
+
+        if fused_eligible(x, weight, bias, lora_A, lora_B):
+
+            def linear() -> None:
+                dora_linear_fused(xs, weight, b, As, Bs, ms, n, scale).backward(dout)
+
+            paths["fused"] = linear
+    return paths
 
 
 class _Rows:

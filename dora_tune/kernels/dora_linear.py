@@ -217,19 +217,42 @@ def dora_linear(
             x, weight, lora_A, lora_B, magnitude, n, s, bias, None, False, True, path, None, planner
         )
     require_triton(x.device)
-    dtypes = {t.dtype for t in (x, weight, lora_A, lora_B, *(() if bias is None else (bias,)))}
-    if len(dtypes) != 1:
+    if not fused_eligible(x, weight, bias, lora_A, lora_B):
+        dtypes = {t.dtype for t in (x, weight, lora_A, lora_B, *(() if bias is None else (bias,)))}
         raise TypeError(
             "impl='fused' needs x, weight, lora_A, lora_B and bias of one dtype, got "
             + ", ".join(str(d) for d in sorted(dtypes, key=str))
             + " (impl='composed' takes mixed dtypes)"
         )
     check_same_device(x=x, norm=n)
+    return dora_linear_fused(x, weight, bias, lora_A, lora_B, magnitude, n, s, config)
+
+
+def fused_eligible(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor
+) -> bool:
+    """Whether ``impl="fused"`` takes these tensors: x, weight, lora_A, lora_B and bias of one dtype."""
+    dt = x.dtype
+    return weight.dtype == dt and lora_A.dtype == dt and lora_B.dtype == dt and (bias is None or bias.dtype == dt)
+
+
+def dora_linear_fused(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    scale: float,
+    config: DoraLinearConfig | None = None,
+) -> torch.Tensor:
+    """The fused implementation on inputs :func:`dora_linear` would accept (checked by the caller; ``norm`` float32
+    and contiguous, :func:`fused_eligible`): for layers that validated their tensors once."""
     lead = x.shape[:-1]
     x2 = as_rows("x", x)
-    out = _FusedFn.apply(
-        x2, weight, bias, lora_A, lora_B, magnitude.contiguous(), n, s, config or DEFAULT_DORA_LINEAR_CONFIG
-    )
+    m = magnitude if magnitude.is_contiguous() else magnitude.contiguous()
+    out = _FusedFn.apply(x2, weight, bias, lora_A, lora_B, m, norm, scale, config or DEFAULT_DORA_LINEAR_CONFIG)
     return out if len(lead) == 1 else out.view(*lead, out.shape[-1])
 
 
@@ -239,6 +262,8 @@ __all__ = [
     "DoraLinearConfig",
     "check_dora_linear_inputs",
     "dora_linear",
+    "dora_linear_fused",
     "dora_linear_reference",
     "dora_linear_tuning_space",
+    "fused_eligible",
 ]

@@ -696,6 +696,26 @@ def test_pick_path_races_whole_paths_by_wall_time_once_per_key(monkeypatch):
     assert d.path_notes() == {}
 
 
+def test_pick_path_leaves_out_a_path_that_fails(recwarn):
+    """A path that raises at its first use (a kernel that cannot compile or launch here) is left out of the race
+    with one warning, never breaking the caller's step; when every path fails, the default stays."""
+    d = Dispatcher(force_env="")
+
+    def broken():
+        raise RuntimeError("out of resources: shared memory")
+
+    def runners():
+        return {"fused": broken, "eager": lambda: None}
+
+    assert d.pick_path(("k",), torch.device("cpu"), runners, default="fused") == "eager"
+    note = d.path_notes()[("k",)]
+    assert note.startswith("eager (raced") and "fused failed" in note
+    warned = [str(w.message) for w in recwarn if "left out of the race" in str(w.message)]
+    assert len(warned) == 1 and "'fused'" in warned[0] and "shared memory" in warned[0]
+    assert d.pick_path(("k2",), torch.device("cpu"), lambda: {"a": broken}, default="a") == "a"
+    assert "every path failed" in d.path_notes()[("k2",)]
+
+
 def test_pick_path_does_not_race_under_saved_tensors_hooks():
     d = Dispatcher(force_env="")
     made = []

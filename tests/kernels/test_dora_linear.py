@@ -1,6 +1,8 @@
 """The fused DoRA linear (dora_linear): values and every gradient against a float64 reference, both
 implementations, each dtype, odd shapes, every config of its space at a small shape, and its bad-input errors."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -175,3 +177,58 @@ def test_gpu_realistic_shape_with_the_default_config(dtype):
     assert relerr(y, ry) < TOL[dtype]
     for k in g:
         assert relerr(g[k], rg[k]) < TOL[dtype], k
+
+
+def test_dora_layer_runs_the_fused_linear_as_a_path(triton_device):
+    """``dora_layer_unchecked(..., impl="fused")`` — what the path race's "fused" pick runs — is the layer's full
+    output and its gradients."""
+    dl = importlib.import_module("dora_tune.kernels.dora_layer")
+
+    ins, n, s, dout = make((2, 7), 40, 24, 4, torch.bfloat16, triton_device)
+    leaves = {k: v.detach().clone().requires_grad_(k in ("x", "A", "B", "m")) for k, v in ins.items()}
+    x, W, b, A, B, m = leaves.values()
+    y = dl.dora_layer_unchecked(x, W, A, B, m, n, s, b, None, False, True, "fused")
+    got = torch.autograd.grad(y, [x, A, B, m], dout)
+    ref = {k: v.detach().double().requires_grad_(k in ("x", "A", "B", "m")) for k, v in ins.items()}
+    ry = dora_linear_reference(*ref.values(), n, s)
+    want = torch.autograd.grad(ry, [ref[k] for k in ("x", "A", "B", "m")], dout.double())
+    assert relerr(y, ry) < TOL[torch.bfloat16]
+    assert all(relerr(a, r) < TOL[torch.bfloat16] for a, r in zip(got, want, strict=True))
+
+
+def test_the_path_race_offers_the_fused_linear_only_opted_in_and_where_it_applies(monkeypatch, triton_device):
+    dl = importlib.import_module("dora_tune.kernels.dora_layer")
+    from dora_tune.kernels.compose_train import DEFAULT_COMPOSE_TRAIN_CONFIG as CFG
+
+    ins, n, s, _ = make((6,), 24, 20, 2, torch.float32, triton_device)
+    x, W, b, A, B, m = (v.detach().requires_grad_(k in ("x", "A", "B", "m")) for k, v in ins.items())
+
+    def paths(**over):
+        kw = {"base_result": None, "full": True, "x": x, "A": A, **over}
+        return dl._path_runners(kw["x"], W, b, kw["base_result"], kw["A"], B, m, n, s, True, kw["full"], CFG)
+
+    monkeypatch.delenv(dl.FUSED_LINEAR_ENV, raising=False)
+    assert set(paths()) == {"eager", "triton"}
+    monkeypatch.setenv(dl.FUSED_LINEAR_ENV, "1")
+    runners = paths()
+    assert set(runners) == {"eager", "triton", "fused"}
+    for run in runners.values():  # each runs forward and backward on detached copies
+        run()
+    assert x.grad is None and A.grad is None and m.grad is None
+    assert "fused" not in paths(full=False)  # PEFT's delta output
+    assert "fused" not in paths(base_result=torch.zeros(6, 20))  # PEFT hands its base output (dropout acting)
+    assert "fused" not in paths(A=A.detach().double().requires_grad_())  # mixed dtypes
+
+
+@pytest.mark.gpu
+def test_gpu_the_path_race_times_the_fused_linear_when_opted_in(monkeypatch):
+    from dora_tune import DoRALinear
+    from dora_tune.dispatch import default_dispatcher
+    from dora_tune.kernels.dora_layer import FUSED_LINEAR_ENV
+
+    monkeypatch.setenv(FUSED_LINEAR_ENV, "1")
+    layer = DoRALinear(torch.nn.Linear(1536, 768, device="cuda", dtype=torch.bfloat16), r=16, alpha=32)
+    x = torch.randn(4, 256, 1536, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    layer(x).sum().backward()
+    notes = [v for k, v in default_dispatcher().path_notes().items() if k[0] == "dora_layer" and k[2] == 768]
+    assert notes and "fused" in notes[0] and "failed" not in notes[0], notes
