@@ -36,6 +36,30 @@ def relerr(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
 
 
+def dora_inputs(lead, d_in, d_out, r, dtype, device, seed=0, zero_rows=()):
+    """A DoRA layer's tensors, random and never zero, scaled as in training: ``(x [*lead, d_in], W, A, B, m, n,
+    bias, s, dout [*lead, d_out])`` with ``n`` the float32 norm ``‖W + s·B·A‖_row`` (rows ``zero_rows`` of W and B
+    zeroed, so n = 0 there) and ``m`` within ~10 % of it."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, std=1.0):
+        return (std * torch.randn(*shape, generator=gen)).to(dtype).to(device)
+
+    W = rnd(d_out, d_in, std=d_in**-0.5)
+    A = rnd(r, d_in, std=d_in**-0.5)
+    B = rnd(d_out, r, std=0.3 * r**-0.5)
+    for j in zero_rows:
+        W[j] = 0
+        B[j] = 0
+    s = 1.5
+    n = torch.linalg.vector_norm(W.double() + s * (B.double() @ A.double()), dim=1).float()
+    m = (n.double() * (1 + 0.1 * torch.randn(d_out, generator=gen, dtype=torch.float64).to(device))).to(dtype)
+    bias = rnd(d_out)
+    x = rnd(*lead, d_in)
+    dout = rnd(*lead, d_out)
+    return x, W, A, B, m, n, bias, s, dout
+
+
 @pytest.fixture
 def triton_device() -> str:
     """Where Triton kernels run in this session: CUDA if present, else CPU under the interpreter, else skip."""

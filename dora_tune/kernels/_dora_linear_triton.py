@@ -48,6 +48,28 @@ def _tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.c
 
 
 @triton.jit
+def _rank_tail(
+    l_ptr, stride_la, stride_lr, r_ptr, stride_rr, stride_rb, offs_a, a_ok, offs_b, b_ok, R,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """``Σ_j left[a, j]·right[j, b]`` over the rank — the GEMM's short K tail (``u·Bᵀ`` forward, ``v·A``
+    backward) — into a fresh fp32 accumulator."""
+    offs_r = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    for j in range(0, R, BLOCK_R):
+        rr = j + offs_r
+        r_ok = rr < R
+        left = tl.load(
+            l_ptr + offs_a[:, None] * stride_la + rr[None, :] * stride_lr, mask=a_ok[:, None] & r_ok[None, :], other=0.0
+        )
+        right = tl.load(
+            r_ptr + rr[:, None] * stride_rr + offs_b[None, :] * stride_rb, mask=r_ok[:, None] & b_ok[None, :], other=0.0
+        )
+        acc = tl.dot(left.to(DOT_DTYPE), right.to(DOT_DTYPE), acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
 def _fwd_kernel(
     x_ptr, w_ptr, u_ptr, b_ptr, m_ptr, n_ptr, bias_ptr, y_ptr, pre_ptr,
     M, N, K, R,
@@ -75,18 +97,10 @@ def _fwd_kernel(
             w_ptr + offs_n[None, :] * stride_wn + kk[:, None] * stride_wk, mask=n_ok[None, :] & k_ok[:, None], other=0.0
         )
         acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PREC)
-    offs_r = tl.arange(0, BLOCK_R)
-    acc_l = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for j in range(0, R, BLOCK_R):
-        rr = j + offs_r
-        r_ok = rr < R
-        uu = tl.load(
-            u_ptr + offs_m[:, None] * stride_um + rr[None, :] * stride_ur, mask=m_ok[:, None] & r_ok[None, :], other=0.0
-        )
-        bb = tl.load(
-            b_ptr + offs_n[None, :] * stride_bn + rr[:, None] * stride_br, mask=n_ok[None, :] & r_ok[:, None], other=0.0
-        )
-        acc_l = tl.dot(uu.to(DOT_DTYPE), bb.to(DOT_DTYPE), acc_l, input_precision=PREC)
+    acc_l = _rank_tail(
+        u_ptr, stride_um, stride_ur, b_ptr, stride_br, stride_bn, offs_m, m_ok, offs_n, n_ok, R,
+        BLOCK_M, BLOCK_N, BLOCK_R, DOT_DTYPE, PREC,
+    )  # fmt: skip
     pre = acc + scale * acc_l
     g, _ = _scale(m_ptr, n_ptr, offs_n, n_ok)
     y = pre * g[None, :]
@@ -136,22 +150,10 @@ def _dx_kernel(
                 pre = tl.load(pre_ptr + offs_m[:, None] * stride_pm + cc[None, :], mask=tile, other=0.0)
                 tl.store(part_ptr + pid_m * N + cc, tl.sum(pre.to(tl.float32) * d, axis=0), mask=c_ok)
     if NEED_DX:
-        offs_r = tl.arange(0, BLOCK_R)
-        acc_l = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for j in range(0, R, BLOCK_R):
-            rr = j + offs_r
-            r_ok = rr < R
-            vv = tl.load(
-                v_ptr + offs_m[:, None] * stride_vm + rr[None, :] * stride_vr,
-                mask=m_ok[:, None] & r_ok[None, :],
-                other=0.0,
-            )
-            aa = tl.load(
-                a_ptr + rr[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                mask=r_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            )
-            acc_l = tl.dot(vv.to(DOT_DTYPE), aa.to(DOT_DTYPE), acc_l, input_precision=PREC)
+        acc_l = _rank_tail(
+            v_ptr, stride_vm, stride_vr, a_ptr, stride_ar, stride_ak, offs_m, m_ok, offs_k, k_ok, R,
+            BLOCK_M, BLOCK_N, BLOCK_R, DOT_DTYPE, PREC,
+        )  # fmt: skip
         dx = acc + scale * acc_l
         p = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :]
         tl.store(p, dx.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])

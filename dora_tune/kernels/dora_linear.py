@@ -152,8 +152,10 @@ class _FusedFn(torch.autograd.Function):
         x2, W, u, A, B, m, n, pre = ctx.saved_tensors
         nx, nW, nbias, nA, nB, nm = ctx.needs_input_grad[:6]
         s = ctx.scale
-        inv = torch.where(n > 0, n.reciprocal(), 0.0)
-        g = torch.where(n > 0, m.detach().float() * inv, 1.0)  # the kernels' g, for the small cuBLAS operands
+        from dora_tune.kernels.dora_layer import _scale_terms
+
+        inv, c = _scale_terms(n)
+        g = torch.addcmul(c, m.detach().float(), inv)  # dora_scale's g, for the small cuBLAS operands
         v = None
         if nx or nA:
             v = torch.mm(dy, (B.float() * g[:, None]).to(B.dtype))  # v = e·B = d_y·(diag(g)·B)

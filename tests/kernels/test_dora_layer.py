@@ -5,7 +5,7 @@ import torch
 
 from dora_tune.kernels import ComposeBwdConfig, ComposeConfig, ComposeTrainConfig, dora_layer, dora_layer_reference
 
-from conftest import relerr
+from conftest import dora_inputs, relerr
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (lead dims, d_in, d_out, r): rows = 1, a 3-D input, d_out not a multiple of any block
@@ -15,25 +15,7 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 MODES = [("delta", True, True), ("delta", False, False), ("full", False, True), ("full", False, False)]
 
 
-def make(lead, d_in, d_out, r, dtype, device, seed=0, zero_rows=()):
-    gen = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, std=1.0):
-        return (std * torch.randn(*shape, generator=gen)).to(dtype).to(device)
-
-    W = rnd(d_out, d_in, std=d_in**-0.5)
-    A = rnd(r, d_in, std=d_in**-0.5)
-    B = rnd(d_out, r, std=0.3 * r**-0.5)
-    for j in zero_rows:
-        W[j] = 0
-        B[j] = 0
-    s = 1.5
-    n = torch.linalg.vector_norm(W.double() + s * (B.double() @ A.double()), dim=1).float()
-    m = (n.double() * (1 + 0.1 * torch.randn(d_out, generator=gen, dtype=torch.float64).to(device))).to(dtype)
-    bias = rnd(d_out)
-    x = rnd(*lead, d_in)
-    dout = rnd(*lead, d_out)
-    return x, W, A, B, m, n, bias, s, dout
+make = dora_inputs
 
 
 def run(impl, x, W, A, B, m, n, bias, s, dout, output, with_base_result, with_bias, needs_m=True, config=None):

@@ -15,7 +15,7 @@ from dora_tune.kernels.dora_linear import (
     dora_linear_tuning_space,
 )
 
-from conftest import relerr
+from conftest import dora_inputs, relerr
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (lead dims, d_in, d_out, r): rows = 1 and r = 1, a 3-D input, every size off every block (16, 32, 64)
@@ -26,21 +26,9 @@ SMALL = DoraLinearConfig(16, 16, 16, 2, 4, 2)  # many programs and loop trips at
 
 
 def make(lead, d_in, d_out, r, dtype, device, seed=0, zero_rows=()):
-    gen = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, std=1.0):
-        return (std * torch.randn(*shape, generator=gen)).to(dtype).to(device)
-
-    W = rnd(d_out, d_in, std=d_in**-0.5)
-    A = rnd(r, d_in, std=d_in**-0.5)
-    B = rnd(d_out, r, std=0.3 * r**-0.5)
-    for j in zero_rows:
-        W[j] = 0
-        B[j] = 0
-    s = 1.5
-    n = torch.linalg.vector_norm(W.double() + s * (B.double() @ A.double()), dim=1).float()
-    m = (n.double() * (1 + 0.1 * torch.randn(d_out, generator=gen, dtype=torch.float64).to(device))).to(dtype)
-    return {"x": rnd(*lead, d_in), "W": W, "bias": rnd(d_out), "A": A, "B": B, "m": m}, n, s, rnd(*lead, d_out)
+    """The layer's tensors by name (as dora_linear takes them), the norm, the scale and an output gradient."""
+    x, W, A, B, m, n, bias, s, dout = dora_inputs(lead, d_in, d_out, r, dtype, device, seed, zero_rows)
+    return {"x": x, "W": W, "bias": bias, "A": A, "B": B, "m": m}, n, s, dout
 
 
 def run(impl, ins, n, s, dout, grads=("x", "bias", "A", "B", "m"), config=None):
