@@ -1,0 +1,122 @@
+"""One rank of the FSDP2 parity runs of ``test_fsdp.py`` (CPU, gloo): an unsharded reference and a model sharded
+with ``torch.distributed.fsdp.fully_shard`` train the same steps on the same data; each rank writes what it saw to
+``<out>/rank<N>.json``. Imported by the spawned processes (``torch.multiprocessing.spawn``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def _dora_linear_model(seed: int) -> torch.nn.Module:
+    from dora_tune import DoRALinear
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        DoRALinear(torch.nn.Linear(32, 48), r=4, alpha=8),
+        torch.nn.GELU(),
+        DoRALinear(torch.nn.Linear(48, 16), r=4, alpha=8),
+    )
+    with torch.no_grad():  # B starts at zero (DoRA = identity there): perturb it so the norm matters
+        for layer in (model[0], model[2]):
+            layer.lora_B.normal_(0, 0.1)
+    return model
+
+
+def _peft_model(seed: int) -> torch.nn.Module:
+    import peft
+
+    class Mlp(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up = torch.nn.Linear(32, 48)
+            self.down = torch.nn.Linear(48, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.down(torch.nn.functional.gelu(self.up(x)))
+
+    torch.manual_seed(seed)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["up", "down"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(Mlp(), cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+def _shard(model: torch.nn.Module, kind: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    if kind == "dora_linear":
+        for layer in (model[0], model[2]):
+            fully_shard(layer)
+    else:
+        for name, mod in model.named_modules():
+            if name.endswith(("up", "down")) and hasattr(mod, "lora_A"):
+                fully_shard(mod)
+    fully_shard(model)
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
+def run(rank: int, world: int, port: int, out: str, kind: str, steps: int, accum: int) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        build = _dora_linear_model if kind == "dora_linear" else _peft_model
+        ref, sharded = build(0), build(0)
+        calls = {"ref": 0, "sharded": 0}  # dora-tune's DoRA layer calls by model (PEFT: enable() took the layers)
+        phase = ["ref"]
+        if kind == "peft":
+            from dora_tune.integrations import peft as dt_peft
+
+            dt_peft.enable(ref)
+            dt_peft.enable(sharded)
+            inner = dt_peft.dora_layer_unchecked
+
+            def counted(*args, **kwargs):
+                calls[phase[0]] += 1
+                return inner(*args, **kwargs)
+
+            dt_peft.dora_layer_unchecked = counted
+        _shard(sharded, kind)
+        opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (ref, sharded)]
+        gen = torch.Generator().manual_seed(1)
+        losses: dict[str, list[float]] = {"ref": [], "sharded": []}
+        for _ in range(steps):
+            for _ in range(accum):  # the norm cached across micro-steps; FSDP reshards after each forward
+                x = torch.randn(4 * world, 32, generator=gen)
+                for name, model, inp in (("ref", ref, x), ("sharded", sharded, x.chunk(world)[rank])):
+                    phase[0] = name
+                    loss = model(inp).pow(2).mean()
+                    (loss / accum).backward()
+                    losses[name].append(loss.item())
+            for opt in opts:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            ref_params = {n: p for n, p in ref.named_parameters() if p.requires_grad}
+            diffs = {
+                n: (_full(p) - ref_params[n]).abs().max().item()
+                for n, p in sharded.named_parameters()
+                if p.requires_grad
+            }
+            x = torch.randn(8, 32, generator=gen)
+            out_diff = (sharded(x) - ref(x)).abs().max().item()
+        Path(out, f"rank{rank}.json").write_text(
+            json.dumps(
+                {"losses": losses, "param_diffs": diffs, "out_diff": out_diff, "n_params": len(diffs), "calls": calls}
+            )
+        )
+    finally:
+        dist.destroy_process_group()
