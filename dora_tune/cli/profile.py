@@ -11,7 +11,12 @@ from dora_tune.ops import DTYPE_NAMES, OPS
 
 
 @click.command()
-@click.option("--gpu", default="auto", show_default=True, help="'auto' (first CUDA GPU, else CPU), 'cpu' or an index")
+@click.option(
+    "--gpu",
+    default="auto",
+    show_default=True,
+    help="'auto' (first CUDA GPU, else CPU), 'cpu', an index, or several GPUs at once: 'all' or indices like 0,1",
+)
 @db_option
 @click.option("--model", "models", multiple=True, help="model preset (repeatable): llama-3-8b, llama-3-70b, ...")
 @click.option("--rank", "ranks", multiple=True, type=click.IntRange(min=1), help="LoRA rank(s) for the norm shapes")
@@ -87,13 +92,19 @@ def profile(
     whole space was timed) — an fp16 quick run on a GPU with bf16 tables keeps planning fp16 by them. Measured
     shapes are then served from their trials, the rest by the tables.
     """
+    import torch
+
     from dora_tune.tuning.env import environment, resolve_device
+    from dora_tune.tuning.multi import parse_gpus
     from dora_tune.tuning.profiler import profile as run_profile
     from dora_tune.tuning.shapes import ShapeError, build_shape_set
     from dora_tune.tuning.warm import default_jobs
 
     try:
-        device = resolve_device(gpu)
+        gpus = parse_gpus(gpu)
+        if gpus is not None and len(gpus) == 1:  # one GPU: the one-process run
+            gpu, gpus = str(gpus[0]), None
+        device = resolve_device(gpu) if gpus is None else torch.device("cuda", gpus[0])
         cpu = device.type == "cpu"
         shapes = build_shape_set(models=models, ranks=ranks, tokens=tokens, shapes_file=shapes_file, cpu=cpu)
     except (ValueError, ShapeError) as e:
@@ -110,6 +121,12 @@ def profile(
     if quick and confirm_only:
         raise click.UsageError("--quick and --confirm-only exclude each other")
     given = bool(models or ranks or tokens or shapes_file)
+    if gpus is not None:
+        if confirm_only and not given:
+            raise click.UsageError("--confirm-only on several GPUs needs the shapes (--model, --shapes, ...)")
+        timing = {"warmup_ms": warmup_ms, "rep_ms": rep_ms, "confirm_top": confirm_top, "confirm_reps": confirm_reps}
+        _profile_gpus(db_location, gpus, shapes, dtypes or ("bf16",), impls, quick, confirm_only, progress, timing)
+        return
     fitted = None
     with open_db(db_location) as db:
         click.echo(f"database: {db.location}")
@@ -171,6 +188,57 @@ def profile(
     if summary.interrupted:
         click.echo("interrupted: every trial measured so far is kept; run the same command again to resume.")
         raise SystemExit(130)
+
+
+def _profile_gpus(
+    db_location: str | None,
+    gpus: list[int],
+    shapes: dict[str, list[dict[str, int]]],
+    dtypes: tuple[str, ...],
+    impls: tuple[str, ...],
+    quick: bool,
+    confirm_only: bool,
+    progress: bool,
+    timing: dict[str, float],
+) -> None:
+    """``--gpu all`` / ``--gpu 0,1``: one worker per GPU on the one database (:mod:`dora_tune.tuning.multi`);
+    ``timing``: the trial and confirmation settings (warmup_ms, rep_ms, confirm_top, confirm_reps)."""
+    import torch
+
+    from dora_tune.tuning.multi import profile_devices
+
+    with open_db(db_location) as db:  # created and migrated here, before the workers open it together
+        location = db.location
+        own = {g: {m.dtype for m in db.models(gpu=g)} for g in {torch.cuda.get_device_name(i) for i in gpus}}
+    click.echo(f"database: {location}")
+    s = profile_devices(
+        location,
+        [torch.device("cuda", i) for i in gpus],
+        shapes,
+        dtypes=dtypes,
+        impls=impls or None,
+        progress=progress,
+        confirm_only=confirm_only,
+        quick=quick,
+        **timing,  # type: ignore[arg-type]
+    )
+    for model, devs in s.gpus.items():
+        click.echo(f"{model}: {', '.join(devs)}")
+    click.echo(
+        f"measured {s.measured} trials ({s.failed} failed or invalid) on {len(gpus)} GPUs in {s.seconds:.0f} s; "
+        f"{s.skipped} were already in the database; confirmed {s.confirmed}; {s.units} units done"
+    )
+    for e in s.errors:
+        click.echo(f"worker failed: {e}", err=True)
+    if quick and not s.interrupted:
+        with open_db(location) as db:
+            for model in s.gpus:
+                click.echo(_after_quick(db, model, dtypes=dtypes, own_dtypes=own[model], narrowed=s.narrowed))
+    if s.interrupted:
+        click.echo("interrupted: every trial measured so far is kept; run the same command again to resume.")
+        raise SystemExit(130)
+    if s.errors:
+        raise SystemExit(1)
 
 
 _NO_REFIT = (

@@ -142,7 +142,7 @@ def resolve_device(gpu: str) -> torch.device:
         if int(g) >= n:
             raise ValueError(f"--gpu {g}: this machine has {n} CUDA GPU(s)")
         return torch.device("cuda", int(g))
-    raise ValueError(f"--gpu must be 'auto', 'cpu' or a GPU index, got {gpu!r}")
+    raise ValueError(f"--gpu must be 'auto', 'cpu', a GPU index, 'all' or indices like 0,1; got {gpu!r}")
 
 
 def environment(device: torch.device) -> EnvInfo:

@@ -403,6 +403,29 @@ def _warm_confirm(
         summary.warm_error = summary.warm_error or f"{type(e).__name__}: {e}"
 
 
+def progress_bar(enabled: bool) -> Any:
+    """The profiler's one progress bar (rich): description, bar, done / total, elapsed, ETA; ``enabled=False``: a
+    silent one."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    return Progress(*columns, disable=not enabled, transient=False)
+
+
 def profile(
     db: TuningDB,
     device: torch.device,
@@ -429,15 +452,6 @@ def profile(
     profiled before the stage existed gets it. ``confirm_only``: no sweep, only that stage. ``quick``: time only
     the configs the dispatcher would consider on this GPU (:func:`quick_configs`; see the module docstring).
     """
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     t0 = time.time()
     summary = ProfileSummary(env)
     tasks, todo = [], 0
@@ -454,15 +468,7 @@ def profile(
             summary.warm_launches, summary.warm_seconds = warm_compile(tasks, device, jobs)
         except Exception as e:  # warming only saves time: the sweep compiles for itself
             summary.warm_error = f"{type(e).__name__}: {e}"
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, disable=not progress, transient=False) as bar:
+    with progress_bar(progress) as bar:
         pid = bar.add_task(f"profiling on {env.gpu_name}", total=todo, visible=not confirm_only)
         try:
             for task in tasks:
