@@ -69,12 +69,15 @@ def _full(p: torch.Tensor) -> torch.Tensor:
     return p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
-def run(rank: int, world: int, port: int, out: str, kind: str, steps: int, accum: int) -> None:
+def run(rank: int, world: int, port: int, out: str, kind: str, steps: int, accum: int, device: str = "cpu") -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dev = torch.device(device, rank) if device == "cuda" else torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
     try:
         build = _dora_linear_model if kind == "dora_linear" else _peft_model
-        ref, sharded = build(0), build(0)
+        ref, sharded = build(0).to(dev), build(0).to(dev)
         calls = {"ref": 0, "sharded": 0}  # dora-tune's DoRA layer calls by model (PEFT: enable() took the layers)
         phase = ["ref"]
         if kind == "peft":
@@ -95,7 +98,7 @@ def run(rank: int, world: int, port: int, out: str, kind: str, steps: int, accum
         losses: dict[str, list[float]] = {"ref": [], "sharded": []}
         for _ in range(steps):
             for _ in range(accum):  # the norm cached across micro-steps; FSDP reshards after each forward
-                x = torch.randn(4 * world, 32, generator=gen)
+                x = torch.randn(4 * world, 32, generator=gen).to(dev)
                 for name, model, inp in (("ref", ref, x), ("sharded", sharded, x.chunk(world)[rank])):
                     phase[0] = name
                     loss = model(inp).pow(2).mean()
@@ -111,7 +114,7 @@ def run(rank: int, world: int, port: int, out: str, kind: str, steps: int, accum
                 for n, p in sharded.named_parameters()
                 if p.requires_grad
             }
-            x = torch.randn(8, 32, generator=gen)
+            x = torch.randn(8, 32, generator=gen).to(dev)
             out_diff = (sharded(x) - ref(x)).abs().max().item()
         Path(out, f"rank{rank}.json").write_text(
             json.dumps(
