@@ -16,6 +16,10 @@ implementation and no graph break:
 - ``dora_tune::compose_train_fwd(lora, base, g, scale, write_inner, impl, config) -> (out, inner)``
 - ``dora_tune::compose_train_bwd(dout, inner, g, scale, need_dlora, need_dbase, need_dg, impl, config)
   -> (d_lora, d_base, d_g)``; ``compose_train_fwd``'s autograd formula calls it.
+- ``dora_tune::dora_linear_fwd(x, weight, bias, lora_A, lora_B, magnitude, norm, scale, write_pre, config)
+  -> (y, u, y_pre)`` and ``dora_tune::dora_linear_bwd(...) -> (d_x, d_bias, d_A, d_B, d_m)``: the fused DoRA linear
+  (:mod:`~dora_tune.kernels.dora_linear`, Triton) on ``[rows, d_in]`` inputs with a frozen weight; the compiled
+  layers use it where ``DORA_TUNE_FUSED_LINEAR=1`` opts in (:func:`dora_linear_op`).
 
 ``impl`` is ``"auto"``, a torch implementation or ``"triton"``; ``config`` is ``""`` (the default / the dispatcher's
 choice) or a kernel config as canonical JSON. With ``"auto"`` the implementation is chosen **when the op runs**, by
@@ -206,6 +210,71 @@ def _train_bwd_impl(
     raise ValueError(f"dora_tune::compose_train_bwd: unknown impl {name!r}")
 
 
+def _linear_config(config: str) -> Any:
+    from dora_tune.kernels.dora_linear import DEFAULT_DORA_LINEAR_CONFIG
+
+    return _parse_linear(config) if config else DEFAULT_DORA_LINEAR_CONFIG
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_linear(text: str) -> Any:
+    from dora_tune.kernels.dora_linear import DoraLinearConfig
+
+    return DoraLinearConfig.from_dict(json.loads(text))
+
+
+def _linear_fwd_impl(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    scale: float,
+    write_pre: bool,
+    config: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from dora_tune.kernels.dora_linear import fused_forward
+
+    require_triton(x.device)
+    n = norm.detach().float().contiguous()
+    y, u, pre = fused_forward(
+        x, weight, bias, lora_A, lora_B, magnitude.contiguous(), n, scale, _linear_config(config), write_pre
+    )
+    return y, u, pre if pre is not None else x.new_empty(0)
+
+
+def _linear_bwd_impl(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    u: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    pre: torch.Tensor,
+    scale: float,
+    need_dx: bool,
+    need_dbias: bool,
+    need_dA: bool,
+    need_dB: bool,
+    need_dm: bool,
+    config: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from dora_tune.kernels.dora_linear import fused_backward
+
+    n = norm.detach().float().contiguous()
+    needs = (need_dx, False, need_dbias, need_dA, need_dB, need_dm)
+    dx, _, dbias, dA, dB, dm = fused_backward(
+        dy.contiguous(), x, weight, u, lora_A, lora_B, magnitude, n, pre if need_dm else None, scale,
+        _linear_config(config), needs, dy.dtype,
+    )  # fmt: skip
+    empty = dy.new_empty(0)
+    return tuple(empty if t is None else t for t in (dx, dbias, dA, dB, dm))  # type: ignore[return-value]
+
+
 # ----------------------------------------------------------------------------------------------- registration
 
 
@@ -230,6 +299,37 @@ def _backward_train(ctx: Any, dout: torch.Tensor, _dinner: Any) -> tuple:
         dlora if need_dlora else None,
         dbase if need_dbase else None,
         dg.to(g.dtype).view(g.shape) if need_dg else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+def _setup_linear(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, weight, bias, lora_A, lora_B, magnitude, norm, scale, write_pre, config = inputs
+    ctx.save_for_backward(x, weight, output[1], lora_A, lora_B, magnitude, norm, output[2])
+    ctx.scale, ctx.config, ctx.write_pre = scale, config, write_pre
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward_linear(ctx: Any, dy: torch.Tensor, _du: Any, _dpre: Any) -> tuple:
+    x, weight, u, lora_A, lora_B, magnitude, norm, pre = ctx.saved_tensors
+    nx, _nw, nbias, nA, nB, nm = ctx.needs_input_grad[:6]
+    if nm and not ctx.write_pre:
+        raise RuntimeError(
+            "dora_tune::dora_linear_fwd: magnitude needs a gradient but the forward ran with write_pre=False"
+        )
+    dx, dbias, dA, dB, dm = torch.ops.dora_tune.dora_linear_bwd(
+        dy, x, weight, u, lora_A, lora_B, magnitude, norm, pre, ctx.scale, nx, nbias, nA, nB, nm, ctx.config
+    )
+    return (
+        dx if nx else None,
+        None,
+        dbias.to(ctx.bias_dtype) if nbias else None,
+        dA if nA else None,
+        dB if nB else None,
+        dm if nm else None,
         None,
         None,
         None,
@@ -293,6 +393,36 @@ def _register() -> None:
         op.register_autograd(_backward_train, setup_context=_setup_train)
 
 
+def _register_linear() -> None:
+    lib = torch.library
+    if not _op_exists("dora_linear_bwd"):
+        op = lib.custom_op(f"{NAMESPACE}::dora_linear_bwd", _linear_bwd_impl, mutates_args=())
+
+        @op.register_fake
+        def _(dy, x, weight, u, lora_A, lora_B, magnitude, norm, pre, scale, nx, nbias, nA, nB, nm, config):
+            def like(t, need):
+                return t.new_empty(t.shape if need else (0,))
+
+            return (
+                like(x, nx),
+                dy.new_empty((dy.shape[1],) if nbias else (0,)),
+                like(lora_A, nA),
+                like(lora_B, nB),
+                like(magnitude, nm),
+            )
+
+    if not _op_exists("dora_linear_fwd"):
+        op = lib.custom_op(f"{NAMESPACE}::dora_linear_fwd", _linear_fwd_impl, mutates_args=())
+
+        @op.register_fake
+        def _(x, weight, bias, lora_A, lora_B, magnitude, norm, scale, write_pre, config):
+            rows, d_out = x.shape[0], weight.shape[0]
+            pre = x.new_empty((rows, d_out) if write_pre else (0,))
+            return x.new_empty((rows, d_out)), x.new_empty((rows, lora_A.shape[0])), pre
+
+        op.register_autograd(_backward_linear, setup_context=_setup_linear)
+
+
 @torch.compiler.assume_constant_result
 def ensure_registered() -> bool:
     """Register the ``dora_tune::*`` custom ops once per process (thread-safe; a no-op afterwards). Returns True.
@@ -304,6 +434,7 @@ def ensure_registered() -> bool:
         with _LOCK:
             if not _REGISTERED:
                 _register()
+                _register_linear()
                 _REGISTERED = True
     return True
 
@@ -364,3 +495,26 @@ def compose_train_op(
     write_inner = torch.is_grad_enabled() and g.requires_grad
     out, _ = torch.ops.dora_tune.compose_train_fwd(lora, base, g, scale, write_inner, impl, cfg)
     return out
+
+
+def dora_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    scale: float,
+    config: Any = None,
+) -> torch.Tensor:
+    """``dora_tune::dora_linear_fwd`` on ``x [..., d_in]`` (leading dims flattened and restored): the fused DoRA
+    linear's output ``[..., d_out]``, differentiable (not in the weight). Inputs as
+    :func:`~dora_tune.kernels.dora_linear.dora_linear` takes them for ``impl="fused"``; ``config`` a
+    ``DoraLinearConfig`` or None (the default)."""
+    ensure_registered()
+    x2 = x.reshape(-1, x.shape[-1])
+    y, _, _ = torch.ops.dora_tune.dora_linear_fwd(
+        x2, weight.detach(), bias, lora_A, lora_B, magnitude, norm, scale, magnitude.requires_grad, config_json(config)
+    )
+    return y.view(*x.shape[:-1], weight.shape[0])

@@ -134,12 +134,9 @@ class _FusedFn(torch.autograd.Function):
         scale: float,
         config: DoraLinearConfig,
     ) -> torch.Tensor:
-        from dora_tune.kernels._dora_linear_triton import dora_linear_fwd_triton
-
-        u = torch.mm(x2, lora_A.t())
-        need_dm = ctx.needs_input_grad[5]
-        b = None if bias is None else bias.detach()
-        y, pre = dora_linear_fwd_triton(x2, weight, u, lora_B, magnitude.detach(), n, b, scale, config, need_dm)
+        y, u, pre = fused_forward(
+            x2, weight, bias, lora_A, lora_B, magnitude, n, scale, config, ctx.needs_input_grad[5]
+        )
         ctx.save_for_backward(x2, weight, u, lora_A, lora_B, magnitude, n, pre)
         ctx.scale, ctx.config = scale, config
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -147,31 +144,72 @@ class _FusedFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> Any:
-        from dora_tune.kernels._dora_linear_triton import dora_linear_dx_triton
-
         x2, W, u, A, B, m, n, pre = ctx.saved_tensors
         nx, nW, nbias, nA, nB, nm = ctx.needs_input_grad[:6]
-        s = ctx.scale
-        from dora_tune.kernels.dora_layer import _scale_terms
+        dx, dW, dbias, dA, dB, dm = fused_backward(
+            dy, x2, W, u, A, B, m, n, pre, ctx.scale, ctx.config, (nx, nW, nbias, nA, nB, nm), ctx.bias_dtype
+        )
+        return dx, dW, dbias, dA, dB, dm, None, None, None
 
+
+def fused_forward(
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    n: torch.Tensor,
+    scale: float,
+    config: DoraLinearConfig,
+    write_pre: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(y, u, y_pre or None)`` of the fused forward on ``x2 [rows, d_in]`` (no autograd; checked by the caller):
+    ``u = x·Aᵀ`` by cuBLAS, then the one GEMM with the DoRA epilogue."""
+    from dora_tune.kernels._dora_linear_triton import dora_linear_fwd_triton
+
+    with torch.no_grad():
+        u = torch.mm(x2, lora_A.t())
+        b = None if bias is None else bias.detach()
+        y, pre = dora_linear_fwd_triton(x2, weight, u, lora_B, magnitude.detach(), n, b, scale, config, write_pre)
+    return y, u, pre
+
+
+def fused_backward(
+    dy: torch.Tensor,
+    x2: torch.Tensor,
+    W: torch.Tensor,
+    u: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    m: torch.Tensor,
+    n: torch.Tensor,
+    pre: torch.Tensor | None,
+    s: float,
+    config: DoraLinearConfig,
+    needs: tuple[bool, bool, bool, bool, bool, bool],
+    bias_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor | None, ...]:
+    """``(d_x, d_W, d_bias, d_A, d_B, d_m)`` of the fused linear, None where ``needs`` (the same order) is False:
+    ``v = d_y·(diag(g)·B)`` then the ``d_x`` GEMM with ``d_m`` (:func:`~dora_tune.kernels._dora_linear_triton.
+    dora_linear_dx_triton`; ``pre`` required for ``d_m``), ``d_W``, ``d_B``, ``d_A`` by cuBLAS, ``d_bias`` a column
+    sum."""
+    from dora_tune.kernels._dora_linear_triton import dora_linear_dx_triton
+    from dora_tune.kernels.dora_layer import _scale_terms
+
+    nx, nW, nbias, nA, nB, nm = needs
+    with torch.no_grad():
         inv, c = _scale_terms(n)
         g = torch.addcmul(c, m.detach().float(), inv)  # dora_scale's g, for the small cuBLAS operands
-        v = None
-        if nx or nA:
-            v = torch.mm(dy, (B.float() * g[:, None]).to(B.dtype))  # v = e·B = d_y·(diag(g)·B)
+        v = torch.mm(dy, (B.float() * g[:, None]).to(B.dtype)) if nx or nA else None  # v = e·B = d_y·(diag(g)·B)
         dx, dm = dora_linear_dx_triton(
-            dy, W, v if v is not None else u, A, m.detach(), n, pre if nm else None, s, ctx.config, nx, m.dtype
+            dy, W, v if v is not None else u, A, m.detach(), n, pre if nm else None, s, config, nx, m.dtype
         )
-        dW = dA = dB = dbias = None
-        if nW:  # d_W = eᵀ·x = diag(g)·(d_yᵀ·x)
-            dW = (torch.mm(dy.t(), x2).float() * g[:, None]).to(W.dtype)
-        if nB:  # d_B = s·eᵀ·u = s·diag(g)·(d_yᵀ·u)
-            dB = (torch.mm(dy.t(), u).float() * (s * g)[:, None]).to(B.dtype)
-        if nA:  # d_A = s·vᵀ·x
-            dA = (torch.mm(v.t(), x2).float() * s).to(A.dtype)
-        if nbias:
-            dbias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-        return dx, dW, dbias, dA, dB, dm, None, None, None
+        dW = (torch.mm(dy.t(), x2).float() * g[:, None]).to(W.dtype) if nW else None  # eᵀ·x
+        dB = (torch.mm(dy.t(), u).float() * (s * g)[:, None]).to(B.dtype) if nB else None  # s·eᵀ·u
+        dA = (torch.mm(v.t(), x2).float() * s).to(A.dtype) if nA else None  # s·vᵀ·x
+        dbias = dy.sum(0, dtype=torch.float32).to(bias_dtype) if nbias else None
+    return dx, dW, dbias, dA, dB, dm
 
 
 def dora_linear(

@@ -220,3 +220,50 @@ def test_gpu_the_path_race_times_the_fused_linear_when_opted_in(monkeypatch):
     layer(x).sum().backward()
     notes = [v for k, v in default_dispatcher().path_notes().items() if k[0] == "dora_layer" and k[2] == 768]
     assert notes and "fused" in notes[0] and "failed" not in notes[0], notes
+
+
+def test_compiled_layers_run_the_fused_linear_as_one_custom_op_when_opted_in(monkeypatch, triton_device):
+    """Under torch.compile with DORA_TUNE_FUSED_LINEAR=1 a DoRALinear is ``dora_tune::dora_linear_fwd`` (and its
+    backward op) — one opaque node, no graph break — with the eager layer's values and gradients; without the
+    variable, the torch ops as before."""
+    import warnings
+
+    import dora_tune
+    from dora_tune.kernels.dora_layer import FUSED_LINEAR_ENV
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        dora_tune.DoRALinear(torch.nn.Linear(24, 40), r=4, alpha=8), dora_tune.DoRALinear(torch.nn.Linear(40, 16), r=4)
+    ).to(triton_device)
+    with torch.no_grad():
+        for layer in model:
+            layer.lora_B.normal_(0, 0.1)
+    x = torch.randn(2, 5, 24, device=triton_device, requires_grad=True)
+    params = [x, *(p for p in model.parameters() if p.requires_grad)]
+
+    def grads(fn):
+        y = fn(x)
+        return [y, *torch.autograd.grad(y.pow(2).sum(), params)]
+
+    want = grads(model)
+    for opted in (True, False):
+        if opted:
+            monkeypatch.setenv(FUSED_LINEAR_ENV, "1")
+        else:
+            monkeypatch.delenv(FUSED_LINEAR_ENV)
+        graphs = []
+
+        def backend(gm, example_inputs, graphs=graphs):
+            graphs.append(gm)
+            from torch._dynamo.backends.common import aot_autograd
+
+            return aot_autograd(fw_compiler=lambda g, _: g, bw_compiler=lambda g, _: g)(gm, example_inputs)
+
+        torch._dynamo.reset()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = grads(torch.compile(model, backend=backend, fullgraph=True))
+        ops = {str(n.target) for gm in graphs for n in gm.graph.nodes if "dora_tune" in str(n.target)}
+        assert ("dora_tune.dora_linear_fwd" in ops) is opted, ops
+        assert all(relerr(a, b) < 2e-5 for a, b in zip(got, want, strict=True))
+    torch._dynamo.reset()
