@@ -147,9 +147,12 @@ def measure(t: dict, sweep: int) -> dict[str, Any]:
     return out
 
 
-def errors(dtype: torch.dtype, dev: torch.device, seed: int) -> dict[str, float]:
-    """Relative error against float64 of the output and each gradient, fused and composed (1024 × 1024, r 64)."""
-    t = make(512, 1024, 1024, 64, dtype, dev, seed)
+def errors(
+    dtype: torch.dtype, dev: torch.device, seed: int, dims: tuple[int, int, int, int] = (512, 1024, 1024, 64)
+) -> dict[str, float]:
+    """Relative error against float64 of the output and each gradient, fused and composed (``dims``: rows, d_out,
+    d_in, r)."""
+    t = make(*dims, dtype, dev, seed)
     res: dict[str, float] = {}
     for impl in ("fused", "composed", "reference"):
         leaves = {k: t[k].detach().clone().requires_grad_() for k in ("x", "A", "B", "m")}
