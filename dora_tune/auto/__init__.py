@@ -14,8 +14,6 @@ The layers above (:mod:`dora_tune.nn`, :mod:`dora_tune.integrations.peft`) call 
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch.compiler import is_compiling
 
@@ -28,10 +26,9 @@ from dora_tune.kernels.compose import compose as _compose
 from dora_tune.kernels.compose_train import ComposeTrainConfig
 from dora_tune.kernels.compose_train import compose_train as _compose_train
 from dora_tune.kernels.compose_train import dora_compose_train as _dora_compose_train
-from dora_tune.kernels.dora_layer import FUSED_LINEAR_ENV
 from dora_tune.kernels.dora_layer import dora_layer as _dora_layer
 from dora_tune.kernels.dora_layer import dora_layer_unchecked as _dora_layer_unchecked
-from dora_tune.kernels.dora_linear import fused_eligible
+from dora_tune.kernels.dora_linear import fused_layer_route
 from dora_tune.kernels.norm import NormConfig, _check_norm_inputs
 from dora_tune.kernels.norm import factored_norm as _factored_norm
 
@@ -171,15 +168,7 @@ def dora_layer_unchecked(
     :func:`dora_tune.kernels.dora_layer.dora_layer_unchecked`); ``impl="auto"`` planned by the dispatcher. Under
     ``torch.compile`` with ``DORA_TUNE_FUSED_LINEAR=1``, a full-output layer computing its base output (frozen
     weight, one dtype) is the fused DoRA linear as one custom op (``dora_tune::dora_linear_fwd``)."""
-    if (
-        is_compiling()
-        and impl == "auto"
-        and full
-        and base_result is None
-        and not weight.requires_grad
-        and os.environ.get(FUSED_LINEAR_ENV) == "1"
-        and fused_eligible(x, weight, bias, lora_A, lora_B)
-    ):
+    if is_compiling() and impl == "auto" and fused_layer_route(x, weight, bias, lora_A, lora_B, base_result, full):
         return dora_linear_op(x, weight, bias, lora_A, lora_B, magnitude, norm, scale)
     return _dora_layer_unchecked(
         x, weight, lora_A, lora_B, magnitude, norm, scale, bias, base_result, sub_bias, full, impl, config, runtime

@@ -67,9 +67,11 @@ def config_json(config: Any) -> str:
 def _parse(op: str, text: str) -> Any:
     from dora_tune.kernels.compose import ComposeConfig
     from dora_tune.kernels.compose_train import ComposeTrainConfig
+    from dora_tune.kernels.dora_linear import DoraLinearConfig
     from dora_tune.kernels.norm import NormConfig
 
-    cls = {"norm": NormConfig, "compose": ComposeConfig, "compose_train": ComposeTrainConfig}[op]
+    classes = (NormConfig, ComposeConfig, ComposeTrainConfig, DoraLinearConfig)
+    cls = {c.op: c for c in classes}[op]
     return cls.from_dict(json.loads(text))
 
 
@@ -213,14 +215,7 @@ def _train_bwd_impl(
 def _linear_config(config: str) -> Any:
     from dora_tune.kernels.dora_linear import DEFAULT_DORA_LINEAR_CONFIG
 
-    return _parse_linear(config) if config else DEFAULT_DORA_LINEAR_CONFIG
-
-
-@functools.lru_cache(maxsize=64)
-def _parse_linear(text: str) -> Any:
-    from dora_tune.kernels.dora_linear import DoraLinearConfig
-
-    return DoraLinearConfig.from_dict(json.loads(text))
+    return _parse("dora_linear", config) if config else DEFAULT_DORA_LINEAR_CONFIG
 
 
 def _linear_fwd_impl(

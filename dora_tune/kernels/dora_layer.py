@@ -22,7 +22,7 @@ Paths (``impl``):
   this layer shape and token bucket, with the ``compose_train`` plan's config for the node; without autograd, the
   ``compose`` plan's implementation; on the CPU, ``"eager"``. With ``DORA_TUNE_FUSED_LINEAR=1`` the race also
   times the fused DoRA linear (:mod:`~dora_tune.kernels.dora_linear`: one GEMM with the DoRA epilogue) where it
-  applies (``FUSED_LINEAR_ENV``).
+  applies (:func:`~dora_tune.kernels.dora_linear.fused_layer_route`).
 
 The weight W must be frozen: a W that requires grad, or autocast, take the composed multi-node path
 (:func:`dora_layer_composed`, same values); under ``torch.compile`` the layer is plain torch ops for Inductor to fuse.
@@ -32,7 +32,6 @@ The weight W must be frozen: a W that requires grad, or autocast, take the compo
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -54,10 +53,6 @@ from dora_tune.kernels.compose import check_scale_inputs, resolve_impl
 from dora_tune.kernels.compose_train import DEFAULT_COMPOSE_TRAIN_CONFIG, ComposeTrainConfig
 
 IMPLS: tuple[str, ...] = ("eager", "triton")
-#: ``DORA_TUNE_FUSED_LINEAR=1``: the training path race also times the fused DoRA linear
-#: (:func:`~dora_tune.kernels.dora_linear.dora_linear_fused`) for full-output layers that compute their base output
-#: (``DoRALinear``, PEFT's one-call route) with x, W, A, B and bias of one dtype. Opt-in until measured on a GPU.
-FUSED_LINEAR_ENV = "DORA_TUNE_FUSED_LINEAR"
 OUTPUTS: tuple[str, ...] = ("delta", "full")
 
 
@@ -504,8 +499,7 @@ def _path_runners(
 ) -> dict[str, Callable[[], Any]]:
     """The whole paths the training race times for a call (name → forward+backward on the call's shapes, with
     detached copies of its leaves: nothing the caller sees changes): ``"eager"``, ``"triton"``, and ``"fused"``
-    where :data:`FUSED_LINEAR_ENV` opts in and the call is a full-output layer computing its base output with
-    x, W, A, B and bias of one dtype."""
+    where :func:`~dora_tune.kernels.dora_linear.fused_layer_route` says it applies (opt-in)."""
 
     def leaf(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.detach().requires_grad_(t.requires_grad)
@@ -525,15 +519,14 @@ def _path_runners(
         dora_layer_unchecked(xs, weight, As, Bs, ms, n, scale, b, brs, sub_bias, full, "triton", cfg).backward(dout)
 
     paths = {"eager": eager, "triton": node}
-    if os.environ.get(FUSED_LINEAR_ENV) == "1" and full and base_result is None:
-        from dora_tune.kernels.dora_linear import dora_linear_fused, fused_eligible
+    from dora_tune.kernels.dora_linear import dora_linear_fused, fused_layer_route
 
-        if fused_eligible(x, weight, bias, lora_A, lora_B):
+    if fused_layer_route(x, weight, bias, lora_A, lora_B, base_result, full):
 
-            def linear() -> None:
-                dora_linear_fused(xs, weight, b, As, Bs, ms, n, scale).backward(dout)
+        def linear() -> None:
+            dora_linear_fused(xs, weight, b, As, Bs, ms, n, scale).backward(dout)
 
-            paths["fused"] = linear
+        paths["fused"] = linear
     return paths
 
 

@@ -24,6 +24,7 @@ Not yet: ``impl="auto"`` (the op's registration, profiling and dispatch come nex
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import torch
@@ -38,6 +39,9 @@ from dora_tune.kernels._common import (
 )
 
 IMPLS: tuple[str, ...] = ("composed", "fused")
+#: ``DORA_TUNE_FUSED_LINEAR=1``: a DoRA layer's training path race also times the fused linear, and a compiled layer
+#: is its custom op, where :func:`fused_layer_route` says it applies. Opt-in until measured on a GPU.
+FUSED_LINEAR_ENV = "DORA_TUNE_FUSED_LINEAR"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,6 +280,27 @@ def fused_eligible(
     return weight.dtype == dt and lora_A.dtype == dt and lora_B.dtype == dt and (bias is None or bias.dtype == dt)
 
 
+def fused_layer_route(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    base_result: torch.Tensor | None,
+    full: bool,
+) -> bool:
+    """Whether a DoRA layer call may run as the fused linear: :data:`FUSED_LINEAR_ENV` opts in, the call wants the
+    full output and computes its base output itself (no PEFT ``base_result``: no dropout acting), the weight is
+    frozen and :func:`fused_eligible` holds."""
+    return (
+        os.environ.get(FUSED_LINEAR_ENV) == "1"
+        and full
+        and base_result is None
+        and not weight.requires_grad
+        and fused_eligible(x, weight, bias, lora_A, lora_B)
+    )
+
+
 def dora_linear_fused(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -298,6 +323,7 @@ def dora_linear_fused(
 
 __all__ = [
     "DEFAULT_DORA_LINEAR_CONFIG",
+    "FUSED_LINEAR_ENV",
     "IMPLS",
     "DoraLinearConfig",
     "check_dora_linear_inputs",
@@ -306,4 +332,5 @@ __all__ = [
     "dora_linear_reference",
     "dora_linear_tuning_space",
     "fused_eligible",
+    "fused_layer_route",
 ]

@@ -33,7 +33,8 @@ def spawn(tmp_path, kind, world=WORLD, device="cpu", steps=4, accum=2):
 
 def check(ranks, kind, tol):
     ref = ranks[0]["losses"]["ref"]
-    assert all(r["losses"]["ref"] == ref for r in ranks)  # every rank trained the same reference
+    for r in ranks:  # every rank trained the same reference (its own process: compared with a tolerance)
+        assert max(abs(a - b) / abs(b) for a, b in zip(r["losses"]["ref"], ref, strict=True)) < 1e-6
     # each rank's loss is the mean over its share of the batch: their mean is the whole batch's
     sharded = [sum(v) / len(ranks) for v in zip(*(r["losses"]["sharded"] for r in ranks), strict=True)]
     assert len(ref) == 8 and max(abs(a - b) / abs(b) for a, b in zip(sharded, ref, strict=True)) < tol

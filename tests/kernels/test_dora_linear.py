@@ -9,6 +9,7 @@ import torch
 import dora_tune.dispatch.runtime as planner
 from dora_tune.kernels.dora_linear import (
     DEFAULT_DORA_LINEAR_CONFIG,
+    FUSED_LINEAR_ENV,
     DoraLinearConfig,
     dora_linear,
     dora_linear_reference,
@@ -195,9 +196,9 @@ def test_the_path_race_offers_the_fused_linear_only_opted_in_and_where_it_applie
         kw = {"base_result": None, "full": True, "x": x, "A": A, **over}
         return dl._path_runners(kw["x"], W, b, kw["base_result"], kw["A"], B, m, n, s, True, kw["full"], CFG)
 
-    monkeypatch.delenv(dl.FUSED_LINEAR_ENV, raising=False)
+    monkeypatch.delenv(FUSED_LINEAR_ENV, raising=False)
     assert set(paths()) == {"eager", "triton"}
-    monkeypatch.setenv(dl.FUSED_LINEAR_ENV, "1")
+    monkeypatch.setenv(FUSED_LINEAR_ENV, "1")
     runners = paths()
     assert set(runners) == {"eager", "triton", "fused"}
     for run in runners.values():  # each runs forward and backward on detached copies
@@ -212,7 +213,6 @@ def test_the_path_race_offers_the_fused_linear_only_opted_in_and_where_it_applie
 def test_gpu_the_path_race_times_the_fused_linear_when_opted_in(monkeypatch):
     from dora_tune import DoRALinear
     from dora_tune.dispatch import default_dispatcher
-    from dora_tune.kernels.dora_layer import FUSED_LINEAR_ENV
 
     monkeypatch.setenv(FUSED_LINEAR_ENV, "1")
     layer = DoRALinear(torch.nn.Linear(1536, 768, device="cuda", dtype=torch.bfloat16), r=16, alpha=32)
@@ -229,7 +229,6 @@ def test_compiled_layers_run_the_fused_linear_as_one_custom_op_when_opted_in(mon
     import warnings
 
     import dora_tune
-    from dora_tune.kernels.dora_layer import FUSED_LINEAR_ENV
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(
