@@ -235,7 +235,8 @@ def disable() -> None:
 
 
 def _forget_compiled_code() -> None:
-    """Drop every function ``torch.compile`` compiled in this process (``torch.compiler.reset()``), if any was.
+    """Drop every function ``torch.compile`` compiled in this process (``torch.compiler.reset()``; nothing to do
+    before ``torch._dynamo`` is imported).
 
     Compiled code inlines the ``forward`` it traced, PEFT's or dora-tune's, and its guards need not re-check a class
     method patched later: on the H100 (torch 2.11) an enabled model compiled after a PEFT DoRA model of the same
