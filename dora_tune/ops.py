@@ -1,13 +1,13 @@
 """The facts of each op that the dispatch and tuning layers need, written once (:class:`OpFacts`); torch-free.
 
 The kernels of an op live in its module (:mod:`~dora_tune.kernels.norm`, :mod:`~dora_tune.kernels.compose`,
-:mod:`~dora_tune.kernels.compose_train`), which adds what needs torch — the config class, the default config — in
-its ``*_SPEC`` (:class:`~dora_tune.kernels.OpSpec`). What needs no torch is here, so that the modules that plan from
-stored decision tables stay torch-free: each op's shape keys, its implementations and the torch one, the paper's
-fixed crossover (its rule and its text), and whether the dispatcher races a shortlist at first use. Every table of
-these facts elsewhere (``OP_SHAPE_KEYS``, ``RACE_OPS``, the crossover of the planner and of the cost model, the
-custom ops' implementation lists) is a read of :data:`OPS`; an op is added by adding its facts here and its spec
-next to its kernels. This module imports nothing.
+:mod:`~dora_tune.kernels.compose_train`, :mod:`~dora_tune.kernels.dora_linear`), which adds what needs torch — the
+config class, the default config — in its ``*_SPEC`` (:class:`~dora_tune.kernels.OpSpec`). What needs no torch is here,
+so that the modules that plan from stored decision tables stay torch-free: each op's shape keys, its implementations and
+the torch one, the paper's fixed crossover (its rule and its text), and whether the dispatcher races a shortlist at
+first use. Every table of these facts elsewhere (``OP_SHAPE_KEYS``, ``RACE_OPS``, the crossover of the planner and of
+the cost model, the custom ops' implementation lists) is a read of :data:`OPS`; an op is added by adding its facts here
+and its spec next to its kernels. This module imports nothing.
 """
 
 from __future__ import annotations
@@ -77,6 +77,8 @@ class OpFacts:
             shapes follow the token count, which may change every step), not once per shape.
         launch_grids: the Triton launch grids whose geometry the cost model takes as features (compose and
             compose_train have none: their grid features lowered neither CV regret, docs/cost-model.md).
+        triton_impl: the implementation of Triton kernels with a config space (what ``force("triton")`` plans and
+            the profiler sweeps).
     """
 
     name: str
@@ -90,6 +92,7 @@ class OpFacts:
     race: int = 0
     race_per_cell: bool = False
     launch_grids: tuple[LaunchGrid, ...] = ()
+    triton_impl: str = "triton"
 
 
 def _norm_bytes(shape: dict[str, int], elem: int) -> int:
@@ -154,7 +157,41 @@ COMPOSE_TRAIN = OpFacts(
     race_per_cell=True,
 )
 
+
+def _linear_bytes(shape: dict[str, int], elem: int) -> int:
+    t, o, i, r = shape["rows"], shape["d_out"], shape["d_in"], shape["r"]
+    # forward: x, W, A, B read, y and y_pre written; backward: dy, y_pre, W, A, B read, dx written (W frozen)
+    return elem * (2 * t * i + 2 * o * i + 2 * r * (i + o) + 4 * t * o)
+
+
+def _linear_flops(shape: dict[str, int]) -> int:
+    t, o, i, r = shape["rows"], shape["d_out"], shape["d_in"], shape["r"]
+    # x·Wᵀ and d_y·W; u = x·Aᵀ, u·Bᵀ, v = e·B, v·A, d_B = eᵀ·u, d_A = vᵀ·x
+    return 4 * t * o * i + 6 * t * r * (i + o)
+
+
+def _always_composed(dims: tuple[int, ...]) -> str:
+    return "composed"
+
+
+#: the whole DoRA linear, forward and backward (issue 20): the composed path (cuBLAS base and LoRA GEMMs, the fused
+#: compose) or the fused linear (one Triton GEMM with the DoRA epilogue each way); its shapes follow the token
+#: count, so one race serves a decision-table cell, as for compose_train
+DORA_LINEAR = OpFacts(
+    name="dora_linear",
+    shape_keys=("rows", "d_out", "d_in", "r"),
+    impls=("composed", "fused"),
+    torch_impl="composed",
+    crossover=_always_composed,
+    crossover_text="no fixed rule (the paper has no fused linear): the composed path",
+    bytes=_linear_bytes,
+    flops=_linear_flops,
+    race=3,
+    race_per_cell=True,
+    triton_impl="fused",
+)
+
 #: every op's facts, by name, in the order of the profiler, the CLI and the decision tables
-OPS: dict[str, OpFacts] = {facts.name: facts for facts in (NORM, COMPOSE, COMPOSE_TRAIN)}
+OPS: dict[str, OpFacts] = {facts.name: facts for facts in (NORM, COMPOSE, COMPOSE_TRAIN, DORA_LINEAR)}
 #: each op's shape keys, in the order plans and decision tables key its dims
 OP_SHAPE_KEYS: dict[str, tuple[str, ...]] = {name: facts.shape_keys for name, facts in OPS.items()}

@@ -15,7 +15,16 @@ from collections.abc import Callable
 import torch
 
 from dora_tune import ops
-from dora_tune.kernels import OP_SPECS, compose, compose_reference, compose_train, factored_norm, norm_reference
+from dora_tune.kernels import (
+    OP_SPECS,
+    compose,
+    compose_reference,
+    compose_train,
+    dora_linear,
+    dora_linear_reference,
+    factored_norm,
+    norm_reference,
+)
 from dora_tune.kernels._common import DTYPES, triton_available
 
 
@@ -76,6 +85,7 @@ def run_selfcheck(device: str | torch.device | None = None, *, small: bool | Non
     gen = torch.Generator(device="cpu").manual_seed(0)
     norm_shape = (67, 130, 9) if small else (4096, 4096 + 40, 384)
     comp_shape = (3, 5, 131) if small else (2, 2048, 4096 + 8)
+    linear_shape = (3, 5, 67, 131, 9) if small else (2, 1024, 4096 + 8, 4096, 64)  # lead..., d_out, d_in, r
     triton_why = triton_skip_reason(dev)
     results: list[CheckResult] = []
 
@@ -85,7 +95,7 @@ def run_selfcheck(device: str | torch.device | None = None, *, small: bool | Non
     def record(op: str, impl: str, dname: str, shape: tuple, spec_op: str, run: Callable, ref: Callable) -> None:
         tol = tolerance(spec_op, impl, dname)
         shape_s = "x".join(map(str, shape))
-        if impl == "triton" and triton_why:
+        if impl == ops.OPS[spec_op].triton_impl and triton_why:
             results.append(CheckResult(op, impl, dname, shape_s, None, tol, None, f"skipped: {triton_why}"))
             return
         try:
@@ -142,5 +152,32 @@ def run_selfcheck(device: str | torch.device | None = None, *, small: bool | Non
                 "compose_train",
                 lambda train=train: max(_relerr(a, b) for a, b in zip(train(), [tref, *tgrads], strict=True)),
                 train,
+            )
+
+        *lead, d_out, d_in, r = linear_shape
+        x, W, A = rnd(*lead, d_in, dtype=dt), rnd(d_out, d_in, dtype=dt, scale=d_in**-0.5), rnd(r, d_in, dtype=dt)
+        B, bias = rnd(d_out, r, dtype=dt, scale=0.1), rnd(d_out, dtype=dt)
+        n = norm_reference(W, A * d_in**-0.5, B, 2.0).float()
+        m = (n * (1 + 0.05 * torch.randn(d_out, generator=gen).to(dev))).to(dt)
+        A = A * d_in**-0.5
+        dy = rnd(*lead, d_out, dtype=dt)
+        lin64 = [t.double().requires_grad_() for t in (x, A, B, m)]
+        lref = dora_linear_reference(lin64[0], W, bias, *lin64[1:], n, 2.0)
+        lgrads = torch.autograd.grad(lref, lin64, dy.double())
+        for impl in ops.DORA_LINEAR.impls:
+
+            def linear(impl: str = impl) -> list[torch.Tensor]:
+                xs, As, Bs, ms = (t.clone().requires_grad_() for t in (x, A, B, m))
+                out = dora_linear(xs, W, bias, As, Bs, ms, n, 2.0, impl=impl)
+                return [out, *torch.autograd.grad(out, (xs, As, Bs, ms), dy)]
+
+            record(
+                "dora_linear",
+                impl,
+                dname,
+                tuple(linear_shape),
+                "dora_linear",
+                lambda linear=linear: max(_relerr(a, b) for a, b in zip(linear(), [lref, *lgrads], strict=True)),
+                linear,
             )
     return results

@@ -26,19 +26,21 @@ def test_every_table_reads_the_facts():
     from dora_tune.tuning.shapes import OP_SHAPE_KEYS, OPS
 
     # the modules (the package's attributes of these names are the op functions)
-    compose_mod, train_mod, norm_mod = (
-        importlib.import_module(f"dora_tune.kernels.{m}") for m in ("compose", "compose_train", "norm")
+    compose_mod, train_mod, norm_mod, linear_mod = (
+        importlib.import_module(f"dora_tune.kernels.{m}") for m in ("compose", "compose_train", "norm", "dora_linear")
     )
 
     assert list(OP_SPECS) == list(ops.OPS) == list(OP_SHAPE_KEYS) == list(OPS)
     assert {op: f.shape_keys for op, f in ops.OPS.items()} == OP_SHAPE_KEYS
-    assert RACE_OPS == {"norm": 3, "compose_train": 3} and RACE_PER_CELL == {"compose_train"}
+    assert RACE_OPS == {"norm": 3, "compose_train": 3, "dora_linear": 3}
+    assert RACE_PER_CELL == {"compose_train", "dora_linear"}
     assert norm_mod.IMPLS == co._NORM_IMPLS == ops.NORM.impls and compose_mod.IMPLS == ops.COMPOSE.impls
-    assert train_mod.IMPLS == co._TRAIN_IMPLS == ops.COMPOSE_TRAIN.impls
+    assert train_mod.IMPLS == co._TRAIN_IMPLS == ops.COMPOSE_TRAIN.impls and linear_mod.IMPLS == ops.DORA_LINEAR.impls
     assert tuple(DTYPES) == ops.DTYPE_NAMES
     for name, spec in OP_SPECS.items():
         assert spec.facts is ops.OPS[name] and isinstance(spec.default_config, spec.config_class)
-        assert spec.facts.torch_impl in spec.facts.impls and "triton" in spec.facts.impls
+        assert spec.facts.torch_impl in spec.facts.impls and spec.facts.triton_impl in spec.facts.impls
+        assert spec.facts.torch_impl != spec.facts.triton_impl
         assert tuple(i.name for i in spec.impls) == spec.facts.impls  # one implementation spec for each name
         for impl in spec.impls:  # a self-check bound at every dtype
             assert all(0 < impl.tolerance(d) < 0.1 for d in ops.DTYPE_NAMES)
@@ -54,6 +56,7 @@ def test_every_table_reads_the_facts():
         ("compose_train", {"rows": 6144, "cols": 2048}, "triton"),
         ("compose_train", {"rows": 6143, "cols": 2048}, "eager"),
         ("compose_train", {"rows": 10**6, "cols": 2047}, "eager"),
+        ("dora_linear", {"rows": 8192, "d_out": 4096, "d_in": 4096, "r": 64}, "composed"),
     ],
 )
 def test_the_fixed_crossover_is_one_rule(op, shape, impl):

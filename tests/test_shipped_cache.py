@@ -7,6 +7,9 @@ from dora_tune.autotune_db import TuningDB
 
 CACHES = Path(dora_tune.__file__).parent / "caches"
 SHIPPED = {"nvidia-h100-80gb-hbm3.sqlite": "NVIDIA H100 80GB HBM3", "nvidia-h200.sqlite": "NVIDIA H200"}
+#: ops a cache holds no trials of, and why: the dora_linear op (issue 20) was added after the H200 file was measured
+#: and profiled on the H100 only; an H200 plans it by the H100's table (transferred: tests/dispatch/test_plan.py)
+NOT_PROFILED = {"nvidia-h200.sqlite": {"dora_linear"}}
 
 
 def test_the_caches_shipped_are_those_documented():
@@ -27,7 +30,8 @@ def test_cache_is_shipped_small_and_readable_read_only(name):
         assert envs[0].trials >= 1000
         best = db.best(op="norm", shape={"d_out": 4096, "d_in": 4096, "r": 384}, dtype="bf16")
         assert len(best) == 1 and best[0].impl == "triton" and best[0].median_us > 0
-        assert {m.op for m in db.models(gpu=SHIPPED[name])} == {"norm", "compose", "compose_train"}
+        ops = {"norm", "compose", "compose_train", "dora_linear"} - NOT_PROFILED.get(name, set())
+        assert {m.op for m in db.models(gpu=SHIPPED[name])} == ops
 
 
 def test_package_data_includes_caches():
@@ -53,5 +57,7 @@ def test_shipped_cache_holds_the_current_implementation_versions(name):
         )
     finally:
         con.close()
-    current = {(op, impl.name, impl.version) for op, impls in registry().items() for impl in impls}
+    skip = NOT_PROFILED.get(name, set())
+    current = {(op, impl.name, impl.version) for op, impls in registry().items() for impl in impls if op not in skip}
     assert current <= stored, sorted(current - stored)
+    assert not {op for op, _, _ in stored} & skip  # a cache that gained the op is no longer listed

@@ -28,11 +28,20 @@ from dora_tune.kernels.compose_train import compose_train as _compose_train
 from dora_tune.kernels.compose_train import dora_compose_train as _dora_compose_train
 from dora_tune.kernels.dora_layer import dora_layer as _dora_layer
 from dora_tune.kernels.dora_layer import dora_layer_unchecked as _dora_layer_unchecked
-from dora_tune.kernels.dora_linear import fused_layer_route
+from dora_tune.kernels.dora_linear import DoraLinearConfig, fused_layer_route
+from dora_tune.kernels.dora_linear import dora_linear as _dora_linear
 from dora_tune.kernels.norm import NormConfig, _check_norm_inputs
 from dora_tune.kernels.norm import factored_norm as _factored_norm
 
-__all__ = ["compose", "compose_train", "dora_compose_train", "dora_layer", "dora_layer_unchecked", "factored_norm"]
+__all__ = [
+    "compose",
+    "compose_train",
+    "dora_compose_train",
+    "dora_layer",
+    "dora_layer_unchecked",
+    "dora_linear",
+    "factored_norm",
+]
 
 
 def factored_norm(
@@ -146,6 +155,28 @@ def dora_layer(
         impl=impl,
         config=config,
         planner=runtime,
+    )
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    scale: float,
+    *,
+    impl: str = "auto",
+    config: DoraLinearConfig | None = None,
+) -> torch.Tensor:
+    """A whole DoRA ``Linear``, ``g ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + bias``, differentiable. Arguments as
+    :func:`dora_tune.kernels.dora_linear.dora_linear`; ``impl="auto"`` (the default) runs the dispatcher's plan of op
+    ``dora_linear`` (composed or fused, and the fused config), racing a model plan's shortlist on these inputs at
+    first use."""
+    return _dora_linear(
+        x, weight, bias, lora_A, lora_B, magnitude, norm, scale, impl=impl, config=config, planner=runtime
     )
 
 

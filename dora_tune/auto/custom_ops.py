@@ -212,10 +212,12 @@ def _train_bwd_impl(
     raise ValueError(f"dora_tune::compose_train_bwd: unknown impl {name!r}")
 
 
-def _linear_config(config: str) -> Any:
-    from dora_tune.kernels.dora_linear import DEFAULT_DORA_LINEAR_CONFIG
+def _linear_config(config: str, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> Any:
+    """The op's config: the given one, else the dispatcher's for op ``dora_linear`` at this call's shape (at run
+    time; the backward finds the forward's memoised plan)."""
+    from dora_tune.kernels.dora_linear import fused_config
 
-    return _parse("dora_linear", config) if config else DEFAULT_DORA_LINEAR_CONFIG
+    return _parse("dora_linear", config) if config else fused_config(x, weight, lora_A, runtime)
 
 
 def _linear_fwd_impl(
@@ -235,7 +237,16 @@ def _linear_fwd_impl(
     require_triton(x.device)
     n = norm.detach().float().contiguous()
     y, u, pre = fused_forward(
-        x, weight, bias, lora_A, lora_B, magnitude.contiguous(), n, scale, _linear_config(config), write_pre
+        x,
+        weight,
+        bias,
+        lora_A,
+        lora_B,
+        magnitude.contiguous(),
+        n,
+        scale,
+        _linear_config(config, x, weight, lora_A),
+        write_pre,
     )
     return y, u, pre if pre is not None else x.new_empty(0)
 
@@ -264,7 +275,7 @@ def _linear_bwd_impl(
     needs = (need_dx, False, need_dbias, need_dA, need_dB, need_dm)
     dx, _, dbias, dA, dB, dm = fused_backward(
         dy.contiguous(), x, weight, u, lora_A, lora_B, magnitude, n, pre if need_dm else None, scale,
-        _linear_config(config), needs, dy.dtype,
+        _linear_config(config, x, weight, lora_A), needs, dy.dtype,
     )  # fmt: skip
     empty = dy.new_empty(0)
     return tuple(empty if t is None else t for t in (dx, dbias, dA, dB, dm))  # type: ignore[return-value]

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from dora_tune.cli._common import db_option, open_db
+from dora_tune.ops import OPS
 
 _COLUMNS = (
     "op",
@@ -97,11 +98,26 @@ def _print_table(title: str, rows: list[list[str]]) -> None:
     "then keeps planning from the bf16 table its shortlists came from",
 )
 @click.option(
+    "--op",
+    "ops",
+    multiple=True,
+    type=click.Choice(list(OPS)),
+    help="only these ops (repeatable; default: every op), e.g. an op newly profiled into a database whose other "
+    "tables should stay as they are",
+)
+@click.option(
     "--cross-gpu",
     is_flag=True,
     help="also fit one model over every GPU's trials (with the GPU features) and report leave-one-GPU-out regret",
 )
-def fit(db_location: str | None, gpu: str | None, estimator: str, dtypes: tuple[str, ...], cross_gpu: bool) -> None:
+def fit(
+    db_location: str | None,
+    gpu: str | None,
+    estimator: str,
+    dtypes: tuple[str, ...],
+    ops: tuple[str, ...],
+    cross_gpu: bool,
+) -> None:
     """Fit the cost model on the tuning DB's trials, cross-validate it against the fixed crossover, and store its
     decision tables in the DB (one per GPU environment, op and dtype with at least 3 measured shapes).
 
@@ -112,11 +128,12 @@ def fit(db_location: str | None, gpu: str | None, estimator: str, dtypes: tuple[
     from dora_tune.tuning.fitting import fit as fit_models
 
     with open_db(db_location) as db:
-        summaries = fit_models(db, gpu=gpu, estimator=estimator, dtypes=dtypes or None)
+        summaries = fit_models(db, gpu=gpu, estimator=estimator, dtypes=dtypes or None, ops=ops or None)
         location = db.location
         logo = _leave_one_gpu_out(db, estimator) if cross_gpu else None
     if not summaries:
         where = (f" for GPU {gpu!r}" if gpu else "") + (f" in {', '.join(dtypes)}" if dtypes else "")
+        where += f" of {', '.join(ops)}" if ops else ""
         raise click.ClickException(
             f"nothing to fit{where}: no (GPU, op, dtype) has 'ok' trials at {MIN_SHAPES} or more distinct shapes; "
             "run `dora-tune profile` first"

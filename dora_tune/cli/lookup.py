@@ -102,9 +102,10 @@ def _measured_lines(origin: str, rows: list[TrialRow], impl: str, config: dict[s
 
 @click.command()
 @click.option("--op", required=True, type=click.Choice(list(OPS)))
-@click.option("--rows", required=True, type=click.IntRange(min=1), help="norm: d_out; compose ops: tokens")
-@click.option("--cols", required=True, type=click.IntRange(min=1), help="norm: d_in; compose ops: d_out")
-@click.option("--rank", type=click.IntRange(min=1), help="LoRA rank (norm only)")
+@click.option("--rows", required=True, type=click.IntRange(min=1), help="norm: d_out; the other ops: tokens")
+@click.option("--cols", required=True, type=click.IntRange(min=1), help="norm: d_in; the other ops: d_out")
+@click.option("--d-in", "d_in", type=click.IntRange(min=1), help="the projection's d_in (dora_linear only)")
+@click.option("--rank", type=click.IntRange(min=1), help="LoRA rank (norm and dora_linear)")
 @click.option("--dtype", default="bf16", show_default=True, type=click.Choice(DTYPE_NAMES))
 @click.option("--gpu", default=None, help="plan for this GPU model (default: the local CUDA GPU)")
 @db_option
@@ -113,6 +114,7 @@ def lookup(
     op: str,
     rows: int,
     cols: int,
+    d_in: int | None,
     rank: int | None,
     dtype: str,
     gpu: str | None,
@@ -126,13 +128,17 @@ def lookup(
 
     from dora_tune.dispatch.runtime import Dispatcher
 
+    if op in ("norm", "dora_linear") and rank is None:
+        raise click.UsageError(f"--rank is required for --op {op}")
+    if op not in ("norm", "dora_linear") and rank is not None:
+        raise click.UsageError("--rank applies to --op norm and --op dora_linear only")
+    if (op == "dora_linear") != (d_in is not None):
+        raise click.UsageError("--d-in is required for --op dora_linear and applies to it only")
     if op == "norm":
-        if rank is None:
-            raise click.UsageError("--rank is required for --op norm")
         shape = {"d_out": rows, "d_in": cols, "r": rank}
+    elif op == "dora_linear":
+        shape = {"rows": rows, "d_out": cols, "d_in": d_in, "r": rank}
     else:
-        if rank is not None:
-            raise click.UsageError("--rank applies to --op norm only")
         shape = {"rows": rows, "cols": cols}
     dispatcher = Dispatcher(db_location, use_shipped=shipped)
     with warnings.catch_warnings(record=True) as caught:

@@ -104,8 +104,8 @@ class Plan:
 
 @contextlib.contextmanager
 def force(impl: str | None) -> Iterator[None]:
-    """Within the block, plan only ``impl`` ("eager" = the torch implementations, "triton"), or lift a force
-    (``None``). Per thread / asyncio task."""
+    """Within the block, plan only ``impl`` ("eager" = each op's torch implementation, "triton" = each op's Triton
+    one: dora_linear's ``"fused"``), or lift a force (``None``). Per thread / asyncio task."""
     if impl not in (None, "eager", "triton"):
         raise ValueError(f"force() takes 'eager', 'triton' or None, got {impl!r}")
     token = _FORCE.set(impl)
@@ -290,9 +290,9 @@ class Dispatcher:
         shared memory than the GPU has for these operand dtypes): the default config, or the torch implementation
         when the default is what failed. Warns once; returns the new plan."""
         forced = _FORCE.get() or self.env_force
-        default = _default_config(op)
-        if failed.impl == "triton" and failed.config != default:
-            plan = Plan("triton", default, "heuristic", f"{failed.source} plan failed ({why}); default config")
+        default, fused = _default_config(op), OPS[op].triton_impl
+        if failed.impl == fused and failed.config != default:
+            plan = Plan(fused, default, "heuristic", f"{failed.source} plan failed ({why}); default config")
         else:
             plan = Plan(
                 OPS[op].torch_impl, None, "fallback", f"{failed.source} plan failed ({why}); torch implementation"
@@ -510,7 +510,7 @@ class Dispatcher:
         from dora_tune.dispatch.registry import registry
 
         impls = {i.name: i for i in registry()[op]}
-        torch_impl = OPS[op].torch_impl
+        torch_impl, fused = OPS[op].torch_impl, OPS[op].triton_impl
         if device is not None and (device.type != "cuda" or not torch.cuda.is_available() or not _triton_ok()):
             if device.type != "cuda":
                 why = "no CUDA device"
@@ -521,7 +521,7 @@ class Dispatcher:
             return Plan(torch_impl, None, "fallback", f"{why}: torch implementation")
         if gpu_name is None:
             gpu_name = torch.cuda.get_device_name(device)
-        allowed = set(impls) if forced is None else ({"triton"} if forced == "triton" else {torch_impl})
+        allowed = set(impls) if forced is None else ({fused} if forced == "triton" else {torch_impl})
         tables = self._load(gpu_name, device)
         # 1. measured, user DB then shipped cache (keyed by the canonical shape JSON, as stored)
         shape_json = canonical_json(dict(zip(OP_SHAPE_KEYS[op], dims, strict=True)))
@@ -568,10 +568,10 @@ class Dispatcher:
         facts = OPS[op]
         name = facts.crossover(dims)
         if forced == "triton":
-            name = "triton"
-        if name == "triton":
-            return Plan("triton", _default_config(op), "heuristic", facts.crossover_text)
-        return Plan(torch_impl, None, "heuristic", facts.crossover_text + " → eager below it")
+            name = fused
+        if name == fused:
+            return Plan(fused, _default_config(op), "heuristic", facts.crossover_text)
+        return Plan(torch_impl, None, "heuristic", f"{facts.crossover_text} → {torch_impl} at this shape")
 
     def _parse(self, impl: Any, cfg: dict, origin: str) -> Any:
         try:
@@ -593,18 +593,21 @@ class Dispatcher:
                         self._read("shipped", str(path), tables)
                     else:
                         tables.notes.append(f"shipped cache: none for {gpu_name} ({path.name})")
-                    if not tables.models:
-                        self._transfer(tables, _target_facts(gpu_name, device))
+                    missing = set(OPS) - {op for _, op, _ in tables.models}
+                    if missing:
+                        self._transfer(tables, _target_facts(gpu_name, device), missing)
             self._tables[gpu_name] = tables
         return tables
 
-    def _transfer(self, tables: _Tables, target: GpuFacts) -> None:
-        """No decision table for this GPU: borrow those of a profiled GPU of the same architecture from the shipped
-        caches, as origin ``"transfer"``: the GPU :func:`~dora_tune.autotune_db.gpus.nearest_gpu` picks (the same
-        compute capability first, then the nearest by SMs, bandwidth and L2). Their plans are raced at first use
-        like any model plan, so the configs are timed on this GPU before they stay. Measured on an H100 with the
-        H200's shipped tables, 20 shapes of no preset (regret geomean / max): norm 1.006 / 1.030, compose 1.012 /
-        1.054, compose_train 1.027 / 1.109 — the crossover 1.475 / 2.404, 1.022 / 1.041, 1.846 / 3.462."""
+    def _transfer(self, tables: _Tables, target: GpuFacts, ops: set[str]) -> None:
+        """No decision table of the ``ops`` for this GPU (every op for a GPU nobody profiled; an op added after its
+        cache was made): borrow those of a profiled GPU of the same architecture from the shipped caches, as origin
+        ``"transfer"``: the GPU :func:`~dora_tune.autotune_db.gpus.nearest_gpu` picks among those with tables of
+        any of ``ops`` (the same compute capability first, then the nearest by SMs, bandwidth and L2). Their plans
+        are raced at first use like any model plan, so the configs are timed on this GPU before they stay. Measured
+        on an H100 with the H200's shipped tables, 20 shapes of no preset (regret geomean / max): norm 1.006 /
+        1.030, compose 1.012 / 1.054, compose_train 1.027 / 1.109 — the crossover 1.475 / 2.404, 1.022 / 1.041,
+        1.846 / 3.462."""
         capability = target.capability
         if not capability:
             tables.notes.append("transfer: no compute capability known for this GPU; none")
@@ -614,24 +617,27 @@ class Dispatcher:
             for facts in _cache_gpus(path):
                 if facts.name != tables.gpu_name and facts.capability.split(".")[0] == capability.split(".")[0]:
                     found.setdefault(facts.name, (path, facts))
+        sources: dict[str, _Tables] = {}
+        for gpu, (path, _) in found.items():
+            sources[gpu] = _Tables(gpu, {}, {}, [])
+            self._read("shipped", str(path), sources[gpu])
+        found = {gpu: v for gpu, v in found.items() if any(op in ops for _, op, _ in sources[gpu].models)}
         if not found:
-            tables.notes.append(f"transfer: no profiled GPU of compute capability {capability} shipped; none")
+            what = "" if ops == set(OPS) else f" with tables of {', '.join(sorted(ops))}"
+            tables.notes.append(f"transfer: no profiled GPU of compute capability {capability}{what} shipped; none")
             return
         chosen = nearest_gpu(target, [f for _, f in found.values()])
         path, (name, cc) = found[chosen.name][0], (chosen.name, chosen.capability)
-        source = _Tables(name, {}, {}, [])
-        self._read("shipped", str(path), source)
-        for (_, op, dtype), table in source.models.items():
+        taken = {key: t for key, t in sources[name].models.items() if key[1] in ops}
+        for (_, op, dtype), table in taken.items():
             tables.models[("transfer", op, dtype)] = table
-        if source.models:
-            why = "the same compute capability" if cc == capability else f"the same architecture (sm {cc})"
-            why += f" as this GPU's {capability}"
-            if len(found) > 1:
-                why += f"; of {len(found)} such GPUs shipped, the nearest by SMs, bandwidth and L2"
-            tables.notes.append(
-                f"transferred from {name}: {len(source.models)} decision tables of {path.name} ({why}); their plans "
-                "are raced at first use on this GPU"
-            )
+        why = "the same compute capability" if cc == capability else f"the same architecture (sm {cc})"
+        why += f" as this GPU's {capability}"
+        if len(found) > 1:
+            why += f"; of {len(found)} such GPUs shipped, the nearest by SMs, bandwidth and L2"
+        of = "" if ops == set(OPS) else f" (of {', '.join(sorted({op for _, op, _ in taken}))}: none of this GPU's)"
+        raced = "; their plans are raced at first use on this GPU" if self.race else ""
+        tables.notes.append(f"transferred from {name}: {len(taken)} decision tables of {path.name}{of} ({why}){raced}")
 
     def _read(self, origin: str, location: str | None, tables: _Tables) -> None:
         from dora_tune.autotune_db.common import DatabaseError, default_db_location
@@ -708,7 +714,7 @@ def _short(config: Any) -> str:
 
 
 def crossover_impl(op: str, shape: dict[str, int]) -> str:
-    """The paper's fixed rule for ``op`` at ``shape`` on a CUDA GPU with Triton: ``"triton"`` or the torch impl."""
+    """The paper's fixed rule for ``op`` at ``shape`` on a CUDA GPU with Triton: the Triton impl or the torch one."""
     return OPS[op].crossover(_shape_key(op, shape))
 
 

@@ -43,6 +43,12 @@ from dora_tune.kernels.compose_train import (
     compose_train_config_space,
 )
 from dora_tune.kernels.dora_layer import dora_layer_reference
+from dora_tune.kernels.dora_linear import (
+    DEFAULT_DORA_LINEAR_CONFIG,
+    DoraLinearConfig,
+    dora_linear_reference,
+    dora_linear_tuning_space,
+)
 from dora_tune.kernels.norm import (
     DEFAULT_NORM_CONFIG,
     NormConfig,
@@ -53,8 +59,8 @@ from dora_tune.kernels.norm import (
 from dora_tune.kernels.spec import OpSpec
 
 #: the public functions that plan (``impl="auto"``): the front door's, :mod:`dora_tune.auto`
-_FRONT_DOOR = ("compose", "compose_train", "dora_compose_train", "dora_layer", "factored_norm")
-# three of them are named like this package's modules, which importing them bound here: the names are the functions
+_FRONT_DOOR = ("compose", "compose_train", "dora_compose_train", "dora_layer", "dora_linear", "factored_norm")
+# four of them are named like this package's modules, which importing them bound here: the names are the functions
 # (as they always were; the modules stay importable by their full names)
 for _name in _FRONT_DOOR:
     globals().pop(_name, None)
@@ -77,12 +83,14 @@ def __dir__() -> list[str]:
 __all__ = [
     "DEFAULT_COMPOSE_CONFIG",
     "DEFAULT_COMPOSE_TRAIN_CONFIG",
+    "DEFAULT_DORA_LINEAR_CONFIG",
     "DEFAULT_NORM_CONFIG",
     "DTYPES",
     "OP_SPECS",
     "ComposeBwdConfig",
     "ComposeConfig",
     "ComposeTrainConfig",
+    "DoraLinearConfig",
     "NormConfig",
     "OpSpec",
     "compose",
@@ -94,6 +102,9 @@ __all__ = [
     "dora_compose_train",
     "dora_layer",
     "dora_layer_reference",
+    "dora_linear",
+    "dora_linear_reference",
+    "dora_linear_tuning_space",
     "dora_scale",
     "factored_norm",
     "norm_config_space",

@@ -32,6 +32,7 @@ The weight W must be frozen: a W that requires grad, or autocast, take the compo
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -430,9 +431,10 @@ def dora_layer_unchecked(
     if impl == "eager":
         return _torch_path(x, weight, bias, base_result, lora_A, lora_B, magnitude, n, scale, sub_bias, full)
     if impl == "fused":  # only as the path race's pick (full output, W computed here, one dtype: see _choose)
-        from dora_tune.kernels.dora_linear import dora_linear_fused
+        from dora_tune.kernels.dora_linear import DoraLinearConfig, dora_linear_fused
 
-        return dora_linear_fused(x, weight, bias, lora_A, lora_B, magnitude, n, scale)
+        linear = config if isinstance(config, DoraLinearConfig) else None
+        return dora_linear_fused(x, weight, bias, lora_A, lora_B, magnitude, n, scale, linear)
     if impl != "triton":
         raise ValueError(f"impl must be one of {IMPLS} or 'auto', got {impl!r}")
     lead = x.shape[:-1]
@@ -474,13 +476,22 @@ def _choose(
     if not grad:
         return plan_impl, cfg
     A_dt = lora_A.dtype
+    from dora_tune.kernels.dora_linear import fused_config, fused_layer_route, fused_runner
+
+    fused = fused_layer_route(x, weight, bias, lora_A, lora_B, base_result, full)
+
+    def linear_config() -> Any:  # the fused linear's planned config (its shortlist raced on these inputs once)
+        race = functools.partial(fused_runner, x, weight, bias, lora_A, lora_B, m, n, scale)
+        return fused_config(x, weight, lora_A, planner, race)
 
     def runners() -> dict[str, Callable[[], Any]]:
-        return _path_runners(x, weight, bias, base_result, lora_A, lora_B, m, n, scale, sub_bias, full, cfg)
+        linear = linear_config() if fused else None
+        return _path_runners(x, weight, bias, base_result, lora_A, lora_B, m, n, scale, sub_bias, full, cfg, linear)
 
     bucket = 1 << (rows - 1).bit_length()  # token counts change per batch: one race per power-of-2 bucket
     key = ("dora_layer", bucket, d_out, weight.shape[1], lora_A.shape[0], full, base_result is None, x.dtype, A_dt)
-    return planner.auto_path(key, x.device, runners, "triton"), cfg
+    path = planner.auto_path(key, x.device, runners, "triton")
+    return (path, linear_config()) if path == "fused" else (path, cfg)
 
 
 def _path_runners(
@@ -496,10 +507,12 @@ def _path_runners(
     sub_bias: bool,
     full: bool,
     cfg: ComposeTrainConfig,
+    linear: Any = None,
 ) -> dict[str, Callable[[], Any]]:
     """The whole paths the training race times for a call (name → forward+backward on the call's shapes, with
     detached copies of its leaves: nothing the caller sees changes): ``"eager"``, ``"triton"``, and ``"fused"``
-    where :func:`~dora_tune.kernels.dora_linear.fused_layer_route` says it applies (opt-in)."""
+    with the config ``linear`` (a ``DoraLinearConfig``; None: not raced) where
+    :func:`~dora_tune.kernels.dora_linear.fused_layer_route` says the fused linear applies."""
 
     def leaf(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.detach().requires_grad_(t.requires_grad)
@@ -519,14 +532,13 @@ def _path_runners(
         dora_layer_unchecked(xs, weight, As, Bs, ms, n, scale, b, brs, sub_bias, full, "triton", cfg).backward(dout)
 
     paths = {"eager": eager, "triton": node}
-    from dora_tune.kernels.dora_linear import dora_linear_fused, fused_layer_route
+    if linear is not None:
+        from dora_tune.kernels.dora_linear import dora_linear_fused
 
-    if fused_layer_route(x, weight, bias, lora_A, lora_B, base_result, full):
+        def fused() -> None:
+            dora_linear_fused(xs, weight, b, As, Bs, ms, n, scale, linear).backward(dout)
 
-        def linear() -> None:
-            dora_linear_fused(xs, weight, b, As, Bs, ms, n, scale).backward(dout)
-
-        paths["fused"] = linear
+        paths["fused"] = fused
     return paths
 
 

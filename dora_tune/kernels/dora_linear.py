@@ -18,25 +18,32 @@ Implementations (``impl``):
 - ``"fused"``: the two Triton GEMMs above with an explicit :class:`DoraLinearConfig` (x, W, A, B and bias of one
   dtype; the weight may require a gradient: ``d_W = eᵀ·x`` by cuBLAS).
 
-Not yet: ``impl="auto"`` (the op's registration, profiling and dispatch come next; docs/fused-linear.md).
+``impl="auto"`` (the default of the front door, ``dora_tune.kernels.dora_linear``): op ``dora_linear`` of the
+dispatcher, shape ``(rows, d_out, d_in, r)``, profiled forward and backward (:data:`DORA_LINEAR_SPEC`), its
+decision tables choosing the implementation and the fused config (docs/fused-linear.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from dora_tune import ops
 from dora_tune.kernels._common import (
     KernelConfig,
     Planner,
     as_rows,
     check_same_device,
     config_field,
+    need_planner,
     require_triton,
+    triton_available,
 )
+from dora_tune.kernels.spec import ANY_DEVICE, CUDA_ONLY, FUSED_TOL, ImplSpec, OpSpec
 
 IMPLS: tuple[str, ...] = ("composed", "fused")
 #: ``DORA_TUNE_FUSED_LINEAR=1``: a DoRA layer's training path race also times the fused linear, and a compiled layer
@@ -64,24 +71,32 @@ class DoraLinearConfig(KernelConfig):
 DEFAULT_DORA_LINEAR_CONFIG = DoraLinearConfig(128, 128, 64, 8, 8, 3)
 
 
+#: the tiles of the tuning space, ``(block_m, block_n, block_k, num_warps, num_stages)``: the usual tensor-core GEMM
+#: tiles (wide ones with 8 warps, narrow ones with 4 and a deeper pipeline), each within 228 KB of shared memory
+_TILES: tuple[tuple[int, int, int, int, int], ...] = (
+    (128, 128, 64, 8, 3),
+    (128, 128, 64, 4, 4),
+    (128, 128, 64, 8, 4),
+    (128, 128, 32, 4, 4),
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+    (64, 256, 64, 8, 4),
+    (64, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+)
+
+
 def dora_linear_tuning_space(shape: dict[str, int]) -> list[dict[str, int]]:
-    """The configs to sweep at ``shape`` (``rows``, ``d_out``, ``d_in``, ``r``): tiles 64–256 × 64–256 (no wider
-    than the output needs), K steps 32/64, groups 8, 4 or 8 warps, 3–4 stages."""
+    """The configs to sweep at ``shape`` (``rows``, ``d_out``, ``d_in``, ``r``): the GEMM tiles of
+    :data:`_TILES`, groups of 8 row tiles, less the tiles more than twice as tall as ``rows`` or wider than twice
+    the widest output (the 64-wide ones always stay)."""
     rows, cols = shape["rows"], max(shape["d_out"], shape["d_in"])
-    out = []
-    for bm in (64, 128, 256):
-        if bm > 64 and bm >= 2 * rows:
-            continue
-        for bn in (64, 128, 256):
-            if bn > 64 and bn >= 2 * cols:
-                continue
-            for bk in (32, 64):
-                for warps in (4, 8):
-                    for stages in (3, 4):
-                        if bm * bn >= 128 * 256 and warps == 4:
-                            continue
-                        out.append(DoraLinearConfig(bm, bn, bk, 8, warps, stages).as_dict())
-    return out
+    return [
+        DoraLinearConfig(bm, bn, bk, 8, warps, stages).as_dict()
+        for bm, bn, bk, warps, stages in _TILES
+        if (bm == 64 or bm < 2 * rows) and (bn == 64 or bn < 2 * cols)
+    ]
 
 
 def dora_linear_reference(
@@ -226,7 +241,7 @@ def dora_linear(
     norm: torch.Tensor,
     scale: float,
     *,
-    impl: str = "composed",
+    impl: str = "auto",
     config: DoraLinearConfig | None = None,
     planner: Planner | None = None,
 ) -> torch.Tensor:
@@ -237,22 +252,30 @@ def dora_linear(
             lora_A: ``[r, d_in]``; lora_B: ``[d_out, r]``; magnitude: ``[d_out]`` m; norm: ``[d_out]`` the detached
             ``‖W + s·B·A‖_row`` (e.g. :func:`~dora_tune.kernels.factored_norm`); scale: the LoRA scale s.
             bfloat16, float16 or float32, all on one device.
-        impl: ``"composed"`` or ``"fused"`` (Triton: CUDA, or the CPU under ``TRITON_INTERPRET=1``; x, weight,
-            lora_A, lora_B and bias of one dtype).
-        config: a :class:`DoraLinearConfig` for ``impl="fused"`` (None: :data:`DEFAULT_DORA_LINEAR_CONFIG`).
-        planner: what plans the composed path's compose where it asks (a weight that requires grad, autocast:
-            :func:`~dora_tune.kernels.dora_layer.dora_layer_composed`); the run-time dispatcher's hooks
-            (:mod:`dora_tune.dispatch.runtime`).
+        impl: ``"auto"`` (the ``planner``'s choice of implementation and config for op ``dora_linear`` at
+            ``(rows, d_out, d_in, r)``, a shortlist raced on these inputs at first use; ``"composed"`` wherever the
+            fused one does not apply: a CPU without the interpreter, mixed dtypes), ``"composed"`` or ``"fused"``
+            (Triton: CUDA, or the CPU under ``TRITON_INTERPRET=1``; x, weight, lora_A, lora_B and bias of one
+            dtype).
+        config: a :class:`DoraLinearConfig` for the fused implementation (None: the plan's, else
+            :data:`DEFAULT_DORA_LINEAR_CONFIG`).
+        planner: what answers ``impl="auto"`` and plans the composed path's compose where it asks (a weight that
+            requires grad, autocast: :func:`~dora_tune.kernels.dora_layer.dora_layer_composed`); the run-time
+            dispatcher's hooks (:mod:`dora_tune.dispatch.runtime`), which ``dora_tune.kernels.dora_linear`` (the
+            front door) passes.
 
     Returns:
         ``[..., d_out]`` in x's dtype, differentiable with respect to x, weight, bias, lora_A, lora_B and magnitude.
     """
     s = check_dora_linear_inputs(x, weight, bias, lora_A, lora_B, magnitude, norm, scale)
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl not in (*IMPLS, "auto"):
+        raise ValueError(f"impl must be one of {IMPLS} or 'auto', got {impl!r}")
     if config is not None and not isinstance(config, DoraLinearConfig):
         raise TypeError(f"config must be a DoraLinearConfig, got {type(config).__name__}")
     n = norm.detach().float().contiguous()
+    if impl == "auto":
+        planner = need_planner("dora_linear", planner)
+        impl, config = _plan(x, weight, bias, lora_A, lora_B, magnitude, n, s, config, planner)
     if impl == "composed":
         from dora_tune.kernels.dora_layer import dora_layer_unchecked
 
@@ -270,6 +293,76 @@ def dora_linear(
         )
     check_same_device(x=x, norm=n)
     return dora_linear_fused(x, weight, bias, lora_A, lora_B, magnitude, n, s, config)
+
+
+def _plan(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    n: torch.Tensor,
+    s: float,
+    config: DoraLinearConfig | None,
+    planner: Planner,
+) -> tuple[str, DoraLinearConfig | None]:
+    """``(impl, config)`` of an ``impl="auto"`` call: the planner's, with ``"composed"`` where the fused
+    implementation does not apply here (no Triton, mixed dtypes, no rows; the dispatcher plans ``"composed"`` off
+    CUDA)."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows == 0 or not fused_eligible(x, weight, bias, lora_A, lora_B) or not triton_available():
+        return "composed", None
+    dims = (rows, weight.shape[0], weight.shape[1], lora_A.shape[0])
+
+    def race() -> Callable[[DoraLinearConfig], Any]:
+        return fused_runner(x, weight, bias, lora_A, lora_B, magnitude, n, s)
+
+    chosen = planner.auto("dora_linear", dims, x.dtype, x.device, race if config is None else None)
+    if chosen.impl != "fused":
+        return "composed", None
+    return "fused", config or chosen.config
+
+
+def fused_config(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    planner: Planner,
+    race: Callable[[], Callable[[DoraLinearConfig], Any]] | None = None,
+) -> DoraLinearConfig:
+    """The config the fused implementation runs with for a call on ``x [..., d_in]``: the ``planner``'s plan of op
+    ``dora_linear`` at ``(rows, d_out, d_in, r)`` when that is the fused implementation, else
+    :data:`DEFAULT_DORA_LINEAR_CONFIG` (a caller that runs the fused linear where the plan would not: a path race's
+    pick, a compiled layer). ``race`` as :meth:`Planner.auto`'s."""
+    dims = (x.numel() // max(x.shape[-1], 1), weight.shape[0], weight.shape[1], lora_A.shape[0])
+    plan = planner.auto("dora_linear", dims, x.dtype, x.device, race)
+    if plan.impl == "fused" and isinstance(plan.config, DoraLinearConfig):
+        return plan.config
+    return DEFAULT_DORA_LINEAR_CONFIG
+
+
+def fused_runner(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    n: torch.Tensor,
+    s: float,
+) -> Callable[[DoraLinearConfig], Any]:
+    """``run(config)``: the fused linear's forward and backward (x, A, B and m needing gradients, as in training) on
+    detached copies of these tensors and a constant output gradient — nothing the caller sees changes, no RNG drawn:
+    what a race of configs times."""
+    xs, As, Bs, ms = (t.detach().requires_grad_() for t in (x, lora_A, lora_B, magnitude))
+    b = None if bias is None else bias.detach()
+    dy = torch.full((*x.shape[:-1], weight.shape[0]), 1e-3, device=x.device, dtype=x.dtype)
+
+    def run(config: DoraLinearConfig) -> Any:
+        dora_linear_fused(xs, weight.detach(), b, As, Bs, ms, n, s, config).backward(dy)
+
+    return run
 
 
 def fused_eligible(
@@ -321,8 +414,77 @@ def dora_linear_fused(
     return out if len(lead) == 1 else out.view(*lead, out.shape[-1])
 
 
+# ----------------------------------------------------------------------------------------------- the op's spec
+
+
+def _linear_runner(name: str, t: dict[str, Any], cfg: DoraLinearConfig | None) -> Callable[[], Any]:
+    leaves, dy = t["leaves"], t["dy"]
+    x, A, B, m = leaves
+
+    def step() -> Any:
+        out = dora_linear(x, t["W"], None, A, B, m, t["n"], t["s"], impl=name, config=cfg)
+        return torch.autograd.grad(out, leaves, dy)
+
+    return step
+
+
+def _linear_inputs(shape: dict[str, int], rnd: Any) -> dict[str, Any]:
+    rows, o, i, r = shape["rows"], shape["d_out"], shape["d_in"], shape["r"]
+    W, A, B = rnd(o, i, scale=0.02), rnd(r, i, scale=i**-0.5), rnd(o, r, scale=0.02)
+    n = torch.linalg.vector_norm(W.float() + 2.0 * (B.float() @ A.float()), dim=1)  # as the norm op gives it
+    leaves = [rnd(rows, i), A, B, (n * (1 + rnd(o, scale=0.01).float())).to(W.dtype)]
+    return {
+        "W": W,
+        "n": n,
+        "s": 2.0,
+        "dy": rnd(rows, o),
+        "leaves": [t.clone().requires_grad_() for t in leaves],
+    }
+
+
+_K = "dora_tune.kernels."
+#: dora_linear's facts, configs, implementations, runner (forward and backward, as in training) and inputs
+#: (:data:`dora_tune.kernels.OP_SPECS`)
+DORA_LINEAR_SPEC = OpSpec(
+    ops.DORA_LINEAR,
+    DoraLinearConfig,
+    DEFAULT_DORA_LINEAR_CONFIG,
+    impls=(
+        ImplSpec(
+            "composed",
+            ANY_DEVICE,
+            (
+                _K + "_dora_triton",
+                _K + "dora_layer:_DoraLayerFn",
+                _K + "dora_layer:_fwd",
+                _K + "dora_layer:_torch_path",
+            ),
+            selfcheck_tol=FUSED_TOL,
+        ),
+        ImplSpec(
+            "fused",
+            CUDA_ONLY,
+            (
+                _K + "_dora_linear_triton",
+                _K + "_dora_triton",
+                _K + "dora_linear:_FusedFn",
+                _K + "dora_linear:fused_forward",
+                _K + "dora_linear:fused_backward",
+            ),
+            dora_linear_tuning_space,
+            DoraLinearConfig.from_dict,
+            ("rows", "d_out", "d_in"),
+            FUSED_TOL,
+        ),
+    ),
+    runner=_linear_runner,
+    inputs=_linear_inputs,
+)
+
+
 __all__ = [
     "DEFAULT_DORA_LINEAR_CONFIG",
+    "DORA_LINEAR_SPEC",
     "FUSED_LINEAR_ENV",
     "IMPLS",
     "DoraLinearConfig",
@@ -331,6 +493,8 @@ __all__ = [
     "dora_linear_fused",
     "dora_linear_reference",
     "dora_linear_tuning_space",
+    "fused_config",
     "fused_eligible",
     "fused_layer_route",
+    "fused_runner",
 ]

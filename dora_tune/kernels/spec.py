@@ -1,7 +1,8 @@
 """Each op's :class:`OpSpec`: its torch-free facts (:mod:`dora_tune.ops`) with what needs torch — the config
 class, the default config, its implementations (:class:`ImplSpec`: devices, the sources their version hashes, the
 config space to sweep), how to run it once and how to make inputs for it — as its kernel module declares it
-(``NORM_SPEC`` in :mod:`~dora_tune.kernels.norm`, ``COMPOSE_SPEC``, ``COMPOSE_TRAIN_SPEC``);
+(``NORM_SPEC`` in :mod:`~dora_tune.kernels.norm`, ``COMPOSE_SPEC``, ``COMPOSE_TRAIN_SPEC``,
+``DORA_LINEAR_SPEC``);
 :mod:`~dora_tune.kernels.catalog` (``dora_tune.kernels.OP_SPECS``) collects them. The registry of the profiler and
 the planner (:mod:`dora_tune.dispatch.registry`) is a read of them."""
 
@@ -94,6 +95,7 @@ class OpSpec:
         return self.facts.name
 
     def crossover_choice(self, dims: tuple[int, ...]) -> tuple[str, Any]:
-        """``("triton", the default config)`` or ``(the torch implementation, None)`` at ``dims``, by the fixed rule."""
+        """``(the Triton implementation, the default config)`` or ``(the torch implementation, None)`` at ``dims``,
+        by the fixed rule."""
         impl = self.facts.crossover(dims)
-        return (impl, self.default_config) if impl == "triton" else (self.facts.torch_impl, None)
+        return (impl, self.default_config) if impl == self.facts.triton_impl else (self.facts.torch_impl, None)

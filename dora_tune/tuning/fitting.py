@@ -148,6 +148,7 @@ def fit(
     n_splits: int = 5,
     min_shapes: int = MIN_SHAPES,
     dtypes: Sequence[str] | None = None,
+    ops: Sequence[str] | None = None,
 ) -> list[FitSummary]:
     """Fit, cross-validate and compile the cost model of every (environment, op, dtype) of ``db`` with at least
     ``min_shapes`` distinct measured shapes, and store each decision table and its metrics
@@ -161,6 +162,7 @@ def fit(
         min_shapes: fewest distinct shapes to fit.
         dtypes: only these dtypes (e.g. ``["bf16"]`` after a ``--quick`` fp16 run, whose shortlists alone would fit
             an fp16 table that plans unseen shapes worse than the bf16 table they came from); None: every dtype.
+        ops: only these ops (e.g. an op just added to a database whose other tables stay as they are); None: all.
 
     Returns:
         One summary per fitted (environment, op, dtype), ordered by GPU, op, dtype; empty when nothing qualifies.
@@ -173,11 +175,14 @@ def fit(
         raise ValueError(f"unknown estimator {estimator!r}; expected one of {list(ESTIMATORS)}")
     if dtypes is not None and not set(dtypes) <= set(DTYPE_NAMES):
         raise ValueError(f"unknown dtype(s) {sorted(set(dtypes) - set(DTYPE_NAMES))}; expected {list(DTYPE_NAMES)}")
+    if ops is not None and not set(ops) <= set(OP_SHAPE_KEYS):
+        raise ValueError(f"unknown op(s) {sorted(set(ops) - set(OP_SHAPE_KEYS))}; expected {list(OP_SHAPE_KEYS)}")
     wanted = set(DTYPE_NAMES if dtypes is None else dtypes)
+    wanted_ops = set(OP_SHAPE_KEYS if ops is None else ops)
     envs = {e.id: e for e in db.environments(gpu=gpu)}
     groups: dict[tuple[int, str, str], list[TrialRow]] = defaultdict(list)
     for t in db.trials(gpu=gpu, status="ok"):
-        if t.env_id in envs and t.op in OP_SHAPE_KEYS and t.dtype in wanted:
+        if t.env_id in envs and t.op in wanted_ops and t.dtype in wanted:
             groups[(t.env_id, t.op, t.dtype)].append(t)
     out = []
     for (env_id, op, dtype), trials in sorted(groups.items(), key=lambda kv: (envs[kv[0][0]].gpu_name, kv[0])):

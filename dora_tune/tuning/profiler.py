@@ -50,6 +50,7 @@ from dora_tune.dispatch.runtime import RACE_ROUNDS, RACE_WALL_CALLS
 from dora_tune.dispatch.timing import gpu_times, interleaved_times, wall_times
 from dora_tune.kernels.compose import DEFAULT_COMPOSE_CONFIG
 from dora_tune.kernels.compose_train import DEFAULT_COMPOSE_TRAIN_CONFIG
+from dora_tune.ops import OPS
 from dora_tune.tuning.trials import make_inputs, train_bwd_stage
 
 #: forward configs of compose_train's stage one taken from the same shape's compose measurements.
@@ -95,23 +96,18 @@ def quick_configs(gpu_name: str, db_location: str | None, summary: ProfileSummar
     whole space: a torch implementation, or no decision table serves this GPU). Plans as the dispatcher would with
     the database at ``db_location`` and the shipped caches. Each shortlist it names sets ``summary.narrowed``."""
     from dora_tune.dispatch.runtime import Dispatcher
-    from dora_tune.kernels.norm import DEFAULT_NORM_CONFIG
+    from dora_tune.kernels.catalog import OP_SPECS
 
-    defaults = {
-        "norm": DEFAULT_NORM_CONFIG,
-        "compose": DEFAULT_COMPOSE_CONFIG,
-        "compose_train": DEFAULT_COMPOSE_TRAIN_CONFIG,
-    }
     dispatcher = Dispatcher(db_location, force_env="", race=True)
 
     def choose(op: str, impl: Impl, dtype: str, shape: dict[str, int]) -> list[str] | None:
-        if impl.name != "triton":
+        if impl.name != OPS[op].triton_impl:
             return None
         plan = dispatcher.plan_for_gpu(gpu_name, op, shape, dtype)
         if plan.source not in ("model", "measured"):
             return None
         picked = [plan.config, *plan.race] if plan.impl == impl.name else []
-        picked.append(defaults[op])
+        picked.append(OP_SPECS[op].default_config)
         out: dict[str, None] = {}
         for cfg in picked:
             out.setdefault(canonical_json(cfg.as_dict()))

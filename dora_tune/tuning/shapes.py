@@ -1,7 +1,10 @@
 """Shape sets to profile: model presets, rank/token lists, shape files and the default set.
 
 A *shape* is op-specific and always a dict of ints: ``norm`` → ``{"d_out", "d_in", "r"}``, ``compose`` and
-``compose_train`` → ``{"rows", "cols"}`` (rows = tokens in the batch, cols = d_out of the projection).
+``compose_train`` → ``{"rows", "cols"}`` (rows = tokens in the batch, cols = d_out of the projection),
+``dora_linear`` → ``{"rows", "d_out", "d_in", "r"}`` (a whole layer's GEMMs: its own, smaller default ranks and
+token counts, :data:`LINEAR_RANKS` and :data:`LINEAR_TOKENS`, since each of its trials costs a layer's forward and
+backward).
 """
 
 from __future__ import annotations
@@ -58,11 +61,18 @@ _DEFAULT_NORM_DIMS = [
     (28672, 8192),
 ]
 _DEFAULT_COLS = (512, 1024, 2048, 4096, 8192, 14336, 28672)
+#: dora_linear's defaults (where --rank / --tokens do not say): the ranks of the train-loop benchmark, training
+#: micro-batches of 512 to 8192 tokens; its default set's projections: the squares and MLP rectangles of the
+#: 8B-class models, a GQA key/value projection and a 70B square
+LINEAR_RANKS: tuple[int, ...] = (16, 64, 384)
+LINEAR_TOKENS: tuple[int, ...] = (512, 2048, 8192)
+_DEFAULT_LINEAR_DIMS = [(4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096), (8192, 8192)]
 #: The small CPU set: what the torch implementations need to show their trends in a few minutes.
 _CPU_NORM_DIMS = [(256, 256), (512, 1024), (1024, 512), (1024, 1024)]
 _CPU_RANKS = (8, 64)
 _CPU_TOKENS = (1, 64, 512)
 _CPU_COLS = (256, 1024, 2048)
+_CPU_LINEAR = [(64, 256, 256, 8), (512, 1024, 512, 64)]
 
 
 class ShapeError(ValueError):
@@ -92,16 +102,25 @@ def _dedupe(shapes: list[dict[str, int]]) -> list[dict[str, int]]:
     return out
 
 
+def _linear(dims: list[tuple[int, int]], ranks: tuple[int, ...], tokens: tuple[int, ...]) -> list[dict[str, int]]:
+    out = [
+        {"rows": t, "d_out": o, "d_in": i, "r": r}
+        for (o, i), r, t in itertools.product(dims, ranks or LINEAR_RANKS, tokens or LINEAR_TOKENS)
+    ]
+    return _dedupe(out)
+
+
 def model_shapes(model: str, ranks: tuple[int, ...], tokens: tuple[int, ...]) -> dict[str, list[dict[str, int]]]:
-    """Shapes of every projection of ``model`` for each op."""
+    """Shapes of every projection of ``model`` for each op (empty ``ranks`` / ``tokens``: each op's defaults)."""
     try:
         dims = MODEL_PRESETS[model.lower()]
     except KeyError:
         raise ShapeError(f"unknown model {model!r}; presets: {', '.join(sorted(MODEL_PRESETS))}") from None
     proj = list(dims.projections().values())
-    norm = [{"d_out": o, "d_in": i, "r": r} for (o, i), r in itertools.product(proj, ranks)]
-    comp = [{"rows": t, "cols": o} for (o, _), t in itertools.product(proj, tokens)]
-    return {"norm": _dedupe(norm), "compose": _dedupe(comp), "compose_train": _dedupe(comp)}
+    norm = [{"d_out": o, "d_in": i, "r": r} for (o, i), r in itertools.product(proj, ranks or DEFAULT_RANKS)]
+    comp = [{"rows": t, "cols": o} for (o, _), t in itertools.product(proj, tokens or DEFAULT_TOKENS)]
+    comp = _dedupe(comp)
+    return {"norm": _dedupe(norm), "compose": comp, "compose_train": comp, "dora_linear": _linear(proj, ranks, tokens)}
 
 
 def default_shapes(*, cpu: bool = False) -> dict[str, list[dict[str, int]]]:
@@ -110,7 +129,11 @@ def default_shapes(*, cpu: bool = False) -> dict[str, list[dict[str, int]]]:
     tokens, cols = (_CPU_TOKENS, _CPU_COLS) if cpu else (DEFAULT_TOKENS, _DEFAULT_COLS)
     norm = [{"d_out": o, "d_in": i, "r": r} for (o, i), r in itertools.product(dims, ranks)]
     comp = [{"rows": t, "cols": c} for t, c in itertools.product(tokens, cols)]
-    return {"norm": norm, "compose": comp, "compose_train": list(comp)}
+    if cpu:
+        linear = [{"rows": t, "d_out": o, "d_in": i, "r": r} for t, o, i, r in _CPU_LINEAR]
+    else:
+        linear = _linear(_DEFAULT_LINEAR_DIMS, (), ())
+    return {"norm": norm, "compose": comp, "compose_train": list(comp), "dora_linear": linear}
 
 
 def load_shapes_file(path: str | Path) -> dict[str, list[dict[str, int]]]:
@@ -173,7 +196,7 @@ def build_shape_set(
             raise ShapeError(f"--{name} values must be positive, got {list(vals)}")
     parts = []
     for m in models:
-        parts.append(model_shapes(m, ranks or DEFAULT_RANKS, tokens or DEFAULT_TOKENS))
+        parts.append(model_shapes(m, ranks, tokens))
     if shapes_file is not None:
         parts.append(load_shapes_file(shapes_file))
     if not parts:
@@ -184,6 +207,10 @@ def build_shape_set(
             base["compose"] = base["compose_train"] = _dedupe(
                 [{**s, "rows": t} for s in base["compose"] for t in tokens]
             )
+        if ranks or tokens:
+            linear = base["dora_linear"]
+            linear = _dedupe([{**s, "r": r} for s in linear for r in ranks]) if ranks else linear
+            base["dora_linear"] = _dedupe([{**s, "rows": t} for s in linear for t in tokens]) if tokens else linear
         return base
     out: dict[str, list[dict[str, int]]] = {op: [] for op in OPS}
     for part in parts:

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 import torch
 
 from dora_tune.dispatch.registry import registry
+from dora_tune.ops import OPS
 from dora_tune.tuning.trials import make_inputs, train_bwd_stage
 
 
@@ -31,6 +32,9 @@ def proxy_shape(op: str, shape: dict[str, int]) -> dict[str, int]:
 
     if op == "norm":
         return {"d_out": small(shape["d_out"], 256, 16), "d_in": small(shape["d_in"], 2048, 256), "r": shape["r"]}
+    if op == "dora_linear":  # the rank sets the r loop's step; the rest only their divisibility by 16
+        dims = {k: small(shape[k], 128, 16) for k in ("d_out", "d_in")}
+        return {"rows": small(shape["rows"], 64, 16), **dims, "r": shape["r"]}
     return {"rows": small(shape["rows"], 64, 16), "cols": small(shape["cols"], 2048, 16)}
 
 
@@ -39,7 +43,7 @@ def warm_items(tasks: Iterable, *, stage_two: bool = True) -> list[tuple[str, st
     with ``stage_two``, compose_train's second-stage configs)."""
     items: set[tuple[str, str, str, str, str]] = set()
     for t in tasks:
-        if t.impl.name != "triton" or not t.configs:
+        if t.impl.name != OPS[t.op].triton_impl or not t.configs:
             continue
         proxy = json.dumps(proxy_shape(t.op, t.shape), sort_keys=True)
         configs = list(t.configs)

@@ -50,6 +50,16 @@ def test_fit_only_the_dtypes_asked_for(known_db):
     assert res.exit_code == 0 and "stored 1 decision table" in res.output, res.output
 
 
+def test_fit_only_the_ops_asked_for(known_db):
+    """--op limits the fit to those ops: the compose_train trials are not fitted under --op dora_linear."""
+    res = CliRunner().invoke(cli, ["fit", "--db", known_db, "--op", "dora_linear"])
+    assert res.exit_code == 1 and "nothing to fit of dora_linear" in res.output
+    with TuningDB.open(known_db, readonly=True) as db:
+        assert db.models() == []
+    res = run("fit", "--db", known_db, "--op", "compose_train", "--op", "norm")
+    assert res.exit_code == 0 and "stored 1 decision table" in res.output, res.output
+
+
 def test_fit_with_nothing_to_fit_fails_clearly(tmp_path, known_db):
     res = CliRunner().invoke(cli, ["fit", "--db", known_db, "--gpu", "a100"])
     assert res.exit_code == 1 and "nothing to fit for GPU 'a100'" in res.output

@@ -104,6 +104,18 @@ def test_lookup_argument_errors():
     assert run("lookup", "--op", "norm", "--rows", "8", "--cols", "8").exit_code == 2  # --rank required
     assert run("lookup", "--op", "compose", "--rows", "8", "--cols", "8", "--rank", "4").exit_code == 2
     assert run("lookup", "--op", "compose", "--rows", "0", "--cols", "8").exit_code == 2
+    linear = ["lookup", "--op", "dora_linear", "--rows", "8", "--cols", "8"]
+    assert run(*linear, "--rank", "4").exit_code == 2  # --d-in required
+    assert run(*linear, "--d-in", "16").exit_code == 2  # --rank required
+    assert run("lookup", "--op", "norm", "--rows", "8", "--cols", "8", "--rank", "4", "--d-in", "16").exit_code == 2
+
+
+def test_lookup_dora_linear_plans_the_layer_shape(tmp_path):
+    args = ["--rows", "4096", "--cols", "1024", "--d-in", "4096", "--rank", "64", "--gpu", "Some Future GPU"]
+    res = run("lookup", "--op", "dora_linear", *args, "--no-shipped", "--db", str(tmp_path / "none.sqlite"))
+    assert res.exit_code == 0, res.output
+    assert "dora_linear rows=4096,d_out=1024,d_in=4096,r=64 bf16: composed" in res.output
+    assert "source: heuristic" in res.output
 
 
 def _record(db, impl, config, us, wall):

@@ -741,7 +741,8 @@ def test_an_unprofiled_gpu_of_a_profiled_architecture_plans_from_its_tables(tmp_
         own = d.plan_for_gpu(nearest, "norm", shape, "bf16")  # the same table, on its own GPU
         assert own.source == "model" and "transferred" not in own.detail
         assert (own.impl, own.config, own.race) == (p.impl, p.config, p.race)
-        assert not any("transferred" in n for n in d.explain(nearest))
+        # its own tables; only an op its cache lacks (dora_linear on the H200) is transferred
+        assert all("(of dora_linear: none of this GPU's)" in n for n in d.explain(nearest) if "transferred" in n)
         p16 = d.plan_for_gpu(gpu, "norm", shape, "fp16")  # no fp16 table anywhere: the bf16 one
         assert (p16.impl, p16.config, p16.race) == (p.impl, p.config, p.race) and "for bf16" in p16.detail
         note = next(n for n in d.explain(gpu) if n.startswith("transferred from"))
@@ -754,6 +755,21 @@ def test_an_unprofiled_gpu_of_a_profiled_architecture_plans_from_its_tables(tmp_
     # transfer draws on the shipped caches: without them, the crossover
     no_shipped = Dispatcher(str(tmp_path / "none.sqlite"), force_env="", use_shipped=False)
     assert no_shipped.plan_for_gpu("NVIDIA H800", "norm", shape, "bf16").source == "heuristic"
+
+
+def test_an_op_missing_from_a_gpus_cache_is_planned_by_the_nearest_gpu_with_its_table(tmp_path):
+    """The H200's cache predates dora_linear: the H200 plans that op by the H100's table (and its other ops by its
+    own); the H100 plans it by its own."""
+    d = Dispatcher(str(tmp_path / "none.sqlite"), force_env="")
+    shape = {"rows": 2048, "d_out": 4096, "d_in": 4096, "r": 64}
+    p = d.plan_for_gpu("NVIDIA H200", "dora_linear", shape, "bf16")
+    assert p.source == "model" and "transferred from NVIDIA H100 80GB HBM3" in p.detail and p.impl == "composed"
+    note = next(n for n in d.explain("NVIDIA H200") if n.startswith("transferred from"))
+    assert "of dora_linear: none of this GPU's" in note
+    own = d.plan_for_gpu("NVIDIA H200", "norm", {"d_out": 4096, "d_in": 4096, "r": 64}, "bf16")
+    assert own.source in ("model", "measured") and "transferred" not in own.detail
+    h100 = d.plan_for_gpu("NVIDIA H100 80GB HBM3", "dora_linear", shape, "bf16")
+    assert h100.source in ("model", "measured") and "transferred" not in h100.detail
 
 
 def test_transfer_reads_each_shipped_gpu_with_its_recorded_features():

@@ -14,6 +14,7 @@ from dora_tune.dispatch.registry import (
     registry,
     source_version,
 )
+from dora_tune.ops import OPS
 from dora_tune.tuning.trials import make_inputs
 
 
@@ -22,11 +23,12 @@ def test_registry_covers_every_op_and_impl():
     assert {i.name for i in reg["norm"]} == {"dense", "factored_torch", "triton"}
     assert {i.name for i in reg["compose"]} == {"eager", "triton"}
     assert {i.name for i in reg["compose_train"]} == {"eager", "triton"}
-    for impls in reg.values():
+    assert {i.name for i in reg["dora_linear"]} == {"composed", "fused"}
+    for op, impls in reg.items():
         for impl in impls:
             assert len(impl.version) == 12
             assert impl.runs_on(torch.device("cuda"))
-            assert impl.runs_on(torch.device("cpu")) == (impl.name != "triton")
+            assert impl.runs_on(torch.device("cpu")) == (impl.name != OPS[op].triton_impl)
 
 
 def test_versions_follow_the_source():

@@ -95,6 +95,13 @@ def run(rank: int, world: int, port: int, out: str, kind: str, steps: int, accum
         _shard(sharded, kind)
         opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (ref, sharded)]
         gen = torch.Generator().manual_seed(1)
+        probe = torch.randn(256, 32, generator=torch.Generator().manual_seed(2)).to(dev)  # one fixed batch
+
+        def probe_loss() -> float:  # the reference's loss on it: whether training lowered the objective
+            with torch.no_grad():
+                return ref(probe).pow(2).mean().item()
+
+        before = probe_loss()
         losses: dict[str, list[float]] = {"ref": [], "sharded": []}
         for _ in range(steps):
             for _ in range(accum):  # the norm cached across micro-steps; FSDP reshards after each forward
@@ -107,6 +114,7 @@ def run(rank: int, world: int, port: int, out: str, kind: str, steps: int, accum
             for opt in opts:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+        trained = (before, probe_loss())
         with torch.no_grad():
             ref_params = {n: p for n, p in ref.named_parameters() if p.requires_grad}
             diffs = {
@@ -118,7 +126,14 @@ def run(rank: int, world: int, port: int, out: str, kind: str, steps: int, accum
             out_diff = (sharded(x) - ref(x)).abs().max().item()
         Path(out, f"rank{rank}.json").write_text(
             json.dumps(
-                {"losses": losses, "param_diffs": diffs, "out_diff": out_diff, "n_params": len(diffs), "calls": calls}
+                {
+                    "losses": losses,
+                    "param_diffs": diffs,
+                    "out_diff": out_diff,
+                    "n_params": len(diffs),
+                    "calls": calls,
+                    "probe": trained,
+                }
             )
         )
     finally:

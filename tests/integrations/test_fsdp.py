@@ -38,7 +38,8 @@ def check(ranks, kind, tol):
     # each rank's loss is the mean over its share of the batch: their mean is the whole batch's
     sharded = [sum(v) / len(ranks) for v in zip(*(r["losses"]["sharded"] for r in ranks), strict=True)]
     assert len(ref) == 8 and max(abs(a - b) / abs(b) for a, b in zip(sharded, ref, strict=True)) < tol
-    assert ref[-1] < ref[0]  # it trained
+    before, after = ranks[0]["probe"]
+    assert after < before  # it trained: the objective on one fixed batch went down (each step's batch is fresh)
     for r in ranks:
         if kind == "peft":  # every DoRA layer call of both models went through dora-tune (2 layers a forward)
             assert r["calls"]["sharded"] >= 2 * len(ref) and r["calls"]["ref"] >= 2 * len(ref), r["calls"]

@@ -14,6 +14,7 @@ from dora_tune.kernels.dora_linear import (
     dora_linear,
     dora_linear_reference,
     dora_linear_tuning_space,
+    fused_layer_route,
 )
 
 from conftest import dora_inputs, relerr
@@ -144,7 +145,9 @@ def test_bad_input_is_refused_with_a_clear_error():
     ins, n, s, _ = make((4,), 16, 8, 2, torch.float32, "cpu")
     args = list(ins.values())
     with pytest.raises(ValueError, match="impl must be one of"):
-        dora_linear(*args, n, s, impl="auto")
+        dora_linear(*args, n, s, impl="triton")
+    with pytest.raises(ValueError, match="needs a planner"):  # the module's function; the front door plans
+        dora_linear(*args, n, s)
     with pytest.raises(TypeError, match="DoraLinearConfig"):
         dora_linear(*args, n, s, impl="fused", config={"block_m": 16})
     with pytest.raises(ValueError, match="d_in"):
@@ -192,21 +195,23 @@ def test_the_path_race_offers_the_fused_linear_only_opted_in_and_where_it_applie
     ins, n, s, _ = make((6,), 24, 20, 2, torch.float32, triton_device)
     x, W, b, A, B, m = (v.detach().requires_grad_(k in ("x", "A", "B", "m")) for k, v in ins.items())
 
-    def paths(**over):
-        kw = {"base_result": None, "full": True, "x": x, "A": A, **over}
-        return dl._path_runners(kw["x"], W, b, kw["base_result"], kw["A"], B, m, n, s, True, kw["full"], CFG)
+    def route(**over):
+        kw = {"base_result": None, "full": True, "A": A, **over}
+        return fused_layer_route(x, W, b, kw["A"], B, kw["base_result"], kw["full"])
 
     monkeypatch.delenv(FUSED_LINEAR_ENV, raising=False)
-    assert set(paths()) == {"eager", "triton"}
+    assert not route()
     monkeypatch.setenv(FUSED_LINEAR_ENV, "1")
-    runners = paths()
+    assert route()
+    assert not route(full=False)  # PEFT's delta output
+    assert not route(base_result=torch.zeros(6, 20))  # PEFT hands its base output (dropout acting)
+    assert not route(A=A.detach().double().requires_grad_())  # mixed dtypes
+    assert set(dl._path_runners(x, W, b, None, A, B, m, n, s, True, True, CFG)) == {"eager", "triton"}
+    runners = dl._path_runners(x, W, b, None, A, B, m, n, s, True, True, CFG, DoraLinearConfig(16, 16, 16, 1, 1, 1))
     assert set(runners) == {"eager", "triton", "fused"}
     for run in runners.values():  # each runs forward and backward on detached copies
         run()
     assert x.grad is None and A.grad is None and m.grad is None
-    assert "fused" not in paths(full=False)  # PEFT's delta output
-    assert "fused" not in paths(base_result=torch.zeros(6, 20))  # PEFT hands its base output (dropout acting)
-    assert "fused" not in paths(A=A.detach().double().requires_grad_())  # mixed dtypes
 
 
 @pytest.mark.gpu
@@ -266,3 +271,71 @@ def test_compiled_layers_run_the_fused_linear_as_one_custom_op_when_opted_in(mon
         assert ("dora_tune.dora_linear_fwd" in ops) is opted, ops
         assert all(relerr(a, b) < 2e-5 for a, b in zip(got, want, strict=True))
     torch._dynamo.reset()
+
+
+class _Plan:
+    def __init__(self, impl, config):
+        self.impl, self.config = impl, config
+
+
+class _StubPlanner:
+    """A planner that answers every ``dora_linear`` plan with ``(impl, config)`` and records what it was asked; with
+    ``race_with`` it runs the race factory's runner with that config (as the dispatcher's race would)."""
+
+    def __init__(self, impl, config, race_with=None):
+        self.plan, self.asked, self.race_with = _Plan(impl, config), [], race_with
+
+    def auto(self, op, dims, dtype, device, race=None):
+        self.asked.append((op, dims, dtype, race is not None))
+        if race is not None and self.race_with is not None:
+            race()(self.race_with)
+        return self.plan
+
+
+def test_auto_runs_the_planned_implementation_and_config(triton_device, monkeypatch):
+    """``impl="auto"``: the planner is asked for op dora_linear at (rows, d_out, d_in, r) with a race factory (no
+    own config); a fused plan runs the fused kernels with the plan's config, a composed plan the composed path —
+    the same values either way; mixed dtypes never reach the planner."""
+    dl_mod = importlib.import_module("dora_tune.kernels.dora_linear")
+    ins, n, s, _ = make((3, 5), 24, 40, 4, torch.float32, triton_device)
+    args = (*ins.values(), n, s)
+    launched = []
+    real = dl_mod._FusedFn.apply
+    monkeypatch.setattr(dl_mod._FusedFn, "apply", lambda *a: launched.append(a[-1]) or real(*a))
+    fused = _StubPlanner("fused", SMALL, race_with=SMALL)
+    y_fused = dora_linear(*args, planner=fused)
+    assert fused.asked == [("dora_linear", (15, 40, 24, 4), torch.float32, True)]
+    assert launched == [SMALL, SMALL]  # the race's runner, then the call
+    composed = _StubPlanner("composed", None)
+    y_comp = dora_linear(*args, planner=composed)
+    assert len(launched) == 2 and composed.asked
+    assert relerr(y_fused, y_comp) < 1e-5
+    own = DoraLinearConfig(32, 16, 16, 1, 2, 1)
+    dora_linear(*args, config=own, planner=_StubPlanner("fused", SMALL, race_with=SMALL))  # own config: no race
+    assert launched[-1] == own and len(launched) == 3
+    mixed = [v if k in ("A", "B") else v.bfloat16() for k, v in ins.items()]  # float32 adapters, bf16 layer
+    none = _StubPlanner("fused", SMALL)
+    assert dora_linear(*mixed, n, s, planner=none).dtype == torch.bfloat16 and none.asked == []
+
+
+def test_fused_config_is_the_plans_only_when_the_plan_is_fused():
+    from dora_tune.kernels.dora_linear import fused_config
+
+    x, W, A = torch.randn(2, 7, 16), torch.randn(8, 16), torch.randn(3, 16)
+    assert fused_config(x, W, A, _StubPlanner("fused", SMALL)) == SMALL
+    assert fused_config(x, W, A, _StubPlanner("composed", None)) == DEFAULT_DORA_LINEAR_CONFIG
+    stub = _StubPlanner("fused", SMALL)
+    fused_config(x, W, A, stub)
+    assert stub.asked == [("dora_linear", (14, 8, 16, 3), torch.float32, False)]
+
+
+def test_the_front_door_plans_the_composed_path_off_cuda():
+    """``dora_tune.kernels.dora_linear`` (the front door) on the CPU: the dispatcher plans the composed path."""
+    import dora_tune.kernels as K
+
+    ins, n, s, _ = make((4,), 16, 8, 2, torch.float32, "cpu")
+    plan = planner.default_dispatcher().plan("dora_linear", {"rows": 4, "d_out": 8, "d_in": 16, "r": 2}, "fp32", "cpu")
+    assert plan.impl == "composed"
+    y = K.dora_linear(*ins.values(), n, s)
+    ref = dora_linear_reference(*ins.values(), n, s)
+    assert relerr(y, ref) < TOL[torch.float32]

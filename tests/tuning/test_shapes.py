@@ -37,6 +37,21 @@ def test_default_set_spans_the_ranges():
     assert max(x["d_out"] * x["d_in"] for x in small["norm"]) <= 1024 * 1024
 
 
+def test_dora_linear_has_its_own_smaller_defaults():
+    """dora_linear's trials cost a layer's GEMMs: its default set is 5 projections × ranks {16, 64, 384} × tokens
+    {512, 2048, 8192}; a preset's projections likewise; --rank and --tokens replace its defaults."""
+    s = default_shapes()["dora_linear"]
+    assert len(s) == 45 and {x["r"] for x in s} == {16, 64, 384} and {x["rows"] for x in s} == {512, 2048, 8192}
+    assert all(set(x) == {"rows", "d_out", "d_in", "r"} for x in s)
+    assert {"rows": 2048, "d_out": 14336, "d_in": 4096, "r": 64} in s
+    assert len(default_shapes(cpu=True)["dora_linear"]) == 2
+    llama = model_shapes("llama-3-8b", (), ())["dora_linear"]
+    assert len(llama) == 4 * 3 * 3  # q/o, k/v, gate/up, down: 4 distinct (d_out, d_in)
+    assert {(x["r"], x["rows"]) for x in model_shapes("llama-3-8b", (8,), (100,))["dora_linear"]} == {(8, 100)}
+    picked = build_shape_set(ranks=(32,), tokens=(1000, 3000))["dora_linear"]
+    assert len(picked) == 5 * 2 and {x["r"] for x in picked} == {32}
+
+
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(ShapeError, match=r"unknown model 'llama-9'.*presets: "):
         build_shape_set(models=("llama-9",))

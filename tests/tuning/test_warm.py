@@ -16,6 +16,8 @@ def test_proxy_keeps_what_triton_specialises_on():
     c = proxy_shape("compose", {"rows": 32768, "cols": 4099})
     assert c == {"rows": 64, "cols": 2048 + 4099 % 16}
     assert proxy_shape("compose_train", {"rows": 1, "cols": 8})["rows"] == 1
+    lin = proxy_shape("dora_linear", {"rows": 8192 + 3, "d_out": 14336, "d_in": 4096 + 40, "r": 384})
+    assert lin == {"rows": 64 + 3, "d_out": 128, "d_in": 128 + 8, "r": 384}
 
 
 def _tasks():
