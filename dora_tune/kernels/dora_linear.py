@@ -310,18 +310,22 @@ def _plan(
     """``(impl, config)`` of an ``impl="auto"`` call: the planner's, with ``"composed"`` where the fused
     implementation does not apply here (no Triton, mixed dtypes, no rows; the dispatcher plans ``"composed"`` off
     CUDA)."""
-    rows = x.numel() // max(x.shape[-1], 1)
-    if rows == 0 or not fused_eligible(x, weight, bias, lora_A, lora_B) or not triton_available():
+    if x.numel() == 0 or not fused_eligible(x, weight, bias, lora_A, lora_B) or not triton_available():
         return "composed", None
-    dims = (rows, weight.shape[0], weight.shape[1], lora_A.shape[0])
 
     def race() -> Callable[[DoraLinearConfig], Any]:
         return fused_runner(x, weight, bias, lora_A, lora_B, magnitude, n, s)
 
-    chosen = planner.auto("dora_linear", dims, x.dtype, x.device, race if config is None else None)
+    chosen = _ask(x, weight, lora_A, planner, race if config is None else None)
     if chosen.impl != "fused":
         return "composed", None
     return "fused", config or chosen.config
+
+
+def _ask(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, planner: Planner, race: Any) -> Any:
+    """The ``planner``'s plan of op ``dora_linear`` for a call on ``x [..., d_in]``: dims (rows, d_out, d_in, r)."""
+    dims = (x.numel() // max(x.shape[-1], 1), weight.shape[0], weight.shape[1], lora_A.shape[0])
+    return planner.auto("dora_linear", dims, x.dtype, x.device, race)
 
 
 def fused_config(
@@ -335,8 +339,7 @@ def fused_config(
     ``dora_linear`` at ``(rows, d_out, d_in, r)`` when that is the fused implementation, else
     :data:`DEFAULT_DORA_LINEAR_CONFIG` (a caller that runs the fused linear where the plan would not: a path race's
     pick, a compiled layer). ``race`` as :meth:`Planner.auto`'s."""
-    dims = (x.numel() // max(x.shape[-1], 1), weight.shape[0], weight.shape[1], lora_A.shape[0])
-    plan = planner.auto("dora_linear", dims, x.dtype, x.device, race)
+    plan = _ask(x, weight, lora_A, planner, race)
     if plan.impl == "fused" and isinstance(plan.config, DoraLinearConfig):
         return plan.config
     return DEFAULT_DORA_LINEAR_CONFIG
