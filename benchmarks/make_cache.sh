@@ -10,7 +10,8 @@
 #
 # Steps, each skipped once done (every `dora-tune profile` measures only what is missing):
 #   1. the default shape set, bf16;                2. the five model presets, bf16;
-#   3. the norm at ranks 32 and 256 (default set, then presets);
+#   3. the norm at ranks 32 and 256 (default set, then presets); 3b. the whole DoRA linear's default set
+#      (`--op dora_linear`: not in the default profile);
 #   4. the confirmation stage (each shape's fastest trials re-timed together);
 #   5. fit, bf16 only (an fp16 table fitted on --quick shortlists alone would plan worse than the bf16 one);
 #   6. export OUTDIR/<gpu-slug>.sqlite (read-only friendly: rollback journal, vacuumed).
@@ -55,6 +56,7 @@ step default "${PROFILE[@]}"
 step presets "${PROFILE[@]}" "${PRESETS[@]}"
 step ranks "${PROFILE[@]}" --op norm --rank 32 --rank 256
 step ranks-presets "${PROFILE[@]}" --op norm --rank 32 --rank 256 "${PRESETS[@]}"
+step linear "${PROFILE[@]}" --op dora_linear
 step confirm python3 -m dora_tune profile --gpu auto --no-progress --db "$DB" --confirm-only
 GPU=$(python3 -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU')")
 SLUG=$(python3 -c "import sys; from dora_tune.autotune_db import gpu_slug; print(gpu_slug(sys.argv[1]))" "$GPU")

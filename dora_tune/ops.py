@@ -79,6 +79,8 @@ class OpFacts:
             compose_train have none: their grid features lowered neither CV regret, docs/cost-model.md).
         triton_impl: the implementation of Triton kernels with a config space (what ``force("triton")`` plans and
             the profiler sweeps).
+        profiled_by_default: whether ``dora-tune profile`` measures the op when no ``--op`` names it (else only when
+            named, or when a shapes file lists its shapes).
     """
 
     name: str
@@ -93,6 +95,7 @@ class OpFacts:
     race_per_cell: bool = False
     launch_grids: tuple[LaunchGrid, ...] = ()
     triton_impl: str = "triton"
+    profiled_by_default: bool = True
 
 
 def _norm_bytes(shape: dict[str, int], elem: int) -> int:
@@ -176,7 +179,9 @@ def _always_composed(dims: tuple[int, ...]) -> str:
 
 #: the whole DoRA linear, forward and backward (issue 20): the composed path (cuBLAS base and LoRA GEMMs, the fused
 #: compose) or the fused linear (one Triton GEMM with the DoRA epilogue each way); its shapes follow the token
-#: count, so one race serves a decision-table cell, as for compose_train
+#: count, so one race serves a decision-table cell, as for compose_train. Profiled only when asked for: its trials
+#: cost a layer's GEMMs (266 s for its 45 default shapes on an H100) and the fused linear lost to the composed path
+#: at every one of them (docs/fused-linear.md); a GPU without its table plans it by a profiled GPU's (transfer)
 DORA_LINEAR = OpFacts(
     name="dora_linear",
     shape_keys=("rows", "d_out", "d_in", "r"),
@@ -189,6 +194,7 @@ DORA_LINEAR = OpFacts(
     race=3,
     race_per_cell=True,
     triton_impl="fused",
+    profiled_by_default=False,
 )
 
 #: every op's facts, by name, in the order of the profiler, the CLI and the decision tables

@@ -19,10 +19,29 @@ from dora_tune.ops import DTYPE_NAMES, OPS
 )
 @db_option
 @click.option("--model", "models", multiple=True, help="model preset (repeatable): llama-3-8b, llama-3-70b, ...")
-@click.option("--rank", "ranks", multiple=True, type=click.IntRange(min=1), help="LoRA rank(s) for the norm shapes")
-@click.option("--tokens", multiple=True, type=click.IntRange(min=1), help="token counts (rows) for compose shapes")
+@click.option(
+    "--rank",
+    "ranks",
+    multiple=True,
+    type=click.IntRange(min=1),
+    help="LoRA rank(s) for the norm and dora_linear shapes",
+)
+@click.option(
+    "--tokens",
+    multiple=True,
+    type=click.IntRange(min=1),
+    help="token counts (rows) for the compose and dora_linear shapes",
+)
 @click.option("--shapes", "shapes_file", type=click.Path(dir_okay=False), help="shapes file (.json or .csv)")
-@click.option("--op", "ops", multiple=True, type=click.Choice(list(OPS)), help="only these")
+@click.option(
+    "--op",
+    "ops",
+    multiple=True,
+    type=click.Choice(list(OPS)),
+    help="only these (default: "
+    + ", ".join(op for op, f in OPS.items() if f.profiled_by_default)
+    + "; the others when named or listed in --shapes)",
+)
 @click.option("--impl", "impls", multiple=True, help="only these implementations (e.g. triton)")
 @click.option("--dtype", "dtypes", multiple=True, type=click.Choice(DTYPE_NAMES), help="default bf16")
 @click.option("--warmup", "warmup_ms", default=5.0, show_default=True, help="warm-up per trial, ms")
@@ -97,7 +116,7 @@ def profile(
     from dora_tune.tuning.env import environment, resolve_device
     from dora_tune.tuning.multi import parse_gpus
     from dora_tune.tuning.profiler import profile as run_profile
-    from dora_tune.tuning.shapes import ShapeError, build_shape_set
+    from dora_tune.tuning.shapes import ShapeError, build_shape_set, load_shapes_file
     from dora_tune.tuning.warm import default_jobs
 
     try:
@@ -111,6 +130,9 @@ def profile(
         raise click.ClickException(str(e)) from e
     if ops:
         shapes = {op: s for op, s in shapes.items() if op in ops}
+    else:  # the ops measured by default, and those a shapes file lists
+        listed = set(load_shapes_file(shapes_file)) if shapes_file else set()
+        shapes = {op: s for op, s in shapes.items() if OPS[op].profiled_by_default or op in listed}
     env = environment(device)
     if cpu:
         click.echo(

@@ -80,6 +80,29 @@ def test_profile_filters_and_model_preset(tmp_path):
     assert cols == [1024, 4096, 14336]  # k/v, q/o/down, gate/up
 
 
+def test_dora_linear_is_profiled_when_named_or_listed(tmp_path):
+    """The default profile leaves dora_linear out (its trials cost a layer's GEMMs); ``--op dora_linear`` or a shapes
+    file listing its shapes measures it (on a CPU: the composed implementation)."""
+    common = ["profile", "--gpu", "cpu", "--rank", "4", "--tokens", "3", "--rep", "1", "--warmup", "0"]
+    common += ["--no-progress", "--confirm-top", "0"]
+    db_path = str(tmp_path / "a.sqlite")
+    assert run(*common, "--db", db_path).exit_code == 0
+    with TuningDB.open(db_path, readonly=True) as db:
+        assert "dora_linear" not in {t.op for t in db.trials()} and db.trials()
+    res = run(*common, "--db", db_path, "--op", "dora_linear")
+    assert res.exit_code == 0, res.output
+    with TuningDB.open(db_path, readonly=True) as db:
+        linear = [t for t in db.trials() if t.op == "dora_linear"]
+    assert {(t.impl, t.shape["rows"], t.shape["r"]) for t in linear} == {("composed", 3, 4)} and len(linear) == 2
+    listed = tmp_path / "linear.json"
+    listed.write_text(json.dumps({"dora_linear": [{"rows": 5, "d_out": 24, "d_in": 40, "r": 2}]}))
+    b_path = str(tmp_path / "b.sqlite")
+    res = run("profile", "--gpu", "cpu", "--db", b_path, "--shapes", str(listed), "--rep", "1", "--no-progress")
+    assert res.exit_code == 0, res.output
+    with TuningDB.open(b_path, readonly=True) as db:
+        assert [(t.op, t.shape["d_in"]) for t in db.trials()] == [("dora_linear", 40)]
+
+
 @pytest.mark.parametrize(
     "extra, match",
     [
