@@ -253,13 +253,27 @@ def report(db_location: str | None, gpu: str | None, out: str, no_plot: bool) ->
         click.echo(f"wrote {out}")
 
 
-_COLOURS = {"eager": "#1f77b4", "triton": "#ff7f0e", "dense": "#2ca02c", "factored_torch": "#d62728"}
+_COLOURS = {
+    "eager": "#1f77b4",
+    "triton": "#ff7f0e",
+    "dense": "#2ca02c",
+    "factored_torch": "#d62728",
+    "composed": "#9467bd",
+    "fused": "#8c564b",
+}
+
+
+#: each op's plotted plane: (x label, y label); the compose ops plot (rows, cols)
+_PLANE_LABELS = {"norm": ("log2(d_out·d_in)", "log2 r"), "dora_linear": ("log2 rows", "log2(d_out·d_in)")}
 
 
 def _plane(op: str, shape: dict[str, int]) -> tuple[float, float]:
-    """A shape's point in the plotted plane: (log2 rows, log2 cols), or for the norm (log2 d_out·d_in, log2 r)."""
+    """A shape's point in the plotted plane: (log2 rows, log2 cols); for the norm (log2 d_out·d_in, log2 r); for the
+    DoRA linear (log2 rows, log2 d_out·d_in), its ranks drawn over each other."""
     if op == "norm":
         return math.log2(shape["d_out"] * shape["d_in"]), math.log2(shape["r"])
+    if op == "dora_linear":
+        return math.log2(shape["rows"]), math.log2(shape["d_out"] * shape["d_in"])
     return math.log2(shape["rows"]), math.log2(shape["cols"])
 
 
@@ -289,7 +303,7 @@ def _plot(panels: list, out: str) -> None:
             c=[colour[impl] for impl, _ in table.cells],
             marker="s",
             s=28,
-            alpha=0.35 if table.op == "norm" else 0.6,
+            alpha=0.35 if table.op in _PLANE_LABELS else 0.6,  # points drawn over each other: lighter
             linewidths=0,
         )
         if best:
@@ -305,8 +319,9 @@ def _plot(panels: list, out: str) -> None:
                 zorder=3,
             )
         ax.set_title(f"{m.op} {m.dtype} — {m.gpu_name}", fontsize=10)
-        ax.set_xlabel("log2(d_out·d_in)" if table.op == "norm" else "log2 rows")
-        ax.set_ylabel("log2 r" if table.op == "norm" else "log2 cols")
+        xlabel, ylabel = _PLANE_LABELS.get(table.op, ("log2 rows", "log2 cols"))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
     handles = [Line2D([], [], marker="s", linestyle="", color=colour[i], label=i) for i in impls]
     handles.append(
         Line2D([], [], marker="o", linestyle="", color="white", markeredgecolor="black", label="measured (fastest)")

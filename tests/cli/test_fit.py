@@ -1,5 +1,7 @@
 """``dora-tune fit`` and ``dora-tune report`` through click's CliRunner; state checked through the library."""
 
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 
@@ -97,6 +99,22 @@ def test_report_prints_stored_metrics_and_plots(tmp_path, known_db):
     res = run("report", "--db", known_db, "--out", str(out))
     with TuningDB.open(known_db, readonly=True) as db:
         assert db.models()[0].created_at == m.created_at
+
+
+def test_report_plots_every_op_of_the_shipped_h100_cache(tmp_path):
+    """The shipped H100 file holds tables of all four ops, dora_linear's over four shape keys: one panel each."""
+    pytest.importorskip("matplotlib")
+    import shutil
+
+    import dora_tune
+
+    db = tmp_path / "h100.sqlite"
+    shutil.copy(Path(dora_tune.__file__).parent / "caches" / "nvidia-h100-80gb-hbm3.sqlite", db)
+    out = tmp_path / "h100.png"
+    res = run("report", "--db", str(db), "--gpu", "h100", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    assert all(op in res.output for op in ("norm", "compose_train", "dora_linear"))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
 
 
 def test_report_without_models_fails_clearly(tmp_path, known_db):
