@@ -101,6 +101,20 @@ def test_every_config_of_the_space(triton_device):
         assert all(relerr(g[k], rg[k]) < TOL[torch.bfloat16] for k in g), c
 
 
+def test_every_tile_of_the_space_is_right_where_all_apply(triton_device):
+    """At a shape the space keeps every tile of (rows 130 ≥ 256 / 2, widths off every block), each config launches
+    and is right: the large tiles too, whose programs cover rows and columns past the tensor's end."""
+    from dora_tune.kernels.dora_linear import _TILES
+
+    space = dora_linear_tuning_space({"rows": 130, "d_out": 140, "d_in": 150, "r": 5})
+    assert len(space) == len(_TILES)
+    ins, n, s, dout = make((130,), 150, 140, 5, torch.bfloat16, triton_device, seed=1)
+    for c in space:
+        (y, g), (ry, rg) = run("fused", ins, n, s, dout, config=DoraLinearConfig.from_dict(c))
+        assert relerr(y, ry) < TOL[torch.bfloat16], c
+        assert all(relerr(g[k], rg[k]) < TOL[torch.bfloat16] for k in g), c
+
+
 def test_zero_norm_rows_keep_the_base_output_and_get_no_magnitude_gradient(triton_device):
     ins, n, s, dout = make((8,), 32, 24, 4, torch.float32, triton_device, zero_rows=(3, 7))
     assert (n[[3, 7]] == 0).all()
