@@ -137,12 +137,13 @@ def _worker(device: str, db_location: str, units: Any, events: Any, options: dic
     """One GPU's process: take units until the queue says stop; report each trial and each unit."""
     from dora_tune.autotune_db import TuningDB
     from dora_tune.tuning.env import environment
-    from dora_tune.tuning.profiler import profile
+    from dora_tune.tuning.profiler import deferred_interrupts, profile
 
     dev = torch.device(device)
     # Ctrl-C reaches the parent, which forwards it once as SIGTERM: each worker then stops after the trial in hand
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _interrupt)
+    unreported = None  # a unit's summary not yet sent (an interrupt before the send still reports its counts)
     try:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
@@ -152,7 +153,7 @@ def _worker(device: str, db_location: str, units: Any, events: Any, options: dic
                 unit = units.get()
                 if unit is None:
                     break
-                s = profile(
+                s = unreported = profile(
                     db,
                     dev,
                     env,
@@ -163,11 +164,17 @@ def _worker(device: str, db_location: str, units: Any, events: Any, options: dic
                     on_trial=lambda: events.put(("trial", device)),
                     **options,
                 )
-                events.put(("unit", device, s.measured, s.failed, s.skipped, s.confirmed, s.interrupted, s.narrowed))
+                with deferred_interrupts():
+                    events.put(
+                        ("unit", device, s.measured, s.failed, s.skipped, s.confirmed, s.interrupted, s.narrowed)
+                    )
+                    unreported = None
                 if s.interrupted:
                     break
     except KeyboardInterrupt:
-        events.put(("unit", device, 0, 0, 0, 0, True, False))
+        s = unreported
+        counts = (0, 0, 0, 0) if s is None else (s.measured, s.failed, s.skipped, s.confirmed)
+        events.put(("unit", device, *counts, True, False if s is None else s.narrowed))
     except Exception as e:  # reported by the parent; the other workers go on
         events.put(("error", device, f"{type(e).__name__}: {e}"))
     finally:

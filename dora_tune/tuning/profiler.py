@@ -35,9 +35,12 @@ wall time is re-measured too, the candidates side by side as the race takes it (
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import signal
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -52,6 +55,29 @@ from dora_tune.kernels.compose import DEFAULT_COMPOSE_CONFIG
 from dora_tune.kernels.compose_train import DEFAULT_COMPOSE_TRAIN_CONFIG
 from dora_tune.ops import OPS
 from dora_tune.tuning.trials import make_inputs, train_bwd_stage
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) and SIGTERM, where their handlers are Python functions (raising ``KeyboardInterrupt``),
+    until the block ends, then run the first one's handler: a trial written to the database is then always counted
+    too (an interrupt between the write and the count would leave the summary short of the database). Signals with
+    the default or an ignore handler are left alone; off the main thread, nothing is held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = {s: h for s in (signal.SIGINT, signal.SIGTERM) if callable(h := signal.getsignal(s))}
+    for s in held:
+        signal.signal(s, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for s, h in held.items():
+            signal.signal(s, h)
+    if caught:
+        held[caught[0]](caught[0], None)
+
 
 #: forward configs of compose_train's stage one taken from the same shape's compose measurements.
 TRAIN_FWD_SHORTLIST = 6
@@ -491,14 +517,15 @@ def profile(
                         if result.status == "oom":
                             inputs = None
                             torch.cuda.empty_cache()
-                    db.record_trial(
-                        env, task.op, task.impl.name, task.impl.version, task.shape, task.dtype, config, result
-                    )
-                    summary.measured += 1
-                    summary.failed += result.status != "ok"
+                    with deferred_interrupts():  # written and counted, or neither
+                        db.record_trial(
+                            env, task.op, task.impl.name, task.impl.version, task.shape, task.dtype, config, result
+                        )
+                        summary.measured += 1
+                        summary.failed += result.status != "ok"
+                        if on_trial is not None:
+                            on_trial()
                     bar.advance(pid)
-                    if on_trial is not None:
-                        on_trial()
                 del inputs
             groups = [(op, dt, sh) for op, op_shapes in shapes.items() for dt in dtypes for sh in op_shapes]
             if confirm_top > 0 and groups and jobs > 0 and device.type == "cuda":

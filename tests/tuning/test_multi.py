@@ -112,3 +112,26 @@ def test_ctrl_c_stops_every_worker_and_keeps_what_was_measured(tmp_path):
     assert proc.returncode == 0, err[-2000:]
     word, measured = out.split()
     assert word == "interrupted" and int(measured) == len(keys(db)) < 40 * 3  # kept, and stopped early
+
+
+def test_deferred_interrupts_hold_ctrl_c_until_the_block_ends():
+    """A trial's write and its count happen together: Ctrl-C inside the block is raised at its end, and the
+    handlers are as they were afterwards (outside the block it interrupts at once)."""
+    import os
+    import signal
+
+    from dora_tune.tuning.profiler import deferred_interrupts
+
+    before = signal.getsignal(signal.SIGINT)
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("after the signal")  # still inside: not interrupted
+    assert done == ["after the signal"] and signal.getsignal(signal.SIGINT) is before
+    with deferred_interrupts():  # no signal: nothing raised
+        done.append("quiet")
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(10**6):  # the handler runs between bytecodes
+            pass
