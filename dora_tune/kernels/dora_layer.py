@@ -476,15 +476,17 @@ def _choose(
     if not grad:
         return plan_impl, cfg
     A_dt = lora_A.dtype
-    from dora_tune.kernels.dora_linear import fused_config, fused_layer_route, fused_runner
-
-    fused = fused_layer_route(x, weight, bias, lora_A, lora_B, base_result, full)
 
     def linear_config() -> Any:  # the fused linear's planned config (its shortlist raced on these inputs once)
+        from dora_tune.kernels.dora_linear import fused_config, fused_runner
+
         race = functools.partial(fused_runner, x, weight, bias, lora_A, lora_B, m, n, scale)
         return fused_config(x, weight, lora_A, planner, race)
 
-    def runners() -> dict[str, Callable[[], Any]]:
+    def runners() -> dict[str, Callable[[], Any]]:  # only when a race is due: nothing of it on the hot path
+        from dora_tune.kernels.dora_linear import fused_layer_route
+
+        fused = fused_layer_route(x, weight, bias, lora_A, lora_B, base_result, full)
         linear = linear_config() if fused else None
         return _path_runners(x, weight, bias, base_result, lora_A, lora_B, m, n, scale, sub_bias, full, cfg, linear)
 
