@@ -20,7 +20,10 @@ Implementations (``impl``):
 
 ``impl="auto"`` (the default of the front door, ``dora_tune.kernels.dora_linear``): op ``dora_linear`` of the
 dispatcher, shape ``(rows, d_out, d_in, r)``, profiled forward and backward (:data:`DORA_LINEAR_SPEC`), its
-decision tables choosing the implementation and the fused config (docs/fused-linear.md).
+decision tables choosing the implementation and the fused config (docs/fused-linear.md). Measured on an H100: the
+fused forward is 1.38–1.46× cuBLAS, forward + backward 1.6–2.9× the composed path, which is itself within 1.02–1.24×
+of PEFT's plain LoRA layer — so the H100's table picks ``"composed"`` everywhere, and the layers offer the fused
+linear to their path race only under :data:`FUSED_LINEAR_ENV`.
 """
 
 from __future__ import annotations
