@@ -172,6 +172,8 @@ class _Tables:
     measured: dict[tuple[str, str, str, str], dict[str, tuple[float, str]]]
     models: dict[tuple[str, str, str], Any]  # (origin, op, dtype) → DecisionTable; origin "user", "shipped", "transfer"
     notes: list[str]
+    # ops with no table of this GPU whose transfer waits until one of them is planned: (this GPU's facts, the ops)
+    untransferred: tuple[GpuFacts, set[str]] | None = None
 
 
 class Dispatcher:
@@ -523,6 +525,11 @@ class Dispatcher:
             gpu_name = torch.cuda.get_device_name(device)
         allowed = set(impls) if forced is None else ({fused} if forced == "triton" else {torch_impl})
         tables = self._load(gpu_name, device)
+        if tables.untransferred is not None and op in tables.untransferred[1]:
+            target, missing = tables.untransferred
+            tables.untransferred = None
+            with _gc_paused():
+                self._transfer(tables, target, missing)
         # 1. measured, user DB then shipped cache (keyed by the canonical shape JSON, as stored)
         shape_json = canonical_json(dict(zip(OP_SHAPE_KEYS[op], dims, strict=True)))
         for origin in ("user", "shipped"):
@@ -594,8 +601,10 @@ class Dispatcher:
                     else:
                         tables.notes.append(f"shipped cache: none for {gpu_name} ({path.name})")
                     missing = set(OPS) - {op for _, op, _ in tables.models}
-                    if missing:
+                    if missing == set(OPS):  # nobody profiled this GPU: every op plans from a transfer
                         self._transfer(tables, _target_facts(gpu_name, device), missing)
+                    elif missing:  # an op its caches lack: transferred when first planned (a cache read saved)
+                        tables.untransferred = (_target_facts(gpu_name, device), missing)
             self._tables[gpu_name] = tables
         return tables
 

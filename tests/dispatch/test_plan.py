@@ -759,8 +759,10 @@ def test_an_unprofiled_gpu_of_a_profiled_architecture_plans_from_its_tables(tmp_
 
 def test_an_op_missing_from_a_gpus_cache_is_planned_by_the_nearest_gpu_with_its_table(tmp_path):
     """The H200's cache predates dora_linear: the H200 plans that op by the H100's table (and its other ops by its
-    own); the H100 plans it by its own."""
+    own); the H100 plans it by its own. The borrowing waits until the op is planned (no cache read before)."""
     d = Dispatcher(str(tmp_path / "none.sqlite"), force_env="")
+    d.plan_for_gpu("NVIDIA H200", "norm", {"d_out": 4096, "d_in": 4096, "r": 64}, "bf16")
+    assert not any("transferred" in n for n in d.explain("NVIDIA H200"))
     shape = {"rows": 2048, "d_out": 4096, "d_in": 4096, "r": 64}
     p = d.plan_for_gpu("NVIDIA H200", "dora_linear", shape, "bf16")
     assert p.source == "model" and "transferred from NVIDIA H100 80GB HBM3" in p.detail and p.impl == "composed"
