@@ -178,14 +178,15 @@ def _always_composed(dims: tuple[int, ...]) -> str:
 
 
 #: the whole DoRA linear, forward and backward (issue 20): the composed path (cuBLAS base and LoRA GEMMs, the fused
-#: compose) or the fused linear (one Triton GEMM with the DoRA epilogue each way); its shapes follow the token
+#: compose), the fused linear (one Triton GEMM with the DoRA epilogue each way) or the folded one (cuBLAS GEMMs with
+#: the LoRA tail accumulated into the base output, one scale pass each way); its shapes follow the token
 #: count, so one race serves a decision-table cell, as for compose_train. Profiled only when asked for: its trials
 #: cost a layer's GEMMs (266 s for its 45 default shapes on an H100) and the fused linear lost to the composed path
 #: at every one of them (docs/fused-linear.md); a GPU without its table plans it by a profiled GPU's (transfer)
 DORA_LINEAR = OpFacts(
     name="dora_linear",
     shape_keys=("rows", "d_out", "d_in", "r"),
-    impls=("composed", "fused"),
+    impls=("composed", "fused", "folded"),
     torch_impl="composed",
     crossover=_always_composed,
     crossover_text="no fixed rule (the paper has no fused linear): the composed path",

@@ -435,6 +435,10 @@ def dora_layer_unchecked(
 
         linear = config if isinstance(config, DoraLinearConfig) else None
         return dora_linear_fused(x, weight, bias, lora_A, lora_B, magnitude, n, scale, linear)
+    if impl == "folded":  # only as the path race's pick, as "fused"
+        from dora_tune.kernels.dora_linear import dora_linear_folded
+
+        return dora_linear_folded(x, weight, bias, lora_A, lora_B, magnitude, n, scale, config)
     if impl != "triton":
         raise ValueError(f"impl must be one of {IMPLS} or 'auto', got {impl!r}")
     lead = x.shape[:-1]
@@ -464,9 +468,10 @@ def _choose(
     grad: bool,
     planner: Planner,
 ) -> tuple[str, Any]:
-    """``("eager" | "triton", config)`` for a call: the compose plan's config for the Triton node, and — with
-    autograd recording on CUDA — the path the dispatcher's host-aware race found cheaper for this layer's shape
-    (wall time of back-to-back forward+backward calls, what the step pays), once per rows bucket."""
+    """``("eager" | "triton" | "fused" | "folded", config)`` for a call: the compose plan's config for the Triton
+    node, and — with autograd recording on CUDA — the path the dispatcher's host-aware race found cheaper for this
+    layer's shape (wall time of back-to-back forward+backward calls, what the step pays), once per rows bucket;
+    the whole-linear paths only where opted in (:func:`_path_runners`)."""
     rows, d_out = x.numel() // max(x.shape[-1], 1), weight.shape[0]
     if x.device.type != "cuda" or rows == 0 or not triton_available():
         return "eager", None
@@ -484,11 +489,14 @@ def _choose(
         return fused_config(x, weight, lora_A, planner, race)
 
     def runners() -> dict[str, Callable[[], Any]]:  # only when a race is due: nothing of it on the hot path
-        from dora_tune.kernels.dora_linear import fused_layer_route
+        from dora_tune.kernels.dora_linear import folded_layer_route, fused_layer_route
 
         fused = fused_layer_route(x, weight, bias, lora_A, lora_B, base_result, full)
         linear = linear_config() if fused else None
-        return _path_runners(x, weight, bias, base_result, lora_A, lora_B, m, n, scale, sub_bias, full, cfg, linear)
+        folded = folded_layer_route(x, weight, bias, lora_A, lora_B, base_result, full)
+        return _path_runners(
+            x, weight, bias, base_result, lora_A, lora_B, m, n, scale, sub_bias, full, cfg, linear, folded
+        )
 
     bucket = 1 << (rows - 1).bit_length()  # token counts change per batch: one race per power-of-2 bucket
     key = ("dora_layer", bucket, d_out, weight.shape[1], lora_A.shape[0], full, base_result is None, x.dtype, A_dt)
@@ -510,11 +518,13 @@ def _path_runners(
     full: bool,
     cfg: ComposeTrainConfig,
     linear: Any = None,
+    folded: bool = False,
 ) -> dict[str, Callable[[], Any]]:
     """The whole paths the training race times for a call (name → forward+backward on the call's shapes, with
-    detached copies of its leaves: nothing the caller sees changes): ``"eager"``, ``"triton"``, and ``"fused"``
+    detached copies of its leaves: nothing the caller sees changes): ``"eager"``, ``"triton"``, ``"fused"``
     with the config ``linear`` (a ``DoraLinearConfig``; None: not raced) where
-    :func:`~dora_tune.kernels.dora_linear.fused_layer_route` says the fused linear applies."""
+    :func:`~dora_tune.kernels.dora_linear.fused_layer_route` says the fused linear applies, and ``"folded"``
+    (with ``cfg``) where ``folded`` (:func:`~dora_tune.kernels.dora_linear.folded_layer_route`)."""
 
     def leaf(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.detach().requires_grad_(t.requires_grad)
@@ -541,6 +551,13 @@ def _path_runners(
             dora_linear_fused(xs, weight, b, As, Bs, ms, n, scale, linear).backward(dout)
 
         paths["fused"] = fused
+    if folded:
+        from dora_tune.kernels.dora_linear import dora_linear_folded
+
+        def folded_path() -> None:
+            dora_linear_folded(xs, weight, b, As, Bs, ms, n, scale, cfg).backward(dout)
+
+        paths["folded"] = folded_path
     return paths
 
 

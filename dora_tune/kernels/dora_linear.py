@@ -17,6 +17,12 @@ Implementations (``impl``):
   dora_layer.dora_layer_unchecked`, ``"triton"`` on CUDA, its torch ops elsewhere).
 - ``"fused"``: the two Triton GEMMs above with an explicit :class:`DoraLinearConfig` (x, W, A, B and bias of one
   dtype; the weight may require a gradient: ``d_W = eᵀ·x`` by cuBLAS).
+- ``"folded"``: the same math on cuBLAS GEMMs, the LoRA tail folded into the base output by the GEMM's own
+  accumulate (``y_pre = x·Wᵀ``, then ``y_pre += (s·u)·Bᵀ`` with β = 1, in fp32 inside cuBLAS), the scale and bias
+  in one elementwise pass (:mod:`~dora_tune.kernels._folded_triton`); backward ``e = g ⊙ d_y`` and ``d_m`` in one
+  pass, then ``d_x = e·W`` with ``+= s·(e·B)·A`` folded the same way. Per layer step it moves 11 output-sized
+  tensors through memory where the composed path moves 15 and PEFT's plain LoRA layer 13 (docs/fused-linear.md),
+  with one launch fewer than the composed path. One dtype, as ``"fused"``.
 
 ``impl="auto"`` (the default of the front door, ``dora_tune.kernels.dora_linear``): op ``dora_linear`` of the
 dispatcher, shape ``(rows, d_out, d_in, r)``, profiled forward and backward (:data:`DORA_LINEAR_SPEC`), its
@@ -48,10 +54,13 @@ from dora_tune.kernels._common import (
 )
 from dora_tune.kernels.spec import ANY_DEVICE, CUDA_ONLY, FUSED_TOL, ImplSpec, OpSpec
 
-IMPLS: tuple[str, ...] = ("composed", "fused")
+IMPLS: tuple[str, ...] = ops.DORA_LINEAR.impls
 #: ``DORA_TUNE_FUSED_LINEAR=1``: a DoRA layer's training path race also times the fused linear, and a compiled layer
 #: is its custom op, where :func:`fused_layer_route` says it applies. Opt-in until measured on a GPU.
 FUSED_LINEAR_ENV = "DORA_TUNE_FUSED_LINEAR"
+#: ``DORA_TUNE_FOLDED_LINEAR=1``: a DoRA layer's training path race also times the folded linear where
+#: :func:`folded_layer_route` says it applies. Opt-in until its GPU tests and timings have run on the device.
+FOLDED_LINEAR_ENV = "DORA_TUNE_FOLDED_LINEAR"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,6 +243,167 @@ def fused_backward(
     return dx, dW, dbias, dA, dB, dm
 
 
+class _FoldedFn(torch.autograd.Function):
+    """The folded forward and backward on ``x2 [rows, d_in]``; inputs checked by the caller (``config`` a
+    ``ComposeTrainConfig``: the scale pass's and the backward pass's launch configs)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x2: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        magnitude: torch.Tensor,
+        n: torch.Tensor,
+        scale: float,
+        config: Any,
+    ) -> torch.Tensor:
+        y, us, pre = folded_forward(
+            x2, weight, bias, lora_A, lora_B, magnitude, n, scale, config, ctx.needs_input_grad[5]
+        )
+        ctx.save_for_backward(x2, weight, us, lora_A, lora_B, magnitude, n, pre)
+        ctx.scale, ctx.config = scale, config
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> Any:
+        x2, W, us, A, B, m, n, pre = ctx.saved_tensors
+        grads = folded_backward(
+            dy, x2, W, us, A, B, m, n, pre, ctx.scale, ctx.config, ctx.needs_input_grad[:6], ctx.bias_dtype
+        )
+        return (*grads, None, None, None)
+
+
+def folded_forward(
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    n: torch.Tensor,
+    scale: float,
+    config: Any,
+    write_pre: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(y, s·u, y_pre or None)`` of the folded forward on ``x2 [rows, d_in]`` (no autograd; checked by the
+    caller): ``s·u = s·x·Aᵀ`` (cuBLAS's α, rounded once), ``y_pre = x·Wᵀ`` then ``y_pre += (s·u)·Bᵀ`` (β = 1: the
+    LoRA tail accumulated in fp32 onto the base output inside cuBLAS), then ``y = g ⊙ y_pre + bias`` in one pass —
+    over ``y_pre`` itself when ``m`` needs no gradient."""
+    from dora_tune.kernels._folded_triton import folded_scale_triton
+
+    with torch.no_grad():
+        us = torch.addmm(x2.new_empty(()), x2, lora_A.t(), beta=0, alpha=scale)
+        pre = torch.mm(x2, weight.t())
+        pre.addmm_(us, lora_B.t())
+        b = None if bias is None else bias.detach()
+        y = folded_scale_triton(pre, magnitude.detach(), n, b, config.fwd, in_place=not write_pre)
+    return y, us, pre if write_pre else None
+
+
+def folded_backward(
+    dy: torch.Tensor,
+    x2: torch.Tensor,
+    W: torch.Tensor,
+    us: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    m: torch.Tensor,
+    n: torch.Tensor,
+    pre: torch.Tensor | None,
+    s: float,
+    config: Any,
+    needs: tuple[bool, ...],
+    bias_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor | None, ...]:
+    """``(d_x, d_W, d_bias, d_A, d_B, d_m)`` of the folded linear, None where ``needs`` (the same order) is False:
+    ``e = g ⊙ d_y`` and ``d_m = Σ_rows(d_y ⊙ y_pre) / n`` in one pass (``pre`` required for ``d_m``), then cuBLAS:
+    ``d(s·u) = e·B``, ``d_x = e·W`` with ``+= s·d(s·u)·A`` accumulated in place (β = 1), ``d_W = eᵀ·x``,
+    ``d_B = eᵀ·(s·u)``, ``d_A = s·d(s·u)ᵀ·x``; ``d_bias`` a column sum."""
+    from dora_tune.kernels._dora_triton import dora_bwd_triton
+
+    nx, nW, nbias, nA, nB, nm = needs
+    with torch.no_grad():
+        d = dy if dy.stride(-1) == 1 else dy.contiguous()
+        _, e, dm = dora_bwd_triton(
+            d,
+            pre,
+            m.detach(),
+            n,
+            s,
+            config.bwd,
+            full=True,
+            lora_dtype=x2.dtype,
+            base_dtype=x2.dtype,
+            m_dtype=m.dtype,
+            need_dlora=False,
+            need_dbase=nx or nW or nA or nB,
+            need_dm=nm,
+        )
+        dus = torch.mm(e, B) if nx or nA else None
+        dx = dW = dA = dB = None
+        if nx:
+            dx = torch.mm(e, W)
+            dx.addmm_(dus, A, alpha=s)
+        if nW:
+            dW = torch.mm(e.t(), x2)
+        if nB:
+            dB = torch.mm(e.t(), us)
+        if nA:
+            dA = torch.addmm(dus.new_empty(()), dus.t(), x2, beta=0, alpha=s)
+        dbias = d.sum(0, dtype=torch.float32).to(bias_dtype) if nbias else None
+    return dx, dW, dbias, dA, dB, dm
+
+
+def dora_linear_folded(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    scale: float,
+    config: Any = None,
+) -> torch.Tensor:
+    """The folded implementation on inputs :func:`dora_linear` would accept (checked by the caller; ``norm``
+    float32 and contiguous, :func:`fused_eligible`): for layers that validated their tensors once. ``config``: a
+    ``ComposeTrainConfig`` for its two elementwise passes (None: the default)."""
+    from dora_tune.kernels.compose_train import DEFAULT_COMPOSE_TRAIN_CONFIG, ComposeTrainConfig
+
+    cfg = config if isinstance(config, ComposeTrainConfig) else DEFAULT_COMPOSE_TRAIN_CONFIG
+    lead = x.shape[:-1]
+    x2 = as_rows("x", x)
+    m = magnitude if magnitude.is_contiguous() else magnitude.contiguous()
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x2, weight, bias, lora_A, lora_B, m)
+    ):
+        out = _FoldedFn.apply(x2, weight, bias, lora_A, lora_B, m, norm, scale, cfg)
+    else:
+        out = folded_forward(x2, weight, bias, lora_A, lora_B, m, norm, scale, cfg, False)[0]
+    return out if len(lead) == 1 else out.view(*lead, out.shape[-1])
+
+
+def folded_layer_route(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    base_result: torch.Tensor | None,
+    full: bool,
+) -> bool:
+    """Whether a DoRA layer call may run as the folded linear: :data:`FOLDED_LINEAR_ENV` opts in, and the call is
+    one :func:`fused_layer_route` would take apart from its own opt-in (the full output, no ``base_result``, a
+    frozen weight, one dtype)."""
+    return os.environ.get(FOLDED_LINEAR_ENV) == "1" and _linear_route(
+        x, weight, bias, lora_A, lora_B, base_result, full
+    )
+
+
 def dora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -257,11 +427,11 @@ def dora_linear(
             bfloat16, float16 or float32, all on one device.
         impl: ``"auto"`` (the ``planner``'s choice of implementation and config for op ``dora_linear`` at
             ``(rows, d_out, d_in, r)``, a shortlist raced on these inputs at first use; ``"composed"`` wherever the
-            fused one does not apply: a CPU without the interpreter, mixed dtypes), ``"composed"`` or ``"fused"``
-            (Triton: CUDA, or the CPU under ``TRITON_INTERPRET=1``; x, weight, lora_A, lora_B and bias of one
-            dtype).
+            others do not apply: a CPU without the interpreter, mixed dtypes), ``"composed"``, ``"fused"`` or
+            ``"folded"`` (these two need Triton: CUDA, or the CPU under ``TRITON_INTERPRET=1``; and x, weight,
+            lora_A, lora_B and bias of one dtype).
         config: a :class:`DoraLinearConfig` for the fused implementation (None: the plan's, else
-            :data:`DEFAULT_DORA_LINEAR_CONFIG`).
+            :data:`DEFAULT_DORA_LINEAR_CONFIG`); the other implementations take none.
         planner: what answers ``impl="auto"`` and plans the composed path's compose where it asks (a weight that
             requires grad, autocast: :func:`~dora_tune.kernels.dora_layer.dora_layer_composed`); the run-time
             dispatcher's hooks (:mod:`dora_tune.dispatch.runtime`), which ``dora_tune.kernels.dora_linear`` (the
@@ -290,11 +460,13 @@ def dora_linear(
     if not fused_eligible(x, weight, bias, lora_A, lora_B):
         dtypes = {t.dtype for t in (x, weight, lora_A, lora_B, *(() if bias is None else (bias,)))}
         raise TypeError(
-            "impl='fused' needs x, weight, lora_A, lora_B and bias of one dtype, got "
+            f"impl={impl!r} needs x, weight, lora_A, lora_B and bias of one dtype, got "
             + ", ".join(str(d) for d in sorted(dtypes, key=str))
             + " (impl='composed' takes mixed dtypes)"
         )
     check_same_device(x=x, norm=n)
+    if impl == "folded":
+        return dora_linear_folded(x, weight, bias, lora_A, lora_B, magnitude, n, s)
     return dora_linear_fused(x, weight, bias, lora_A, lora_B, magnitude, n, s, config)
 
 
@@ -310,8 +482,8 @@ def _plan(
     config: DoraLinearConfig | None,
     planner: Planner,
 ) -> tuple[str, DoraLinearConfig | None]:
-    """``(impl, config)`` of an ``impl="auto"`` call: the planner's, with ``"composed"`` where the fused
-    implementation does not apply here (no Triton, mixed dtypes, no rows; the dispatcher plans ``"composed"`` off
+    """``(impl, config)`` of an ``impl="auto"`` call: the planner's, with ``"composed"`` where the fused and folded
+    implementations do not apply here (no Triton, mixed dtypes, no rows; the dispatcher plans ``"composed"`` off
     CUDA)."""
     if x.numel() == 0 or not fused_eligible(x, weight, bias, lora_A, lora_B) or not triton_available():
         return "composed", None
@@ -320,9 +492,9 @@ def _plan(
         return fused_runner(x, weight, bias, lora_A, lora_B, magnitude, n, s)
 
     chosen = _ask(x, weight, lora_A, planner, race if config is None else None)
-    if chosen.impl != "fused":
-        return "composed", None
-    return "fused", config or chosen.config
+    if chosen.impl == "fused":
+        return "fused", config or chosen.config
+    return ("folded" if chosen.impl == "folded" else "composed"), None
 
 
 def _ask(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, planner: Planner, race: Any) -> Any:
@@ -391,13 +563,21 @@ def fused_layer_route(
     """Whether a DoRA layer call may run as the fused linear: :data:`FUSED_LINEAR_ENV` opts in, the call wants the
     full output and computes its base output itself (no PEFT ``base_result``: no dropout acting), the weight is
     frozen and :func:`fused_eligible` holds."""
-    return (
-        os.environ.get(FUSED_LINEAR_ENV) == "1"
-        and full
-        and base_result is None
-        and not weight.requires_grad
-        and fused_eligible(x, weight, bias, lora_A, lora_B)
-    )
+    return os.environ.get(FUSED_LINEAR_ENV) == "1" and _linear_route(x, weight, bias, lora_A, lora_B, base_result, full)
+
+
+def _linear_route(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    base_result: torch.Tensor | None,
+    full: bool,
+) -> bool:
+    """A DoRA layer call a whole-linear implementation can run: the full output, computed from x here (no PEFT
+    ``base_result``: no dropout acting), a frozen weight, :func:`fused_eligible`."""
+    return full and base_result is None and not weight.requires_grad and fused_eligible(x, weight, bias, lora_A, lora_B)
 
 
 def dora_linear_fused(
@@ -482,6 +662,19 @@ DORA_LINEAR_SPEC = OpSpec(
             ("rows", "d_out", "d_in"),
             FUSED_TOL,
         ),
+        ImplSpec(
+            "folded",
+            CUDA_ONLY,
+            (
+                _K + "_folded_triton",
+                _K + "_dora_triton",
+                _K + "dora_linear:_FoldedFn",
+                _K + "dora_linear:folded_forward",
+                _K + "dora_linear:folded_backward",
+                _K + "dora_linear:dora_linear_folded",
+            ),
+            selfcheck_tol=FUSED_TOL,
+        ),
     ),
     runner=_linear_runner,
     inputs=_linear_inputs,
@@ -491,14 +684,17 @@ DORA_LINEAR_SPEC = OpSpec(
 __all__ = [
     "DEFAULT_DORA_LINEAR_CONFIG",
     "DORA_LINEAR_SPEC",
+    "FOLDED_LINEAR_ENV",
     "FUSED_LINEAR_ENV",
     "IMPLS",
     "DoraLinearConfig",
     "check_dora_linear_inputs",
     "dora_linear",
+    "dora_linear_folded",
     "dora_linear_fused",
     "dora_linear_reference",
     "dora_linear_tuning_space",
+    "folded_layer_route",
     "fused_config",
     "fused_eligible",
     "fused_layer_route",

@@ -7,7 +7,7 @@ from dora_tune.selfcheck import run_selfcheck
 def test_run_selfcheck_covers_every_op_impl_dtype():
     results = run_selfcheck("cpu")
     combos = {(r.op, r.impl, r.dtype) for r in results}
-    assert len(combos) == len(results) == 3 * (3 + 2 + 2 + 2)
+    assert len(combos) == len(results) == 3 * (3 + 2 + 2 + 3)
     assert {r.op for r in results} == {"factored_norm", "compose", "compose_train", "dora_linear"}
     # Under the test session's interpreter (no CUDA) the Triton kernels run too; nothing fails.
     assert [r for r in results if r.status != "ok" and not r.status.startswith("skipped")] == []

@@ -1,5 +1,6 @@
-"""The fused DoRA linear (dora_linear): values and every gradient against a float64 reference, both
-implementations, each dtype, odd shapes, every config of its space at a small shape, and its bad-input errors."""
+"""The DoRA linear (dora_linear): values and every gradient against a float64 reference, every implementation
+(composed, fused, folded), each dtype, odd shapes, every config of the fused space at a small shape, and its
+bad-input errors."""
 
 import importlib
 
@@ -9,11 +10,13 @@ import torch
 import dora_tune.dispatch.runtime as planner
 from dora_tune.kernels.dora_linear import (
     DEFAULT_DORA_LINEAR_CONFIG,
+    FOLDED_LINEAR_ENV,
     FUSED_LINEAR_ENV,
     DoraLinearConfig,
     dora_linear,
     dora_linear_reference,
     dora_linear_tuning_space,
+    folded_layer_route,
     fused_layer_route,
 )
 
@@ -25,6 +28,12 @@ SHAPES = [((1,), 33, 17, 1), ((2, 5), 24, 37, 3), ((70,), 50, 130, 9)]
 # outputs and gradients rounded to the dtype once (fp32 accumulation)
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 SMALL = DoraLinearConfig(16, 16, 16, 2, 4, 2)  # many programs and loop trips at the test sizes
+TRITON_IMPLS = ["fused", "folded"]  # the implementations that need Triton (and one dtype)
+
+
+def cfg(impl):
+    """The config a test runs ``impl`` with: SMALL for the fused linear, none for the others."""
+    return SMALL if impl == "fused" else None
 
 
 def make(lead, d_in, d_out, r, dtype, device, seed=0, zero_rows=()):
@@ -52,11 +61,11 @@ def run(impl, ins, n, s, dout, grads=("x", "bias", "A", "B", "m"), config=None):
     return outs
 
 
-@pytest.mark.parametrize("impl", ["composed", "fused"])
+@pytest.mark.parametrize("impl", ["composed", *TRITON_IMPLS])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_matches_float64_values_and_gradients(impl, dtype, shape, dev_for):
-    dev = dev_for("triton" if impl == "fused" or dtype != torch.float32 else "eager")
+    dev = dev_for("triton" if impl in TRITON_IMPLS or dtype != torch.float32 else "eager")
     ins, n, s, dout = make(*shape, dtype, dev)
     (y, g), (ry, rg) = run(impl, ins, n, s, dout, config=SMALL if impl == "fused" else None)
     assert y.dtype == dtype and y.shape == (*shape[0], shape[2])
@@ -65,24 +74,26 @@ def test_matches_float64_values_and_gradients(impl, dtype, shape, dev_for):
         assert g[k].dtype == ins[k].dtype and relerr(g[k], rg[k]) < TOL[dtype], k
 
 
+@pytest.mark.parametrize("impl", TRITON_IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_fused_error_is_at_most_the_composed_paths(dtype, triton_device):
-    """The fused op rounds the output once and has no (g − 1)·base term: its error against float64 is no worse
-    than the composed path's (1.5× for rounding luck on one small shape)."""
+def test_error_is_at_most_the_composed_paths(impl, dtype, triton_device):
+    """The fused op rounds the output once and has no (g − 1)·base term; the folded one accumulates the LoRA tail
+    onto the base output in fp32 and rounds the pre-activation once more: the error of each against float64 is no
+    worse than the composed path's (1.5× for rounding luck on one small shape)."""
     ins, n, s, dout = make((64,), 80, 96, 8, dtype, triton_device, seed=3)
-    (fy, fg), (ry, rg) = run("fused", ins, n, s, dout, config=SMALL)
+    (fy, fg), (ry, rg) = run(impl, ins, n, s, dout, config=SMALL if impl == "fused" else None)
     (cy, cg), _ = run("composed", ins, n, s, dout)
     assert relerr(fy, ry) <= 1.5 * relerr(cy, ry) + 1e-7
     for k in fg:
         assert relerr(fg[k], rg[k]) <= 1.5 * relerr(cg[k], rg[k]) + 1e-7, k
 
 
-@pytest.mark.parametrize("impl", ["composed", "fused"])
+@pytest.mark.parametrize("impl", ["composed", *TRITON_IMPLS])
 def test_weight_gradient_and_no_bias(impl, triton_device):
     """A weight that requires a gradient (d_W = eᵀ·x) and a layer without bias."""
     ins, n, s, dout = make((9,), 40, 24, 4, torch.float32, triton_device)
     ins["bias"] = None
-    (y, g), (ry, rg) = run(impl, ins, n, s, dout, grads=("x", "W", "A", "B", "m"), config=SMALL)
+    (y, g), (ry, rg) = run(impl, ins, n, s, dout, grads=("x", "W", "A", "B", "m"), config=cfg(impl))
     assert relerr(y, ry) < TOL[torch.float32]
     for k in g:
         assert relerr(g[k], rg[k]) < TOL[torch.float32], k
@@ -115,15 +126,17 @@ def test_every_tile_of_the_space_is_right_where_all_apply(triton_device):
         assert all(relerr(g[k], rg[k]) < TOL[torch.bfloat16] for k in g), c
 
 
-def test_zero_norm_rows_keep_the_base_output_and_get_no_magnitude_gradient(triton_device):
+@pytest.mark.parametrize("impl", TRITON_IMPLS)
+def test_zero_norm_rows_keep_the_base_output_and_get_no_magnitude_gradient(impl, triton_device):
     ins, n, s, dout = make((8,), 32, 24, 4, torch.float32, triton_device, zero_rows=(3, 7))
     assert (n[[3, 7]] == 0).all()
-    (y, g), (ry, rg) = run("fused", ins, n, s, dout, config=SMALL)
+    (y, g), (ry, rg) = run(impl, ins, n, s, dout, config=cfg(impl))
     assert torch.isfinite(y).all() and relerr(y, ry) < 2e-5
     assert (g["m"][[3, 7]] == 0).all() and relerr(g["m"], rg["m"]) < 2e-5
 
 
-def test_y_pre_is_kept_only_when_the_magnitude_needs_a_gradient(triton_device):
+@pytest.mark.parametrize("impl", TRITON_IMPLS)
+def test_y_pre_is_kept_only_when_the_magnitude_needs_a_gradient(impl, triton_device):
     """The forward writes and saves y_pre [rows, d_out] for d_m only: without a magnitude gradient the node keeps
     no tensor of the output's size."""
     ins, n, s, _ = make((30,), 24, 40, 4, torch.float32, triton_device)
@@ -132,27 +145,32 @@ def test_y_pre_is_kept_only_when_the_magnitude_needs_a_gradient(triton_device):
         shapes = []
         leaves = {k: v.detach().clone().requires_grad_(k in grads) for k, v in ins.items()}
         with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
-            dora_linear(*leaves.values(), n, s, impl="fused", config=SMALL)
+            dora_linear(*leaves.values(), n, s, impl=impl, config=cfg(impl))
         return shapes
 
     assert (30, 40) in saved_shapes(("x", "A", "B", "m"))
     assert (30, 40) not in saved_shapes(("x", "A", "B"))
 
 
-def test_magnitude_gradient_is_deterministic(triton_device):
+@pytest.mark.parametrize("impl", TRITON_IMPLS)
+def test_magnitude_gradient_is_deterministic(impl, triton_device):
     ins, n, s, dout = make((70,), 48, 130, 8, torch.bfloat16, triton_device)
-    first = run("fused", ins, n, s, dout, grads=("m",), config=SMALL)[0][1]["m"]
-    again = run("fused", ins, n, s, dout, grads=("m",), config=SMALL)[0][1]["m"]
+    first = run(impl, ins, n, s, dout, grads=("m",), config=cfg(impl))[0][1]["m"]
+    again = run(impl, ins, n, s, dout, grads=("m",), config=cfg(impl))[0][1]["m"]
     assert torch.equal(first, again)
 
 
-def test_no_grad_forward_and_empty_input(triton_device):
+@pytest.mark.parametrize("impl", TRITON_IMPLS)
+def test_no_grad_forward_and_empty_input(impl, triton_device):
     ins, n, s, _ = make((6,), 24, 20, 2, torch.float32, triton_device)
     with torch.no_grad():
-        y = dora_linear(*ins.values(), n, s, impl="fused", config=SMALL)
+        y = dora_linear(*ins.values(), n, s, impl=impl, config=cfg(impl))
     assert relerr(y, dora_linear_reference(*ins.values(), n, s)) < 2e-5
-    empty = dora_linear(ins["x"][:0], *list(ins.values())[1:], n, s, impl="fused", config=SMALL)
+    empty = dora_linear(ins["x"][:0], *list(ins.values())[1:], n, s, impl=impl, config=cfg(impl))
     assert empty.shape == (0, 20)
+    leaves = [v.detach().requires_grad_() for v in ins.values()]  # rows = 0 with gradients: zeros, no launch fails
+    grads = torch.autograd.grad(dora_linear(leaves[0][:0], *leaves[1:], n, s, impl=impl).sum(), leaves)
+    assert all(g.abs().sum() == 0 for g in grads)
 
 
 def test_bad_input_is_refused_with_a_clear_error():
@@ -167,33 +185,37 @@ def test_bad_input_is_refused_with_a_clear_error():
     with pytest.raises(ValueError, match="d_in"):
         dora_linear(args[0][:, :15], *args[1:], n, s)
     mixed = [args[0], args[1], args[2], args[3].double().float().to(torch.bfloat16), *args[4:]]
-    with pytest.raises(TypeError, match="one dtype"):
-        dora_linear(*mixed, n, s, impl="fused")
+    for impl in TRITON_IMPLS:
+        with pytest.raises(TypeError, match=f"impl='{impl}' needs .* one dtype"):
+            dora_linear(*mixed, n, s, impl=impl)
     with pytest.raises(ValueError, match="outside"):
         DoraLinearConfig(16, 16, 16, 2, 32, 2)
     assert DoraLinearConfig.from_dict(DEFAULT_DORA_LINEAR_CONFIG.as_dict()) == DEFAULT_DORA_LINEAR_CONFIG
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("impl", TRITON_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_gpu_realistic_shape_with_the_default_config(dtype):
-    """A Llama-3-8B q_proj at 1024 tokens, r 64, with the default config: values and gradients against float64."""
+def test_gpu_realistic_shape_with_the_default_config(impl, dtype):
+    """A Llama-3-8B q_proj at 1024 tokens, r 64, with the default config: values and gradients against float64
+    (the folded one: cuBLAS's in-place accumulate (β = 1) and α on the GPU)."""
     ins, n, s, dout = make((2, 512), 4096, 4096, 64, dtype, "cuda")
-    (y, g), (ry, rg) = run("fused", ins, n, s, dout)
+    (y, g), (ry, rg) = run(impl, ins, n, s, dout)
     assert relerr(y, ry) < TOL[dtype]
     for k in g:
         assert relerr(g[k], rg[k]) < TOL[dtype], k
 
 
-def test_dora_layer_runs_the_fused_linear_as_a_path(triton_device):
-    """``dora_layer_unchecked(..., impl="fused")`` — what the path race's "fused" pick runs — is the layer's full
-    output and its gradients."""
+@pytest.mark.parametrize("impl", TRITON_IMPLS)
+def test_dora_layer_runs_the_whole_linear_as_a_path(impl, triton_device):
+    """``dora_layer_unchecked(..., impl="fused" | "folded")`` — what the path race's pick runs — is the layer's
+    full output and its gradients."""
     dl = importlib.import_module("dora_tune.kernels.dora_layer")
 
     ins, n, s, dout = make((2, 7), 40, 24, 4, torch.bfloat16, triton_device)
     leaves = {k: v.detach().clone().requires_grad_(k in ("x", "A", "B", "m")) for k, v in ins.items()}
     x, W, b, A, B, m = leaves.values()
-    y = dl.dora_layer_unchecked(x, W, A, B, m, n, s, b, None, False, True, "fused")
+    y = dl.dora_layer_unchecked(x, W, A, B, m, n, s, b, None, False, True, impl)
     got = torch.autograd.grad(y, [x, A, B, m], dout)
     ref = {k: v.detach().double().requires_grad_(k in ("x", "A", "B", "m")) for k, v in ins.items()}
     ry = dora_linear_reference(*ref.values(), n, s)
@@ -209,20 +231,27 @@ def test_the_path_race_offers_the_fused_linear_only_opted_in_and_where_it_applie
     ins, n, s, _ = make((6,), 24, 20, 2, torch.float32, triton_device)
     x, W, b, A, B, m = (v.detach().requires_grad_(k in ("x", "A", "B", "m")) for k, v in ins.items())
 
-    def route(**over):
+    def route(rule, **over):
         kw = {"base_result": None, "full": True, "A": A, **over}
-        return fused_layer_route(x, W, b, kw["A"], B, kw["base_result"], kw["full"])
+        return rule(x, W, b, kw["A"], B, kw["base_result"], kw["full"])
 
-    monkeypatch.delenv(FUSED_LINEAR_ENV, raising=False)
-    assert not route()
+    for rule, env in ((fused_layer_route, FUSED_LINEAR_ENV), (folded_layer_route, FOLDED_LINEAR_ENV)):
+        monkeypatch.delenv(FUSED_LINEAR_ENV, raising=False)
+        monkeypatch.delenv(FOLDED_LINEAR_ENV, raising=False)
+        assert not route(rule)
+        monkeypatch.setenv(env, "1")
+        assert route(rule)
+        assert not route(rule, full=False)  # PEFT's delta output
+        assert not route(rule, base_result=torch.zeros(6, 20))  # PEFT hands its base output (dropout acting)
+        assert not route(rule, A=A.detach().double().requires_grad_())  # mixed dtypes
+    monkeypatch.delenv(FOLDED_LINEAR_ENV)
     monkeypatch.setenv(FUSED_LINEAR_ENV, "1")
-    assert route()
-    assert not route(full=False)  # PEFT's delta output
-    assert not route(base_result=torch.zeros(6, 20))  # PEFT hands its base output (dropout acting)
-    assert not route(A=A.detach().double().requires_grad_())  # mixed dtypes
+    assert not folded_layer_route(x, W, b, A, B, None, True)  # each variable opts in its own path only
     assert set(dl._path_runners(x, W, b, None, A, B, m, n, s, True, True, CFG)) == {"eager", "triton"}
-    runners = dl._path_runners(x, W, b, None, A, B, m, n, s, True, True, CFG, DoraLinearConfig(16, 16, 16, 1, 1, 1))
-    assert set(runners) == {"eager", "triton", "fused"}
+    runners = dl._path_runners(
+        x, W, b, None, A, B, m, n, s, True, True, CFG, DoraLinearConfig(16, 16, 16, 1, 1, 1), True
+    )
+    assert set(runners) == {"eager", "triton", "fused", "folded"}
     for run in runners.values():  # each runs forward and backward on detached copies
         run()
     assert x.grad is None and A.grad is None and m.grad is None
