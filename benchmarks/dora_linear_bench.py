@@ -1,7 +1,8 @@
-"""The fused DoRA linear (issue 20) against the composed path, PEFT's DoRA and LoRA layers and cuBLAS, on one GPU.
+"""The DoRA linear (issue 20) — fused, folded and composed — against PEFT's DoRA and LoRA layers and cuBLAS, on one
+GPU.
 
 Run:  python benchmarks/dora_linear_bench.py [--quick] [--models llama-3-8b,qwen2.5-32b] [--ranks 16,64,384]
-          [--tokens 512,4096,16384] [--sweep 24]
+          [--tokens 512,4096,16384] [--sweep 24] [--no-fused]
 
 For each projection of the models (every distinct ``(d_out, d_in)``), rank and token count it times, GPU time (the
 harness's ``gpu_us``: L2 flushed, the host kept out), in µs:
@@ -9,11 +10,13 @@ harness's ``gpu_us``: L2 flushed, the host kept out), in µs:
 * ``cublas_base``: ``x·Wᵀ`` alone; ``cublas_base_xa``: ``x·Wᵀ`` and ``x·Aᵀ`` (the forward target's denominator:
   fused forward ≤ 1.10× it at ≥ 4096 tokens);
 * ``fused_fwd`` with the default config and with the best of ``--sweep`` configs of its space (each timed short,
-  the winner again in full), ``composed_fwd`` (today's path);
-* forward + backward (x, A, B and m need gradients, as in training): ``fused``, ``composed``, ``peft_dora``
-  (PEFT's DoRA ``Linear``), ``peft_lora`` (plain LoRA, the floor of any DoRA: the fwd+bwd target is ≤ 1.0× it);
+  the winner again in full; ``--no-fused`` leaves the fused linear out), ``folded_fwd``, ``composed_fwd`` (today's
+  path);
+* forward + backward (x, A, B and m need gradients, as in training): ``fused``, ``folded``, ``composed``,
+  ``peft_dora`` (PEFT's DoRA ``Linear``), ``peft_lora`` (plain LoRA, the floor of any DoRA: the fwd+bwd target is
+  ≤ 1.0× it);
 
-and the relative error against float64 of the fused and composed outputs and gradients at one small shape per
+and the relative error against float64 of each implementation's output and gradients at one small shape per
 dtype. One row per (shape, item) (the harness); the JSON ``--out`` keeps everything.
 """
 
@@ -105,7 +108,7 @@ def time_configs(t: dict, configs: list[DoraLinearConfig]) -> tuple[DoraLinearCo
         return best, harness.gpu_us(lambda: dora_linear(*args, impl="fused", config=best)), ok
 
 
-def measure(t: dict, sweep: int) -> dict[str, Any]:
+def measure(t: dict, sweep: int, fused: bool = True) -> dict[str, Any]:
     x, W, A, B, m, n, s, dy = (t[k] for k in ("x", "W", "A", "B", "m", "n", "s", "dy"))
     rows, d_in = x.shape
     d_out, r = B.shape
@@ -114,22 +117,26 @@ def measure(t: dict, sweep: int) -> dict[str, Any]:
         out["cublas_base"] = harness.gpu_us(lambda: torch.mm(x, W.t()))
         out["cublas_base_xa"] = harness.gpu_us(lambda: (torch.mm(x, W.t()), torch.mm(x, A.t())))
         args = (x, W, None, A, B, m, n, s)
-        out["fused_fwd_default"] = harness.gpu_us(lambda: dora_linear(*args, impl="fused"))
+        if fused:
+            out["fused_fwd_default"] = harness.gpu_us(lambda: dora_linear(*args, impl="fused"))
+        out["folded_fwd"] = harness.gpu_us(lambda: dora_linear(*args, impl="folded"))
         out["composed_fwd"] = harness.gpu_us(lambda: dora_linear(*args, impl="composed"))
-    space = [DoraLinearConfig.from_dict(c) for c in dora_linear_tuning_space({"rows": rows, "d_out": d_out,
-                                                                             "d_in": d_in, "r": r})]  # fmt: skip
-    step = max(1, len(space) // sweep) if sweep else len(space)
-    configs = [DEFAULT_DORA_LINEAR_CONFIG, *space[::step]]
-    best, out["fused_fwd_best"], out["configs_timed"] = time_configs(t, configs)
-    out["best_config"] = best.as_dict()
     xg = x.detach().clone().requires_grad_()
     Ag, Bg, mg = (v.detach().clone().requires_grad_() for v in (A, B, m))
-    out["fused_fwd_bwd"] = harness.gpu_us(
-        fwd_bwd(lambda xx: dora_linear(xx, W, None, Ag, Bg, mg, n, s, impl="fused", config=best), xg, dy)
-    )
-    out["composed_fwd_bwd"] = harness.gpu_us(
-        fwd_bwd(lambda xx: dora_linear(xx, W, None, Ag, Bg, mg, n, s, impl="composed"), xg, dy)
-    )
+    if fused:
+        space = [DoraLinearConfig.from_dict(c) for c in dora_linear_tuning_space({"rows": rows, "d_out": d_out,
+                                                                                 "d_in": d_in, "r": r})]  # fmt: skip
+        step = max(1, len(space) // sweep) if sweep else len(space)
+        configs = [DEFAULT_DORA_LINEAR_CONFIG, *space[::step]]
+        best, out["fused_fwd_best"], out["configs_timed"] = time_configs(t, configs)
+        out["best_config"] = best.as_dict()
+        out["fused_fwd_bwd"] = harness.gpu_us(
+            fwd_bwd(lambda xx: dora_linear(xx, W, None, Ag, Bg, mg, n, s, impl="fused", config=best), xg, dy)
+        )
+    for impl in ("folded", "composed"):
+        out[f"{impl}_fwd_bwd"] = harness.gpu_us(
+            fwd_bwd(lambda xx, impl=impl: dora_linear(xx, W, None, Ag, Bg, mg, n, s, impl=impl), xg, dy)
+        )
     for name, dora in (("peft_dora", True), ("peft_lora", False)):
         try:
             layer = peft_layer(t, dora)
@@ -138,10 +145,13 @@ def measure(t: dict, sweep: int) -> dict[str, Any]:
         with torch.no_grad():
             out[f"{name}_fwd"] = harness.gpu_us(lambda layer=layer: layer(x))
         out[f"{name}_fwd_bwd"] = harness.gpu_us(fwd_bwd(layer, xg, dy))
-    out["fused_fwd_vs_base_xa"] = out["fused_fwd_best"] / out["cublas_base_xa"]
-    if "peft_lora_fwd_bwd" in out:
-        out["fused_fwd_bwd_vs_lora"] = out["fused_fwd_bwd"] / out["peft_lora_fwd_bwd"]
-    out["fused_fwd_bwd_vs_composed"] = out["fused_fwd_bwd"] / out["composed_fwd_bwd"]
+    fwd = {"fused": "fused_fwd_best", "folded": "folded_fwd", "composed": "composed_fwd"}
+    for impl in ("fused", "folded", "composed") if fused else ("folded", "composed"):
+        out[f"{impl}_fwd_vs_base_xa"] = out[fwd[impl]] / out["cublas_base_xa"]
+        if "peft_lora_fwd_bwd" in out:
+            out[f"{impl}_fwd_bwd_vs_lora"] = out[f"{impl}_fwd_bwd"] / out["peft_lora_fwd_bwd"]
+        if impl != "composed":
+            out[f"{impl}_fwd_bwd_vs_composed"] = out[f"{impl}_fwd_bwd"] / out["composed_fwd_bwd"]
     # the forward's floor: the base GEMM's rate over K = d_in + r
     out["floor_fwd"] = out["cublas_base"] * (d_in + r) / d_in
     return out
@@ -150,11 +160,11 @@ def measure(t: dict, sweep: int) -> dict[str, Any]:
 def errors(
     dtype: torch.dtype, dev: torch.device, seed: int, dims: tuple[int, int, int, int] = (512, 1024, 1024, 64)
 ) -> dict[str, float]:
-    """Relative error against float64 of the output and each gradient, fused and composed (``dims``: rows, d_out,
-    d_in, r)."""
+    """Relative error against float64 of the output and each gradient, of each implementation (``dims``: rows,
+    d_out, d_in, r)."""
     t = make(*dims, dtype, dev, seed)
     res: dict[str, float] = {}
-    for impl in ("fused", "composed", "reference"):
+    for impl in ("fused", "folded", "composed", "reference"):
         leaves = {k: t[k].detach().clone().requires_grad_() for k in ("x", "A", "B", "m")}
         if impl == "reference":
             leaves = {k: v.detach().double().requires_grad_() for k, v in leaves.items()}
@@ -182,6 +192,7 @@ def main() -> None:
     ap.add_argument("--tokens", default="512,1024,2048,4096,8192,16384")
     ap.add_argument("--sweep", type=int, default=24, help="configs of the space timed per shape (0: all)")
     ap.add_argument("--quick", action="store_true", help="llama-3-8b, r 64, 1024 and 4096 tokens, 8 configs")
+    ap.add_argument("--no-fused", action="store_true", help="leave the fused linear (and its config sweep) out")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop between shapes after this long")
     harness.add_flags(ap, out_default=None, device="cuda", dtype="bf16", dtype_choices=("bf16", "fp16"))
     args = harness.resolve(ap.parse_args(), ap)
@@ -209,26 +220,27 @@ def main() -> None:
             print(f"stopped after {args.max_minutes} minutes", flush=True)
             break
         t = make(rows, d_out, d_in, r, dtype, args.device, args.seed)
-        fig = measure(t, args.sweep)
+        fig = measure(t, args.sweep, fused=not args.no_fused)
         shape = {"rows": rows, "d_out": d_out, "d_in": d_in, "r": r, "dtype": args.dtype}
         res["shapes"].append({**shape, **fig})
         for item, v in fig.items():
-            if isinstance(v, float) and not item.startswith(("fused_fwd_vs", "fused_fwd_bwd_vs")):
+            if isinstance(v, float) and "_vs_" not in item:
                 rec.record(shape, {"us": v}, item=item)
         ratios = {k: v for k, v in fig.items() if "_vs_" in k}
         rec.record(shape, ratios, item="ratios")
-        print(
-            f"{rows:6d} × {d_out}×{d_in} r {r}: fused fwd {fig['fused_fwd_best']:.1f} µs "
-            f"({fig['fused_fwd_vs_base_xa']:.2f}× cuBLAS base+xAᵀ), fwd+bwd {fig['fused_fwd_bwd']:.1f} µs "
-            f"({fig.get('fused_fwd_bwd_vs_lora', float('nan')):.2f}× PEFT LoRA, "
-            f"{fig['fused_fwd_bwd_vs_composed']:.2f}× composed)",
-            flush=True,
-        )
+        for impl in ("fused", "folded", "composed") if not args.no_fused else ("folded", "composed"):
+            print(
+                f"{rows:6d} × {d_out}×{d_in} r {r} {impl:8s}: fwd {fig[f'{impl}_fwd_vs_base_xa']:.2f}× cuBLAS "
+                f"base+xAᵀ, fwd+bwd {fig[f'{impl}_fwd_bwd']:.1f} µs "
+                f"({fig.get(f'{impl}_fwd_bwd_vs_lora', float('nan')):.2f}× PEFT LoRA)",
+                flush=True,
+            )
         harness.write_json(args.out, res)
         del t
-    big = [s["fused_fwd_vs_base_xa"] for s in res["shapes"] if s["rows"] >= 4096]
-    if big:
-        print(f"fused forward ÷ (cuBLAS base + xAᵀ), ≥ 4096 tokens: geomean {statistics.geometric_mean(big):.3f}")
+    for key in ("fused_fwd_vs_base_xa", "folded_fwd_vs_base_xa", "folded_fwd_bwd_vs_lora", "composed_fwd_bwd_vs_lora"):
+        big = [s[key] for s in res["shapes"] if s["rows"] >= 4096 and key in s]
+        if big:
+            print(f"{key}, ≥ 4096 tokens: geomean {statistics.geometric_mean(big):.3f}, max {max(big):.3f}")
     harness.write_json(args.out, res)
     print(f"wrote {args.out}; {rec.summary()}")
 

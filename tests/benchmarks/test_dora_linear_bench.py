@@ -20,13 +20,17 @@ def test_measure_and_errors_run_every_item(monkeypatch):
     t = bench.make(8, 40, 24, 4, torch.float32, torch.device("cpu"), 0)
     fig = bench.measure(t, sweep=2)
     for item in ("cublas_base", "cublas_base_xa", "fused_fwd_default", "composed_fwd", "fused_fwd_best",
-                 "fused_fwd_bwd", "composed_fwd_bwd", "peft_dora_fwd", "peft_dora_fwd_bwd", "peft_lora_fwd",
-                 "peft_lora_fwd_bwd"):  # fmt: skip
+                 "fused_fwd_bwd", "composed_fwd_bwd", "folded_fwd", "folded_fwd_bwd", "peft_dora_fwd",
+                 "peft_dora_fwd_bwd", "peft_lora_fwd", "peft_lora_fwd_bwd"):  # fmt: skip
         assert fig[item] == 1.0, item
     assert fig["configs_timed"] >= 2 and set(fig["best_config"]) == {
         "block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages"
     }  # fmt: skip
-    assert fig["fused_fwd_vs_base_xa"] == fig["fused_fwd_bwd_vs_lora"] == 1.0
+    assert fig["fused_fwd_vs_base_xa"] == fig["fused_fwd_bwd_vs_lora"] == fig["folded_fwd_bwd_vs_composed"] == 1.0
+    lean = bench.measure(t, sweep=2, fused=False)  # --no-fused: no fused item, no config sweep
+    assert not any(k.startswith("fused") for k in lean) and "configs_timed" not in lean
+    assert lean["folded_fwd_bwd_vs_lora"] == lean["composed_fwd_bwd_vs_lora"] == 1.0
     errs = bench.errors(torch.bfloat16, torch.device("cpu"), 0, dims=(16, 40, 24, 4))
-    assert set(errs) == {f"{i}_{k}" for i in ("fused", "composed") for k in ("y", "dx", "dA", "dB", "dm")}
+    impls = ("fused", "folded", "composed")
+    assert set(errs) == {f"{i}_{k}" for i in impls for k in ("y", "dx", "dA", "dB", "dm")}
     assert all(0 < v < 3e-2 for v in errs.values()), errs
