@@ -26,14 +26,16 @@ default instead, float32 adapters on a bf16 model, and ``DoRALinear(dtype=torch.
 from the same weights: the base model from one seed, and per adapted projection A ~ U(±1/√d_in) (PEFT's Kaiming-uniform
 init) and B ~ N(0, σ²) redrawn from a generator seeded by the projection's name, σ such that ‖s·B·A‖ ≈ 0.1·‖W‖ per
 row (PEFT starts B at 0, which makes DoRA an identity); DoRA's magnitude is then set to ‖W + s·B·A‖_row computed in
-float32, as PEFT would initialise it for those weights. Variants (``--variants``, default all four):
+float32, as PEFT would initialise it for those weights. Variants (``--variants``, default the first four):
   ``peft_dora``    PEFT's own DoRA;
   ``dora_tune``    the same PEFT DoRA model (its own copy) under ``dora_tune.integrations.peft.enable(model)``
                    (``dropout_mode=`` passed only when ``--dropout-mode`` is not ``peft``); enabled around each of
                    its runs and disabled after (with ``--compile``: for the whole (rank, dropout) block);
   ``dora_linear``  the base model with every target projection replaced by ``dora_tune.DoRALinear`` carrying the
                    same A, B and magnitude, everything else frozen;
-  ``lora``         plain PEFT LoRA (``use_dora=False``), the same A and B: the floor DoRA's extra cost sits above.
+  ``lora``         plain PEFT LoRA (``use_dora=False``), the same A and B: the floor DoRA's extra cost sits above;
+  ``dora_linear_folded`` (only when named) ``dora_linear`` with ``DORA_TUNE_FOLDED_LINEAR=1`` during its runs: the
+                   layers' path race also times the folded linear (a race of its own, not ``dora_linear``'s).
 ``--compile`` wraps each variant's model in ``torch.compile(model)`` (default mode); the compilation lands in the
 first warm-up step (``first_step_ms``), never in the timed steps.
 
@@ -98,8 +100,18 @@ VARIANTS = {
     "dora_tune": "PEFT DoRA + dora-tune",
     "dora_linear": "DoRALinear",
     "lora": "PEFT LoRA",
+    "dora_linear_folded": "DoRALinear, folded linear raced",
 }
-SHORT = {"peft_dora": "PEFT", "dora_tune": "+dt", "dora_linear": "DoRALin", "lora": "LoRA"}
+SHORT = {
+    "peft_dora": "PEFT",
+    "dora_tune": "+dt",
+    "dora_linear": "DoRALin",
+    "lora": "LoRA",
+    "dora_linear_folded": "DLfold",
+}
+#: run unless --variants names others (dora_linear_folded: the opt-in folded linear, DORA_TUNE_FOLDED_LINEAR=1 during
+#: its run only, so that one run compares it with the default path on the same host start)
+DEFAULT_VARIANTS = ("peft_dora", "dora_tune", "dora_linear", "lora")
 DELTA_RATIO = 0.1  # lora_B is drawn so that ‖s·B·A‖ ≈ DELTA_RATIO·‖W‖ per row
 GRID_TOKENS = (256, 1024, 2048, 4096, 8192)
 GRID_RANKS = (16, 64, 384)
@@ -231,7 +243,7 @@ def build_variant(variant: str, spec: Spec, rank: int, dropout: float, args: arg
     """``variant``'s model for (rank, dropout): built, adapters initialised, trainable state saved, maybe compiled."""
     t0 = time.perf_counter()
     base = build_base(spec, args)
-    if variant == "dora_linear":
+    if variant in ("dora_linear", "dora_linear_folded"):
         from dora_tune import DoRALinear
 
         for p in base.parameters():
@@ -466,9 +478,21 @@ def run_variant(
 
     Compiled, a dora-tune variant must compute its norms in ``dora_tune::cached_norm``: none computed means its
     compiled code is another model's (dynamo reused PEFT's compiled DoRA on torch 2.11), and the run is an error."""
-    norms = compiled_norms() if args.compile and variant in ("dora_tune", "dora_linear") else None
+    norms = compiled_norms() if args.compile and variant != "peft_dora" and variant != "lora" else None
     before = None if norms is None else norms.computed
-    if variant != "dora_tune":
+    if variant == "dora_linear_folded":
+        from dora_tune.kernels.dora_linear import FOLDED_LINEAR_ENV
+
+        old = os.environ.get(FOLDED_LINEAR_ENV)
+        os.environ[FOLDED_LINEAR_ENV] = "1"  # the layers' path race also times the folded linear (its own race key)
+        try:
+            res = train(built, batches, accum, args, warmup, profile)
+        finally:
+            if old is None:
+                del os.environ[FOLDED_LINEAR_ENV]
+            else:
+                os.environ[FOLDED_LINEAR_ENV] = old
+    elif variant != "dora_tune":
         res = train(built, batches, accum, args, warmup, profile)
     else:
         handle = built.handle if built.handle is not None else dt_enable(built.model, args)
@@ -782,7 +806,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--model", choices=list(MODELS), default="llama", help="llama (Llama-3-8B dims) or qwen (Qwen2.5-7B)"
     )
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
+    ap.add_argument(
+        "--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}"
+    )
     ap.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
     ap.add_argument(
         "--tokens", type=int, default=None, help="tokens per micro-batch, batch 1 (default 4096; --tiny 64)"

@@ -33,6 +33,7 @@ The weight W must be frozen: a W that requires grad, or autocast, take the compo
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +53,7 @@ from dora_tune.kernels._common import (
 )
 from dora_tune.kernels.compose import check_scale_inputs, resolve_impl
 from dora_tune.kernels.compose_train import DEFAULT_COMPOSE_TRAIN_CONFIG, ComposeTrainConfig
+from dora_tune.kernels.dora_linear import FOLDED_LINEAR_ENV, FUSED_LINEAR_ENV
 
 IMPLS: tuple[str, ...] = ("eager", "triton")
 OUTPUTS: tuple[str, ...] = ("delta", "full")
@@ -499,7 +501,10 @@ def _choose(
         )
 
     bucket = 1 << (rows - 1).bit_length()  # token counts change per batch: one race per power-of-2 bucket
+    # with the whole-linear opt-ins: a race is of the paths offered when it ran
+    fused, folded = os.environ.get(FUSED_LINEAR_ENV), os.environ.get(FOLDED_LINEAR_ENV)
     key = ("dora_layer", bucket, d_out, weight.shape[1], lora_A.shape[0], full, base_result is None, x.dtype, A_dt)
+    key = (*key, fused, folded)
     path = planner.auto_path(key, x.device, runners, "triton")
     return (path, linear_config()) if path == "fused" else (path, cfg)
 

@@ -270,6 +270,26 @@ def test_gpu_the_path_race_times_the_fused_linear_when_opted_in(monkeypatch):
     assert notes and "fused" in notes[0] and "failed" not in notes[0], notes
 
 
+@pytest.mark.gpu
+def test_gpu_the_path_race_times_the_folded_linear_when_opted_in_in_a_race_of_its_own(monkeypatch):
+    """A race run without the opt-in is not reused once it is set: the folded linear gets a race of its own (the
+    race key holds the opt-ins), and that race times it."""
+    from dora_tune import DoRALinear
+    from dora_tune.dispatch import default_dispatcher
+
+    def notes():
+        return [v for k, v in default_dispatcher().path_notes().items() if k[0] == "dora_layer" and k[2] == 640]
+
+    layer = DoRALinear(torch.nn.Linear(1536, 640, device="cuda", dtype=torch.bfloat16), r=16, alpha=32)
+    x = torch.randn(4, 256, 1536, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    monkeypatch.delenv(FOLDED_LINEAR_ENV, raising=False)
+    layer(x).sum().backward()
+    assert len(notes()) == 1 and "folded" not in notes()[0]
+    monkeypatch.setenv(FOLDED_LINEAR_ENV, "1")
+    layer(x).sum().backward()
+    assert len(notes()) == 2 and any("folded" in n and "failed" not in n for n in notes()), notes()
+
+
 def test_compiled_layers_run_the_fused_linear_as_one_custom_op_when_opted_in(monkeypatch, triton_device):
     """Under torch.compile with DORA_TUNE_FUSED_LINEAR=1 a DoRALinear is ``dora_tune::dora_linear_fwd`` (and its
     backward op) — one opaque node, no graph break — with the eager layer's values and gradients; without the
