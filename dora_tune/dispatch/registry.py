@@ -36,6 +36,9 @@ SAME_KERNELS_AS: dict[tuple[str, str, str], str] = {
     ("norm", "triton", "1c87f26aadd8"): "48e079663d13",
     ("compose", "triton", "3c9df2433c3c"): "fe0db9ce1e81",
     ("compose_train", "triton", "3a44e5caf115"): "ad5362f1dd1f",
+    # the fused linear's autograd Function became one shared with the folded linear (dora_linear:_LinearFn): the
+    # same forward and backward functions called, the same kernels and launches (stop 28)
+    ("dora_linear", "fused", "4740d9e4483b"): "d82ebe3e3d9a",
 }
 
 

@@ -149,12 +149,16 @@ def check_dora_linear_inputs(
     return check_dora_layer_inputs(x, weight, lora_A, lora_B, magnitude, norm, scale, bias, None, "full")
 
 
-class _FusedFn(torch.autograd.Function):
-    """The fused forward and backward on ``x2 [rows, d_in]``; inputs checked by the caller."""
+class _LinearFn(torch.autograd.Function):
+    """A whole-linear implementation's forward and backward on ``x2 [rows, d_in]``: ``impl`` its ``(forward,
+    backward)`` pair (:func:`fused_forward` and :func:`fused_backward`, or the folded ones); inputs checked by the
+    caller. The forward returns ``(y, u, y_pre or None)`` (``u``: what the backward's LoRA GEMMs read) and writes
+    ``y_pre`` only when the magnitude needs a gradient."""
 
     @staticmethod
     def forward(
         ctx: Any,
+        impl: tuple[Callable[..., Any], Callable[..., Any]],
         x2: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
@@ -163,24 +167,20 @@ class _FusedFn(torch.autograd.Function):
         magnitude: torch.Tensor,
         n: torch.Tensor,
         scale: float,
-        config: DoraLinearConfig,
+        config: Any,
     ) -> torch.Tensor:
-        y, u, pre = fused_forward(
-            x2, weight, bias, lora_A, lora_B, magnitude, n, scale, config, ctx.needs_input_grad[5]
-        )
+        y, u, pre = impl[0](x2, weight, bias, lora_A, lora_B, magnitude, n, scale, config, ctx.needs_input_grad[6])
         ctx.save_for_backward(x2, weight, u, lora_A, lora_B, magnitude, n, pre)
-        ctx.scale, ctx.config = scale, config
+        ctx.impl, ctx.scale, ctx.config = impl, scale, config
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> Any:
         x2, W, u, A, B, m, n, pre = ctx.saved_tensors
-        nx, nW, nbias, nA, nB, nm = ctx.needs_input_grad[:6]
-        dx, dW, dbias, dA, dB, dm = fused_backward(
-            dy, x2, W, u, A, B, m, n, pre, ctx.scale, ctx.config, (nx, nW, nbias, nA, nB, nm), ctx.bias_dtype
-        )
-        return dx, dW, dbias, dA, dB, dm, None, None, None
+        needs = tuple(ctx.needs_input_grad[1:7])  # x, weight, bias, lora_A, lora_B, magnitude
+        grads = ctx.impl[1](dy, x2, W, u, A, B, m, n, pre, ctx.scale, ctx.config, needs, ctx.bias_dtype)
+        return (None, *grads, None, None, None)
 
 
 def fused_forward(
@@ -241,40 +241,6 @@ def fused_backward(
         dA = (torch.mm(v.t(), x2).float() * s).to(A.dtype) if nA else None  # s·vᵀ·x
         dbias = dy.sum(0, dtype=torch.float32).to(bias_dtype) if nbias else None
     return dx, dW, dbias, dA, dB, dm
-
-
-class _FoldedFn(torch.autograd.Function):
-    """The folded forward and backward on ``x2 [rows, d_in]``; inputs checked by the caller (``config`` a
-    ``ComposeTrainConfig``: the scale pass's and the backward pass's launch configs)."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x2: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        lora_A: torch.Tensor,
-        lora_B: torch.Tensor,
-        magnitude: torch.Tensor,
-        n: torch.Tensor,
-        scale: float,
-        config: Any,
-    ) -> torch.Tensor:
-        y, us, pre = folded_forward(
-            x2, weight, bias, lora_A, lora_B, magnitude, n, scale, config, ctx.needs_input_grad[5]
-        )
-        ctx.save_for_backward(x2, weight, us, lora_A, lora_B, magnitude, n, pre)
-        ctx.scale, ctx.config = scale, config
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> Any:
-        x2, W, us, A, B, m, n, pre = ctx.saved_tensors
-        grads = folded_backward(
-            dy, x2, W, us, A, B, m, n, pre, ctx.scale, ctx.config, ctx.needs_input_grad[:6], ctx.bias_dtype
-        )
-        return (*grads, None, None, None)
 
 
 def folded_forward(
@@ -375,16 +341,9 @@ def dora_linear_folded(
     from dora_tune.kernels.compose_train import DEFAULT_COMPOSE_TRAIN_CONFIG, ComposeTrainConfig
 
     cfg = config if isinstance(config, ComposeTrainConfig) else DEFAULT_COMPOSE_TRAIN_CONFIG
-    lead = x.shape[:-1]
-    x2 = as_rows("x", x)
-    m = magnitude if magnitude.is_contiguous() else magnitude.contiguous()
-    if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x2, weight, bias, lora_A, lora_B, m)
-    ):
-        out = _FoldedFn.apply(x2, weight, bias, lora_A, lora_B, m, norm, scale, cfg)
-    else:
-        out = folded_forward(x2, weight, bias, lora_A, lora_B, m, norm, scale, cfg, False)[0]
-    return out if len(lead) == 1 else out.view(*lead, out.shape[-1])
+    return _whole_linear(
+        (folded_forward, folded_backward), x, weight, bias, lora_A, lora_B, magnitude, norm, scale, cfg
+    )
 
 
 def folded_layer_route(
@@ -593,10 +552,27 @@ def dora_linear_fused(
 ) -> torch.Tensor:
     """The fused implementation on inputs :func:`dora_linear` would accept (checked by the caller; ``norm`` float32
     and contiguous, :func:`fused_eligible`): for layers that validated their tensors once."""
+    cfg = config or DEFAULT_DORA_LINEAR_CONFIG
+    return _whole_linear((fused_forward, fused_backward), x, weight, bias, lora_A, lora_B, magnitude, norm, scale, cfg)
+
+
+def _whole_linear(
+    impl: tuple[Callable[..., Any], Callable[..., Any]],
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    scale: float,
+    config: Any,
+) -> torch.Tensor:
+    """:class:`_LinearFn` of ``impl`` on ``x [..., d_in]``: leading dims flattened and restored."""
     lead = x.shape[:-1]
     x2 = as_rows("x", x)
     m = magnitude if magnitude.is_contiguous() else magnitude.contiguous()
-    out = _FusedFn.apply(x2, weight, bias, lora_A, lora_B, m, norm, scale, config or DEFAULT_DORA_LINEAR_CONFIG)
+    out = _LinearFn.apply(impl, x2, weight, bias, lora_A, lora_B, m, norm, scale, config)
     return out if len(lead) == 1 else out.view(*lead, out.shape[-1])
 
 
@@ -653,7 +629,7 @@ DORA_LINEAR_SPEC = OpSpec(
             (
                 _K + "_dora_linear_triton",
                 _K + "_dora_triton",
-                _K + "dora_linear:_FusedFn",
+                _K + "dora_linear:_LinearFn",
                 _K + "dora_linear:fused_forward",
                 _K + "dora_linear:fused_backward",
             ),
@@ -668,10 +644,9 @@ DORA_LINEAR_SPEC = OpSpec(
             (
                 _K + "_folded_triton",
                 _K + "_dora_triton",
-                _K + "dora_linear:_FoldedFn",
+                _K + "dora_linear:_LinearFn",
                 _K + "dora_linear:folded_forward",
                 _K + "dora_linear:folded_backward",
-                _K + "dora_linear:dora_linear_folded",
             ),
             selfcheck_tol=FUSED_TOL,
         ),

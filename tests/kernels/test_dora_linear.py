@@ -363,8 +363,8 @@ def test_auto_runs_the_planned_implementation_and_config(triton_device, monkeypa
     ins, n, s, _ = make((3, 5), 24, 40, 4, torch.float32, triton_device)
     args = (*ins.values(), n, s)
     launched = []
-    real = dl_mod._FusedFn.apply
-    monkeypatch.setattr(dl_mod._FusedFn, "apply", lambda *a: launched.append(a[-1]) or real(*a))
+    real = dl_mod._LinearFn.apply
+    monkeypatch.setattr(dl_mod._LinearFn, "apply", lambda *a: launched.append(a[-1]) or real(*a))
     fused = _StubPlanner("fused", SMALL, race_with=SMALL)
     y_fused = dora_linear(*args, planner=fused)
     assert fused.asked == [("dora_linear", (15, 40, 24, 4), torch.float32, True)]
