@@ -20,8 +20,8 @@ Implementations (``impl``):
 - ``"folded"``: the same math on cuBLAS GEMMs, the LoRA tail folded into the base output by the GEMM's own
   accumulate (``y_pre = x·Wᵀ``, then ``y_pre += (s·u)·Bᵀ`` with β = 1, in fp32 inside cuBLAS), the scale and bias
   in one elementwise pass (:mod:`~dora_tune.kernels._folded_triton`); backward ``e = g ⊙ d_y`` and ``d_m`` in one
-  pass, then ``d_x = e·W`` with ``+= s·(e·B)·A`` folded the same way. Per layer step it moves 11 output-sized
-  tensors through memory where the composed path moves 15 and PEFT's plain LoRA layer 13 (docs/fused-linear.md),
+  pass, then ``d_x = e·W`` with ``+= s·(e·B)·A`` folded the same way. A layer's forward + backward makes 15 passes
+  over output-sized tensors where the composed path makes 19 and PEFT's plain LoRA layer 18 (docs/fused-linear.md),
   with one launch fewer than the composed path. One dtype, as ``"fused"``.
 
 ``impl="auto"`` (the default of the front door, ``dora_tune.kernels.dora_linear``): op ``dora_linear`` of the
