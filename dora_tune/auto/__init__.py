@@ -28,7 +28,7 @@ from dora_tune.kernels.compose_train import compose_train as _compose_train
 from dora_tune.kernels.compose_train import dora_compose_train as _dora_compose_train
 from dora_tune.kernels.dora_layer import dora_layer as _dora_layer
 from dora_tune.kernels.dora_layer import dora_layer_unchecked as _dora_layer_unchecked
-from dora_tune.kernels.dora_linear import DoraLinearConfig, fused_layer_route
+from dora_tune.kernels.dora_linear import DoraLinearConfig, FoldedConfig, fused_layer_route
 from dora_tune.kernels.dora_linear import dora_linear as _dora_linear
 from dora_tune.kernels.norm import NormConfig, _check_norm_inputs
 from dora_tune.kernels.norm import factored_norm as _factored_norm
@@ -169,11 +169,11 @@ def dora_linear(
     scale: float,
     *,
     impl: str = "auto",
-    config: DoraLinearConfig | None = None,
+    config: DoraLinearConfig | FoldedConfig | None = None,
 ) -> torch.Tensor:
     """A whole DoRA ``Linear``, ``g ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + bias``, differentiable. Arguments as
     :func:`dora_tune.kernels.dora_linear.dora_linear`; ``impl="auto"`` (the default) runs the dispatcher's plan of op
-    ``dora_linear`` (composed or fused, and the fused config), racing a model plan's shortlist on these inputs at
+    ``dora_linear`` (composed, fused or folded, and its config), racing a model plan's shortlist on these inputs at
     first use."""
     return _dora_linear(
         x, weight, bias, lora_A, lora_B, magnitude, norm, scale, impl=impl, config=config, planner=runtime

@@ -215,9 +215,9 @@ def _train_bwd_impl(
 def _linear_config(config: str, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> Any:
     """The op's config: the given one, else the dispatcher's for op ``dora_linear`` at this call's shape (at run
     time; the backward finds the forward's memoised plan)."""
-    from dora_tune.kernels.dora_linear import fused_config
+    from dora_tune.kernels.dora_linear import linear_config
 
-    return _parse("dora_linear", config) if config else fused_config(x, weight, lora_A, runtime)
+    return _parse("dora_linear", config) if config else linear_config("fused", x, weight, lora_A, runtime)
 
 
 def _linear_fwd_impl(

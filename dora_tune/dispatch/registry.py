@@ -38,7 +38,7 @@ SAME_KERNELS_AS: dict[tuple[str, str, str], str] = {
     ("compose_train", "triton", "3a44e5caf115"): "ad5362f1dd1f",
     # the fused linear's autograd Function became one shared with the folded linear (dora_linear:_LinearFn): the
     # same forward and backward functions called, the same kernels and launches (stop 28)
-    ("dora_linear", "fused", "4740d9e4483b"): "d82ebe3e3d9a",
+    ("dora_linear", "fused", "5b274993def8"): "d82ebe3e3d9a",
 }
 
 

@@ -45,9 +45,12 @@ from dora_tune.kernels.compose_train import (
 from dora_tune.kernels.dora_layer import dora_layer_reference
 from dora_tune.kernels.dora_linear import (
     DEFAULT_DORA_LINEAR_CONFIG,
+    DEFAULT_FOLDED_CONFIG,
     DoraLinearConfig,
+    FoldedConfig,
     dora_linear_reference,
     dora_linear_tuning_space,
+    folded_tuning_space,
 )
 from dora_tune.kernels.norm import (
     DEFAULT_NORM_CONFIG,
@@ -84,6 +87,7 @@ __all__ = [
     "DEFAULT_COMPOSE_CONFIG",
     "DEFAULT_COMPOSE_TRAIN_CONFIG",
     "DEFAULT_DORA_LINEAR_CONFIG",
+    "DEFAULT_FOLDED_CONFIG",
     "DEFAULT_NORM_CONFIG",
     "DTYPES",
     "OP_SPECS",
@@ -91,6 +95,7 @@ __all__ = [
     "ComposeConfig",
     "ComposeTrainConfig",
     "DoraLinearConfig",
+    "FoldedConfig",
     "NormConfig",
     "OpSpec",
     "compose",
@@ -107,6 +112,7 @@ __all__ = [
     "dora_linear_tuning_space",
     "dora_scale",
     "factored_norm",
+    "folded_tuning_space",
     "norm_config_space",
     "norm_reference",
     "norm_tuning_space",

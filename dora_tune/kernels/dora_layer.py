@@ -432,15 +432,11 @@ def dora_layer_unchecked(
         )
     if impl == "eager":
         return _torch_path(x, weight, bias, base_result, lora_A, lora_B, magnitude, n, scale, sub_bias, full)
-    if impl == "fused":  # only as the path race's pick (full output, W computed here, one dtype: see _choose)
-        from dora_tune.kernels.dora_linear import DoraLinearConfig, dora_linear_fused
+    if impl in ("fused", "folded"):  # only as the path race's pick (full output, W computed here, one dtype: _choose)
+        from dora_tune.kernels.dora_linear import DoraLinearConfig, FoldedConfig, dora_linear_folded, dora_linear_fused
 
-        linear = config if isinstance(config, DoraLinearConfig) else None
-        return dora_linear_fused(x, weight, bias, lora_A, lora_B, magnitude, n, scale, linear)
-    if impl == "folded":  # only as the path race's pick, as "fused"
-        from dora_tune.kernels.dora_linear import dora_linear_folded
-
-        return dora_linear_folded(x, weight, bias, lora_A, lora_B, magnitude, n, scale, config)
+        fn, cls = (dora_linear_fused, DoraLinearConfig) if impl == "fused" else (dora_linear_folded, FoldedConfig)
+        return fn(x, weight, bias, lora_A, lora_B, magnitude, n, scale, config if isinstance(config, cls) else None)
     if impl != "triton":
         raise ValueError(f"impl must be one of {IMPLS} or 'auto', got {impl!r}")
     lead = x.shape[:-1]
@@ -484,21 +480,18 @@ def _choose(
         return plan_impl, cfg
     A_dt = lora_A.dtype
 
-    def linear_config() -> Any:  # the fused linear's planned config (its shortlist raced on these inputs once)
-        from dora_tune.kernels.dora_linear import fused_config, fused_runner
+    def planned(impl: str) -> Any:  # a whole-linear path's planned config (its shortlist raced on these inputs once)
+        from dora_tune.kernels.dora_linear import linear_config, linear_runner
 
-        race = functools.partial(fused_runner, x, weight, bias, lora_A, lora_B, m, n, scale)
-        return fused_config(x, weight, lora_A, planner, race)
+        race = functools.partial(linear_runner, x, weight, bias, lora_A, lora_B, m, n, scale)
+        return linear_config(impl, x, weight, lora_A, planner, race)
 
     def runners() -> dict[str, Callable[[], Any]]:  # only when a race is due: nothing of it on the hot path
         from dora_tune.kernels.dora_linear import folded_layer_route, fused_layer_route
 
-        fused = fused_layer_route(x, weight, bias, lora_A, lora_B, base_result, full)
-        linear = linear_config() if fused else None
-        folded = folded_layer_route(x, weight, bias, lora_A, lora_B, base_result, full)
-        return _path_runners(
-            x, weight, bias, base_result, lora_A, lora_B, m, n, scale, sub_bias, full, cfg, linear, folded
-        )
+        routes = {"fused": fused_layer_route, "folded": folded_layer_route}
+        linear = {k: planned(k) for k, ok in routes.items() if ok(x, weight, bias, lora_A, lora_B, base_result, full)}
+        return _path_runners(x, weight, bias, base_result, lora_A, lora_B, m, n, scale, sub_bias, full, cfg, linear)
 
     bucket = 1 << (rows - 1).bit_length()  # token counts change per batch: one race per power-of-2 bucket
     # with the whole-linear opt-ins: a race is of the paths offered when it ran
@@ -506,7 +499,7 @@ def _choose(
     key = ("dora_layer", bucket, d_out, weight.shape[1], lora_A.shape[0], full, base_result is None, x.dtype, A_dt)
     key = (*key, fused, folded)
     path = planner.auto_path(key, x.device, runners, "triton")
-    return (path, linear_config()) if path == "fused" else (path, cfg)
+    return (path, planned(path)) if path in ("fused", "folded") else (path, cfg)
 
 
 def _path_runners(
@@ -522,14 +515,12 @@ def _path_runners(
     sub_bias: bool,
     full: bool,
     cfg: ComposeTrainConfig,
-    linear: Any = None,
-    folded: bool = False,
+    linear: dict[str, Any] | None = None,
 ) -> dict[str, Callable[[], Any]]:
     """The whole paths the training race times for a call (name → forward+backward on the call's shapes, with
-    detached copies of its leaves: nothing the caller sees changes): ``"eager"``, ``"triton"``, ``"fused"``
-    with the config ``linear`` (a ``DoraLinearConfig``; None: not raced) where
-    :func:`~dora_tune.kernels.dora_linear.fused_layer_route` says the fused linear applies, and ``"folded"``
-    (with ``cfg``) where ``folded`` (:func:`~dora_tune.kernels.dora_linear.folded_layer_route`)."""
+    detached copies of its leaves: nothing the caller sees changes): ``"eager"``, ``"triton"``, and each
+    whole-linear implementation of ``linear`` (``"fused"``, ``"folded"`` → its config; where
+    :func:`~dora_tune.kernels.dora_linear.fused_layer_route` or ``folded_layer_route`` says it applies)."""
 
     def leaf(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.detach().requires_grad_(t.requires_grad)
@@ -549,20 +540,16 @@ def _path_runners(
         dora_layer_unchecked(xs, weight, As, Bs, ms, n, scale, b, brs, sub_bias, full, "triton", cfg).backward(dout)
 
     paths = {"eager": eager, "triton": node}
-    if linear is not None:
-        from dora_tune.kernels.dora_linear import dora_linear_fused
+    if linear:
+        from dora_tune.kernels.dora_linear import dora_linear_folded, dora_linear_fused
 
-        def fused() -> None:
-            dora_linear_fused(xs, weight, b, As, Bs, ms, n, scale, linear).backward(dout)
+        for name, config in linear.items():
+            fn = dora_linear_folded if name == "folded" else dora_linear_fused
 
-        paths["fused"] = fused
-    if folded:
-        from dora_tune.kernels.dora_linear import dora_linear_folded
+            def whole(fn: Callable[..., torch.Tensor] = fn, config: Any = config) -> None:
+                fn(xs, weight, b, As, Bs, ms, n, scale, config).backward(dout)
 
-        def folded_path() -> None:
-            dora_linear_folded(xs, weight, b, As, Bs, ms, n, scale, cfg).backward(dout)
-
-        paths["folded"] = folded_path
+            paths[name] = whole
     return paths
 
 

@@ -17,12 +17,13 @@ Implementations (``impl``):
   dora_layer.dora_layer_unchecked`, ``"triton"`` on CUDA, its torch ops elsewhere).
 - ``"fused"``: the two Triton GEMMs above with an explicit :class:`DoraLinearConfig` (x, W, A, B and bias of one
   dtype; the weight may require a gradient: ``d_W = eᵀ·x`` by cuBLAS).
-- ``"folded"``: the same math on cuBLAS GEMMs, the LoRA tail folded into the base output by the GEMM's own
-  accumulate (``y_pre = x·Wᵀ``, then ``y_pre += (s·u)·Bᵀ`` with β = 1, in fp32 inside cuBLAS), the scale and bias
-  in one elementwise pass (:mod:`~dora_tune.kernels._folded_triton`); backward ``e = g ⊙ d_y`` and ``d_m`` in one
-  pass, then ``d_x = e·W`` with ``+= s·(e·B)·A`` folded the same way. A layer's forward + backward makes 15 passes
-  over output-sized tensors where the composed path makes 19 and PEFT's plain LoRA layer 18 (docs/fused-linear.md),
-  with one launch fewer than the composed path. One dtype, as ``"fused"``.
+- ``"folded"``: the large GEMMs on cuBLAS (``base = x·Wᵀ``, ``s·u = s·x·Aᵀ``; backward ``d_x = e·W`` with
+  ``+= s·(e·B)·A`` accumulated in place, β = 1) and one Triton pass each way that folds the LoRA tail in
+  (:mod:`~dora_tune.kernels._folded_triton`): forward ``y = g ⊙ (base + (s·u)·Bᵀ) + bias`` with the rank-r tail a
+  ``tl.dot`` inside the pass (the LoRA output never goes to memory), backward ``e = g ⊙ d_y`` and ``d_m`` (the tail
+  recomputed) in one pass; an explicit :class:`FoldedConfig`. A layer's forward + backward makes 13 passes over
+  output-sized tensors where the composed path makes 19 and PEFT's plain LoRA layer 18 (docs/fused-linear.md), with
+  two launches fewer than the composed path. One dtype, as ``"fused"``.
 
 ``impl="auto"`` (the default of the front door, ``dora_tune.kernels.dora_linear``): op ``dora_linear`` of the
 dispatcher, shape ``(rows, d_out, d_in, r)``, profiled forward and backward (:data:`DORA_LINEAR_SPEC`), its
@@ -81,6 +82,45 @@ class DoraLinearConfig(KernelConfig):
 
 #: the default: 128 × 128 tiles, K step 64, groups of 8 row tiles, 8 warps, 3 stages (the usual Hopper GEMM start)
 DEFAULT_DORA_LINEAR_CONFIG = DoraLinearConfig(128, 128, 64, 8, 8, 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldedConfig(KernelConfig):
+    """Launch config of the folded DoRA linear's two Triton passes (its GEMMs are cuBLAS's): ``block_r`` rows ×
+    ``block_c`` columns per tile (``block_r`` ≥ 16: the rank tail is a ``tl.dot``), ``num_warps``; the backward's
+    programs walk ``row_iters`` tiles down the rows (fewer ``d_m`` partials to add)."""
+
+    op = "dora_linear"
+    block_r: int = config_field(lo=16, hi=256)
+    block_c: int = config_field(lo=16, hi=1024)
+    row_iters: int = config_field(lo=1, hi=64)
+    num_warps: int = config_field(lo=1, hi=16)
+
+
+#: the default: 32 × 128 tiles (4 K elements, 32 a thread), 4 row tiles a backward program, 4 warps
+DEFAULT_FOLDED_CONFIG = FoldedConfig(32, 128, 4, 4)
+#: the folded passes' tiles, ``(block_r, block_c, num_warps)``: 2–8 K elements, 16–64 a thread, rows ≥ 16 (``tl.dot``)
+_FOLDED_TILES: tuple[tuple[int, int, int], ...] = (
+    (16, 128, 4),
+    (32, 128, 4),
+    (64, 128, 4),
+    (64, 64, 4),
+    (32, 256, 8),
+    (128, 64, 8),
+)
+
+
+def folded_tuning_space(shape: dict[str, int]) -> list[dict[str, int]]:
+    """The folded linear's configs to sweep (the same at every shape): the tiles of :data:`_FOLDED_TILES`, each
+    backward program walking 4 of them down the rows."""
+    return [FoldedConfig(br, bc, 4, warps).as_dict() for br, bc, warps in _FOLDED_TILES]
+
+
+#: the implementations that take a config: name → (config class, default)
+_CONFIGS: dict[str, tuple[type, Any]] = {
+    "fused": (DoraLinearConfig, DEFAULT_DORA_LINEAR_CONFIG),
+    "folded": (FoldedConfig, DEFAULT_FOLDED_CONFIG),
+}
 
 
 #: the tiles of the tuning space, ``(block_m, block_n, block_k, num_warps, num_stages)``: the usual tensor-core GEMM
@@ -152,8 +192,9 @@ def check_dora_linear_inputs(
 class _LinearFn(torch.autograd.Function):
     """A whole-linear implementation's forward and backward on ``x2 [rows, d_in]``: ``impl`` its ``(forward,
     backward)`` pair (:func:`fused_forward` and :func:`fused_backward`, or the folded ones); inputs checked by the
-    caller. The forward returns ``(y, u, y_pre or None)`` (``u``: what the backward's LoRA GEMMs read) and writes
-    ``y_pre`` only when the magnitude needs a gradient."""
+    caller. The forward returns ``(y, u, saved or None)`` (``u``: what the backward's LoRA GEMMs read; ``saved``:
+    what ``d_m`` needs — the fused linear's ``y_pre``, the folded one's base output — kept only when the magnitude
+    needs a gradient)."""
 
     @staticmethod
     def forward(
@@ -252,22 +293,21 @@ def folded_forward(
     magnitude: torch.Tensor,
     n: torch.Tensor,
     scale: float,
-    config: Any,
-    write_pre: bool,
+    config: FoldedConfig,
+    keep_base: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(y, s·u, y_pre or None)`` of the folded forward on ``x2 [rows, d_in]`` (no autograd; checked by the
-    caller): ``s·u = s·x·Aᵀ`` (cuBLAS's α, rounded once), ``y_pre = x·Wᵀ`` then ``y_pre += (s·u)·Bᵀ`` (β = 1: the
-    LoRA tail accumulated in fp32 onto the base output inside cuBLAS), then ``y = g ⊙ y_pre + bias`` in one pass —
-    over ``y_pre`` itself when ``m`` needs no gradient."""
-    from dora_tune.kernels._folded_triton import folded_scale_triton
+    """``(y, s·u, base or None)`` of the folded forward on ``x2 [rows, d_in]`` (no autograd; checked by the
+    caller): ``s·u = s·x·Aᵀ`` (cuBLAS's α: rounded once, as ``u`` would be), ``base = x·Wᵀ``, then one pass
+    ``y = g ⊙ (base + (s·u)·Bᵀ) + bias`` with the tail on the tensor cores — over ``base`` itself unless it is kept
+    (for ``d_m``: when ``m`` needs a gradient)."""
+    from dora_tune.kernels._folded_triton import folded_fwd_triton
 
     with torch.no_grad():
         us = torch.addmm(x2.new_empty(()), x2, lora_A.t(), beta=0, alpha=scale)
-        pre = torch.mm(x2, weight.t())
-        pre.addmm_(us, lora_B.t())
+        base = torch.mm(x2, weight.t())
         b = None if bias is None else bias.detach()
-        y = folded_scale_triton(pre, magnitude.detach(), n, b, config.fwd, in_place=not write_pre)
-    return y, us, pre if write_pre else None
+        y = folded_fwd_triton(base, us, lora_B, magnitude.detach(), n, b, config, in_place=not keep_base)
+    return y, us, base if keep_base else None
 
 
 def folded_backward(
@@ -279,36 +319,23 @@ def folded_backward(
     B: torch.Tensor,
     m: torch.Tensor,
     n: torch.Tensor,
-    pre: torch.Tensor | None,
+    base: torch.Tensor | None,
     s: float,
-    config: Any,
+    config: FoldedConfig,
     needs: tuple[bool, ...],
     bias_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor | None, ...]:
     """``(d_x, d_W, d_bias, d_A, d_B, d_m)`` of the folded linear, None where ``needs`` (the same order) is False:
-    ``e = g ⊙ d_y`` and ``d_m = Σ_rows(d_y ⊙ y_pre) / n`` in one pass (``pre`` required for ``d_m``), then cuBLAS:
-    ``d(s·u) = e·B``, ``d_x = e·W`` with ``+= s·d(s·u)·A`` accumulated in place (β = 1), ``d_W = eᵀ·x``,
-    ``d_B = eᵀ·(s·u)``, ``d_A = s·d(s·u)ᵀ·x``; ``d_bias`` a column sum."""
-    from dora_tune.kernels._dora_triton import dora_bwd_triton
+    ``e = g ⊙ d_y`` and ``d_m = Σ_rows(d_y ⊙ (base + (s·u)·Bᵀ)) / n`` in one pass (``base`` required for ``d_m``),
+    then cuBLAS: ``d(s·u) = e·B``, ``d_x = e·W`` with ``+= s·d(s·u)·A`` accumulated in place (β = 1),
+    ``d_W = eᵀ·x``, ``d_B = eᵀ·(s·u)``, ``d_A = s·d(s·u)ᵀ·x``; ``d_bias`` a column sum."""
+    from dora_tune.kernels._folded_triton import folded_bwd_triton
 
     nx, nW, nbias, nA, nB, nm = needs
     with torch.no_grad():
         d = dy if dy.stride(-1) == 1 else dy.contiguous()
-        _, e, dm = dora_bwd_triton(
-            d,
-            pre,
-            m.detach(),
-            n,
-            s,
-            config.bwd,
-            full=True,
-            lora_dtype=x2.dtype,
-            base_dtype=x2.dtype,
-            m_dtype=m.dtype,
-            need_dlora=False,
-            need_dbase=nx or nW or nA or nB,
-            need_dm=nm,
-        )
+        need_e = nx or nW or nA or nB
+        e, dm = folded_bwd_triton(d, base if nm else None, us, B, m.detach(), n, config, need_e=need_e, m_dtype=m.dtype)
         dus = torch.mm(e, B) if nx or nA else None
         dx = dW = dA = dB = None
         if nx:
@@ -333,14 +360,12 @@ def dora_linear_folded(
     magnitude: torch.Tensor,
     norm: torch.Tensor,
     scale: float,
-    config: Any = None,
+    config: FoldedConfig | None = None,
 ) -> torch.Tensor:
     """The folded implementation on inputs :func:`dora_linear` would accept (checked by the caller; ``norm``
-    float32 and contiguous, :func:`fused_eligible`): for layers that validated their tensors once. ``config``: a
-    ``ComposeTrainConfig`` for its two elementwise passes (None: the default)."""
-    from dora_tune.kernels.compose_train import DEFAULT_COMPOSE_TRAIN_CONFIG, ComposeTrainConfig
-
-    cfg = config if isinstance(config, ComposeTrainConfig) else DEFAULT_COMPOSE_TRAIN_CONFIG
+    float32 and contiguous, :func:`fused_eligible`): for layers that validated their tensors once. ``config`` None:
+    :data:`DEFAULT_FOLDED_CONFIG`."""
+    cfg = config or DEFAULT_FOLDED_CONFIG
     return _whole_linear(
         (folded_forward, folded_backward), x, weight, bias, lora_A, lora_B, magnitude, norm, scale, cfg
     )
@@ -374,7 +399,7 @@ def dora_linear(
     scale: float,
     *,
     impl: str = "auto",
-    config: DoraLinearConfig | None = None,
+    config: DoraLinearConfig | FoldedConfig | None = None,
     planner: Planner | None = None,
 ) -> torch.Tensor:
     """A DoRA ``Linear``'s output ``g ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + bias`` (see the module docstring), differentiable.
@@ -389,8 +414,9 @@ def dora_linear(
             others do not apply: a CPU without the interpreter, mixed dtypes), ``"composed"``, ``"fused"`` or
             ``"folded"`` (these two need Triton: CUDA, or the CPU under ``TRITON_INTERPRET=1``; and x, weight,
             lora_A, lora_B and bias of one dtype).
-        config: a :class:`DoraLinearConfig` for the fused implementation (None: the plan's, else
-            :data:`DEFAULT_DORA_LINEAR_CONFIG`); the other implementations take none.
+        config: a :class:`DoraLinearConfig` for the fused implementation, a :class:`FoldedConfig` for the folded
+            one (None: the plan's, else the default); with ``impl="auto"``, used where the plan picks its
+            implementation; ``"composed"`` takes none.
         planner: what answers ``impl="auto"`` and plans the composed path's compose where it asks (a weight that
             requires grad, autocast: :func:`~dora_tune.kernels.dora_layer.dora_layer_composed`); the run-time
             dispatcher's hooks (:mod:`dora_tune.dispatch.runtime`), which ``dora_tune.kernels.dora_linear`` (the
@@ -402,8 +428,15 @@ def dora_linear(
     s = check_dora_linear_inputs(x, weight, bias, lora_A, lora_B, magnitude, norm, scale)
     if impl not in (*IMPLS, "auto"):
         raise ValueError(f"impl must be one of {IMPLS} or 'auto', got {impl!r}")
-    if config is not None and not isinstance(config, DoraLinearConfig):
-        raise TypeError(f"config must be a DoraLinearConfig, got {type(config).__name__}")
+    if config is not None:
+        want = tuple(cls for name, (cls, _) in _CONFIGS.items() if impl in (name, "auto"))
+        if not want or not isinstance(config, want):
+            names = " or ".join(c.__name__ for c in want)
+            raise TypeError(
+                f"impl={impl!r} takes no config, got {type(config).__name__}"
+                if not want
+                else f"config for impl={impl!r} must be a {names}, got {type(config).__name__}"
+            )
     n = norm.detach().float().contiguous()
     if impl == "auto":
         planner = need_planner("dora_linear", planner)
@@ -425,7 +458,7 @@ def dora_linear(
         )
     check_same_device(x=x, norm=n)
     if impl == "folded":
-        return dora_linear_folded(x, weight, bias, lora_A, lora_B, magnitude, n, s)
+        return dora_linear_folded(x, weight, bias, lora_A, lora_B, magnitude, n, s, config)
     return dora_linear_fused(x, weight, bias, lora_A, lora_B, magnitude, n, s, config)
 
 
@@ -438,22 +471,22 @@ def _plan(
     magnitude: torch.Tensor,
     n: torch.Tensor,
     s: float,
-    config: DoraLinearConfig | None,
+    config: DoraLinearConfig | FoldedConfig | None,
     planner: Planner,
-) -> tuple[str, DoraLinearConfig | None]:
+) -> tuple[str, Any]:
     """``(impl, config)`` of an ``impl="auto"`` call: the planner's, with ``"composed"`` where the fused and folded
     implementations do not apply here (no Triton, mixed dtypes, no rows; the dispatcher plans ``"composed"`` off
     CUDA)."""
     if x.numel() == 0 or not fused_eligible(x, weight, bias, lora_A, lora_B) or not triton_available():
         return "composed", None
 
-    def race() -> Callable[[DoraLinearConfig], Any]:
-        return fused_runner(x, weight, bias, lora_A, lora_B, magnitude, n, s)
+    def race() -> Callable[[Any], Any]:
+        return linear_runner(x, weight, bias, lora_A, lora_B, magnitude, n, s)
 
     chosen = _ask(x, weight, lora_A, planner, race if config is None else None)
-    if chosen.impl == "fused":
-        return "fused", config or chosen.config
-    return ("folded" if chosen.impl == "folded" else "composed"), None
+    if chosen.impl not in _CONFIGS:
+        return "composed", None
+    return chosen.impl, config if isinstance(config, _CONFIGS[chosen.impl][0]) else chosen.config
 
 
 def _ask(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, planner: Planner, race: Any) -> Any:
@@ -462,24 +495,26 @@ def _ask(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, planner: P
     return planner.auto("dora_linear", dims, x.dtype, x.device, race)
 
 
-def fused_config(
+def linear_config(
+    impl: str,
     x: torch.Tensor,
     weight: torch.Tensor,
     lora_A: torch.Tensor,
     planner: Planner,
-    race: Callable[[], Callable[[DoraLinearConfig], Any]] | None = None,
-) -> DoraLinearConfig:
-    """The config the fused implementation runs with for a call on ``x [..., d_in]``: the ``planner``'s plan of op
-    ``dora_linear`` at ``(rows, d_out, d_in, r)`` when that is the fused implementation, else
-    :data:`DEFAULT_DORA_LINEAR_CONFIG` (a caller that runs the fused linear where the plan would not: a path race's
-    pick, a compiled layer). ``race`` as :meth:`Planner.auto`'s."""
+    race: Callable[[], Callable[[Any], Any]] | None = None,
+) -> Any:
+    """The config implementation ``impl`` (``"fused"`` or ``"folded"``) runs with for a call on ``x [..., d_in]``:
+    the ``planner``'s plan of op ``dora_linear`` at ``(rows, d_out, d_in, r)`` when that is ``impl``, else its
+    default (:data:`DEFAULT_DORA_LINEAR_CONFIG`, :data:`DEFAULT_FOLDED_CONFIG`: a caller that runs it where the plan
+    would not — a path race's pick, a compiled layer). ``race`` as :meth:`Planner.auto`'s."""
+    cls, default = _CONFIGS[impl]
     plan = _ask(x, weight, lora_A, planner, race)
-    if plan.impl == "fused" and isinstance(plan.config, DoraLinearConfig):
+    if plan.impl == impl and isinstance(plan.config, cls):
         return plan.config
-    return DEFAULT_DORA_LINEAR_CONFIG
+    return default
 
 
-def fused_runner(
+def linear_runner(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -488,16 +523,18 @@ def fused_runner(
     magnitude: torch.Tensor,
     n: torch.Tensor,
     s: float,
-) -> Callable[[DoraLinearConfig], Any]:
-    """``run(config)``: the fused linear's forward and backward (x, A, B and m needing gradients, as in training) on
-    detached copies of these tensors and a constant output gradient — nothing the caller sees changes, no RNG drawn:
-    what a race of configs times."""
+) -> Callable[[Any], Any]:
+    """``run(config)``: the fused linear's (a :class:`DoraLinearConfig`) or the folded one's (a
+    :class:`FoldedConfig`) forward and backward (x, A, B and m needing gradients, as in training) on detached
+    copies of these tensors and a constant output gradient — nothing the caller sees changes, no RNG drawn: what a
+    race of configs times."""
     xs, As, Bs, ms = (t.detach().requires_grad_() for t in (x, lora_A, lora_B, magnitude))
     b = None if bias is None else bias.detach()
     dy = torch.full((*x.shape[:-1], weight.shape[0]), 1e-3, device=x.device, dtype=x.dtype)
 
-    def run(config: DoraLinearConfig) -> Any:
-        dora_linear_fused(xs, weight.detach(), b, As, Bs, ms, n, s, config).backward(dy)
+    def run(config: Any) -> Any:
+        fn = dora_linear_folded if isinstance(config, FoldedConfig) else dora_linear_fused
+        fn(xs, weight.detach(), b, As, Bs, ms, n, s, config).backward(dy)
 
     return run
 
@@ -579,7 +616,7 @@ def _whole_linear(
 # ----------------------------------------------------------------------------------------------- the op's spec
 
 
-def _linear_runner(name: str, t: dict[str, Any], cfg: DoraLinearConfig | None) -> Callable[[], Any]:
+def _linear_runner(name: str, t: dict[str, Any], cfg: Any) -> Callable[[], Any]:
     leaves, dy = t["leaves"], t["dy"]
     x, A, B, m = leaves
 
@@ -648,7 +685,10 @@ DORA_LINEAR_SPEC = OpSpec(
                 _K + "dora_linear:folded_forward",
                 _K + "dora_linear:folded_backward",
             ),
-            selfcheck_tol=FUSED_TOL,
+            folded_tuning_space,
+            FoldedConfig.from_dict,
+            (),
+            FUSED_TOL,
         ),
     ),
     runner=_linear_runner,
@@ -658,11 +698,13 @@ DORA_LINEAR_SPEC = OpSpec(
 
 __all__ = [
     "DEFAULT_DORA_LINEAR_CONFIG",
+    "DEFAULT_FOLDED_CONFIG",
     "DORA_LINEAR_SPEC",
     "FOLDED_LINEAR_ENV",
     "FUSED_LINEAR_ENV",
     "IMPLS",
     "DoraLinearConfig",
+    "FoldedConfig",
     "check_dora_linear_inputs",
     "dora_linear",
     "dora_linear_folded",
@@ -670,8 +712,9 @@ __all__ = [
     "dora_linear_reference",
     "dora_linear_tuning_space",
     "folded_layer_route",
-    "fused_config",
+    "folded_tuning_space",
     "fused_eligible",
     "fused_layer_route",
-    "fused_runner",
+    "linear_config",
+    "linear_runner",
 ]

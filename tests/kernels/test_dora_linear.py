@@ -10,13 +10,16 @@ import torch
 import dora_tune.dispatch.runtime as planner
 from dora_tune.kernels.dora_linear import (
     DEFAULT_DORA_LINEAR_CONFIG,
+    DEFAULT_FOLDED_CONFIG,
     FOLDED_LINEAR_ENV,
     FUSED_LINEAR_ENV,
     DoraLinearConfig,
+    FoldedConfig,
     dora_linear,
     dora_linear_reference,
     dora_linear_tuning_space,
     folded_layer_route,
+    folded_tuning_space,
     fused_layer_route,
 )
 
@@ -28,12 +31,13 @@ SHAPES = [((1,), 33, 17, 1), ((2, 5), 24, 37, 3), ((70,), 50, 130, 9)]
 # outputs and gradients rounded to the dtype once (fp32 accumulation)
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 SMALL = DoraLinearConfig(16, 16, 16, 2, 4, 2)  # many programs and loop trips at the test sizes
+FOLD_SMALL = FoldedConfig(16, 16, 2, 1)  # many programs, d_m partials and a finish at the test sizes
 TRITON_IMPLS = ["fused", "folded"]  # the implementations that need Triton (and one dtype)
 
 
 def cfg(impl):
-    """The config a test runs ``impl`` with: SMALL for the fused linear, none for the others."""
-    return SMALL if impl == "fused" else None
+    """The config a test runs ``impl`` with: small tiles for the fused and folded linears, none for composed."""
+    return {"fused": SMALL, "folded": FOLD_SMALL}.get(impl)
 
 
 def make(lead, d_in, d_out, r, dtype, device, seed=0, zero_rows=()):
@@ -67,7 +71,7 @@ def run(impl, ins, n, s, dout, grads=("x", "bias", "A", "B", "m"), config=None):
 def test_matches_float64_values_and_gradients(impl, dtype, shape, dev_for):
     dev = dev_for("triton" if impl in TRITON_IMPLS or dtype != torch.float32 else "eager")
     ins, n, s, dout = make(*shape, dtype, dev)
-    (y, g), (ry, rg) = run(impl, ins, n, s, dout, config=SMALL if impl == "fused" else None)
+    (y, g), (ry, rg) = run(impl, ins, n, s, dout, config=cfg(impl))
     assert y.dtype == dtype and y.shape == (*shape[0], shape[2])
     assert relerr(y, ry) < TOL[dtype]
     for k in g:
@@ -81,7 +85,7 @@ def test_error_is_at_most_the_composed_paths(impl, dtype, triton_device):
     onto the base output in fp32 and rounds the pre-activation once more: the error of each against float64 is no
     worse than the composed path's (1.5× for rounding luck on one small shape)."""
     ins, n, s, dout = make((64,), 80, 96, 8, dtype, triton_device, seed=3)
-    (fy, fg), (ry, rg) = run(impl, ins, n, s, dout, config=SMALL if impl == "fused" else None)
+    (fy, fg), (ry, rg) = run(impl, ins, n, s, dout, config=cfg(impl))
     (cy, cg), _ = run("composed", ins, n, s, dout)
     assert relerr(fy, ry) <= 1.5 * relerr(cy, ry) + 1e-7
     for k in fg:
@@ -108,6 +112,18 @@ def test_every_config_of_the_space(triton_device):
     ins, n, s, dout = make(*shape, torch.bfloat16, triton_device)
     for c in space:
         (y, g), (ry, rg) = run("fused", ins, n, s, dout, config=DoraLinearConfig.from_dict(c))
+        assert relerr(y, ry) < TOL[torch.bfloat16], c
+        assert all(relerr(g[k], rg[k]) < TOL[torch.bfloat16] for k in g), c
+
+
+def test_every_config_of_the_folded_space(triton_device):
+    """Every folded config the profiler would sweep launches and is right, at a shape off every tile (rows 70,
+    d_out 130, r 9), bf16; the default config and the space validate."""
+    space = folded_tuning_space({"rows": 70, "d_out": 130, "d_in": 48, "r": 9})
+    assert space and DEFAULT_FOLDED_CONFIG.as_dict() in space
+    ins, n, s, dout = make((70,), 48, 130, 9, torch.bfloat16, triton_device, seed=2)
+    for c in space:
+        (y, g), (ry, rg) = run("folded", ins, n, s, dout, config=FoldedConfig.from_dict(c))
         assert relerr(y, ry) < TOL[torch.bfloat16], c
         assert all(relerr(g[k], rg[k]) < TOL[torch.bfloat16] for k in g), c
 
@@ -182,6 +198,12 @@ def test_bad_input_is_refused_with_a_clear_error():
         dora_linear(*args, n, s)
     with pytest.raises(TypeError, match="DoraLinearConfig"):
         dora_linear(*args, n, s, impl="fused", config={"block_m": 16})
+    with pytest.raises(TypeError, match="impl='folded' must be a FoldedConfig"):
+        dora_linear(*args, n, s, impl="folded", config=SMALL)
+    with pytest.raises(TypeError, match="impl='composed' takes no config"):
+        dora_linear(*args, n, s, impl="composed", config=SMALL)
+    with pytest.raises(ValueError, match="block_r"):
+        FoldedConfig(8, 16, 1, 1)  # the rank tail's tl.dot needs 16 rows
     with pytest.raises(ValueError, match="d_in"):
         dora_linear(args[0][:, :15], *args[1:], n, s)
     mixed = [args[0], args[1], args[2], args[3].double().float().to(torch.bfloat16), *args[4:]]
@@ -191,6 +213,7 @@ def test_bad_input_is_refused_with_a_clear_error():
     with pytest.raises(ValueError, match="outside"):
         DoraLinearConfig(16, 16, 16, 2, 32, 2)
     assert DoraLinearConfig.from_dict(DEFAULT_DORA_LINEAR_CONFIG.as_dict()) == DEFAULT_DORA_LINEAR_CONFIG
+    assert FoldedConfig.from_dict(DEFAULT_FOLDED_CONFIG.as_dict()) == DEFAULT_FOLDED_CONFIG
 
 
 @pytest.mark.gpu
@@ -215,7 +238,7 @@ def test_dora_layer_runs_the_whole_linear_as_a_path(impl, triton_device):
     ins, n, s, dout = make((2, 7), 40, 24, 4, torch.bfloat16, triton_device)
     leaves = {k: v.detach().clone().requires_grad_(k in ("x", "A", "B", "m")) for k, v in ins.items()}
     x, W, b, A, B, m = leaves.values()
-    y = dl.dora_layer_unchecked(x, W, A, B, m, n, s, b, None, False, True, impl)
+    y = dl.dora_layer_unchecked(x, W, A, B, m, n, s, b, None, False, True, impl, cfg(impl))
     got = torch.autograd.grad(y, [x, A, B, m], dout)
     ref = {k: v.detach().double().requires_grad_(k in ("x", "A", "B", "m")) for k, v in ins.items()}
     ry = dora_linear_reference(*ref.values(), n, s)
@@ -248,9 +271,8 @@ def test_the_path_race_offers_the_fused_linear_only_opted_in_and_where_it_applie
     monkeypatch.setenv(FUSED_LINEAR_ENV, "1")
     assert not folded_layer_route(x, W, b, A, B, None, True)  # each variable opts in its own path only
     assert set(dl._path_runners(x, W, b, None, A, B, m, n, s, True, True, CFG)) == {"eager", "triton"}
-    runners = dl._path_runners(
-        x, W, b, None, A, B, m, n, s, True, True, CFG, DoraLinearConfig(16, 16, 16, 1, 1, 1), True
-    )
+    linear = {"fused": DoraLinearConfig(16, 16, 16, 1, 1, 1), "folded": FOLD_SMALL}
+    runners = dl._path_runners(x, W, b, None, A, B, m, n, s, True, True, CFG, linear)
     assert set(runners) == {"eager", "triton", "fused", "folded"}
     for run in runners.values():  # each runs forward and backward on detached copies
         run()
@@ -376,19 +398,27 @@ def test_auto_runs_the_planned_implementation_and_config(triton_device, monkeypa
     own = DoraLinearConfig(32, 16, 16, 1, 2, 1)
     dora_linear(*args, config=own, planner=_StubPlanner("fused", SMALL, race_with=SMALL))  # own config: no race
     assert launched[-1] == own and len(launched) == 3
+    folded = _StubPlanner("folded", FOLD_SMALL, race_with=FOLD_SMALL)  # a folded plan: its config, raced the same way
+    y_folded = dora_linear(*args, planner=folded)
+    assert launched[3:] == [FOLD_SMALL, FOLD_SMALL] and relerr(y_folded, y_comp) < 1e-5
+    dora_linear(*args, config=own, planner=_StubPlanner("folded", FOLD_SMALL))  # a fused config: not the folded one's
+    assert launched[-1] == FOLD_SMALL and len(launched) == 6
     mixed = [v if k in ("A", "B") else v.bfloat16() for k, v in ins.items()]  # float32 adapters, bf16 layer
     none = _StubPlanner("fused", SMALL)
     assert dora_linear(*mixed, n, s, planner=none).dtype == torch.bfloat16 and none.asked == []
 
 
-def test_fused_config_is_the_plans_only_when_the_plan_is_fused():
-    from dora_tune.kernels.dora_linear import fused_config
+def test_linear_config_is_the_plans_only_when_the_plan_is_that_implementation():
+    from dora_tune.kernels.dora_linear import linear_config
 
     x, W, A = torch.randn(2, 7, 16), torch.randn(8, 16), torch.randn(3, 16)
-    assert fused_config(x, W, A, _StubPlanner("fused", SMALL)) == SMALL
-    assert fused_config(x, W, A, _StubPlanner("composed", None)) == DEFAULT_DORA_LINEAR_CONFIG
+    assert linear_config("fused", x, W, A, _StubPlanner("fused", SMALL)) == SMALL
+    assert linear_config("fused", x, W, A, _StubPlanner("composed", None)) == DEFAULT_DORA_LINEAR_CONFIG
+    assert linear_config("fused", x, W, A, _StubPlanner("folded", FOLD_SMALL)) == DEFAULT_DORA_LINEAR_CONFIG
+    assert linear_config("folded", x, W, A, _StubPlanner("folded", FOLD_SMALL)) == FOLD_SMALL
+    assert linear_config("folded", x, W, A, _StubPlanner("fused", SMALL)) == DEFAULT_FOLDED_CONFIG
     stub = _StubPlanner("fused", SMALL)
-    fused_config(x, W, A, stub)
+    linear_config("fused", x, W, A, stub)
     assert stub.asked == [("dora_linear", (14, 8, 16, 3), torch.float32, False)]
 
 

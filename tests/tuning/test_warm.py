@@ -38,6 +38,20 @@ def test_warm_items_dedupe_and_skip_torch_impls():
     assert len(items) == 4 and {i[1] for i in items} == {"triton"}
 
 
+def test_warm_items_take_every_triton_implementation_of_an_op():
+    """dora_linear has two Triton implementations (fused, folded): both are compiled ahead, composed is not."""
+    reg = {(op, i.name): i for op, v in registry().items() for i in v}
+    shape = {"rows": 70, "d_out": 40, "d_in": 48, "r": 4}
+    tasks = [
+        _Task("dora_linear", reg[("dora_linear", name)], "bf16", shape,
+              tuple(json.dumps(c, sort_keys=True) for c in reg[("dora_linear", name)].configs(shape)[:2]))
+        for name in ("composed", "fused", "folded")
+    ]  # fmt: skip
+    items = warm_items(tasks)
+    assert [i[1] for i in items].count("fused") == 2 and [i[1] for i in items].count("folded") == 2
+    assert "composed" not in {i[1] for i in items}
+
+
 def test_warm_compile_runs_in_processes(triton_device):
     # Under the CPU interpreter nothing compiles, but the same path runs: items are launched in 2 worker processes.
     n, _ = warm_compile(_tasks(), torch.device(triton_device), jobs=2)
