@@ -14,7 +14,7 @@ harness's ``gpu_us``: L2 flushed, the host kept out), in µs:
   path);
 * forward + backward (x, A, B and m need gradients, as in training): ``fused``, ``folded``, ``composed``,
   ``peft_dora`` (PEFT's DoRA ``Linear``), ``peft_lora`` (plain LoRA, the floor of any DoRA: the fwd+bwd target is
-  ≤ 1.0× it);
+  ≤ 1.0× it), each with its peak memory above the tensors it started from (``*_peak_MiB``);
 
 and the relative error against float64 of each implementation's output and gradients at one small shape per
 dtype. One row per (shape, item) (the harness); the JSON ``--out`` keeps everything.
@@ -89,6 +89,20 @@ def fwd_bwd(fn: Any, x: torch.Tensor, dy: torch.Tensor) -> Any:
     return step
 
 
+def peak_mib(step: Any, device: torch.device) -> float | None:
+    """MiB allocated above what was held before, at the peak of one call of ``step`` (CUDA; None elsewhere): what a
+    forward keeps for its backward plus the backward's temporaries (the gradients' buffers exist already)."""
+    if device.type != "cuda":
+        return None
+    step()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    step()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
 def time_configs(t: dict, configs: list[DoraLinearConfig]) -> tuple[DoraLinearConfig, float, int]:
     """The fastest of ``configs`` for the fused forward (a short timing each, the winner in full), its µs, and how
     many launched."""
@@ -130,13 +144,13 @@ def measure(t: dict, sweep: int, fused: bool = True) -> dict[str, Any]:
         configs = [DEFAULT_DORA_LINEAR_CONFIG, *space[::step]]
         best, out["fused_fwd_best"], out["configs_timed"] = time_configs(t, configs)
         out["best_config"] = best.as_dict()
-        out["fused_fwd_bwd"] = harness.gpu_us(
-            fwd_bwd(lambda xx: dora_linear(xx, W, None, Ag, Bg, mg, n, s, impl="fused", config=best), xg, dy)
-        )
+        step = fwd_bwd(lambda xx: dora_linear(xx, W, None, Ag, Bg, mg, n, s, impl="fused", config=best), xg, dy)
+        out["fused_fwd_bwd"] = harness.gpu_us(step)
+        out["fused_peak_MiB"] = peak_mib(step, x.device)
     for impl in ("folded", "composed"):
-        out[f"{impl}_fwd_bwd"] = harness.gpu_us(
-            fwd_bwd(lambda xx, impl=impl: dora_linear(xx, W, None, Ag, Bg, mg, n, s, impl=impl), xg, dy)
-        )
+        step = fwd_bwd(lambda xx, impl=impl: dora_linear(xx, W, None, Ag, Bg, mg, n, s, impl=impl), xg, dy)
+        out[f"{impl}_fwd_bwd"] = harness.gpu_us(step)
+        out[f"{impl}_peak_MiB"] = peak_mib(step, x.device)
     for name, dora in (("peft_dora", True), ("peft_lora", False)):
         try:
             layer = peft_layer(t, dora)
@@ -145,6 +159,7 @@ def measure(t: dict, sweep: int, fused: bool = True) -> dict[str, Any]:
         with torch.no_grad():
             out[f"{name}_fwd"] = harness.gpu_us(lambda layer=layer: layer(x))
         out[f"{name}_fwd_bwd"] = harness.gpu_us(fwd_bwd(layer, xg, dy))
+        out[f"{name}_peak_MiB"] = peak_mib(fwd_bwd(layer, xg, dy), x.device)
     fwd = {"fused": "fused_fwd_best", "folded": "folded_fwd", "composed": "composed_fwd"}
     for impl in ("fused", "folded", "composed") if fused else ("folded", "composed"):
         out[f"{impl}_fwd_vs_base_xa"] = out[fwd[impl]] / out["cublas_base_xa"]

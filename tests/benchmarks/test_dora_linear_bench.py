@@ -27,6 +27,7 @@ def test_measure_and_errors_run_every_item(monkeypatch):
         "block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages"
     }  # fmt: skip
     assert fig["fused_fwd_vs_base_xa"] == fig["fused_fwd_bwd_vs_lora"] == fig["folded_fwd_bwd_vs_composed"] == 1.0
+    assert fig["folded_peak_MiB"] is None and fig["peft_lora_peak_MiB"] is None  # peak memory: CUDA only
     lean = bench.measure(t, sweep=2, fused=False)  # --no-fused: no fused item, no config sweep
     assert not any(k.startswith("fused") for k in lean) and "configs_timed" not in lean
     assert lean["folded_fwd_bwd_vs_lora"] == lean["composed_fwd_bwd_vs_lora"] == 1.0
