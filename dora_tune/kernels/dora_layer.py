@@ -432,11 +432,8 @@ def dora_layer_unchecked(
         )
     if impl == "eager":
         return _torch_path(x, weight, bias, base_result, lora_A, lora_B, magnitude, n, scale, sub_bias, full)
-    if impl in ("fused", "folded"):  # only as the path race's pick (full output, W computed here, one dtype: _choose)
-        from dora_tune.kernels.dora_linear import DoraLinearConfig, FoldedConfig, dora_linear_folded, dora_linear_fused
-
-        fn, cls = (dora_linear_fused, DoraLinearConfig) if impl == "fused" else (dora_linear_folded, FoldedConfig)
-        return fn(x, weight, bias, lora_A, lora_B, magnitude, n, scale, config if isinstance(config, cls) else None)
+    if impl in ("fused", "folded"):  # only as the path race's pick (full output, one dtype: see _choose)
+        return _run_whole_linear(impl, x, weight, bias, base_result, lora_A, lora_B, magnitude, n, scale, config)
     if impl != "triton":
         raise ValueError(f"impl must be one of {IMPLS} or 'auto', got {impl!r}")
     lead = x.shape[:-1]
@@ -489,8 +486,11 @@ def _choose(
     def runners() -> dict[str, Callable[[], Any]]:  # only when a race is due: nothing of it on the hot path
         from dora_tune.kernels.dora_linear import folded_layer_route, fused_layer_route
 
-        routes = {"fused": fused_layer_route, "folded": folded_layer_route}
-        linear = {k: planned(k) for k, ok in routes.items() if ok(x, weight, bias, lora_A, lora_B, base_result, full)}
+        linear = {}
+        if fused_layer_route(x, weight, bias, lora_A, lora_B, base_result, full):
+            linear["fused"] = planned("fused")
+        if folded_layer_route(x, weight, bias, lora_A, lora_B, base_result, full, sub_bias):
+            linear["folded"] = planned("folded")
         return _path_runners(x, weight, bias, base_result, lora_A, lora_B, m, n, scale, sub_bias, full, cfg, linear)
 
     bucket = 1 << (rows - 1).bit_length()  # token counts change per batch: one race per power-of-2 bucket
@@ -540,17 +540,46 @@ def _path_runners(
         dora_layer_unchecked(xs, weight, As, Bs, ms, n, scale, b, brs, sub_bias, full, "triton", cfg).backward(dout)
 
     paths = {"eager": eager, "triton": node}
-    if linear:
-        from dora_tune.kernels.dora_linear import dora_linear_folded, dora_linear_fused
+    for name, config in (linear or {}).items():
 
-        for name, config in linear.items():
-            fn = dora_linear_folded if name == "folded" else dora_linear_fused
+        def whole(name: str = name, config: Any = config) -> None:
+            _run_whole_linear(name, xs, weight, b, brs, As, Bs, ms, n, scale, config).backward(dout)
 
-            def whole(fn: Callable[..., torch.Tensor] = fn, config: Any = config) -> None:
-                fn(xs, weight, b, As, Bs, ms, n, scale, config).backward(dout)
-
-            paths[name] = whole
+        paths[name] = whole
     return paths
+
+
+def _run_whole_linear(
+    impl: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    base_result: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    m: torch.Tensor,
+    n: torch.Tensor,
+    scale: float,
+    config: Any,
+) -> torch.Tensor:
+    """A layer call run by a whole-linear implementation of :mod:`~dora_tune.kernels.dora_linear` (``"fused"``,
+    ``"folded"``; ``config`` its config, else its default): the folded one from ``base_result`` where one is given
+    (:func:`~dora_tune.kernels.dora_linear.folded_from_base`)."""
+    from dora_tune.kernels.dora_linear import (
+        DoraLinearConfig,
+        FoldedConfig,
+        dora_linear_folded,
+        dora_linear_fused,
+        folded_from_base,
+    )
+
+    if impl == "fused":
+        cfg = config if isinstance(config, DoraLinearConfig) else None
+        return dora_linear_fused(x, weight, bias, lora_A, lora_B, m, n, scale, cfg)
+    cfg = config if isinstance(config, FoldedConfig) else None
+    if base_result is not None:
+        return folded_from_base(x, base_result, bias, lora_A, lora_B, m, n, scale, cfg)
+    return dora_linear_folded(x, weight, bias, lora_A, lora_B, m, n, scale, cfg)
 
 
 class _Rows:

@@ -326,29 +326,120 @@ def folded_backward(
     bias_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor | None, ...]:
     """``(d_x, d_W, d_bias, d_A, d_B, d_m)`` of the folded linear, None where ``needs`` (the same order) is False:
-    ``e = g ⊙ d_y`` and ``d_m = Σ_rows(d_y ⊙ (base + (s·u)·Bᵀ)) / n`` in one pass (``base`` required for ``d_m``),
-    then cuBLAS: ``d(s·u) = e·B``, ``d_x = e·W`` with ``+= s·d(s·u)·A`` accumulated in place (β = 1),
-    ``d_W = eᵀ·x``, ``d_B = eᵀ·(s·u)``, ``d_A = s·d(s·u)ᵀ·x``; ``d_bias`` a column sum."""
-    from dora_tune.kernels._folded_triton import folded_bwd_triton
-
+    the pass and the LoRA tail's gradients of :func:`_folded_tail_backward`, then ``d_x = e·W`` with
+    ``+= s·d(s·u)·A`` accumulated in place (β = 1) and ``d_W = eᵀ·x`` by cuBLAS."""
     nx, nW, nbias, nA, nB, nm = needs
     with torch.no_grad():
-        d = dy if dy.stride(-1) == 1 else dy.contiguous()
-        need_e = nx or nW or nA or nB
-        e, dm = folded_bwd_triton(d, base if nm else None, us, B, m.detach(), n, config, need_e=need_e, m_dtype=m.dtype)
-        dus = torch.mm(e, B) if nx or nA else None
-        dx = dW = dA = dB = None
+        e, dus, dA, dB, dm, dbias = _folded_tail_backward(
+            dy, x2, us, A, B, m, n, base, s, config, nx or nW, nx, nA, nB, nm, bias_dtype if nbias else None
+        )
+        dx = dW = None
         if nx:
             dx = torch.mm(e, W)
             dx.addmm_(dus, A, alpha=s)
         if nW:
             dW = torch.mm(e.t(), x2)
-        if nB:
-            dB = torch.mm(e.t(), us)
-        if nA:
-            dA = torch.addmm(dus.new_empty(()), dus.t(), x2, beta=0, alpha=s)
-        dbias = d.sum(0, dtype=torch.float32).to(bias_dtype) if nbias else None
     return dx, dW, dbias, dA, dB, dm
+
+
+def _folded_tail_backward(
+    dy: torch.Tensor,
+    x2: torch.Tensor,
+    us: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    m: torch.Tensor,
+    n: torch.Tensor,
+    base: torch.Tensor | None,
+    s: float,
+    config: FoldedConfig,
+    need_e: bool,
+    need_dus: bool,
+    nA: bool,
+    nB: bool,
+    nm: bool,
+    bias_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor | None, ...]:
+    """``(e, d(s·u), d_A, d_B, d_m, d_bias)`` of the folded pass (autograd off), None where not needed: ``e = g ⊙ d_y``
+    and ``d_m = Σ_rows(d_y ⊙ (base + (s·u)·Bᵀ)) / n`` in one pass (``base`` required for ``d_m``), then cuBLAS:
+    ``d(s·u) = e·B``, ``d_B = eᵀ·(s·u)``, ``d_A = s·d(s·u)ᵀ·x``; ``d_bias`` (when ``bias_dtype``) a column sum."""
+    from dora_tune.kernels._folded_triton import folded_bwd_triton
+
+    d = dy if dy.stride(-1) == 1 else dy.contiguous()
+    need_dus = need_dus or nA
+    need_e = need_e or need_dus or nB
+    e, dm = folded_bwd_triton(d, base if nm else None, us, B, m.detach(), n, config, need_e=need_e, m_dtype=m.dtype)
+    dus = torch.mm(e, B) if need_dus else None
+    dB = torch.mm(e.t(), us) if nB else None
+    dA = torch.addmm(dus.new_empty(()), dus.t(), x2, beta=0, alpha=s) if nA else None
+    dbias = d.sum(0, dtype=torch.float32).to(bias_dtype) if bias_dtype is not None else None
+    return e, dus, dA, dB, dm, dbias
+
+
+class _FoldedTailFn(torch.autograd.Function):
+    """The folded pass on a base output computed elsewhere (``DoRALinear``'s ``dropout_mode="lora_only"``: ``x·Wᵀ`` of
+    the input as it came, the LoRA branch on the dropped-out one): ``y = g ⊙ (base + (s·u)·Bᵀ) + bias`` with
+    ``s·u = s·x·Aᵀ`` of the LoRA input ``x2 [rows, d_in]`` and ``base2 [rows, d_out]`` without the bias; ``d_base =
+    e``, ``d_x = s·d(s·u)·A``. Inputs checked by the caller; ``config`` a :class:`FoldedConfig`."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x2: torch.Tensor,
+        base2: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        magnitude: torch.Tensor,
+        n: torch.Tensor,
+        scale: float,
+        config: FoldedConfig,
+    ) -> torch.Tensor:
+        from dora_tune.kernels._folded_triton import folded_fwd_triton
+
+        with torch.no_grad():
+            us = torch.addmm(x2.new_empty(()), x2, lora_A.t(), beta=0, alpha=scale)
+            b = None if bias is None else bias.detach()
+            y = folded_fwd_triton(base2, us, lora_B, magnitude.detach(), n, b, config, in_place=False)
+        keep = ctx.needs_input_grad[5]
+        ctx.save_for_backward(x2, us, lora_A, lora_B, magnitude, n, base2 if keep else None)
+        ctx.scale, ctx.config = scale, config
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> Any:
+        x2, us, A, B, m, n, base = ctx.saved_tensors
+        nx, nbase, nbias, nA, nB, nm = ctx.needs_input_grad[:6]
+        s = ctx.scale
+        with torch.no_grad():
+            e, dus, dA, dB, dm, dbias = _folded_tail_backward(
+                dy, x2, us, A, B, m, n, base, s, ctx.config, nbase, nx, nA, nB, nm, ctx.bias_dtype if nbias else None
+            )
+            dx = torch.addmm(dus.new_empty(()), dus, A, beta=0, alpha=s) if nx else None
+        return dx, e if nbase else None, dbias, dA, dB, dm, None, None, None
+
+
+def folded_from_base(
+    x: torch.Tensor,
+    base: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    scale: float,
+    config: FoldedConfig | None = None,
+) -> torch.Tensor:
+    """``g ⊙ (base + s·(x·Aᵀ)·Bᵀ) + bias`` by the folded pass, for ``x [..., d_in]`` (the LoRA branch's input) and
+    ``base [..., d_out]`` (``x·Wᵀ`` of the base input, computed elsewhere, without the bias; x's dtype); checked by
+    the caller as for :func:`dora_linear_folded`. Differentiable with respect to x, base, bias, lora_A, lora_B and
+    magnitude."""
+    lead = x.shape[:-1]
+    m = magnitude if magnitude.is_contiguous() else magnitude.contiguous()
+    x2, b2 = as_rows("x", x), as_rows("base", base)
+    out = _FoldedTailFn.apply(x2, b2, bias, lora_A, lora_B, m, norm, scale, config or DEFAULT_FOLDED_CONFIG)
+    return out if len(lead) == 1 else out.view(*lead, out.shape[-1])
 
 
 def dora_linear_folded(
@@ -379,13 +470,17 @@ def folded_layer_route(
     lora_B: torch.Tensor,
     base_result: torch.Tensor | None,
     full: bool,
+    sub_bias: bool = True,
 ) -> bool:
     """Whether a DoRA layer call may run as the folded linear: :data:`FOLDED_LINEAR_ENV` opts in, and the call is
     one :func:`fused_layer_route` would take apart from its own opt-in (the full output, no ``base_result``, a
-    frozen weight, one dtype)."""
-    return os.environ.get(FOLDED_LINEAR_ENV) == "1" and _linear_route(
-        x, weight, bias, lora_A, lora_B, base_result, full
-    )
+    frozen weight, one dtype) — or the full output from a ``base_result`` that excludes the bias (``not sub_bias``:
+    ``DoRALinear``'s ``dropout_mode="lora_only"``) in x's dtype (:func:`folded_from_base`)."""
+    if os.environ.get(FOLDED_LINEAR_ENV) != "1":
+        return False
+    if base_result is None or sub_bias or base_result.dtype != x.dtype:
+        return _linear_route(x, weight, bias, lora_A, lora_B, base_result, full)
+    return _linear_route(x, weight, bias, lora_A, lora_B, None, full)
 
 
 def dora_linear(
@@ -711,6 +806,7 @@ __all__ = [
     "dora_linear_fused",
     "dora_linear_reference",
     "dora_linear_tuning_space",
+    "folded_from_base",
     "folded_layer_route",
     "folded_tuning_space",
     "fused_eligible",

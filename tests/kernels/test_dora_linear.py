@@ -33,6 +33,7 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 SMALL = DoraLinearConfig(16, 16, 16, 2, 4, 2)  # many programs and loop trips at the test sizes
 FOLD_SMALL = FoldedConfig(16, 16, 2, 1)  # many programs, d_m partials and a finish at the test sizes
 TRITON_IMPLS = ["fused", "folded"]  # the implementations that need Triton (and one dtype)
+CFG_DEFAULT = importlib.import_module("dora_tune.kernels.compose_train").DEFAULT_COMPOSE_TRAIN_CONFIG
 
 
 def cfg(impl):
@@ -279,6 +280,76 @@ def test_the_path_race_offers_the_fused_linear_only_opted_in_and_where_it_applie
     assert x.grad is None and A.grad is None and m.grad is None
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_folded_from_a_base_output_matches_float64(dtype, triton_device):
+    """``dropout_mode="lora_only"``'s form: the base output x·Wᵀ of the input as it came (computed outside, with
+    autograd), the LoRA branch on another input (the dropped-out one) — values and the gradients of both inputs, A,
+    B, m and the bias against float64; the base output is kept only when m trains."""
+    from dora_tune.kernels.dora_linear import folded_from_base
+
+    ins, n, s, dout = make((2, 9), 40, 70, 5, dtype, triton_device, seed=4)
+    x_l = (ins["x"].float() * (torch.rand(ins["x"].shape, generator=torch.Generator().manual_seed(1)) > 0.3)).to(dtype)
+    names = ("x", "x_l", "bias", "A", "B", "m")
+    outs = []
+    for ref in (False, True):
+        t = {**ins, "x_l": x_l}
+        leaves = {
+            k: (v.detach().double() if ref else v.detach().clone()).requires_grad_(k in names) for k, v in t.items()
+        }
+        x, xl, W, b, A, B, m = (leaves[k] for k in ("x", "x_l", "W", "bias", "A", "B", "m"))
+        if ref:
+            g = torch.where(n > 0, m / torch.where(n > 0, n.double(), 1.0), 1.0)
+            y = g * (x @ W.t() + s * (xl @ A.t()) @ B.t()) + b
+        else:
+            y = folded_from_base(xl, torch.nn.functional.linear(x, W), b, A, B, m, n, s, FOLD_SMALL)
+        grads = torch.autograd.grad(y, [leaves[k] for k in names], dout.to(y.dtype))
+        outs.append((y, dict(zip(names, grads, strict=True))))
+    (y, g), (ry, rg) = outs
+    assert y.dtype == dtype and relerr(y, ry) < TOL[dtype]
+    for k in names:
+        assert g[k].dtype == dtype and relerr(g[k], rg[k]) < TOL[dtype], k
+
+    def saved_shapes(m_trains):
+        shapes = []
+        leaves = {
+            k: v.detach().clone().requires_grad_(k in ("x", "A") or (k == "m" and m_trains)) for k, v in ins.items()
+        }
+        base = torch.nn.functional.linear(leaves["x"], leaves["W"]).detach()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            folded_from_base(leaves["x"], base, None, leaves["A"], leaves["B"], leaves["m"], n, s, FOLD_SMALL)
+        return shapes
+
+    assert (2, 9, 70) in saved_shapes(True) or (18, 70) in saved_shapes(True)
+    assert (18, 70) not in saved_shapes(False) and (2, 9, 70) not in saved_shapes(False)
+
+
+def test_the_lora_only_layer_call_runs_the_folded_pass_from_its_base(monkeypatch, triton_device):
+    """``DoRALinear``'s ``dropout_mode="lora_only"`` call — the full output from a base output without the bias —
+    is offered to the race as the folded linear (opted in; not PEFT's bias-including base, not a base of another
+    dtype), and the folded pick is that call's output and gradients."""
+    dl = importlib.import_module("dora_tune.kernels.dora_layer")
+
+    ins, n, s, dout = make((12,), 24, 20, 3, torch.float32, triton_device)
+    x, W, b, A, B, m = (v.detach().requires_grad_(k in ("x", "A", "B", "m")) for k, v in ins.items())
+    base = torch.nn.functional.linear(x, W)
+    monkeypatch.setenv(FOLDED_LINEAR_ENV, "1")
+    assert folded_layer_route(x, W, b, A, B, base, True, False)
+    assert not folded_layer_route(x, W, b, A, B, base, True, True)  # PEFT's base output includes the bias
+    assert not folded_layer_route(x, W, b, A, B, base.double(), True, False)
+    assert not folded_layer_route(x, W, b, A, B, base, False, False)  # the delta output
+    want = dl.dora_layer_unchecked(x, W, A, B, m, n, s, b, base, False, True, "eager")
+    got = dl.dora_layer_unchecked(x, W, A, B, m, n, s, b, base, False, True, "folded", FOLD_SMALL)
+    assert relerr(got, want) < 2e-5
+    leaves = [x, A, B, m]
+    mine = torch.autograd.grad(got, leaves, dout, retain_graph=True)  # the base's graph serves both
+    for a, r in zip(mine, torch.autograd.grad(want, leaves, dout), strict=True):
+        assert relerr(a, r) < 2e-5
+    runners = dl._path_runners(x, W, b, base, A, B, m, n, s, False, True, CFG_DEFAULT, {"folded": FOLD_SMALL})
+    assert set(runners) == {"eager", "triton", "folded"}
+    runners["folded"]()  # forward and backward on detached copies
+    assert x.grad is None and A.grad is None
+
+
 @pytest.mark.gpu
 def test_gpu_the_path_race_times_the_fused_linear_when_opted_in(monkeypatch):
     from dora_tune import DoRALinear
@@ -310,6 +381,11 @@ def test_gpu_the_path_race_times_the_folded_linear_when_opted_in_in_a_race_of_it
     monkeypatch.setenv(FOLDED_LINEAR_ENV, "1")
     layer(x).sum().backward()
     assert len(notes()) == 2 and any("folded" in n and "failed" not in n for n in notes()), notes()
+    lora_only = DoRALinear(
+        torch.nn.Linear(1536, 640, device="cuda", dtype=torch.bfloat16), r=16, dropout=0.1, dropout_mode="lora_only"
+    )
+    lora_only(x).sum().backward()  # the folded pass from the base output: a race of its own that times it
+    assert len(notes()) == 3 and all("folded" in n and "failed" not in n for n in notes()[1:]), notes()
 
 
 def test_compiled_layers_run_the_fused_linear_as_one_custom_op_when_opted_in(monkeypatch, triton_device):
