@@ -36,9 +36,11 @@ SAME_KERNELS_AS: dict[tuple[str, str, str], str] = {
     ("norm", "triton", "1c87f26aadd8"): "48e079663d13",
     ("compose", "triton", "3c9df2433c3c"): "fe0db9ce1e81",
     ("compose_train", "triton", "3a44e5caf115"): "ad5362f1dd1f",
-    # the fused linear's autograd Function became one shared with the folded linear (dora_linear:_LinearFn): the
-    # same forward and backward functions called, the same kernels and launches (stop 28)
-    ("dora_linear", "fused", "5b274993def8"): "d82ebe3e3d9a",
+    # stop 28: the fused linear's autograd Function became one shared with the folded linear (dora_linear:_LinearFn:
+    # the same forward and backward functions called), and the d_m store of the one-node backward kernel a Triton
+    # helper shared with the folded pass (_dora_triton._store_dm, inlined: the same kernels, grids and launches)
+    ("dora_linear", "fused", "4b34a2f84f5d"): "d82ebe3e3d9a",
+    ("dora_linear", "composed", "9f7608b80459"): "dd8c4c4a8743",
 }
 
 

@@ -139,12 +139,19 @@ def _dora_bwd_kernel(
             inner = tl.load(p, mask=mask, other=0.0).to(tl.float32)
             acc += tl.sum(inner * d, axis=0)
     if NEED_DM:
-        if DM_DIRECT:  # one row program: d_m = d_g / n here (the finish kernel's formula)
-            ok = n > 0
-            dm = tl.where(ok, tl.math.div_rn(acc, tl.where(ok, n, 1.0)), 0.0)
-            tl.store(dm_ptr + offs_c, dm.to(dm_ptr.dtype.element_ty), mask=c_ok)
-        else:
-            tl.store(dm_ptr + pid_r * cols + offs_c, acc, mask=c_ok)
+        _store_dm(dm_ptr, acc, n, offs_c, c_ok, pid_r, cols, DM_DIRECT)
+
+
+@triton.jit
+def _store_dm(dm_ptr, acc, n, offs_c, c_ok, pid_r, cols, DM_DIRECT: tl.constexpr):
+    """A backward program's column sums ``acc`` of ``d_g`` over its rows: with one row program ``d_m = d_g / n``
+    stored directly (the finish kernel's formula; 0 where n > 0 fails), else the partial for the finish kernel."""
+    if DM_DIRECT:
+        ok = n > 0
+        dm = tl.where(ok, tl.math.div_rn(acc, tl.where(ok, n, 1.0)), 0.0)
+        tl.store(dm_ptr + offs_c, dm.to(dm_ptr.dtype.element_ty), mask=c_ok)
+    else:
+        tl.store(dm_ptr + pid_r * cols + offs_c, acc, mask=c_ok)
 
 
 @triton.jit

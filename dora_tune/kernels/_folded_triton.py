@@ -26,7 +26,7 @@ import triton.language as tl
 
 from dora_tune.kernels._common import cdiv
 from dora_tune.kernels._dora_linear_triton import _block_r, _dot_setup, _rank_tail, _rounded, _stored
-from dora_tune.kernels._dora_triton import _dm_finish_kernel, _scale
+from dora_tune.kernels._dora_triton import _dm_finish_kernel, _scale, _store_dm
 from dora_tune.kernels._launch import lean
 
 if TYPE_CHECKING:
@@ -90,12 +90,7 @@ def _folded_bwd_kernel(
             inner = tl.load(p, mask=mask, other=0.0).to(tl.float32) + tail
             acc += tl.sum(inner * d, axis=0)
     if NEED_DM:
-        if DM_DIRECT:  # one row program: d_m = d_g / n here (the finish kernel's formula)
-            ok = n > 0
-            dm = tl.where(ok, tl.math.div_rn(acc, tl.where(ok, n, 1.0)), 0.0)
-            tl.store(dm_ptr + offs_c, dm.to(dm_ptr.dtype.element_ty), mask=c_ok)
-        else:
-            tl.store(dm_ptr + pid_r * cols + offs_c, acc, mask=c_ok)
+        _store_dm(dm_ptr, acc, n, offs_c, c_ok, pid_r, cols, DM_DIRECT)
 
 
 def folded_fwd_triton(
