@@ -34,8 +34,8 @@ float32, as PEFT would initialise it for those weights. Variants (``--variants``
   ``dora_linear``  the base model with every target projection replaced by ``dora_tune.DoRALinear`` carrying the
                    same A, B and magnitude, everything else frozen;
   ``lora``         plain PEFT LoRA (``use_dora=False``), the same A and B: the floor DoRA's extra cost sits above;
-  ``dora_linear_folded`` (only when named) ``dora_linear`` with ``DORA_TUNE_FOLDED_LINEAR=1`` during its runs: the
-                   layers' path race also times the folded linear (a race of its own, not ``dora_linear``'s).
+  ``dora_linear_node`` (only when named) ``dora_linear`` with ``DORA_TUNE_FOLDED_LINEAR=0`` during its runs: the
+                   layers' path race without the folded linear (a race of its own, not ``dora_linear``'s).
 ``--compile`` wraps each variant's model in ``torch.compile(model)`` (default mode); the compilation lands in the
 first warm-up step (``first_step_ms``), never in the timed steps.
 
@@ -100,17 +100,18 @@ VARIANTS = {
     "dora_tune": "PEFT DoRA + dora-tune",
     "dora_linear": "DoRALinear",
     "lora": "PEFT LoRA",
-    "dora_linear_folded": "DoRALinear, folded linear raced",
+    "dora_linear_node": "DoRALinear, no folded linear",
 }
 SHORT = {
     "peft_dora": "PEFT",
     "dora_tune": "+dt",
     "dora_linear": "DoRALin",
     "lora": "LoRA",
-    "dora_linear_folded": "DLfold",
+    "dora_linear_node": "DLnode",
 }
-#: run unless --variants names others (dora_linear_folded: the opt-in folded linear, DORA_TUNE_FOLDED_LINEAR=1 during
-#: its run only, so that one run compares it with the default path on the same host start)
+#: run unless --variants names others (dora_linear_node: DoRALinear with DORA_TUNE_FOLDED_LINEAR=0 during its runs
+#: only — the layers' path race without the folded linear, as before stop 28 — so that one run compares the two on
+#: the same host start)
 DEFAULT_VARIANTS = ("peft_dora", "dora_tune", "dora_linear", "lora")
 DELTA_RATIO = 0.1  # lora_B is drawn so that ‖s·B·A‖ ≈ DELTA_RATIO·‖W‖ per row
 GRID_TOKENS = (256, 1024, 2048, 4096, 8192)
@@ -243,7 +244,7 @@ def build_variant(variant: str, spec: Spec, rank: int, dropout: float, args: arg
     """``variant``'s model for (rank, dropout): built, adapters initialised, trainable state saved, maybe compiled."""
     t0 = time.perf_counter()
     base = build_base(spec, args)
-    if variant in ("dora_linear", "dora_linear_folded"):
+    if variant in ("dora_linear", "dora_linear_node"):
         from dora_tune import DoRALinear
 
         for p in base.parameters():
@@ -480,11 +481,11 @@ def run_variant(
     compiled code is another model's (dynamo reused PEFT's compiled DoRA on torch 2.11), and the run is an error."""
     norms = compiled_norms() if args.compile and variant != "peft_dora" and variant != "lora" else None
     before = None if norms is None else norms.computed
-    if variant == "dora_linear_folded":
+    if variant == "dora_linear_node":
         from dora_tune.kernels.dora_linear import FOLDED_LINEAR_ENV
 
         old = os.environ.get(FOLDED_LINEAR_ENV)
-        os.environ[FOLDED_LINEAR_ENV] = "1"  # the layers' path race also times the folded linear (its own race key)
+        os.environ[FOLDED_LINEAR_ENV] = "0"  # the layers' path race without the folded linear (its own race key)
         try:
             res = train(built, batches, accum, args, warmup, profile)
         finally:

@@ -59,8 +59,8 @@ IMPLS: tuple[str, ...] = ops.DORA_LINEAR.impls
 #: ``DORA_TUNE_FUSED_LINEAR=1``: a DoRA layer's training path race also times the fused linear, and a compiled layer
 #: is its custom op, where :func:`fused_layer_route` says it applies. Opt-in until measured on a GPU.
 FUSED_LINEAR_ENV = "DORA_TUNE_FUSED_LINEAR"
-#: ``DORA_TUNE_FOLDED_LINEAR=1``: a DoRA layer's training path race also times the folded linear where
-#: :func:`folded_layer_route` says it applies. Opt-in until its GPU tests and timings have run on the device.
+#: ``DORA_TUNE_FOLDED_LINEAR=0`` keeps the folded linear out of a DoRA layer's training path race, which otherwise
+#: times it too where :func:`folded_layer_route` says it applies (measured on an H100: docs/fused-linear.md).
 FOLDED_LINEAR_ENV = "DORA_TUNE_FOLDED_LINEAR"
 
 
@@ -97,8 +97,9 @@ class FoldedConfig(KernelConfig):
     num_warps: int = config_field(lo=1, hi=16)
 
 
-#: the default: 32 × 128 tiles (4 K elements, 32 a thread), 4 row tiles a backward program, 4 warps
-DEFAULT_FOLDED_CONFIG = FoldedConfig(32, 128, 4, 4)
+#: the default: 64 × 128 tiles, 4 row tiles a backward program, 4 warps — the fastest of the space at 31 of the 45
+#: shapes of the op's default set on an H100 (regret geomean 1.008, max 1.059 across them; docs/fused-linear.md)
+DEFAULT_FOLDED_CONFIG = FoldedConfig(64, 128, 4, 4)
 #: the folded passes' tiles, ``(block_r, block_c, num_warps)``: 2–8 K elements, 16–64 a thread, rows ≥ 16 (``tl.dot``)
 _FOLDED_TILES: tuple[tuple[int, int, int], ...] = (
     (16, 128, 4),
@@ -472,11 +473,11 @@ def folded_layer_route(
     full: bool,
     sub_bias: bool = True,
 ) -> bool:
-    """Whether a DoRA layer call may run as the folded linear: :data:`FOLDED_LINEAR_ENV` opts in, and the call is
-    one :func:`fused_layer_route` would take apart from its own opt-in (the full output, no ``base_result``, a
+    """Whether a DoRA layer call may run as the folded linear: :data:`FOLDED_LINEAR_ENV` is not ``"0"``, and the
+    call is one :func:`fused_layer_route` would take apart from its opt-in (the full output, no ``base_result``, a
     frozen weight, one dtype) — or the full output from a ``base_result`` that excludes the bias (``not sub_bias``:
     ``DoRALinear``'s ``dropout_mode="lora_only"``) in x's dtype (:func:`folded_from_base`)."""
-    if os.environ.get(FOLDED_LINEAR_ENV) != "1":
+    if os.environ.get(FOLDED_LINEAR_ENV) == "0":
         return False
     if base_result is None or sub_bias or base_result.dtype != x.dtype:
         return _linear_route(x, weight, bias, lora_A, lora_B, base_result, full)

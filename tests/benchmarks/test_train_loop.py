@@ -27,7 +27,7 @@ def run(out: Path, *extra: str, variants: tuple[str, ...] = VARIANTS) -> dict:
 
 
 def test_cpu_one_cell_every_variant_same_losses(tmp_path):
-    every = (*VARIANTS, "dora_linear_folded")  # the opt-in folded linear too (on the CPU its race never runs)
+    every = (*VARIANTS, "dora_linear_node")  # the race without the folded linear too (on the CPU no race runs)
     res = run(tmp_path / "x.json", "--accum", "2", "--tokens", "16", variants=every)
     assert res["ok"] and not res["errors"] and not res["grid"] and not res["skipped_cells"]
     assert res["env"]["torch"] and "train_loop.py" in res["env"]["command"]
@@ -48,7 +48,7 @@ def test_cpu_one_cell_every_variant_same_losses(tmp_path):
     # same math, fp32, no dropout: only rounding separates dora-tune and DoRALinear from PEFT over the whole run ...
     assert v["dora_tune"]["loss_gap_vs_peft_dora"] < 1e-4
     assert v["dora_linear"]["loss_gap_vs_peft_dora"] < 1e-4
-    assert v["dora_linear_folded"]["loss_gap_vs_peft_dora"] < 1e-4
+    assert v["dora_linear_node"]["loss_gap_vs_peft_dora"] < 1e-4
     assert v["dora_tune"]["enabled_layers"] == 2 * 7  # 2 tiny layers, 7 projections each
     # ... while plain LoRA is another model (no magnitude): the gap is measured, not assumed
     assert v["lora"]["loss_gap_vs_peft_dora"] > 0

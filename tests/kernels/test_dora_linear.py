@@ -248,7 +248,9 @@ def test_dora_layer_runs_the_whole_linear_as_a_path(impl, triton_device):
     assert all(relerr(a, r) < TOL[torch.bfloat16] for a, r in zip(got, want, strict=True))
 
 
-def test_the_path_race_offers_the_fused_linear_only_opted_in_and_where_it_applies(monkeypatch, triton_device):
+def test_the_path_race_offers_the_whole_linears_where_they_apply_and_as_opted(monkeypatch, triton_device):
+    """The fused linear only under DORA_TUNE_FUSED_LINEAR=1, the folded one unless DORA_TUNE_FOLDED_LINEAR=0; each
+    only for the full output computed here (no base_result), one dtype."""
     dl = importlib.import_module("dora_tune.kernels.dora_layer")
     from dora_tune.kernels.compose_train import DEFAULT_COMPOSE_TRAIN_CONFIG as CFG
 
@@ -259,18 +261,18 @@ def test_the_path_race_offers_the_fused_linear_only_opted_in_and_where_it_applie
         kw = {"base_result": None, "full": True, "A": A, **over}
         return rule(x, W, b, kw["A"], B, kw["base_result"], kw["full"])
 
-    for rule, env in ((fused_layer_route, FUSED_LINEAR_ENV), (folded_layer_route, FOLDED_LINEAR_ENV)):
-        monkeypatch.delenv(FUSED_LINEAR_ENV, raising=False)
-        monkeypatch.delenv(FOLDED_LINEAR_ENV, raising=False)
-        assert not route(rule)
-        monkeypatch.setenv(env, "1")
+    monkeypatch.delenv(FUSED_LINEAR_ENV, raising=False)
+    monkeypatch.delenv(FOLDED_LINEAR_ENV, raising=False)
+    assert not route(fused_layer_route) and route(folded_layer_route)  # the defaults
+    monkeypatch.setenv(FUSED_LINEAR_ENV, "1")
+    monkeypatch.setenv(FOLDED_LINEAR_ENV, "0")
+    assert route(fused_layer_route) and not route(folded_layer_route)  # each variable rules its own path only
+    monkeypatch.setenv(FOLDED_LINEAR_ENV, "1")
+    for rule in (fused_layer_route, folded_layer_route):
         assert route(rule)
         assert not route(rule, full=False)  # PEFT's delta output
         assert not route(rule, base_result=torch.zeros(6, 20))  # PEFT hands its base output (dropout acting)
         assert not route(rule, A=A.detach().double().requires_grad_())  # mixed dtypes
-    monkeypatch.delenv(FOLDED_LINEAR_ENV)
-    monkeypatch.setenv(FUSED_LINEAR_ENV, "1")
-    assert not folded_layer_route(x, W, b, A, B, None, True)  # each variable opts in its own path only
     assert set(dl._path_runners(x, W, b, None, A, B, m, n, s, True, True, CFG)) == {"eager", "triton"}
     linear = {"fused": DoraLinearConfig(16, 16, 16, 1, 1, 1), "folded": FOLD_SMALL}
     runners = dl._path_runners(x, W, b, None, A, B, m, n, s, True, True, CFG, linear)
@@ -364,9 +366,10 @@ def test_gpu_the_path_race_times_the_fused_linear_when_opted_in(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_the_path_race_times_the_folded_linear_when_opted_in_in_a_race_of_its_own(monkeypatch):
-    """A race run without the opt-in is not reused once it is set: the folded linear gets a race of its own (the
-    race key holds the opt-ins), and that race times it."""
+def test_gpu_the_path_race_times_the_folded_linear_in_a_race_of_its_own(monkeypatch):
+    """A race run with the folded linear kept out (DORA_TUNE_FOLDED_LINEAR=0) is not reused without it: the folded
+    linear gets a race of its own (the race key holds the variables), and that race times it — for
+    ``dropout_mode="lora_only"`` too."""
     from dora_tune import DoRALinear
     from dora_tune.dispatch import default_dispatcher
 
@@ -375,10 +378,10 @@ def test_gpu_the_path_race_times_the_folded_linear_when_opted_in_in_a_race_of_it
 
     layer = DoRALinear(torch.nn.Linear(1536, 640, device="cuda", dtype=torch.bfloat16), r=16, alpha=32)
     x = torch.randn(4, 256, 1536, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    monkeypatch.delenv(FOLDED_LINEAR_ENV, raising=False)
+    monkeypatch.setenv(FOLDED_LINEAR_ENV, "0")
     layer(x).sum().backward()
     assert len(notes()) == 1 and "folded" not in notes()[0]
-    monkeypatch.setenv(FOLDED_LINEAR_ENV, "1")
+    monkeypatch.delenv(FOLDED_LINEAR_ENV)
     layer(x).sum().backward()
     assert len(notes()) == 2 and any("folded" in n and "failed" not in n for n in notes()), notes()
     lora_only = DoRALinear(
