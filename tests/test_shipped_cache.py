@@ -9,12 +9,8 @@ CACHES = Path(dora_tune.__file__).parent / "caches"
 SHIPPED = {"nvidia-h100-80gb-hbm3.sqlite": "NVIDIA H100 80GB HBM3", "nvidia-h200.sqlite": "NVIDIA H200"}
 #: ops ("op") and implementations ("op/impl") a cache holds no trials of, and why: the dora_linear op (issue 20) was
 #: added after the H200 file was measured and profiled on the H100 only; an H200 plans it by the H100's table
-#: (transferred: tests/dispatch/test_plan.py). Its folded implementation was written in a session without a GPU: no
-#: cache has measured it, so no table picks it until one does
-NOT_PROFILED = {
-    "nvidia-h200.sqlite": {"dora_linear"},
-    "nvidia-h100-80gb-hbm3.sqlite": {"dora_linear/folded"},
-}
+#: (transferred: tests/dispatch/test_plan.py)
+NOT_PROFILED = {"nvidia-h200.sqlite": {"dora_linear"}}
 
 
 def test_the_caches_shipped_are_those_documented():
