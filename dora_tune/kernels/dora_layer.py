@@ -20,9 +20,10 @@ Paths (``impl``):
 - ``"auto"``: on CUDA with autograd recording, whichever of the two the dispatcher's first-use race of whole paths
   (:meth:`~dora_tune.dispatch.runtime.Dispatcher.pick_path`: wall time of back-to-back forward+backward) kept for
   this layer shape and token bucket, with the ``compose_train`` plan's config for the node; without autograd, the
-  ``compose`` plan's implementation; on the CPU, ``"eager"``. With ``DORA_TUNE_FUSED_LINEAR=1`` the race also
-  times the fused DoRA linear (:mod:`~dora_tune.kernels.dora_linear`: one GEMM with the DoRA epilogue) where it
-  applies (:func:`~dora_tune.kernels.dora_linear.fused_layer_route`).
+  ``compose`` plan's implementation; on the CPU, ``"eager"``. The race also times the folded DoRA linear
+  (:mod:`~dora_tune.kernels.dora_linear`: cuBLAS GEMMs and one Triton pass each way; ``DORA_TUNE_FOLDED_LINEAR=0``
+  keeps it out) and, with ``DORA_TUNE_FUSED_LINEAR=1``, the fused one, where they apply
+  (:func:`~dora_tune.kernels.dora_linear.folded_layer_route`, :func:`~dora_tune.kernels.dora_linear.fused_layer_route`).
 
 The weight W must be frozen: a W that requires grad, or autocast, take the composed multi-node path
 (:func:`dora_layer_composed`, same values); under ``torch.compile`` the layer is plain torch ops for Inductor to fuse.
@@ -53,7 +54,19 @@ from dora_tune.kernels._common import (
 )
 from dora_tune.kernels.compose import check_scale_inputs, resolve_impl
 from dora_tune.kernels.compose_train import DEFAULT_COMPOSE_TRAIN_CONFIG, ComposeTrainConfig
-from dora_tune.kernels.dora_linear import FOLDED_LINEAR_ENV, FUSED_LINEAR_ENV
+from dora_tune.kernels.dora_linear import (
+    FOLDED_LINEAR_ENV,
+    FUSED_LINEAR_ENV,
+    DoraLinearConfig,
+    FoldedConfig,
+    dora_linear_folded,
+    dora_linear_fused,
+    folded_from_base,
+    folded_layer_route,
+    fused_layer_route,
+    linear_config,
+    linear_runner,
+)
 
 IMPLS: tuple[str, ...] = ("eager", "triton")
 OUTPUTS: tuple[str, ...] = ("delta", "full")
@@ -466,7 +479,7 @@ def _choose(
     """``("eager" | "triton" | "fused" | "folded", config)`` for a call: the compose plan's config for the Triton
     node, and — with autograd recording on CUDA — the path the dispatcher's host-aware race found cheaper for this
     layer's shape (wall time of back-to-back forward+backward calls, what the step pays), once per rows bucket;
-    the whole-linear paths only where opted in (:func:`_path_runners`)."""
+    the whole-linear paths where their rules let them (:func:`_path_runners`)."""
     rows, d_out = x.numel() // max(x.shape[-1], 1), weight.shape[0]
     if x.device.type != "cuda" or rows == 0 or not triton_available():
         return "eager", None
@@ -478,14 +491,10 @@ def _choose(
     A_dt = lora_A.dtype
 
     def planned(impl: str) -> Any:  # a whole-linear path's planned config (its shortlist raced on these inputs once)
-        from dora_tune.kernels.dora_linear import linear_config, linear_runner
-
         race = functools.partial(linear_runner, x, weight, bias, lora_A, lora_B, m, n, scale)
         return linear_config(impl, x, weight, lora_A, planner, race)
 
     def runners() -> dict[str, Callable[[], Any]]:  # only when a race is due: nothing of it on the hot path
-        from dora_tune.kernels.dora_linear import folded_layer_route, fused_layer_route
-
         linear = {}
         if fused_layer_route(x, weight, bias, lora_A, lora_B, base_result, full):
             linear["fused"] = planned("fused")
@@ -565,14 +574,6 @@ def _run_whole_linear(
     """A layer call run by a whole-linear implementation of :mod:`~dora_tune.kernels.dora_linear` (``"fused"``,
     ``"folded"``; ``config`` its config, else its default): the folded one from ``base_result`` where one is given
     (:func:`~dora_tune.kernels.dora_linear.folded_from_base`)."""
-    from dora_tune.kernels.dora_linear import (
-        DoraLinearConfig,
-        FoldedConfig,
-        dora_linear_folded,
-        dora_linear_fused,
-        folded_from_base,
-    )
-
     if impl == "fused":
         cfg = config if isinstance(config, DoraLinearConfig) else None
         return dora_linear_fused(x, weight, bias, lora_A, lora_B, m, n, scale, cfg)

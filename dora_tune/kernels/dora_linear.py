@@ -27,10 +27,11 @@ Implementations (``impl``):
 
 ``impl="auto"`` (the default of the front door, ``dora_tune.kernels.dora_linear``): op ``dora_linear`` of the
 dispatcher, shape ``(rows, d_out, d_in, r)``, profiled forward and backward (:data:`DORA_LINEAR_SPEC`), its
-decision tables choosing the implementation and the fused config (docs/fused-linear.md). Measured on an H100: the
-fused forward is 1.38–1.46× cuBLAS, forward + backward 1.6–2.9× the composed path, which is itself within 1.02–1.24×
-of PEFT's plain LoRA layer — so the H100's table picks ``"composed"`` everywhere, and the layers offer the fused
-linear to their path race only under :data:`FUSED_LINEAR_ENV`.
+decision tables choosing the implementation and its config (docs/fused-linear.md). Measured on an H100: the fused
+forward is 1.38–1.46× cuBLAS, forward + backward 1.6–2.9× the composed path; the folded one's forward + backward is
+0.89–1.01× the composed path's and 1.00–1.04× PEFT's plain LoRA layer at 4096 tokens — so the H100's table picks
+``"folded"`` at every shape, the layers' path race times it by default (:data:`FOLDED_LINEAR_ENV`), and the fused
+linear only under :data:`FUSED_LINEAR_ENV`.
 """
 
 from __future__ import annotations
