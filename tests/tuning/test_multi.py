@@ -88,6 +88,17 @@ print("interrupted" if s.interrupted else "finished", s.measured, flush=True)
 """
 
 
+def measured_so_far(path):
+    """The trials in ``path`` while a profile writes it: 0 while the file exists but its tables do not yet (the
+    worker created it a moment ago) — polling must not race the schema's creation."""
+    from dora_tune.autotune_db.common import SchemaError
+
+    try:
+        return len(keys(path))
+    except SchemaError:
+        return 0
+
+
 def test_ctrl_c_stops_every_worker_and_keeps_what_was_measured(tmp_path):
     import os
     import signal
@@ -103,7 +114,7 @@ def test_ctrl_c_stops_every_worker_and_keeps_what_was_measured(tmp_path):
         deadline = time.time() + 120
         while time.time() < deadline:  # wait for the first trials
             time.sleep(0.5)
-            if os.path.exists(db) and len(keys(db)) >= 4:
+            if os.path.exists(db) and measured_so_far(db) >= 4:
                 break
         os.kill(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=60)
