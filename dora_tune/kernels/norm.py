@@ -36,6 +36,7 @@ from dora_tune.kernels._common import (
     need_planner,
     require_triton,
 )
+from dora_tune.kernels._sharded import ShardIndex, source_versions
 from dora_tune.kernels.spec import ANY_DEVICE, CUDA_ONLY, NORM_TOL, ImplSpec, OpSpec
 
 IMPLS: tuple[str, ...] = ops.NORM.impls
@@ -171,16 +172,19 @@ class SharedNormCache:
 
     The instance the custom op ``dora_tune::cached_norm`` uses belongs to the process-wide dispatcher (its explicit
     cache; ``Dispatcher.clear`` empties it). Entries hold the float32 ``[d_out]`` norm only; those of freed tensors
-    are dropped as the table grows. A norm computed under ``torch.inference_mode`` is reused only there.
+    are dropped as the table grows. A norm computed under ``torch.inference_mode`` is reused only there. Under FSDP2
+    the counters of the sharded parameters W, A and B were gathered from are part of the stamp
+    (:mod:`dora_tune.kernels._sharded`: a gather keeps the unsharded tensor's counter and often its address).
     """
 
-    __slots__ = ("_compute", "_entries", "_prune_at", "computed")
+    __slots__ = ("_compute", "_entries", "_prune_at", "_shards", "computed")
 
     def __init__(self, compute: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]) -> None:
         #: ``(W, A, B, scale)`` → the norm (the dispatcher's: :func:`factored_norm` with ``impl="auto"``)
         self._compute = compute
         self._entries: dict[tuple, tuple[tuple, tuple, torch.Tensor, bool]] = {}
         self._prune_at = 64
+        self._shards = ShardIndex()
         #: how many norms were computed (not reused) — for tests and benchmarks
         self.computed = 0
 
@@ -196,6 +200,7 @@ class SharedNormCache:
         tensor is the cached one: callers that hand it to code which may write into it copy it first."""
         key = (W.device, W.data_ptr(), A.data_ptr(), B.data_ptr(), scale)
         stamp = tuple((t._version, t.dtype, t.shape, t.stride()) for t in (W, A, B))
+        stamp = (*stamp, source_versions(self._shards.sources((W, A, B))))
         hit = self._entries.get(key)
         if hit is not None:
             refs, old, norm, inference = hit

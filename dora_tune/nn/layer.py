@@ -21,6 +21,7 @@ from dora_tune.auto import dora_layer_unchecked, factored_norm
 from dora_tune.auto.custom_ops import cached_norm_op
 from dora_tune.dispatch.runtime import auto
 from dora_tune.kernels._common import SUPPORTED_DTYPES
+from dora_tune.kernels._sharded import fsdp_sources, source_versions
 from dora_tune.kernels.compose import dora_scale
 from dora_tune.kernels.norm import run_norm
 
@@ -231,32 +232,38 @@ class NormCache:
     ``_apply`` too, so a storage freed and reused at the same address cannot alias. Writes through ``.data`` are
     invisible (call :meth:`clear`). Holds weak references only; copies and pickles start empty. A norm computed
     under ``torch.inference_mode`` is reused only inside inference mode. The norm is detached, so between optimizer
-    steps it is a constant: reusing it is exact (bitwise the recomputation: the kernels are deterministic)."""
+    steps it is a constant: reusing it is exact (bitwise the recomputation: the kernels are deterministic).
 
-    __slots__ = ("_inference", "_key", "_norm", "_plan")
+    Under FSDP2 the tensors a forward sees are all-gathered copies that keep their version counter and often their
+    address while their values change; the counters of the sharded parameters they came from are part of the key
+    (:mod:`dora_tune.kernels._sharded`)."""
+
+    __slots__ = ("_inference", "_key", "_norm", "_plan", "_source_versions", "_sources")
 
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._norm: torch.Tensor | None = None
         self._inference = False
+        # the FSDP2 shards W, A and B were gathered from (None: not sharded), found when the key was made
+        self._sources: tuple | None = None
+        self._source_versions: Any = None
         # (dims, compute dtype, device, the dispatcher's plan) of the last full computation: recomputing for the
         # same tensors (new values, same shapes and dtypes) runs that plan without re-checking or re-planning
         self._plan: tuple | None = None
 
     def clear(self) -> None:
         """Forget the cached norm."""
-        self._key = self._norm = self._plan = None
+        self._key = self._norm = self._plan = self._sources = self._source_versions = None
 
     def __call__(self, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
         """The float32 ``[d_out]`` norm, computed (``impl="auto"``) only when the tensors changed."""
         key = self._key
-        same = False  # the same tensors (storage, dtype) as the cached norm's, maybe with new values
+        same = ident = False  # the same tensors (storage, dtype) as the cached norm's, maybe with new values
         if key is not None and key[0] == scale:
             _, (rw, pw, vw, dw), (ra, pa, va, da), (rb, pb, vb, db) = key
+            ident = rw() is W and ra() is A and rb() is B
             same = (
-                rw() is W
-                and ra() is A
-                and rb() is B
+                ident
                 and W.data_ptr() == pw
                 and A.data_ptr() == pa
                 and B.data_ptr() == pb
@@ -271,6 +278,7 @@ class NormCache:
                 and A._version == va
                 and B._version == vb
                 and (not self._inference or torch.is_inference_mode_enabled())
+                and (self._sources is None or source_versions(self._sources) == self._source_versions)
             ):
                 return self._norm
         norm = self._recompute(W, A, B, scale) if same else None
@@ -278,6 +286,9 @@ class NormCache:
             norm = factored_norm(W, A, B, scale)
             dims, compute = (W.shape[0], W.shape[1], A.shape[0]), torch.promote_types(W.dtype, A.dtype)
             self._plan = (dims, compute, W.device, auto("norm", dims, compute, W.device))
+        if not ident:  # new tensors: are they FSDP2 gathers? (an FSDP2 gather keeps its tensor and its shard)
+            self._sources = fsdp_sources((W, A, B))
+        self._source_versions = source_versions(self._sources)
         self._key = (scale, *((weakref.ref(t), t.data_ptr(), t._version, t.dtype) for t in (W, A, B)))
         self._norm, self._inference = norm, norm.is_inference()
         return norm

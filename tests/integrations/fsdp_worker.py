@@ -138,3 +138,54 @@ def run(rank: int, world: int, port: int, out: str, kind: str, steps: int, accum
         )
     finally:
         dist.destroy_process_group()
+
+
+def run_gather_check(rank: int, world: int, port: int, out: str) -> None:
+    """The norm caches against what an FSDP2 all-gather does (world size 1, gloo): inside a forward, new values
+    written into the gathered ``lora_A`` under FSDP's own version-counter preservation (same tensor, address and
+    counter — what a gather after ``optimizer.step()`` looks like when the allocator reuses the block) are seen as
+    soon as the sharded parameter's counter moves, by the layer's ``NormCache`` and by the dispatcher's
+    ``SharedNormCache`` (handed views, as compiled code does). Writes ``<out>/gather.json``."""
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        from dora_tune import DoRALinear
+        from dora_tune.dispatch.runtime import default_dispatcher
+        from dora_tune.kernels import factored_norm
+
+        torch.manual_seed(0)
+        layer = DoRALinear(torch.nn.Linear(32, 48), r=4, alpha=8)
+        with torch.no_grad():
+            layer.lora_B.normal_(0, 0.1)
+        fully_shard(layer)
+        shard = dict(layer.named_parameters())["lora_A"]  # outside a forward: the sharded parameter
+        seen: dict[str, object] = {"shard_type": type(shard).__name__}
+
+        def inside(module: torch.nn.Module, args: tuple) -> None:  # runs after FSDP's unshard (registered later)
+            W, A, B, s = module.base_layer.weight, module.lora_A, module.lora_B, module.scale
+            shared = default_dispatcher().norms
+            cached = module._norm_cache(W, A, B, s)
+            shared_first = shared(W.view_as(W), A.view_as(A), B.view_as(B), s).clone()
+            ptr, version = A.data_ptr(), A._version
+            with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(A):
+                A.mul_(1.5)  # a gather's new values: same tensor, address and counter
+            seen["same_tensor"] = [A.data_ptr() == ptr, A._version == version]
+            seen["before_step"] = (module._norm_cache(W, A, B, s) - cached).abs().max().item()
+            with torch.no_grad():
+                shard.mul_(1.0)  # what optimizer.step() does to the counter that matters: the shard's
+            fresh = factored_norm(W, A, B, s)
+            seen["layer_vs_fresh"] = (module._norm_cache(W, A, B, s) - fresh).abs().max().item()
+            seen["layer_vs_old"] = (fresh - cached).abs().max().item()
+            now = shared(W.view_as(W), A.view_as(A), B.view_as(B), s)
+            seen["shared_vs_fresh"] = (now - fresh).abs().max().item()
+            seen["shared_vs_old"] = (now - shared_first).abs().max().item()
+
+        layer(torch.randn(4, 32)).sum().backward()  # a first forward: FSDP's lazy init, the caches filled
+        handle = layer.register_forward_pre_hook(inside)
+        layer(torch.randn(4, 32))
+        handle.remove()
+        Path(out, "gather.json").write_text(json.dumps(seen))
+    finally:
+        dist.destroy_process_group()

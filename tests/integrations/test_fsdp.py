@@ -65,3 +65,18 @@ def test_gpu_fully_shard_with_nccl_matches_the_unsharded_model(tmp_path, kind):
     if not dist.is_nccl_available():
         pytest.skip("needs NCCL")
     check(spawn(tmp_path, kind, world=torch.cuda.device_count(), device="cuda"), kind, 1e-4)
+
+
+def test_norm_caches_follow_the_shard_not_the_gathered_tensor(tmp_path):
+    """FSDP2 refills the unsharded parameter in place without bumping its version counter (and the CUDA allocator
+    often hands it the same address): a norm cache keyed on that tensor alone would keep the norm of the weights
+    before ``optimizer.step()``. Both caches key on the sharded parameter's counter too."""
+    import fsdp_worker
+
+    torch.multiprocessing.spawn(fsdp_worker.run_gather_check, args=(1, free_port(), str(tmp_path)), nprocs=1)
+    seen = json.loads((tmp_path / "gather.json").read_text())
+    assert seen["shard_type"] == "DTensor" and seen["same_tensor"] == [True, True]
+    assert seen["before_step"] == 0.0  # the shard did not move: the cached norm is reused (documented)
+    assert seen["layer_vs_old"] > 1e-3  # the new values change the norm ...
+    assert seen["layer_vs_fresh"] < 1e-6 and seen["shared_vs_fresh"] < 1e-6  # ... and both caches follow
+    assert seen["shared_vs_old"] > 1e-3
