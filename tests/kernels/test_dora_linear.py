@@ -27,7 +27,7 @@ from conftest import dora_inputs, relerr
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (lead dims, d_in, d_out, r): rows = 1 and r = 1, a 3-D input, every size off every block (16, 32, 64)
-SHAPES = [((1,), 33, 17, 1), ((2, 5), 24, 37, 3), ((70,), 50, 130, 9)]
+SHAPES = [((1,), 33, 17, 1), ((2, 5), 24, 37, 3), ((70,), 50, 130, 9), ((3,), 20, 24, 80)]  # r 80: two K steps
 # outputs and gradients rounded to the dtype once (fp32 accumulation)
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 SMALL = DoraLinearConfig(16, 16, 16, 2, 4, 2)  # many programs and loop trips at the test sizes
