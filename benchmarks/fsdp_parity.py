@@ -15,13 +15,14 @@ a 1e-4 bound) and passed alone; pinned here, ``eager`` and ``folded`` were bitwi
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import socket
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import harness
 import torch
 
 WORKER = Path(__file__).resolve().parents[1] / "tests" / "integrations"
@@ -33,9 +34,16 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def _worker() -> Any:
+    """``tests/integrations/fsdp_worker.py`` as a module (loaded from its file: nothing put on ``sys.path``)."""
+    spec = importlib.util.spec_from_file_location("fsdp_worker", WORKER / "fsdp_worker.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _run(rank: int, path: str, variant: str, port: int, out: str) -> None:
-    sys.path.insert(0, str(WORKER))
-    import fsdp_worker
+    fsdp_worker = _worker()
 
     from dora_tune.dispatch import runtime
     from dora_tune.kernels import dora_layer
@@ -77,9 +85,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--paths", default="eager,triton,folded,race")
     ap.add_argument("--variants", default="plain,no_reshard,sync,no_norm_cache")
+    harness.add_flags(ap, out_default=None, seed=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU (NCCL)")
+    found: dict[str, Any] = {"env": harness.environment("cuda"), "cells": []}
     for path in args.paths.split(","):
         for variant in args.variants.split(","):
             out = tempfile.mkdtemp()
@@ -91,6 +101,10 @@ def main() -> None:
                 continue
             gaps = [abs(a - b) / abs(b) for a, b in zip(r["losses"]["sharded"], r["losses"]["ref"], strict=True)]
             print(f"{path:7s} {variant:13s} loss gaps {' '.join(f'{g:.1e}' for g in gaps)}  out {r['out_diff']:.1e}")
+            found["cells"].append({"path": path, "variant": variant, "loss_gaps": gaps, "out_diff": r["out_diff"]})
+    out_path = Path(args.out or harness.default_out("fsdp-parity.json"))
+    harness.write_json(out_path, found)
+    print(f"wrote {out_path}")
 
 
 if __name__ == "__main__":

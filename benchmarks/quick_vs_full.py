@@ -14,6 +14,8 @@ import math
 from collections import defaultdict
 from typing import Any
 
+import harness
+
 from dora_tune.autotune_db import TuningDB
 
 
@@ -66,6 +68,7 @@ def main() -> None:
     p.add_argument("--quick", required=True, help="the quick run's database")
     p.add_argument("--full", required=True, help="a full sweep's database (the same GPU model)")
     p.add_argument("--gpu", default=None, help="GPU name or slug in both databases (default: every GPU)")
+    harness.add_flags(p, out_default=None, out_help="JSON of the figures (default: none written)", seed=None)
     args = p.parse_args()
     quick_db, full_db = TuningDB.open(args.quick, readonly=True), TuningDB.open(args.full, readonly=True)
     try:
@@ -78,6 +81,9 @@ def main() -> None:
         m = "-" if f["max"] is None else f"{f['max']:.3f}"
         head = f"{op:14s} {dtype:5s} shapes {f['shapes']:4d}"
         print(f"{head}  geomean {g}  max {m}  picks the sweep never timed {f['untimed']}")
+    if args.out:
+        rows = [{"op": op, "dtype": dtype, **f} for (op, dtype), f in found.items()]
+        harness.write_json(args.out, {"quick": args.quick, "full": args.full, "gpu": args.gpu, "figures": rows})
 
 
 if __name__ == "__main__":
