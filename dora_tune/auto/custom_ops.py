@@ -362,12 +362,17 @@ def _register() -> None:
 
     if not _op_exists("cached_norm"):
         # stateful: kept out of CUDA graphs (Inductor runs it between the captured partitions), so that a replay never
-        # misses a weight change and no remembered norm lives in a CUDA-graph memory pool
+        # misses a weight change and no remembered norm lives in a CUDA-graph memory pool. Defined at the dispatcher
+        # level rather than as a custom_op: compiled training calls it once per layer and forward, and custom_op's
+        # Python layers cost ~4x the call itself (11.7 against 4.6 µs a call of a trivial op on the dev CPU); its
+        # inputs arrive detached (cached_norm_op), so it needs no autograd kernel.
         unsafe = getattr(torch.Tag, "cudagraph_unsafe", None)
         tags = () if unsafe is None else (unsafe,)
-        op = lib.custom_op(f"{NAMESPACE}::cached_norm", _cached_norm_impl, mutates_args=(), tags=tags)
+        qualname = f"{NAMESPACE}::cached_norm"
+        lib.define(qualname, "(Tensor weight, Tensor lora_A, Tensor lora_B, float scale) -> Tensor", tags=tags)
+        lib.impl(qualname, "default", _cached_norm_impl)
 
-        @op.register_fake
+        @lib.register_fake(qualname)
         def _(weight, lora_A, lora_B, scale):
             return weight.new_empty((weight.shape[0],), dtype=torch.float32)
 
