@@ -36,6 +36,16 @@ def _states() -> list[Any]:
     return [s for s in (ref() for ref in list(mapping.values())) if s is not None]
 
 
+def fsdp_in_use() -> bool:
+    """Whether a module of this process is sharded by FSDP2 (a live composable state with parameter groups): one
+    dictionary lookup when none is (FSDP2 not imported, or no module sharded)."""
+    mod = sys.modules.get("torch.distributed._composable_state")
+    mapping = getattr(mod, "_module_state_mapping", None) if mod is not None else None
+    if not mapping:
+        return False
+    return any((state := ref()) is not None and _param_groups(state) is not None for ref in list(mapping.values()))
+
+
 def _param_groups(state: Any) -> list[Any] | None:
     """An FSDP2 state's parameter groups (torch ≥ 2.12 keeps a list, earlier versions one group or None); None for
     a state of another composable API (``replicate``, ``checkpoint``) or a layout this code does not know."""

@@ -159,9 +159,12 @@ def run_gather_check(rank: int, world: int, port: int, out: str) -> None:
         layer = DoRALinear(torch.nn.Linear(32, 48), r=4, alpha=8)
         with torch.no_grad():
             layer.lora_B.normal_(0, 0.1)
+        from dora_tune.kernels._sharded import fsdp_in_use
+
+        before = fsdp_in_use()
         fully_shard(layer)
         shard = dict(layer.named_parameters())["lora_A"]  # outside a forward: the sharded parameter
-        seen: dict[str, object] = {"shard_type": type(shard).__name__}
+        seen: dict[str, object] = {"shard_type": type(shard).__name__, "fsdp_in_use": [before, fsdp_in_use()]}
 
         def inside(module: torch.nn.Module, args: tuple) -> None:  # runs after FSDP's unshard (registered later)
             W, A, B, s = module.base_layer.weight, module.lora_A, module.lora_B, module.scale

@@ -76,6 +76,7 @@ def test_norm_caches_follow_the_shard_not_the_gathered_tensor(tmp_path):
     torch.multiprocessing.spawn(fsdp_worker.run_gather_check, args=(1, free_port(), str(tmp_path)), nprocs=1)
     seen = json.loads((tmp_path / "gather.json").read_text())
     assert seen["shard_type"] == "DTensor" and seen["same_tensor"] == [True, True]
+    assert seen["fsdp_in_use"] == [False, True]  # what keeps the layers' race off the one-node path
     assert seen["before_step"] == 0.0  # the shard did not move: the cached norm is reused (documented)
     assert seen["layer_vs_old"] > 1e-3  # the new values change the norm ...
     assert seen["layer_vs_fresh"] < 1e-6 and seen["shared_vs_fresh"] < 1e-6  # ... and both caches follow

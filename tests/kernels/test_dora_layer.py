@@ -1,5 +1,7 @@
 """The one-node DoRA layer (dora_layer): values and every gradient against a float64 reference."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -165,3 +167,85 @@ def test_bf16_full_output_on_the_torch_path_casts_nothing():
         out.backward(dout)
     assert out.dtype == torch.bfloat16 and not [o for o in ops.names if "_to_copy" in o], ops.names
     assert all(t.grad.dtype == torch.bfloat16 for t in leaves)
+
+
+class _OnCuda:
+    """A stand-in for a CUDA input in the path choice's eyes (shape, numel, dtype, device): the choice itself runs
+    no kernel, so no GPU is needed to test what it asks the planner."""
+
+    def __init__(self, rows, d_in):
+        self.shape, self.dtype, self.device = (rows, d_in), torch.bfloat16, torch.device("cuda")
+
+    def numel(self):
+        return self.shape[0] * self.shape[1]
+
+
+class _RecordingPlanner:
+    """Plans the compose config and, for the whole-path race, records its key and default and builds its runners."""
+
+    def __init__(self):
+        self.asked = []
+
+    def auto(self, op, dims, dtype, device, race=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(impl="triton", config=None)
+
+    def auto_path(self, key, device, make_runners, default):
+        self.asked.append((key, default, sorted(make_runners())))
+        return default
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_under_fsdp2_the_race_leaves_the_node_out(monkeypatch, sharded):
+    """While FSDP2 shards a module of the process, the whole-path race does not offer the one-node path and its
+    no-race default is the torch path (the node's FSDP2 parity gap on a GPU); otherwise the node is offered and the
+    default. The FSDP2 state is part of the race key."""
+    dl = importlib.import_module("dora_tune.kernels.dora_layer")
+    monkeypatch.setattr(dl, "triton_available", lambda: True)
+    monkeypatch.setattr(dl, "fsdp_in_use", lambda: sharded)
+    monkeypatch.setattr(dl, "fused_layer_route", lambda *a: False)
+    monkeypatch.setattr(dl, "folded_layer_route", lambda *a: False)
+    monkeypatch.setattr(dl, "_path_runners", lambda *a: {"eager": None, "triton": None})
+    W, A, B = torch.randn(8, 6), torch.randn(2, 6), torch.randn(8, 2)
+    planner = _RecordingPlanner()
+    path, _ = dl._choose(
+        _OnCuda(4, 6), W, None, None, A, B, torch.ones(8), torch.ones(8), 1.0, True, True, True, planner
+    )
+    ((key, default, offered),) = planner.asked
+    assert key[-1] is sharded
+    if sharded:
+        assert default == "eager" == path and offered == ["eager"]
+    else:
+        assert default == "triton" == path and offered == ["eager", "triton"]
+
+
+def test_fsdp_in_use_sees_only_fsdp2_states(monkeypatch):
+    """False without any composable state (FSDP2 never imported, or nothing sharded) and for states of other
+    composable APIs; True for a state with FSDP2's parameter groups (either torch layout)."""
+    import sys
+    import types
+    import weakref
+
+    from dora_tune.kernels._sharded import fsdp_in_use
+
+    class Other:  # e.g. the composable checkpoint's state
+        pass
+
+    class NewLayout:  # torch >= 2.12
+        def __init__(self):
+            self._fsdp_param_groups = []
+
+    class OldLayout:  # torch 2.11
+        _fsdp_param_group = None
+
+    fake = types.ModuleType("torch.distributed._composable_state")
+    monkeypatch.setitem(sys.modules, "torch.distributed._composable_state", fake)
+    fake._module_state_mapping = {}
+    assert not fsdp_in_use()
+    keep = [Other(), NewLayout(), OldLayout()]
+    fake._module_state_mapping = {1: weakref.ref(keep[0])}
+    assert not fsdp_in_use()
+    for state in keep[1:]:
+        fake._module_state_mapping = {1: weakref.ref(keep[0]), 2: weakref.ref(state)}
+        assert fsdp_in_use()
