@@ -43,7 +43,8 @@ def fsdp_in_use() -> bool:
     mapping = getattr(mod, "_module_state_mapping", None) if mod is not None else None
     if not mapping:
         return False
-    return any((state := ref()) is not None and _param_groups(state) is not None for ref in list(mapping.values()))
+    # stops at the first FSDP2 state (the weak dictionary guards its own iteration against entries dying)
+    return any((state := ref()) is not None and _param_groups(state) is not None for ref in mapping.values())
 
 
 def _param_groups(state: Any) -> list[Any] | None:
