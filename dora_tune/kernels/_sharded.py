@@ -26,11 +26,16 @@ import torch
 UNREADABLE = "unreadable"
 
 
-def _states() -> list[Any]:
-    """The live composable-API states of this process (FSDP2's among them); empty when no module was sharded (the
-    module is imported by ``fully_shard``: nothing is imported here)."""
+def _mapping() -> Any:
+    """torch's table module → weak reference to its composable-API state, or None / empty when no module was
+    sharded (``fully_shard`` imports its module: nothing is imported here)."""
     mod = sys.modules.get("torch.distributed._composable_state")
-    mapping = getattr(mod, "_module_state_mapping", None) if mod is not None else None
+    return getattr(mod, "_module_state_mapping", None) if mod is not None else None
+
+
+def _states() -> list[Any]:
+    """The live composable-API states of this process (FSDP2's among them)."""
+    mapping = _mapping()
     if not mapping:
         return []
     return [s for s in (ref() for ref in list(mapping.values())) if s is not None]
@@ -39,8 +44,7 @@ def _states() -> list[Any]:
 def fsdp_in_use() -> bool:
     """Whether a module of this process is sharded by FSDP2 (a live composable state with parameter groups): one
     dictionary lookup when none is (FSDP2 not imported, or no module sharded)."""
-    mod = sys.modules.get("torch.distributed._composable_state")
-    mapping = getattr(mod, "_module_state_mapping", None) if mod is not None else None
+    mapping = _mapping()
     if not mapping:
         return False
     # stops at the first FSDP2 state (the weak dictionary guards its own iteration against entries dying)

@@ -29,7 +29,7 @@ Implementations (``impl``):
 dispatcher, shape ``(rows, d_out, d_in, r)``, profiled forward and backward (:data:`DORA_LINEAR_SPEC`), its
 decision tables choosing the implementation and its config (docs/fused-linear.md). Measured on an H100: the fused
 forward is 1.38–1.46× cuBLAS, forward + backward 1.6–2.9× the composed path; the folded one's forward + backward is
-0.89–1.01× the composed path's and 1.00–1.04× PEFT's plain LoRA layer at 4096 tokens — so the H100's table picks
+0.87–0.96× the composed path's and 0.97–0.98× PEFT's plain LoRA layer at 4096 tokens — so the H100's table picks
 ``"folded"`` at every shape, the layers' path race times it by default (:data:`FOLDED_LINEAR_ENV`), and the fused
 linear only under :data:`FUSED_LINEAR_ENV`.
 """
