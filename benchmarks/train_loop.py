@@ -52,14 +52,14 @@ times per cell, interleaved — every variant's run in turn, the order reversed 
 later rounds — and pools the timed steps of all rounds (``round_medians_ms`` keeps each round's median). Peak
 memory: ``max_memory_allocated`` over the timed steps, absolute and above what was allocated when they started (in
 grid mode, and with ``--rounds`` above 1, every variant's model stays on the device, so compare ``delta_MiB``
-there). ``--profile`` adds one step per
-variant under ``torch.profiler``: the top ops by host and by GPU time, the aten op count, the GPU busy time (the
-kernels' own times), the weight norm's calls, host ms and GPU ms (PEFT's ``get_weight_norm``, dora-tune's
-``factored_norm``; Triton kernels launched through dora-tune's lean launcher are not attributed to that range, so
-its GPU ms counts cuBLAS only) and the dispatcher's path races. The loss of every micro-step (warm-up included) is
-recorded; each variant reports its largest relative gap to ``peft_dora``'s losses (dropout 0: the same math, so
-only rounding; ``lora`` is a different model and shows a real gap). Ratios: ``speedup_vs_peft_dora`` = peft_dora
-median / variant median, ``vs_lora`` = variant median / lora median.
+there). ``--profile`` adds one step per variant under ``torch.profiler``: the top ops by host and by GPU time, the aten
+op count, the GPU busy time (the kernels' own times), the weight norm's calls, host ms and GPU ms (PEFT's
+``get_weight_norm``, dora-tune's ``factored_norm``; Triton kernels launched through dora-tune's lean launcher are not
+attributed to that range, so its GPU ms counts cuBLAS only), the host-device synchronisations inside the step (CUDA:
+torch's sync debug mode; count and the Python lines that synchronised) and the dispatcher's path races. The loss of
+every micro-step (warm-up included) is recorded; each variant reports its largest relative gap to ``peft_dora``'s losses
+(dropout 0: the same math, so only rounding; ``lora`` is a different model and shows a real gap). Ratios:
+``speedup_vs_peft_dora`` = peft_dora median / variant median, ``vs_lora`` = variant median / lora median.
 
 ``--grid`` runs tokens × rank × dropout × accum (each list overridable). Each variant's model is built once per (rank,
 dropout) and reused across tokens and accum; every cell gets a fresh optimizer and reloads the initial adapter
@@ -71,6 +71,7 @@ recorded (error text in the JSON) and the others go on; the exit status is then 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -83,6 +84,7 @@ import statistics
 import sys
 import time
 import traceback
+import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -438,6 +440,30 @@ def _norm_ranges() -> Iterator[None]:
         DoraLinearLayer.get_weight_norm, dt_layer.factored_norm, dt_layer.run_norm = peft_fn, dt_full, dt_again
 
 
+@contextlib.contextmanager
+def _sync_warnings(enabled: bool) -> Iterator[list[warnings.WarningMessage]]:
+    """Inside the block, every operation that synchronises the host with the GPU warns (``torch.cuda``'s sync debug
+    mode, CUDA only: ``enabled``); the warnings are collected in the yielded list, not shown."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = torch.cuda.get_sync_debug_mode() if enabled else None
+        if enabled:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield caught
+        finally:
+            if enabled:
+                torch.cuda.set_sync_debug_mode(old)
+    caught[:] = [w for w in caught if "synchroniz" in str(w.message)]
+
+
+def sync_report(caught: list[warnings.WarningMessage]) -> dict[str, Any]:
+    """``{"count": n, "sites": {"file:line": calls}}`` of the synchronisation warnings :func:`_sync_warnings`
+    collected (the Python line that synchronised; the most frequent first)."""
+    sites = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught)
+    return {"count": len(caught), "sites": dict(sites.most_common())}
+
+
 def _profile_step(built: Built, batches: list, accum: int, opt: Any, args: argparse.Namespace) -> dict:
     """One more optimizer step under ``torch.profiler``: the ops costing the host most (self CPU time) and the
     GPU most (self device time), as tables; and the dispatcher's path races (which path each layer shape runs)."""
@@ -445,10 +471,11 @@ def _profile_step(built: Built, batches: list, accum: int, opt: Any, args: argpa
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.type == "cuda" else [])
     with _norm_ranges(), profile(activities=activities) as prof:
-        for ids, labels in batches[:accum]:
-            (built.fn(input_ids=ids, labels=labels).loss / accum).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with _sync_warnings(args.device.type == "cuda") as caught:
+            for ids, labels in batches[:accum]:
+                (built.fn(input_ids=ids, labels=labels).loss / accum).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         harness.sync(args.device)
     avg = prof.key_averages()
     kernels = [e for e in avg if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -463,6 +490,9 @@ def _profile_step(built: Built, batches: list, accum: int, opt: Any, args: argpa
         "norm": None
         if norm is None
         else {"calls": norm.count, "host_ms": norm.cpu_time_total / 1e3, "gpu_ms": norm.device_time_total / 1e3},
+        # host-device synchronisations inside the step (CUDA: torch's sync debug mode): each one drains the launch
+        # queue, so a step with any pays host and GPU time in series
+        "syncs": sync_report(caught),
     }
     if args.device.type == "cuda":
         out["device_top"] = avg.table(sort_by="self_device_time_total", row_limit=12)
@@ -648,6 +678,7 @@ def record_cell(rec: harness.Recorder, cell: dict, args: argparse.Namespace) -> 
         if prof:
             norm = prof.get("norm") or {}
             figures |= {"gpu_busy_ms": prof.get("gpu_busy_ms"), "aten_ops": prof.get("ops")}
+            figures |= {"syncs": (prof.get("syncs") or {}).get("count")}
             figures |= {f"norm_{k}": norm.get(k) for k in ("calls", "host_ms", "gpu_ms")}
         rec.record(shape, figures, item=v)
 

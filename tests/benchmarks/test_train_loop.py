@@ -4,10 +4,11 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
-from benchutil import script_env
+from benchutil import load_script, script_env
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
@@ -110,6 +111,7 @@ def test_cpu_lora_only_dropout_mode_and_profile(tmp_path):
         r = cell["variants"][name]
         assert "error" not in r and all(math.isfinite(x) for x in r["losses"]), name
         assert "Self CPU" in r["profile"]["host_top"] and "path_races" in r["profile"]
+        assert r["profile"]["syncs"] == {"count": 0, "sites": {}}  # the CPU has no device to wait for
         # the profiled step follows an optimizer step: every adapted layer recomputes its norm once, in its range
         (block,) = res["blocks"].values()
         assert r["profile"]["norm"]["calls"] == block["models"][name]["adapted_layers"] > 0, name
@@ -129,3 +131,13 @@ def test_cpu_float32_adapters_on_a_bf16_model(tmp_path):
         assert cell["variants"][v]["loss_gap_vs_peft_dora"] < 2e-2, v
     rows = [json.loads(line) for line in (tmp_path / "rows" / "cpu.jsonl").read_text().splitlines()]
     assert {r["shape"]["adapter_dtype"] for r in rows} == {"fp32"}
+
+
+def test_sync_report_counts_only_synchronisations_by_the_line_that_made_them():
+    tl = load_script("train_loop")
+    with tl._sync_warnings(False) as caught:
+        for line in (3, 3, 7):
+            warnings.warn_explicit("called a synchronizing CUDA operation", UserWarning, "/x/model.py", line)
+        warnings.warn_explicit("something else", UserWarning, "/x/model.py", 9)
+    assert tl.sync_report(caught) == {"count": 3, "sites": {"model.py:3": 2, "model.py:7": 1}}
+    assert tl.sync_report([]) == {"count": 0, "sites": {}}
