@@ -443,7 +443,8 @@ def _norm_ranges() -> Iterator[None]:
 @contextlib.contextmanager
 def _sync_warnings(enabled: bool) -> Iterator[list[warnings.WarningMessage]]:
     """Inside the block, every operation that synchronises the host with the GPU warns (``torch.cuda``'s sync debug
-    mode, CUDA only: ``enabled``); the warnings are collected in the yielded list, not shown."""
+    mode, CUDA only: ``enabled``; the mode is restored after); those warnings are collected in the yielded list, not
+    shown, and any other warning is shown as usual after the block."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         old = torch.cuda.get_sync_debug_mode() if enabled else None
@@ -454,13 +455,17 @@ def _sync_warnings(enabled: bool) -> Iterator[list[warnings.WarningMessage]]:
         finally:
             if enabled:
                 torch.cuda.set_sync_debug_mode(old)
-    caught[:] = [w for w in caught if "synchroniz" in str(w.message)]
+    syncs = [w for w in caught if "synchronizing" in str(w.message)]
+    for w in caught:
+        if w not in syncs:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    caught[:] = syncs
 
 
 def sync_report(caught: list[warnings.WarningMessage]) -> dict[str, Any]:
     """``{"count": n, "sites": {"file:line": calls}}`` of the synchronisation warnings :func:`_sync_warnings`
     collected (the Python line that synchronised; the most frequent first)."""
-    sites = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught)
+    sites = collections.Counter(f"{w.filename}:{w.lineno}" for w in caught)
     return {"count": len(caught), "sites": dict(sites.most_common())}
 
 

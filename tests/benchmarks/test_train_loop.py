@@ -135,9 +135,20 @@ def test_cpu_float32_adapters_on_a_bf16_model(tmp_path):
 
 def test_sync_report_counts_only_synchronisations_by_the_line_that_made_them():
     tl = load_script("train_loop")
-    with tl._sync_warnings(False) as caught:
+    with pytest.warns(UserWarning, match="something else"), tl._sync_warnings(False) as caught:
         for line in (3, 3, 7):
             warnings.warn_explicit("called a synchronizing CUDA operation", UserWarning, "/x/model.py", line)
-        warnings.warn_explicit("something else", UserWarning, "/x/model.py", 9)
-    assert tl.sync_report(caught) == {"count": 3, "sites": {"model.py:3": 2, "model.py:7": 1}}
+        warnings.warn_explicit("something else", UserWarning, "/x/model.py", 9)  # shown, not counted
+    assert tl.sync_report(caught) == {"count": 3, "sites": {"/x/model.py:3": 2, "/x/model.py:7": 1}}
     assert tl.sync_report([]) == {"count": 0, "sites": {}}
+
+
+def test_sync_warnings_restore_the_debug_mode_even_when_the_step_fails(monkeypatch):
+    tl = load_script("train_loop")
+    modes = [0]
+    monkeypatch.setattr(tl.torch.cuda, "get_sync_debug_mode", lambda: modes[-1])
+    monkeypatch.setattr(tl.torch.cuda, "set_sync_debug_mode", modes.append)
+    with pytest.raises(RuntimeError, match="step failed"), tl._sync_warnings(True):
+        assert modes[-1] == "warn"
+        raise RuntimeError("step failed")
+    assert modes == [0, "warn", 0]
